@@ -1,0 +1,820 @@
+# The relay engine: after the 101 handshake a tunnel's two sockets belong to this module.
+#
+# One engine per worker process runs its own epoll loop in a native thread that never holds the
+# GIL.  Python hands a tunnel over once (Engine.add) and hears from it once, when it has closed
+# (Engine.drain, woken through an eventfd the worker's event loop watches).  Between the two no
+# Python code runs: bytes move by splice(2) through pipes borrowed from a per-engine pool, or by
+# recv/send through one shared per-engine buffer where that is cheaper (small messages), chosen
+# per direction as HAProxy's splice-auto does.  An idle tunnel holds neither a pipe nor a buffer:
+# only its Tunnel struct.
+
+cimport cython
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.ref cimport PyObject, Py_INCREF, Py_XDECREF
+from libc.errno cimport errno, EAGAIN, EINTR, EINVAL, ENOSYS, ENOMEM
+from libc.stdint cimport uint64_t, uintptr_t
+from libc.stdlib cimport calloc, free, malloc
+from libc.string cimport memcpy, strerror
+
+from fastws.includes.linux cimport *
+
+include "includes/consts.pxi"
+
+
+cdef struct Pipe:
+    int prod                 # write end: splice into it
+    int cons                 # read end: splice out of it
+    Py_ssize_t data          # bytes the pipe holds now
+    Pipe *next               # free list link
+
+
+cdef struct Flow:
+    # Bytes moving from fd[d] to fd[1 - d] of a tunnel.
+    Pipe *pipe               # only while spliced bytes are in flight
+    char *held               # copied bytes the destination has not taken yet (malloc'ed)
+    Py_ssize_t held_len
+    Py_ssize_t held_off
+    unsigned long long nbytes
+    double last_rx           # when the source last gave bytes
+    double blocked_since     # when a write to the destination last blocked; 0 when not blocked
+    int streak               # consecutive reads that argue for switching method
+    int splicing             # 1: splice(2) through a pipe, 0: recv/send through the shared buffer
+    int eof                  # the source reached EOF
+    int shut                 # SHUT_WR was sent to the destination
+
+
+cdef struct Tunnel:
+    int fd[2]                # 0: client, 1: upstream
+    unsigned int want[2]     # epoll interest registered for each fd
+    int registered[2]
+    Flow flow[2]             # 0: client -> upstream, 1: upstream -> client
+    double started
+    double ended
+    double deadline
+    double read_timeout
+    double send_timeout
+    int heap_idx
+    int mode
+    int reason
+    int first_eof            # side whose EOF came first, -1 before any
+    int closing
+    PyObject *ctx
+    Tunnel *next
+
+
+cdef struct EngineState:
+    int epfd
+    int wakefd               # Python -> relay thread: new tunnels, stop
+    int notifyfd             # relay thread -> Python: closed tunnels to drain
+    pthread_mutex_t lock
+    Tunnel *incoming         # under lock
+    Tunnel *done             # under lock; closed tunnels for Python
+    int stopping             # under lock
+    int running
+    Tunnel **heap            # relay thread only: tunnels by deadline
+    int heap_len
+    int heap_cap
+    Pipe *free_pipes
+    int pipes_total
+    int pipes_free
+    int max_pipes
+    int pipe_size
+    char *buf
+    Py_ssize_t bufsize
+    double now
+    # counters, written by the relay thread only
+    unsigned long long tunnels_total
+    unsigned long long tunnels_active
+    unsigned long long bytes_spliced
+    unsigned long long bytes_copied
+    unsigned long long splice_calls
+    unsigned long long copy_calls
+    unsigned long long pipes_created
+    unsigned long long pipe_shortage
+    unsigned long long switches_to_splice
+    unsigned long long switches_to_copy
+    unsigned long long read_timeouts
+    unsigned long long send_timeouts
+    unsigned long long loops
+
+
+# --- timer heap (relay thread only) -------------------------------------------------------
+
+cdef inline void heap_swap(EngineState *e, int i, int j) noexcept nogil:
+    cdef Tunnel *t = e.heap[i]
+    e.heap[i] = e.heap[j]
+    e.heap[j] = t
+    e.heap[i].heap_idx = i
+    e.heap[j].heap_idx = j
+
+
+cdef void heap_up(EngineState *e, int i) noexcept nogil:
+    cdef int parent
+    while i > 0:
+        parent = (i - 1) >> 1
+        if e.heap[parent].deadline <= e.heap[i].deadline:
+            break
+        heap_swap(e, i, parent)
+        i = parent
+
+
+cdef void heap_down(EngineState *e, int i) noexcept nogil:
+    cdef int child
+    while True:
+        child = 2 * i + 1
+        if child >= e.heap_len:
+            break
+        if child + 1 < e.heap_len and e.heap[child + 1].deadline < e.heap[child].deadline:
+            child += 1
+        if e.heap[i].deadline <= e.heap[child].deadline:
+            break
+        heap_swap(e, i, child)
+        i = child
+
+
+cdef int heap_push(EngineState *e, Tunnel *t) noexcept nogil:
+    cdef Tunnel **grown
+    cdef int cap
+    if e.heap_len == e.heap_cap:
+        cap = e.heap_cap * 2 if e.heap_cap else 1024
+        grown = <Tunnel **>malloc(cap * sizeof(Tunnel *))
+        if grown == NULL:
+            return -ENOMEM
+        if e.heap_len:
+            memcpy(grown, e.heap, e.heap_len * sizeof(Tunnel *))
+        free(e.heap)
+        e.heap = grown
+        e.heap_cap = cap
+    t.heap_idx = e.heap_len
+    e.heap[e.heap_len] = t
+    e.heap_len += 1
+    heap_up(e, t.heap_idx)
+    return 0
+
+
+cdef void heap_remove(EngineState *e, Tunnel *t) noexcept nogil:
+    cdef int i = t.heap_idx
+    if i < 0:
+        return
+    e.heap_len -= 1
+    if i != e.heap_len:
+        heap_swap(e, i, e.heap_len)
+        heap_down(e, i)
+        heap_up(e, i)
+    t.heap_idx = -1
+
+
+cdef double tunnel_deadline(Tunnel *t, int *reason) noexcept nogil:
+    # nginx times an upgraded connection on upstream reads (proxy_read_timeout) and on blocked
+    # writes (send_timeout).  Reading from a side is suspended while its flow is blocked, so the
+    # read timer then gives way to the send timer.  Once the upstream has finished, the client's
+    # side is held to the same idle limit, so a half-closed tunnel cannot linger for ever.
+    cdef double d = 1e300
+    cdef double c
+    cdef int i
+    reason[0] = CLOSE_READ_TIMEOUT
+    if not t.flow[1].eof:
+        if t.flow[1].blocked_since == 0:
+            d = t.flow[1].last_rx + t.read_timeout
+    elif not t.flow[0].eof and t.flow[0].blocked_since == 0:
+        d = t.flow[0].last_rx + t.read_timeout
+    for i in range(2):
+        if t.flow[i].blocked_since > 0:
+            c = t.flow[i].blocked_since + t.send_timeout
+            if c < d:
+                d = c
+                reason[0] = CLOSE_SEND_TIMEOUT
+    return d
+
+
+cdef void tunnel_rearm(EngineState *e, Tunnel *t) noexcept nogil:
+    # Deadlines only move later while bytes flow, and the heap is corrected lazily when the top
+    # expires; a write that blocks can move it earlier, which is the one case handled here.
+    cdef int reason
+    cdef double d = tunnel_deadline(t, &reason)
+    if d < t.deadline and t.heap_idx >= 0:
+        t.deadline = d
+        heap_up(e, t.heap_idx)
+
+
+# --- pipe pool ----------------------------------------------------------------------------
+
+cdef Pipe *pipe_get(EngineState *e) noexcept nogil:
+    cdef Pipe *p = e.free_pipes
+    cdef int fds[2]
+    if p != NULL:
+        e.free_pipes = p.next
+        e.pipes_free -= 1
+        p.next = NULL
+        return p
+    if e.pipes_total >= e.max_pipes:
+        e.pipe_shortage += 1
+        return NULL
+    if pipe2(fds, O_NONBLOCK | O_CLOEXEC) < 0:
+        e.pipe_shortage += 1
+        return NULL
+    p = <Pipe *>malloc(sizeof(Pipe))
+    if p == NULL:
+        close(fds[0])
+        close(fds[1])
+        return NULL
+    # A larger pipe moves more per splice pair; the kernel may refuse past fs.pipe-max-size or
+    # the per-user page budget, and then the default 64 KiB pipe is kept.
+    fcntl(fds[1], F_SETPIPE_SZ, e.pipe_size)
+    p.cons = fds[0]
+    p.prod = fds[1]
+    p.data = 0
+    p.next = NULL
+    e.pipes_total += 1
+    e.pipes_created += 1
+    return p
+
+
+cdef void pipe_put(EngineState *e, Pipe *p) noexcept nogil:
+    # As HAProxy's put_pipe: only an empty pipe goes back to the pool; one still holding bytes
+    # (a tunnel closed mid-transfer) is destroyed.
+    if p.data == 0 and e.pipes_free < POOL_KEEP_FREE:
+        p.next = e.free_pipes
+        e.free_pipes = p
+        e.pipes_free += 1
+        return
+    close(p.prod)
+    close(p.cons)
+    free(p)
+    e.pipes_total -= 1
+
+
+# --- moving bytes -------------------------------------------------------------------------
+
+cdef inline bint flow_holds(Flow *f) noexcept nogil:
+    return f.held != NULL or (f.pipe != NULL and f.pipe.data > 0)
+
+
+cdef int flow_flush(EngineState *e, Tunnel *t, int d) noexcept nogil:
+    # Write what the flow holds to its destination.  1: still blocked, 0: empty, <0: close reason.
+    cdef Flow *f = &t.flow[d]
+    cdef int dst = t.fd[1 - d]
+    cdef ssize_t n
+    while f.held != NULL:
+        n = send(dst, f.held + f.held_off, f.held_len - f.held_off, MSG_DONTWAIT | MSG_NOSIGNAL)
+        if n > 0:
+            f.held_off += n
+            if f.held_off == f.held_len:
+                free(f.held)
+                f.held = NULL
+            continue
+        if errno == EINTR:
+            continue
+        if errno == EAGAIN:
+            return flow_blocked(e, t, f)
+        return CLOSE_CLIENT_ERROR if d == 1 else CLOSE_UPSTREAM_ERROR
+    while f.pipe != NULL and f.pipe.data > 0:
+        n = splice(f.pipe.cons, NULL, dst, NULL, <size_t>f.pipe.data, SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+        e.splice_calls += 1
+        if n > 0:
+            f.pipe.data -= n
+            continue
+        if n < 0 and errno == EINTR:
+            continue
+        if n < 0 and errno == EAGAIN:
+            return flow_blocked(e, t, f)
+        return CLOSE_CLIENT_ERROR if d == 1 else CLOSE_UPSTREAM_ERROR
+    if f.blocked_since > 0:
+        f.blocked_since = 0
+        # reading from this flow's source resumes now; its idle clock restarts with it
+        f.last_rx = e.now
+    if f.pipe != NULL:
+        pipe_put(e, f.pipe)
+        f.pipe = NULL
+    if f.eof and not f.shut:
+        shutdown(dst, SHUT_WR)
+        f.shut = 1
+    return 0
+
+
+cdef inline int flow_blocked(EngineState *e, Tunnel *t, Flow *f) noexcept nogil:
+    if f.blocked_since == 0:
+        f.blocked_since = e.now
+        tunnel_rearm(e, t)
+    return 1
+
+
+cdef int flow_hold(EngineState *e, Tunnel *t, int d, const char *data, Py_ssize_t n) noexcept nogil:
+    cdef Flow *f = &t.flow[d]
+    f.held = <char *>malloc(n)
+    if f.held == NULL:
+        return CLOSE_ERROR
+    memcpy(f.held, data, n)
+    f.held_len = n
+    f.held_off = 0
+    return flow_blocked(e, t, f)
+
+
+cdef int flow_read_eof(EngineState *e, Tunnel *t, int d) noexcept nogil:
+    t.flow[d].eof = 1
+    if t.first_eof < 0:
+        t.first_eof = d
+    return flow_flush(e, t, d)
+
+
+cdef int flow_pump(EngineState *e, Tunnel *t, int d) noexcept nogil:
+    # Move what the source has to the destination.  0: done for now, <0: close reason.
+    cdef Flow *f = &t.flow[d]
+    cdef int src = t.fd[d]
+    cdef int dst = t.fd[1 - d]
+    cdef int r
+    cdef ssize_t n, w
+    cdef Py_ssize_t budget = PUMP_BUDGET
+    cdef int src_error = CLOSE_CLIENT_ERROR if d == 0 else CLOSE_UPSTREAM_ERROR
+    cdef int dst_error = CLOSE_UPSTREAM_ERROR if d == 0 else CLOSE_CLIENT_ERROR
+
+    r = flow_flush(e, t, d)
+    if r != 0:
+        return r if r < 0 else 0
+    while budget > 0 and not f.eof:
+        if f.splicing and f.pipe == NULL:
+            f.pipe = pipe_get(e)        # none to be had: copy this time, splice again later
+        if f.splicing and f.pipe != NULL:
+            n = splice(src, NULL, f.pipe.prod, NULL, <size_t>e.pipe_size,
+                       SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+            e.splice_calls += 1
+            if n > 0:
+                f.pipe.data += n
+                f.nbytes += n
+                f.last_rx = e.now
+                e.bytes_spliced += n
+                budget -= n
+                # As HAProxy: splice out right after splicing in, without waiting for a poll.
+                r = flow_flush(e, t, d)
+                if r != 0:
+                    return r if r < 0 else 0
+                if n < SPLICE_SMALL:
+                    f.streak += 1
+                    if t.mode == RELAY_AUTO and f.streak >= SPLICE_SMALL_STREAK:
+                        f.splicing = 0
+                        f.streak = 0
+                        e.switches_to_copy += 1
+                    break               # a short read: the socket is drained for now
+                f.streak = 0
+                continue
+            if n == 0:
+                return flow_read_eof(e, t, d)
+            if errno == EINTR:
+                continue
+            if errno == EAGAIN:
+                break
+            if errno == EINVAL or errno == ENOSYS:
+                f.splicing = 0          # this socket cannot splice: copy from now on
+                continue
+            return src_error
+        else:
+            n = recv(src, e.buf, <size_t>e.bufsize, MSG_DONTWAIT)
+            e.copy_calls += 1
+            if n > 0:
+                f.nbytes += n
+                f.last_rx = e.now
+                e.bytes_copied += n
+                budget -= n
+                w = send(dst, e.buf, <size_t>n, MSG_DONTWAIT | MSG_NOSIGNAL)
+                if w < 0:
+                    if errno == EAGAIN or errno == EINTR:
+                        w = 0
+                    else:
+                        return dst_error
+                if w < n:
+                    r = flow_hold(e, t, d, e.buf + w, n - w)
+                    return r if r < 0 else 0
+                if n == e.bufsize:
+                    f.streak += 1
+                    if t.mode == RELAY_AUTO and f.streak >= COPY_FULL_STREAK:
+                        f.splicing = 1
+                        f.streak = 0
+                        e.switches_to_splice += 1
+                    continue
+                f.streak = 0
+                break                   # a short read: the socket is drained for now
+            if n == 0:
+                return flow_read_eof(e, t, d)
+            if errno == EINTR:
+                continue
+            if errno == EAGAIN:
+                break
+            return src_error
+    if f.pipe != NULL and f.pipe.data == 0:
+        pipe_put(e, f.pipe)
+        f.pipe = NULL
+    return 0
+
+
+cdef void tunnel_close(EngineState *e, Tunnel *t, int reason, Tunnel **closed) noexcept nogil:
+    cdef int i
+    if t.closing:
+        return
+    t.closing = 1
+    t.reason = reason
+    t.ended = e.now
+    for i in range(2):
+        if t.fd[i] >= 0:
+            close(t.fd[i])          # also drops the fd from the epoll set
+            t.fd[i] = -1
+        if t.flow[i].pipe != NULL:
+            pipe_put(e, t.flow[i].pipe)
+            t.flow[i].pipe = NULL
+        if t.flow[i].held != NULL:
+            free(t.flow[i].held)
+            t.flow[i].held = NULL
+    heap_remove(e, t)
+    e.tunnels_active -= 1
+    if reason == CLOSE_READ_TIMEOUT:
+        e.read_timeouts += 1
+    elif reason == CLOSE_SEND_TIMEOUT:
+        e.send_timeouts += 1
+    t.next = closed[0]
+    closed[0] = t
+
+
+cdef int tunnel_interest(EngineState *e, Tunnel *t) noexcept nogil:
+    # Level-triggered interest: read a side while its flow is not holding bytes (backpressure),
+    # write a side while the opposite flow holds bytes for it.
+    cdef int s
+    cdef unsigned int want
+    cdef epoll_event ev
+    for s in range(2):
+        want = 0
+        if not t.flow[s].eof and not flow_holds(&t.flow[s]):
+            want |= EPOLLIN
+        if flow_holds(&t.flow[1 - s]):
+            want |= EPOLLOUT
+        if t.registered[s] and want == t.want[s]:
+            continue
+        ev.events = want
+        ev.data.u64 = <uintptr_t>t | <unsigned int>s
+        if not t.registered[s]:
+            if want == 0:
+                continue
+            if epoll_ctl(e.epfd, EPOLL_CTL_ADD, t.fd[s], &ev) < 0:
+                return CLOSE_ERROR
+            t.registered[s] = 1
+        elif want == 0:
+            # Nothing to wait for on this side; leaving it in the set would report EPOLLHUP
+            # over and over once its peer has gone.
+            epoll_ctl(e.epfd, EPOLL_CTL_DEL, t.fd[s], &ev)
+            t.registered[s] = 0
+        elif epoll_ctl(e.epfd, EPOLL_CTL_MOD, t.fd[s], &ev) < 0:
+            return CLOSE_ERROR
+        t.want[s] = want
+    return 0
+
+
+cdef void tunnel_settle(EngineState *e, Tunnel *t, int r, Tunnel **closed) noexcept nogil:
+    if r == 0 and t.flow[0].shut and t.flow[1].shut:
+        r = CLOSE_CLIENT if t.first_eof == 0 else CLOSE_UPSTREAM
+    if r == 0:
+        r = tunnel_interest(e, t)
+    if r < 0:
+        tunnel_close(e, t, r, closed)
+
+
+cdef void tunnel_start(EngineState *e, Tunnel *t, Tunnel **closed) noexcept nogil:
+    cdef int r = 0
+    cdef int reason
+    t.flow[0].last_rx = e.now
+    t.flow[1].last_rx = e.now
+    t.heap_idx = -1
+    t.deadline = tunnel_deadline(t, &reason)
+    e.tunnels_total += 1
+    e.tunnels_active += 1
+    if heap_push(e, t) < 0:
+        tunnel_close(e, t, CLOSE_ERROR, closed)
+        return
+    # Bytes that arrived before the handoff go first.
+    if t.flow[0].held != NULL:
+        r = flow_flush(e, t, 0)
+    if r >= 0 and t.flow[1].held != NULL:
+        r = flow_flush(e, t, 1)
+    tunnel_settle(e, t, r if r < 0 else 0, closed)
+
+
+cdef void engine_expire(EngineState *e, Tunnel **closed) noexcept nogil:
+    cdef Tunnel *t
+    cdef int reason
+    cdef double d
+    while e.heap_len > 0 and e.heap[0].deadline <= e.now:
+        t = e.heap[0]
+        d = tunnel_deadline(t, &reason)
+        if d > e.now:
+            t.deadline = d
+            heap_down(e, 0)
+        else:
+            tunnel_close(e, t, reason, closed)
+
+
+cdef void *engine_main(void *arg) noexcept nogil:
+    cdef EngineState *e = <EngineState *>arg
+    cdef epoll_event events[MAX_EVENTS]
+    cdef int n, i, side, r, timeout, stopping
+    cdef unsigned int ev
+    cdef unsigned long long u
+    cdef Tunnel *t
+    cdef Tunnel *nxt
+    cdef Tunnel *closed
+    cdef Tunnel *incoming
+    cdef uint64_t counter
+    cdef double wait
+    while True:
+        timeout = -1
+        if e.heap_len > 0:
+            wait = e.heap[0].deadline - fastws_monotonic()
+            timeout = 0 if wait <= 0 else <int>(wait * 1000.0) + 1
+        n = epoll_wait(e.epfd, events, MAX_EVENTS, timeout)
+        e.now = fastws_monotonic()
+        e.loops += 1
+        closed = NULL
+        for i in range(n if n > 0 else 0):
+            u = events[i].data.u64
+            if u == 0:
+                read(e.wakefd, &counter, sizeof(counter))
+                continue
+            t = <Tunnel *><uintptr_t>(u & ~(<unsigned long long>1))
+            side = <int>(u & 1)
+            if t.closing:
+                continue
+            ev = events[i].events
+            r = 0
+            if ev & (EPOLLIN | EPOLLHUP | EPOLLERR):
+                r = flow_pump(e, t, side)
+            if r == 0 and ev & (EPOLLOUT | EPOLLHUP | EPOLLERR):
+                r = flow_flush(e, t, 1 - side)
+                if r == 0 and not t.flow[1 - side].eof:
+                    # the destination drained: pick up what the source has meanwhile
+                    r = flow_pump(e, t, 1 - side)
+                elif r > 0:
+                    r = 0
+            tunnel_settle(e, t, r, &closed)
+
+        pthread_mutex_lock(&e.lock)
+        incoming = e.incoming
+        e.incoming = NULL
+        stopping = e.stopping
+        pthread_mutex_unlock(&e.lock)
+        while incoming != NULL:
+            nxt = incoming.next
+            incoming.next = NULL
+            tunnel_start(e, incoming, &closed)
+            incoming = nxt
+        if stopping:
+            while e.heap_len > 0:
+                tunnel_close(e, e.heap[0], CLOSE_SHUTDOWN, &closed)
+        else:
+            engine_expire(e, &closed)
+        if closed != NULL:
+            engine_report(e, closed)
+        if stopping:
+            break
+    return NULL
+
+
+cdef void engine_report(EngineState *e, Tunnel *closed) noexcept nogil:
+    cdef Tunnel *last = closed
+    cdef int was_empty
+    cdef uint64_t one = 1
+    while last.next != NULL:
+        last = last.next
+    pthread_mutex_lock(&e.lock)
+    was_empty = e.done == NULL
+    last.next = e.done
+    e.done = closed
+    pthread_mutex_unlock(&e.lock)
+    if was_empty:
+        write(e.notifyfd, &one, sizeof(one))
+
+
+cdef dict _REASONS = {
+    CLOSE_CLIENT: "client",
+    CLOSE_UPSTREAM: "upstream",
+    CLOSE_CLIENT_ERROR: "client_error",
+    CLOSE_UPSTREAM_ERROR: "upstream_error",
+    CLOSE_READ_TIMEOUT: "read_timeout",
+    CLOSE_SEND_TIMEOUT: "send_timeout",
+    CLOSE_SHUTDOWN: "shutdown",
+    CLOSE_ERROR: "error",
+}
+
+_MODES = {"auto": RELAY_AUTO, "splice": RELAY_SPLICE, "copy": RELAY_COPY}
+
+
+cdef int _errcheck(int rc) except -1:
+    if rc < 0:
+        raise OSError(errno, strerror(errno).decode())
+    return rc
+
+
+@cython.final
+cdef class Engine:
+    """A relay engine: a native thread with its own epoll set that owns handed-over tunnels.
+
+    :param pipe_size: capacity asked for each pipe of the pool (F_SETPIPE_SZ).
+    :param max_pipes: pipes that may exist at once (each costs two fds while in use).
+    :param bufsize: size of the one buffer shared by every copying flow.
+    """
+
+    cdef EngineState *e
+    cdef pthread_t thread
+    cdef bint started
+    cdef bint stopped
+
+    def __cinit__(self, int pipe_size=262144, int max_pipes=1024, Py_ssize_t bufsize=65536):
+        if bufsize < 1024:
+            raise ValueError("bufsize must be at least 1024")
+        self.e = <EngineState *>calloc(1, sizeof(EngineState))
+        if self.e == NULL:
+            raise MemoryError()
+        self.e.epfd = -1
+        self.e.wakefd = -1
+        self.e.notifyfd = -1
+        self.e.pipe_size = pipe_size
+        self.e.max_pipes = max_pipes
+        self.e.bufsize = bufsize
+        self.e.buf = <char *>malloc(bufsize)
+        if self.e.buf == NULL:
+            raise MemoryError()
+        pthread_mutex_init(&self.e.lock, NULL)
+
+    def start(self):
+        """Create the epoll set and the eventfds and start the relay thread."""
+        cdef epoll_event ev
+        if self.started:
+            raise RuntimeError("engine already started")
+        self.e.epfd = _errcheck(epoll_create1(EPOLL_CLOEXEC))
+        self.e.wakefd = _errcheck(eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC))
+        self.e.notifyfd = _errcheck(eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC))
+        ev.events = EPOLLIN
+        ev.data.u64 = 0
+        _errcheck(epoll_ctl(self.e.epfd, EPOLL_CTL_ADD, self.e.wakefd, &ev))
+        self.e.now = fastws_monotonic()
+        if pthread_create(&self.thread, NULL, engine_main, self.e) != 0:
+            raise OSError("cannot start the relay thread")
+        self.started = True
+
+    @property
+    def notify_fd(self):
+        """An fd that becomes readable when closed tunnels wait in drain()."""
+        return self.e.notifyfd
+
+    def add(self, int client_fd, int upstream_fd, bytes to_upstream, bytes to_client,
+            double read_timeout, double send_timeout, str mode, object ctx):
+        """Hand a tunnel's two sockets to the engine, which owns (and will close) them from now on.
+
+        to_upstream and to_client are bytes already read from each side past its head: they are
+        delivered before anything else.  ctx comes back from drain() when the tunnel closes.
+        """
+        cdef Tunnel *t
+        cdef uint64_t one = 1
+        cdef int i
+        if not self.started or self.stopped:
+            raise RuntimeError("engine is not running")
+        if client_fd < 0 or upstream_fd < 0:
+            raise ValueError("bad file descriptor")
+        t = <Tunnel *>calloc(1, sizeof(Tunnel))
+        if t == NULL:
+            raise MemoryError()
+        t.fd[0] = client_fd
+        t.fd[1] = upstream_fd
+        t.read_timeout = read_timeout
+        t.send_timeout = send_timeout
+        t.first_eof = -1
+        t.heap_idx = -1
+        t.mode = _MODES[mode]
+        t.started = fastws_monotonic()
+        for i in range(2):
+            t.flow[i].splicing = 1 if t.mode == RELAY_SPLICE else 0
+        if _hold(&t.flow[0], to_upstream) < 0 or _hold(&t.flow[1], to_client) < 0:
+            free(t.flow[0].held)
+            free(t)
+            raise MemoryError()
+        Py_INCREF(ctx)
+        t.ctx = <PyObject *>ctx
+        pthread_mutex_lock(&self.e.lock)
+        t.next = self.e.incoming
+        self.e.incoming = t
+        pthread_mutex_unlock(&self.e.lock)
+        write(self.e.wakefd, &one, sizeof(one))
+
+    def drain(self):
+        """Closed tunnels since the last call: a list of (ctx, bytes client->upstream,
+        bytes upstream->client, duration in seconds, close reason)."""
+        cdef Tunnel *t
+        cdef Tunnel *nxt
+        cdef uint64_t counter
+        cdef list out = []
+        if self.e.notifyfd >= 0:
+            read(self.e.notifyfd, &counter, sizeof(counter))
+        pthread_mutex_lock(&self.e.lock)
+        t = self.e.done
+        self.e.done = NULL
+        pthread_mutex_unlock(&self.e.lock)
+        while t != NULL:
+            nxt = t.next
+            out.append((<object>t.ctx, t.flow[0].nbytes, t.flow[1].nbytes,
+                        t.ended - t.started, _REASONS.get(t.reason, "error")))
+            Py_XDECREF(t.ctx)
+            free(t)
+            t = nxt
+        out.reverse()
+        return out
+
+    def stop(self):
+        """Close every tunnel (reason "shutdown") and end the relay thread; drain() then
+        returns the last closures."""
+        cdef uint64_t one = 1
+        if not self.started or self.stopped:
+            return
+        pthread_mutex_lock(&self.e.lock)
+        self.e.stopping = 1
+        pthread_mutex_unlock(&self.e.lock)
+        write(self.e.wakefd, &one, sizeof(one))
+        with nogil:
+            pthread_join(self.thread, NULL)
+        self.stopped = True
+
+    @property
+    def active(self):
+        """Tunnels the engine holds now (including ones handed over but not yet started)."""
+        cdef Tunnel *t
+        cdef unsigned long long pending = 0
+        pthread_mutex_lock(&self.e.lock)
+        t = self.e.incoming
+        while t != NULL:
+            pending += 1
+            t = t.next
+        pthread_mutex_unlock(&self.e.lock)
+        return self.e.tunnels_active + pending
+
+    def stats(self):
+        """Counters of the engine, for tests, status pages and metrics."""
+        cdef EngineState *e = self.e
+        return {
+            "tunnels_total": e.tunnels_total,
+            "tunnels_active": e.tunnels_active,
+            "bytes_spliced": e.bytes_spliced,
+            "bytes_copied": e.bytes_copied,
+            "splice_calls": e.splice_calls,
+            "copy_calls": e.copy_calls,
+            "pipes_total": e.pipes_total,
+            "pipes_free": e.pipes_free,
+            "pipes_created": e.pipes_created,
+            "pipe_shortage": e.pipe_shortage,
+            "switches_to_splice": e.switches_to_splice,
+            "switches_to_copy": e.switches_to_copy,
+            "read_timeouts": e.read_timeouts,
+            "send_timeouts": e.send_timeouts,
+            "loops": e.loops,
+        }
+
+    def __dealloc__(self):
+        cdef Tunnel *t
+        cdef Tunnel *nxt
+        cdef Pipe *p
+        if self.e == NULL:
+            return
+        if self.started and not self.stopped:
+            self.stop()
+        for head in (0, 1):
+            t = self.e.done if head == 0 else self.e.incoming
+            while t != NULL:
+                nxt = t.next
+                if head == 1:
+                    close(t.fd[0])
+                    close(t.fd[1])
+                    free(t.flow[0].held)
+                    free(t.flow[1].held)
+                Py_XDECREF(t.ctx)
+                free(t)
+                t = nxt
+        while self.e.free_pipes != NULL:
+            p = self.e.free_pipes
+            self.e.free_pipes = p.next
+            close(p.prod)
+            close(p.cons)
+            free(p)
+        for fd in (self.e.epfd, self.e.wakefd, self.e.notifyfd):
+            if fd >= 0:
+                close(fd)
+        pthread_mutex_destroy(&self.e.lock)
+        free(self.e.heap)
+        free(self.e.buf)
+        free(self.e)
+        self.e = NULL
+
+
+cdef int _hold(Flow *f, bytes data) noexcept:
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
+    if n == 0:
+        return 0
+    f.held = <char *>malloc(n)
+    if f.held == NULL:
+        return -1
+    memcpy(f.held, PyBytes_AS_STRING(data), n)
+    f.held_len = n
+    f.held_off = 0
+    return 0

@@ -1,0 +1,81 @@
+"""The fastws command: run, check a configuration, or try the demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from . import __version__
+from .errors import ConfigError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fastws",
+        description="A WebSocket-aware HTTP/1.1 reverse proxy with a splice(2) relay core.")
+    p.add_argument("-c", "--config", metavar="FILE", help="configuration file (TOML)")
+    p.add_argument("-t", "--test", action="store_true",
+                   help="check the configuration, print its upstreams, and exit")
+    p.add_argument("--log-level", default="info",
+                   choices=("debug", "info", "warn", "error"), help="error log level")
+    p.add_argument("-V", "--version", action="version", version=f"fastws {__version__}")
+    sub = p.add_subparsers(dest="command")
+    demo = sub.add_parser("demo", help="run a WebSocket echo backend with fastws in front of it")
+    demo.add_argument("--port", type=int, default=8080, help="the proxy's port (default 8080)")
+    client = sub.add_parser("client", help="send messages to a WebSocket URL and print the answers")
+    client.add_argument("url", help="ws:// URL")
+    client.add_argument("messages", nargs="*", default=["hello"], help="text messages to send")
+    return p
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level={"warn": logging.WARNING}.get(level, getattr(logging, level.upper())),
+        format="%(asctime)s [%(levelname)s] %(process)d: %(message)s",
+        datefmt="%Y/%m/%d %H:%M:%S", stream=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _setup_logging(args.log_level)
+    if args.command == "demo":
+        from .demo import run_demo
+        return run_demo(args.port)
+    if args.command == "client":
+        from .demo import run_client
+        return run_client(args.url, args.messages)
+    if not args.config:
+        print("fastws: a configuration file is required: fastws -c FILE (or try: fastws demo)",
+              file=sys.stderr)
+        return 1
+    from . import balancer, config
+    try:
+        cfg = config.load(args.config)
+        upstreams = balancer.build_upstreams(cfg)
+    except ConfigError as exc:
+        print(f"fastws: {exc}", file=sys.stderr)
+        return 1
+    if args.test:
+        text = balancer.describe(upstreams)
+        if text:
+            print(text)
+        print(f"fastws: the configuration file {args.config} syntax is ok")
+        print(f"fastws: configuration file {args.config} test is successful")
+        return 0
+    return _serve(cfg)
+
+
+def _serve(cfg: "config.Config") -> int:  # type: ignore[name-defined]  # noqa: F821
+    from .worker import Worker, open_listeners
+    try:
+        sockets = open_listeners(cfg)
+    except OSError as exc:
+        print(f"fastws: cannot listen: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    Worker(cfg, sockets).run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,578 @@
+"""Configuration: a TOML file read into frozen dataclasses.
+
+Every check happens here, at start-up (and on reload), so that a mistake is one line naming the
+file, the key and the problem, and never a traceback at run time.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping
+
+from .errors import ConfigError
+
+# nginx's time units (ngx_parse_time): ms, s, m, h, d, w, M (30 days), y (365 days); a bare number is
+# seconds, and units can be combined as in "1h30m".
+_TIME_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800,
+               "M": 2592000, "y": 31536000}
+_TIME_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w|M|y)?")
+_SIZE_UNITS = {"": 1, "k": 1024, "K": 1024, "m": 1 << 20, "M": 1 << 20, "g": 1 << 30, "G": 1 << 30}
+_SIZE = re.compile(r"(\d+)([kKmMgG]?)")
+
+BALANCE_METHODS = ("round_robin", "ip_hash", "hash", "least_conn")
+RELAY_MODES = ("auto", "splice", "copy")
+
+# Variables a header value or a hash key may use; $http_NAME, $arg_NAME and $cookie_NAME are
+# families.  Mirrors the nginx variables of the same names.
+VARIABLES = frozenset((
+    "host", "remote_addr", "remote_port", "scheme", "server_addr", "server_port", "server_name",
+    "request_uri", "uri", "args", "query_string", "request_method", "proxy_add_x_forwarded_for",
+    "proxy_host", "http_upgrade", "connection_upgrade",
+))
+VARIABLE_FAMILIES = ("http_", "arg_", "cookie_")
+_VAR = re.compile(r"\$(?:\{([A-Za-z0-9_]+)\}|([A-Za-z0-9_]+))")
+
+
+def parse_duration(text: Any) -> float:
+    """Turn an nginx time ('500ms', '60s', '5m', '1h30m', '7d', or a number of seconds) into seconds."""
+    if isinstance(text, bool):
+        raise ValueError("a duration is a string such as \"60s\" or a number of seconds")
+    if isinstance(text, (int, float)):
+        if text < 0:
+            raise ValueError("a duration cannot be negative")
+        return float(text)
+    if not isinstance(text, str) or not text:
+        raise ValueError("a duration is a string such as \"60s\" or a number of seconds")
+    pos, total = 0, 0.0
+    while pos < len(text):
+        m = _TIME_PART.match(text, pos)
+        if m is None:
+            raise ValueError(f"{text!r} is not a duration (use ms, s, m, h, d, w, M or y, e.g. \"60s\")")
+        total += float(m.group(1)) * _TIME_UNITS[m.group(2) or "s"]
+        pos = m.end()
+    return total
+
+
+def parse_size(text: Any) -> int:
+    """Turn an nginx size ('512', '16k', '1m', '2g') into bytes."""
+    if isinstance(text, bool):
+        raise ValueError("a size is a string such as \"16k\" or a number of bytes")
+    if isinstance(text, int):
+        if text < 0:
+            raise ValueError("a size cannot be negative")
+        return text
+    if not isinstance(text, str):
+        raise ValueError("a size is a string such as \"16k\" or a number of bytes")
+    m = _SIZE.fullmatch(text)
+    if m is None:
+        raise ValueError(f"{text!r} is not a size (use k, m or g, e.g. \"16k\")")
+    return int(m.group(1)) * _SIZE_UNITS[m.group(2)]
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """A listen or upstream address as written, with what a socket needs."""
+
+    text: str
+    host: str
+    port: int
+    family: int
+
+    @property
+    def sockaddr(self) -> tuple[str, int]:
+        return (self.host, self.port)
+
+
+def parse_address(text: Any, *, default_port: int | None = None) -> Address:
+    """Parse "host:port", "[v6]:port", or "port" (all IPv4 addresses) into an Address."""
+    import socket
+
+    if isinstance(text, int) and not isinstance(text, bool):
+        text = str(text)
+    if not isinstance(text, str) or not text:
+        raise ValueError("an address is a string \"host:port\" (IPv6 in brackets)")
+    if text.isdigit():
+        host, port_s = "0.0.0.0", text
+    elif text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError(f"{text!r}: missing ']' after the IPv6 address")
+        host, rest = text[1:end], text[end + 1:]
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"{text!r}: expected ':port' after ']'")
+        port_s = rest[1:]
+    else:
+        host, sep, port_s = text.rpartition(":")
+        if not sep:
+            host, port_s = text, ""
+        elif ":" in host:
+            raise ValueError(f"{text!r}: write an IPv6 address in brackets, as \"[::1]:8080\"")
+    if not port_s:
+        if default_port is None:
+            raise ValueError(f"{text!r}: a port is required")
+        port = default_port
+    else:
+        if not port_s.isdigit() or not 0 < int(port_s) < 65536:
+            raise ValueError(f"{text!r}: {port_s!r} is not a port number (1-65535)")
+        port = int(port_s)
+    if not host:
+        raise ValueError(f"{text!r}: a host is required")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", host):
+            raise ValueError(f"{text!r}: {host!r} is neither an IP address nor a host name") from None
+        family = socket.AF_UNSPEC
+    else:
+        family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    return Address(text, host, port, family)
+
+
+@dataclass(frozen=True, slots=True)
+class Template:
+    """A value with nginx variables in it, split once into literal text and variable names."""
+
+    text: str
+    parts: tuple[tuple[bool, str], ...]  # (is_variable, literal text or variable name)
+
+    @property
+    def variables(self) -> tuple[str, ...]:
+        return tuple(p for is_var, p in self.parts if is_var)
+
+
+def parse_template(text: str) -> Template:
+    parts: list[tuple[bool, str]] = []
+    pos = 0
+    for m in _VAR.finditer(text):
+        if m.start() > pos:
+            parts.append((False, text[pos:m.start()]))
+        name = (m.group(1) or m.group(2)).lower()
+        if name not in VARIABLES and not (
+            name.startswith(VARIABLE_FAMILIES) and len(name) > len(name.split("_", 1)[0]) + 1
+        ):
+            raise ValueError(f"unknown variable ${name}")
+        parts.append((True, name))
+        pos = m.end()
+    if pos < len(text):
+        parts.append((False, text[pos:]))
+    return Template(text, tuple(parts))
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """One `servers` entry of an upstream group (nginx's `server` directive)."""
+
+    address: str
+    weight: int = 1
+    max_fails: int = 1
+    fail_timeout: float = 10.0
+    max_conns: int = 0
+    backup: bool = False
+    down: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    name: str
+    servers: tuple[ServerConfig, ...]
+    balance: str = "round_robin"
+    hash_key: Template | None = None
+    consistent: bool = False
+    balance_factor: float = 0.0
+    balancer: str | None = None
+    keepalive: int = 0
+    implicit: bool = False  # made from a proxy_pass URL, not an [[upstream]] table
+
+
+@dataclass(frozen=True, slots=True)
+class LocationConfig:
+    path: str
+    exact: bool
+    proxy_pass: str | None  # upstream name (implicit groups are named by their URL)
+    proxy_uri: str | None  # the URI part of a proxy_pass URL, which replaces the matched prefix
+    websocket: bool = True
+    upgrade_tokens: tuple[str, ...] = ("websocket",)
+    connect_timeout: float = 60.0
+    send_timeout: float = 60.0
+    read_timeout: float = 60.0
+    next_upstream_tries: int = 0
+    next_upstream_timeout: float = 0.0
+    set_headers: tuple[tuple[str, Template | None], ...] = ()
+    relay: str = "auto"
+    socket_keepalive: bool = False
+    return_status: int | None = None
+    return_body: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ServerBlock:
+    listen: tuple[Address, ...]
+    server_name: tuple[str, ...]
+    default: bool
+    locations: tuple[LocationConfig, ...]
+    client_header_timeout: float = 60.0
+    max_request_line: int = 8192
+    max_request_head: int = 32768
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    source: str
+    upstreams: tuple[UpstreamConfig, ...]
+    servers: tuple[ServerBlock, ...]
+    processes: int = 1
+    worker_connections: int = 4096
+    pipe_size: int = 262144
+    max_pipes: int = 0  # 0: worker_connections / 2
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def upstream(self, name: str) -> UpstreamConfig:
+        for up in self.upstreams:
+            if up.name == name:
+                return up
+        raise KeyError(name)
+
+
+class _Reader:
+    """Walks one TOML table, checking keys and types, and remembers which keys it used."""
+
+    def __init__(self, source: str, table: Mapping[str, Any], where: str) -> None:
+        if not isinstance(table, Mapping):
+            raise ConfigError(source, where, "expected a table")
+        self.source = source
+        self.table = table
+        self.where = where
+        self.seen: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.where}.{name}" if self.where else name
+
+    def fail(self, name: str, problem: str) -> ConfigError:
+        return ConfigError(self.source, self.key(name), problem)
+
+    def get(self, name: str, kind: type | tuple[type, ...], default: Any = None,
+            *, required: bool = False) -> Any:
+        self.seen.add(name)
+        if name not in self.table:
+            if required:
+                raise self.fail(name, "is required")
+            return default
+        value = self.table[name]
+        if isinstance(value, bool) and kind is not bool and not (
+            isinstance(kind, tuple) and bool in kind
+        ):
+            raise self.fail(name, f"expected {_kind_name(kind)}, got a boolean")
+        if not isinstance(value, kind):
+            raise self.fail(name, f"expected {_kind_name(kind)}, got {_value_name(value)}")
+        return value
+
+    def convert(self, name: str, parse: Callable[[Any], Any], default: Any) -> Any:
+        self.seen.add(name)
+        if name not in self.table:
+            return default
+        try:
+            return parse(self.table[name])
+        except ValueError as exc:
+            raise self.fail(name, str(exc)) from None
+
+    def duration(self, name: str, default: float) -> float:
+        return self.convert(name, parse_duration, default)
+
+    def size(self, name: str, default: int) -> int:
+        return self.convert(name, parse_size, default)
+
+    def strings(self, name: str, default: tuple[str, ...] = ()) -> tuple[str, ...]:
+        value = self.get(name, (str, list), None)
+        if value is None:
+            return default
+        if isinstance(value, str):
+            return (value,)
+        for i, item in enumerate(value):
+            if not isinstance(item, str):
+                raise ConfigError(self.source, f"{self.key(name)}[{i}]",
+                                  f"expected a string, got {_value_name(item)}")
+        return tuple(value)
+
+    def finish(self, allowed_extra: Iterable[str] = ()) -> None:
+        extra = set(allowed_extra)
+        for name in self.table:
+            if name not in self.seen and name not in extra:
+                raise self.fail(name, "unknown key")
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
+             list: "a list", dict: "a table"}
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def _value_name(value: Any) -> str:
+    return {str: "a string", int: "an integer", float: "a number", bool: "a boolean",
+            list: "a list", dict: "a table"}.get(type(value), type(value).__name__)
+
+
+def _positive_int(r: _Reader, name: str, default: int, *, minimum: int = 0) -> int:
+    value = r.get(name, int, default)
+    if value < minimum:
+        raise r.fail(name, f"must be at least {minimum}")
+    return value
+
+
+def _read_server_entry(source: str, item: Any, where: str) -> ServerConfig:
+    if isinstance(item, str):
+        item = {"address": item}
+    r = _Reader(source, item, where)
+    address = r.get("address", str, required=True)
+    if not address.startswith("unix:"):
+        r.convert("address", parse_address, None)
+    weight = _positive_int(r, "weight", 1, minimum=1)
+    max_fails = _positive_int(r, "max_fails", 1)
+    fail_timeout = r.duration("fail_timeout", 10.0)
+    max_conns = _positive_int(r, "max_conns", 0)
+    backup = r.get("backup", bool, False)
+    down = r.get("down", bool, False)
+    r.finish()
+    return ServerConfig(address, weight, max_fails, fail_timeout, max_conns, backup, down)
+
+
+def _read_upstream(source: str, table: Any, index: int) -> UpstreamConfig:
+    r = _Reader(source, table, f"upstream[{index}]")
+    name = r.get("name", str, required=True)
+    r.where = f"upstream.{name}"
+    servers_raw = r.get("servers", list, required=True)
+    if not servers_raw:
+        raise r.fail("servers", "needs at least one server")
+    servers = tuple(_read_server_entry(source, item, f"{r.key('servers')}[{i}]")
+                    for i, item in enumerate(servers_raw))
+    balance = r.get("balance", str, "round_robin")
+    if balance not in BALANCE_METHODS:
+        raise r.fail("balance", f"unknown method {balance!r} (one of {', '.join(BALANCE_METHODS)})")
+    hash_key = r.convert("hash_key", _template_value, None)
+    if balance == "hash" and hash_key is None:
+        raise r.fail("hash_key", "is required with balance = \"hash\" (for example \"$request_uri\")")
+    if hash_key is not None and balance != "hash":
+        raise r.fail("hash_key", "only applies to balance = \"hash\"")
+    consistent = r.get("consistent", bool, False)
+    if consistent and balance != "hash":
+        raise r.fail("consistent", "only applies to balance = \"hash\"")
+    factor = r.get("balance_factor", (int, float), 0)
+    if factor and (balance not in ("hash", "ip_hash") or factor <= 100):
+        raise r.fail("balance_factor", "is a percentage above 100 (e.g. 150) and applies to "
+                     "balance = \"hash\" or \"ip_hash\"")
+    balancer = r.get("balancer", str, None)
+    if balancer is not None and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", balancer):
+        raise r.fail("balancer", f"{balancer!r} is not an import path \"package.module:Class\"")
+    keepalive = _positive_int(r, "keepalive", 0)
+    r.finish()
+    return UpstreamConfig(name, servers, balance, hash_key, consistent, float(factor), balancer,
+                          keepalive)
+
+
+def _template_value(value: Any) -> Template:
+    if not isinstance(value, str):
+        raise ValueError(f"expected a string, got {_value_name(value)}")
+    return parse_template(value)
+
+
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_HOP_BY_HOP = frozenset(("connection", "keep-alive", "proxy-connection", "te", "trailer",
+                         "transfer-encoding", "upgrade"))
+
+
+def _read_set_headers(r: _Reader) -> tuple[tuple[str, Template | None], ...]:
+    table = r.get("set_headers", dict, {})
+    out: list[tuple[str, Template | None]] = []
+    for name, value in table.items():
+        key = f"{r.key('set_headers')}.{name}"
+        if not _HEADER_NAME.fullmatch(name):
+            raise ConfigError(r.source, key, "is not a valid header name")
+        if name.lower() in ("content-length", "transfer-encoding"):
+            raise ConfigError(r.source, key, "framing headers cannot be set")
+        if not isinstance(value, str):
+            raise ConfigError(r.source, key, f"expected a string, got {_value_name(value)}")
+        if "\r" in value or "\n" in value:
+            raise ConfigError(r.source, key, "a header value cannot contain a line break")
+        try:
+            out.append((name, parse_template(value) if value else None))
+        except ValueError as exc:
+            raise ConfigError(r.source, key, str(exc)) from None
+    return tuple(out)
+
+
+def _read_location(source: str, table: Any, where: str,
+                   implicit: dict[str, UpstreamConfig]) -> LocationConfig:
+    r = _Reader(source, table, where)
+    raw_path = r.get("path", str, required=True)
+    exact = raw_path.startswith("=")
+    path = raw_path[1:].strip() if exact else raw_path
+    if not path.startswith("/"):
+        raise r.fail("path", f"{raw_path!r} must start with '/' (or '= /' for an exact match)")
+    r.where = f"{where.rsplit('[', 1)[0]}[{raw_path!r}]"
+    proxy_pass = r.get("proxy_pass", str, None)
+    proxy_uri = None
+    upstream_name = None
+    if proxy_pass is not None:
+        if "://" in proxy_pass:
+            scheme, _, rest = proxy_pass.partition("://")
+            if scheme != "http":
+                raise r.fail("proxy_pass", f"unsupported scheme {scheme!r} (use http://)")
+            hostport, slash, uri = rest.partition("/")
+            if slash:
+                proxy_uri = "/" + uri
+            try:
+                parse_address(hostport, default_port=80)
+            except ValueError:
+                upstream_name = hostport  # "http://name" may name an [[upstream]], as in nginx
+            else:
+                url = f"http://{hostport}"
+                upstream_name = url
+                if url not in implicit:
+                    addr = hostport if ":" in hostport.lstrip("[").split("]")[-1] else hostport + ":80"
+                    implicit[url] = UpstreamConfig(url, (ServerConfig(addr),), implicit=True)
+        else:
+            upstream_name = proxy_pass
+    websocket = r.get("websocket", bool, True)
+    tokens = tuple(t.lower() for t in r.strings("upgrade_tokens", ("websocket",)))
+    if "h2c" in tokens:
+        raise r.fail("upgrade_tokens", "h2c cannot be tunnelled through an HTTP/1.1 proxy")
+    connect_timeout = r.duration("connect_timeout", 60.0)
+    send_timeout = r.duration("send_timeout", 60.0)
+    read_timeout = r.duration("read_timeout", 60.0)
+    for name, value in (("connect_timeout", connect_timeout), ("send_timeout", send_timeout),
+                        ("read_timeout", read_timeout)):
+        if value <= 0:
+            raise r.fail(name, "must be greater than zero")
+    tries = _positive_int(r, "next_upstream_tries", 0)
+    next_timeout = r.duration("next_upstream_timeout", 0.0)
+    set_headers = _read_set_headers(r)
+    relay = r.get("relay", str, "auto")
+    if relay not in RELAY_MODES:
+        raise r.fail("relay", f"unknown mode {relay!r} (one of {', '.join(RELAY_MODES)})")
+    socket_keepalive = r.get("socket_keepalive", bool, False)
+    ret = r.get("return", (int, list), None)
+    return_status, return_body = None, ""
+    if ret is not None:
+        if isinstance(ret, int):
+            ret = [ret]
+        if not (1 <= len(ret) <= 2 and isinstance(ret[0], int) and 200 <= ret[0] <= 599
+                and (len(ret) == 1 or isinstance(ret[1], str))):
+            raise r.fail("return", "expected a status (200-599) or [status, \"body\"]")
+        return_status, return_body = ret[0], (ret[1] if len(ret) == 2 else "")
+    if (upstream_name is None) == (return_status is None):
+        raise r.fail("proxy_pass", "a location needs exactly one of proxy_pass or return")
+    r.finish()
+    return LocationConfig(path, exact, upstream_name, proxy_uri, websocket, tokens,
+                          connect_timeout, send_timeout, read_timeout, tries, next_timeout,
+                          set_headers, relay, socket_keepalive, return_status, return_body)
+
+
+def _read_server(source: str, table: Any, index: int,
+                 implicit: dict[str, UpstreamConfig]) -> ServerBlock:
+    r = _Reader(source, table, f"server[{index}]")
+    listen_raw = r.strings("listen")
+    if not listen_raw:
+        raise r.fail("listen", "is required (for example [\"127.0.0.1:8080\"])")
+    listen = []
+    for i, text in enumerate(listen_raw):
+        try:
+            addr = parse_address(text)
+        except ValueError as exc:
+            raise ConfigError(source, f"{r.key('listen')}[{i}]", str(exc)) from None
+        if addr.family == 0:
+            raise ConfigError(source, f"{r.key('listen')}[{i}]",
+                              f"{text!r}: listen on an IP address, not a host name")
+        listen.append(addr)
+    names = tuple(n.lower() for n in r.strings("server_name"))
+    default = r.get("default", bool, False)
+    header_timeout = r.duration("client_header_timeout", 60.0)
+    max_line = r.size("max_request_line", 8192)
+    max_head = r.size("max_request_head", 32768)
+    if max_line < 256 or max_head < max_line:
+        raise r.fail("max_request_head", "must be at least max_request_line (at least 256)")
+    locs_raw = r.get("location", list, [])
+    if not locs_raw:
+        raise r.fail("location", "a server needs at least one [[server.location]]")
+    locations = []
+    seen: set[tuple[str, bool]] = set()
+    for i, loc in enumerate(locs_raw):
+        lc = _read_location(source, loc, f"{r.key('location')}[{i}]", implicit)
+        if (lc.path, lc.exact) in seen:
+            raise ConfigError(source, f"{r.key('location')}[{i}].path",
+                              f"duplicate location {('= ' if lc.exact else '') + lc.path!r}")
+        seen.add((lc.path, lc.exact))
+        locations.append(lc)
+    r.finish()
+    return ServerBlock(tuple(listen), names, default, tuple(locations), header_timeout,
+                       max_line, max_head)
+
+
+def from_dict(data: Mapping[str, Any], source: str = "<config>") -> Config:
+    """Build a Config from parsed TOML (a dict), checking every key."""
+    r = _Reader(source, data, "")
+    processes_raw = r.get("processes", (int, str), 1)
+    if processes_raw == "auto":
+        processes = os.cpu_count() or 1
+    elif isinstance(processes_raw, int) and processes_raw >= 1:
+        processes = processes_raw
+    else:
+        raise r.fail("processes", "expected a number of processes (1 or more) or \"auto\"")
+    worker_connections = _positive_int(r, "worker_connections", 4096, minimum=2)
+    pipe_size = r.size("pipe_size", 262144)
+    if pipe_size < 4096 or pipe_size > (1 << 20):
+        raise r.fail("pipe_size", "must be between 4k and 1m")
+    max_pipes = _positive_int(r, "max_pipes", 0)
+
+    upstreams: list[UpstreamConfig] = []
+    for i, table in enumerate(r.get("upstream", list, [])):
+        up = _read_upstream(source, table, i)
+        if any(u.name == up.name for u in upstreams):
+            raise ConfigError(source, f"upstream[{i}].name", f"duplicate upstream {up.name!r}")
+        upstreams.append(up)
+    implicit: dict[str, UpstreamConfig] = {}
+    servers_raw = r.get("server", list, [])
+    if not servers_raw:
+        raise r.fail("server", "the configuration needs at least one [[server]]")
+    servers = tuple(_read_server(source, t, i, implicit) for i, t in enumerate(servers_raw))
+    names = {u.name for u in upstreams}
+    for si, server in enumerate(servers):
+        for li, loc in enumerate(server.locations):
+            if loc.proxy_pass is not None and loc.proxy_pass not in names \
+                    and loc.proxy_pass not in implicit:
+                raise ConfigError(source, f"server[{si}].location[{li}].proxy_pass",
+                                  f"unknown upstream {loc.proxy_pass!r}")
+    _check_defaults(source, servers)
+    r.finish()
+    return Config(source, tuple(upstreams) + tuple(implicit.values()), servers, processes,
+                  worker_connections, pipe_size, max_pipes)
+
+
+def _check_defaults(source: str, servers: tuple[ServerBlock, ...]) -> None:
+    defaults: dict[tuple[str, int], int] = {}
+    for si, server in enumerate(servers):
+        if not server.default:
+            continue
+        for addr in server.listen:
+            key = (addr.host, addr.port)
+            if key in defaults:
+                raise ConfigError(source, f"server[{si}].default",
+                                  f"{addr.text} already has a default server (server[{defaults[key]}])")
+            defaults[key] = si
+
+
+def load(path: str) -> Config:
+    """Read and check the TOML file at `path`; raise ConfigError on any mistake."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(path, "", "no such file") from None
+    except OSError as exc:
+        raise ConfigError(path, "", exc.strerror or str(exc)) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, "", f"not valid TOML: {exc}") from None
+    return from_dict(data, path)

@@ -1,0 +1,28 @@
+/* Declarations the relay engine needs from Linux, with _GNU_SOURCE defined before any system
+ * header so that splice(2), pipe2(2) and F_SETPIPE_SZ are visible whatever the build flags. */
+#ifndef FASTWS_COMPAT_H
+#define FASTWS_COMPAT_H
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE 1
+#endif
+#include <fcntl.h>
+#include <unistd.h>
+#include <pthread.h>
+#include <time.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+
+#ifndef FASTWS_DEBUG
+#define FASTWS_DEBUG 0
+#endif
+
+static inline double fastws_monotonic(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+#endif

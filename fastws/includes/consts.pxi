@@ -1,0 +1,26 @@
+cdef enum:
+    # Close reasons; negative, as the pumps return them.
+    CLOSE_CLIENT = -1            # both ways finished, the client's EOF came first
+    CLOSE_UPSTREAM = -2          # both ways finished, the upstream's EOF came first
+    CLOSE_CLIENT_ERROR = -3      # reset or error on the client's socket
+    CLOSE_UPSTREAM_ERROR = -4    # reset or error on the upstream's socket
+    CLOSE_READ_TIMEOUT = -5
+    CLOSE_SEND_TIMEOUT = -6
+    CLOSE_SHUTDOWN = -7
+    CLOSE_ERROR = -8             # out of memory or epoll refused the fd
+
+    RELAY_AUTO = 0
+    RELAY_SPLICE = 1
+    RELAY_COPY = 2
+
+    MAX_EVENTS = 256
+    # Bytes one readiness event may move before the loop serves other tunnels.
+    PUMP_BUDGET = 1048576
+    # auto mode, as HAProxy's splice-auto: a flow whose reads fill the shared buffer this many
+    # times in a row is a bulk streamer and switches to splice; a spliced flow whose reads stay
+    # under SPLICE_SMALL bytes SPLICE_SMALL_STREAK times in a row goes back to copying.
+    COPY_FULL_STREAK = 2
+    SPLICE_SMALL = 4096
+    SPLICE_SMALL_STREAK = 4
+    # Empty pipes kept for reuse; more than that are closed when returned.
+    POOL_KEEP_FREE = 64

@@ -1,0 +1,76 @@
+# Extern declarations only: the Linux calls the relay engine makes, from includes/compat.h.
+
+cdef extern from "compat.h" nogil:
+    int FASTWS_DEBUG
+    double fastws_monotonic()
+
+    # splice(2), pipe2(2), fcntl(2)
+    ssize_t splice(int fd_in, long long *off_in, int fd_out, long long *off_out,
+                   size_t length, unsigned int flags)
+    int pipe2(int pipefd[2], int flags)
+    int fcntl(int fd, int cmd, ...)
+    int close(int fd)
+    ssize_t read(int fd, void *buf, size_t count)
+    ssize_t write(int fd, const void *buf, size_t count)
+    enum:
+        SPLICE_F_MOVE
+        SPLICE_F_NONBLOCK
+        O_NONBLOCK
+        O_CLOEXEC
+        F_SETPIPE_SZ
+        F_GETPIPE_SZ
+
+    # epoll(7), eventfd(2)
+    union epoll_data:
+        void *ptr
+        int fd
+        unsigned long long u64
+    struct epoll_event:
+        unsigned int events
+        epoll_data data
+    int epoll_create1(int flags)
+    int epoll_ctl(int epfd, int op, int fd, epoll_event *event)
+    int epoll_wait(int epfd, epoll_event *events, int maxevents, int timeout)
+    enum:
+        EPOLL_CLOEXEC
+        EPOLL_CTL_ADD
+        EPOLL_CTL_MOD
+        EPOLL_CTL_DEL
+        EPOLLIN
+        EPOLLOUT
+        EPOLLERR
+        EPOLLHUP
+        EPOLLRDHUP
+    int eventfd(unsigned int initval, int flags)
+    enum:
+        EFD_NONBLOCK
+        EFD_CLOEXEC
+
+    # sockets
+    ssize_t recv(int sockfd, void *buf, size_t length, int flags)
+    ssize_t send(int sockfd, const void *buf, size_t length, int flags)
+    int shutdown(int sockfd, int how)
+    int getsockopt(int sockfd, int level, int optname, void *optval, unsigned int *optlen)
+    enum:
+        MSG_DONTWAIT
+        MSG_NOSIGNAL
+        SHUT_WR
+        SOL_SOCKET
+        SO_ERROR
+
+    # threads
+    ctypedef struct pthread_t:
+        pass
+    ctypedef struct pthread_mutex_t:
+        pass
+    ctypedef struct pthread_attr_t:
+        pass
+    ctypedef struct pthread_mutexattr_t:
+        pass
+    int pthread_create(pthread_t *thread, const pthread_attr_t *attr,
+                       void *(*start_routine)(void *) noexcept nogil, void *arg)
+    int pthread_join(pthread_t thread, void **retval)
+    int pthread_mutex_init(pthread_mutex_t *mutex, const pthread_mutexattr_t *attr)
+    int pthread_mutex_destroy(pthread_mutex_t *mutex)
+    int pthread_mutex_lock(pthread_mutex_t *mutex)
+    int pthread_mutex_unlock(pthread_mutex_t *mutex)

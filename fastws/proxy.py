@@ -1,0 +1,636 @@
+"""Per-connection glue: accept -> request head -> route -> pick -> connect -> 101 -> the core.
+
+Everything here runs once per connection on the worker's event loop, on raw non-blocking sockets
+(no asyncio transports, so that the two fds can go to the relay engine as they are).  After a
+valid 101 the sockets are detached and handed to the engine together with the bytes already read
+past each head; Python hears of the tunnel again only when it closes.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import time
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, unquote
+
+from . import _http
+from .config import LocationConfig, ServerBlock, Template
+from .handshake import (HeadError, RequestHead, RequestReader, ResponseHead, ResponseReader,
+                        check_websocket_request, check_websocket_response)
+from .router import host_name
+
+if TYPE_CHECKING:
+    from .worker import Worker
+
+log = logging.getLogger("fastws")
+
+REASONS = {
+    200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 405: "Not Allowed",
+    408: "Request Timeout", 413: "Payload Too Large", 414: "URI Too Long", 426: "Upgrade Required",
+    431: "Request Header Fields Too Large", 500: "Internal Server Error", 502: "Bad Gateway",
+    503: "Service Unavailable", 504: "Gateway Timeout", 505: "HTTP Version Not Supported",
+}
+
+# Answers lingered over for this long (reading and dropping what the client still sends) before
+# the socket closes, so a close with unread input does not reset the connection and destroy the
+# answer in flight (nginx's lingering_close).
+LINGER_TIMEOUT = 2.0
+RECV_SIZE = 65536
+
+
+def error_response(status: int, *, extra: bytes = b"") -> bytes:
+    reason = REASONS.get(status, "Error")
+    body = f"<html><head><title>{status} {reason}</title></head><body><h1>{status} {reason}</h1>" \
+           f"<hr>fastws</body></html>\r\n".encode()
+    return (f"HTTP/1.1 {status} {reason}\r\nServer: fastws\r\nContent-Type: text/html\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n").encode() + extra + b"\r\n" + body
+
+
+class TunnelRecord:
+    """What a tunnel keeps in Python while it lives: enough for the log line and the accounting
+    when it closes, and nothing more (no head, no buffers)."""
+
+    __slots__ = ("upstream", "peer", "remote_addr", "request", "started", "connect_time",
+                 "header_time", "head_bytes_in", "head_bytes_out")
+
+    def __init__(self, upstream: Any, peer: Any, remote_addr: str, request: bytes,
+                 started: float, connect_time: float, header_time: float,
+                 head_bytes_in: int, head_bytes_out: int) -> None:
+        self.upstream = upstream
+        self.peer = peer
+        self.remote_addr = remote_addr
+        self.request = request
+        self.started = started
+        self.connect_time = connect_time
+        self.header_time = header_time
+        self.head_bytes_in = head_bytes_in
+        self.head_bytes_out = head_bytes_out
+
+
+class Variables:
+    """nginx variables for one request, for set_headers values and hash keys."""
+
+    __slots__ = ("conn", "head", "remote_addr")
+
+    def __init__(self, conn: "ClientConn", head: RequestHead) -> None:
+        self.conn = conn
+        self.head = head
+        self.remote_addr = conn.remote_addr
+
+    def variable(self, name: str) -> str:
+        conn, head = self.conn, self.head
+        if name == "remote_addr":
+            return conn.remote_addr
+        if name == "host":
+            return conn.host or (conn.server.server_name[0] if conn.server.server_name else "")
+        if name == "scheme":
+            return conn.listener.scheme
+        if name == "request_uri":
+            return head.target.decode("latin-1")
+        if name == "uri":
+            return unquote(head.target.split(b"?", 1)[0].decode("latin-1"))
+        if name in ("args", "query_string"):
+            return head.target.partition(b"?")[2].decode("latin-1")
+        if name == "request_method":
+            return head.method.decode("latin-1")
+        if name == "remote_port":
+            return str(conn.remote_port)
+        if name == "server_addr":
+            return conn.listener.address.host
+        if name == "server_port":
+            return str(conn.listener.address.port)
+        if name == "server_name":
+            return conn.server.server_name[0] if conn.server.server_name else ""
+        if name == "proxy_add_x_forwarded_for":
+            xff = head.get(b"x-forwarded-for")
+            return f"{xff.decode('latin-1')}, {conn.remote_addr}" if xff else conn.remote_addr
+        if name == "proxy_host":
+            return conn.location.proxy_pass or ""
+        if name == "connection_upgrade":
+            return "upgrade" if head.get(b"upgrade") else "close"
+        if name.startswith("http_"):
+            value = head.get(name[5:].replace("_", "-").encode())
+            return value.decode("latin-1") if value is not None else ""
+        if name.startswith("arg_"):
+            for k, v in parse_qsl(head.target.partition(b"?")[2].decode("latin-1"),
+                                  keep_blank_values=True):
+                if k == name[4:]:
+                    return v
+            return ""
+        if name.startswith("cookie_"):
+            for cookie in (head.get(b"cookie") or b"").split(b";"):
+                k, _, v = cookie.strip().partition(b"=")
+                if k.decode("latin-1") == name[7:]:
+                    return v.decode("latin-1")
+            return ""
+        return ""
+
+    def render(self, template: Template) -> str:
+        return "".join(self.variable(p) if is_var else p for is_var, p in template.parts)
+
+
+class ClientConn:
+    """One client connection until it becomes a tunnel, or gets its answer and closes."""
+
+    __slots__ = ("w", "loop", "listener", "sock", "fd", "remote_addr", "remote_port", "reader",
+                 "timer", "server", "location", "host", "head", "started", "upstream", "selection",
+                 "peer", "usock", "ufd", "to_upstream", "rreader", "token", "key", "tries",
+                 "t_connect", "t_connected", "deadline", "out", "closed", "state", "response",
+                 "upgrading", "remaining", "eof_delimited", "timed_out", "held")
+
+    def __init__(self, worker: "Worker", listener: Any, sock: socket.socket, addr: Any) -> None:
+        self.w = worker
+        self.loop = worker.loop
+        self.listener = listener
+        self.sock = sock
+        self.fd = sock.fileno()
+        if listener.family == socket.AF_INET6:
+            self.remote_addr, self.remote_port = addr[0], addr[1]
+            if self.remote_addr.startswith("::ffff:"):
+                self.remote_addr = self.remote_addr[7:]
+        else:
+            self.remote_addr, self.remote_port = addr
+        self.started = time.monotonic()
+        self.closed = False
+        self.usock: socket.socket | None = None
+        self.ufd = -1
+        self.timer: Any = None
+        self.out = b""
+        self.state = "head"
+        self.server: ServerBlock = listener.default_server
+        self.location: LocationConfig | None = None
+        self.host = ""
+        self.peer: Any = None
+        self.selection: Any = None
+        self.upstream: Any = None
+        self.response: ResponseHead | None = None
+        self.timed_out = False
+        self.held = False          # the peer counts this connection (released when it ends)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.reader = RequestReader(self.server.max_request_line, self.server.max_request_head)
+        self.loop.add_reader(self.fd, self._on_client_head)
+        self.timer = self.loop.call_later(self.server.client_header_timeout, self._on_header_timeout)
+
+    # --- reading the request ---------------------------------------------------------------
+
+    def _on_client_head(self) -> None:
+        try:
+            data = self.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._close()
+            return
+        if not data:
+            self._close()
+            return
+        try:
+            head = self.reader.feed(data)
+        except HeadError as exc:
+            self._fail(exc.status, exc.reason)
+            return
+        if head is None:
+            return
+        self.loop.remove_reader(self.fd)
+        self.timer.cancel()
+        self.timer = None
+        self.head = head
+        self.w.stats.requests += 1
+        try:
+            self._dispatch(head)
+        except HeadError as exc:
+            self._fail(exc.status, exc.reason)
+
+    def _on_header_timeout(self) -> None:
+        self.timer = None
+        self._fail(408, "client sent no complete head in time")
+
+    def _dispatch(self, head: RequestHead) -> None:
+        self.host = host_name(head.get(b"host"))
+        self.server = self.w.router.server(self.listener.key, self.host)
+        path = head.target.split(b"?", 1)[0]
+        if not path.startswith(b"/"):
+            raise HeadError(400, "the request target is not an absolute path")
+        loc = self.w.router.location(self.server, unquote(path.decode("latin-1")))
+        if loc is None:
+            raise HeadError(404, "no location matches")
+        self.location = loc
+        if loc.return_status is not None:
+            self._answer(loc.return_status, loc.return_body.encode())
+            return
+        self.upgrading = False
+        upgrade = head.get(b"upgrade")
+        if upgrade is not None and b"upgrade" in head.tokens(b"connection"):
+            token = upgrade.strip().lower()
+            if loc.websocket and token.decode("latin-1") in loc.upgrade_tokens:
+                self.key = check_websocket_request(head)
+                self.token = token
+                self.upgrading = True
+            # Any other token (h2c, or websocket where the location forbids it) is served as a
+            # plain request: the Upgrade header is hop-by-hop and is not passed on.
+        self.to_upstream = self._build_request(head)
+        self.upstream = self.w.upstreams[loc.proxy_pass]
+        self.selection = self.upstream.select(Variables(self, head))
+        self.tries = 0
+        self.deadline = (time.monotonic() + loc.next_upstream_timeout
+                         if loc.next_upstream_timeout else 0.0)
+        self._connect_next()
+
+    def _build_request(self, head: RequestHead) -> bytes:
+        loc = self.location
+        assert loc is not None
+        target = head.target
+        if loc.proxy_uri is not None:
+            # nginx: with a URI in proxy_pass, the part of the path the location matched is
+            # replaced by it.
+            path, q, query = target.partition(b"?")
+            tail = b"" if loc.exact else path[len(loc.path):]
+            target = loc.proxy_uri.encode() + tail + q + query
+        xff = head.get(b"x-forwarded-for")
+        remote = self.remote_addr.encode()
+        first = [(b"Host", head.get(b"host") or self.host.encode())]
+        last = [
+            (b"X-Real-IP", remote),
+            (b"X-Forwarded-For", xff + b", " + remote if xff else remote),
+            (b"X-Forwarded-Proto", self.listener.scheme.encode()),
+        ]
+        drop = [b"host", b"x-real-ip", b"x-forwarded-for", b"x-forwarded-proto"]
+        drop.extend(t for t in head.tokens(b"connection") if t != b"upgrade")
+        if loc.set_headers:
+            values = Variables(self, head)
+            for name, template in loc.set_headers:
+                lname = name.lower().encode()
+                drop.append(lname)
+                first = [p for p in first if p[0].lower() != lname]
+                last = [p for p in last if p[0].lower() != lname]
+                if template is not None:
+                    value = values.render(template).encode("latin-1", "replace")
+                    if value:
+                        (first if lname == b"host" else last).append((name.encode(), value))
+        if self.upgrading:
+            last.append((b"Upgrade", head.get(b"upgrade") or b"websocket"))
+            last.append((b"Connection", b"upgrade"))
+        else:
+            last.append((b"Connection", b"close"))
+        line = b"%s %s HTTP/1.1" % (head.method, target)
+        return _http.build_head(line, head.headers, tuple(drop), first, last)
+
+    # --- connecting to the upstream --------------------------------------------------------
+
+    def _connect_next(self) -> None:
+        loc = self.location
+        assert loc is not None
+        if self.closed:
+            return
+        now = time.monotonic()
+        if loc.next_upstream_tries and self.tries >= loc.next_upstream_tries or \
+                self.deadline and self.tries and now >= self.deadline:
+            self._fail(self._last_failure_status(), "no upstream left to try")
+            return
+        peer = self.selection.next()
+        if peer is None:
+            self._fail(self._last_failure_status(), "no live upstream")
+            return
+        self.tries += 1
+        self.peer = peer
+        self.t_connect = now
+        try:
+            usock = socket.socket(peer.family, socket.SOCK_STREAM)
+        except OSError as exc:
+            log.error("cannot open a socket for %s: %s", peer.name, exc)
+            self._fail(502, "cannot open a socket")
+            return
+        usock.setblocking(False)
+        if peer.family != socket.AF_UNIX:
+            usock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if loc.socket_keepalive:
+            usock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        self.usock = usock
+        self.ufd = usock.fileno()
+        err = usock.connect_ex(peer.sockaddr)
+        if err in (0, errno.EINPROGRESS):
+            self.state = "connect"
+            self.loop.add_writer(self.ufd, self._on_connected)
+            self.timer = self.loop.call_later(loc.connect_timeout, self._on_connect_timeout)
+        else:
+            self._upstream_failed(f"connect() to {peer.name} failed: {errno.errorcode.get(err, err)}",
+                                  timeout=False)
+
+    def _last_failure_status(self) -> int:
+        return 504 if self.timed_out else 502
+
+    def _drop_upstream(self) -> None:
+        if self.held:
+            self.held = False
+            self.upstream.release(self.peer)
+        if self.usock is not None:
+            self.loop.remove_writer(self.ufd)
+            self.loop.remove_reader(self.ufd)
+            self.usock.close()
+            self.usock = None
+            self.ufd = -1
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _upstream_failed(self, why: str, *, timeout: bool) -> None:
+        log.error("%s while connecting to upstream, client: %s, upstream: %s",
+                  why, self.remote_addr, self.peer.name)
+        self.timed_out = timeout
+        self.selection.failed(self.peer)
+        self.peer = None
+        self._drop_upstream()
+        self._connect_next()
+
+    def _on_connect_timeout(self) -> None:
+        self.timer = None
+        self._upstream_failed("upstream timed out (110: Connection timed out)", timeout=True)
+
+    def _on_connected(self) -> None:
+        assert self.usock is not None
+        err = self.usock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._upstream_failed(f"connect() failed ({err}: {errno.errorcode.get(err, '')})",
+                                  timeout=False)
+            return
+        self.loop.remove_writer(self.ufd)
+        self.timer.cancel()
+        self.t_connected = time.monotonic()
+        self.selection.connected(self.peer)
+        self.held = True
+        self.state = "send"
+        self.out = self.to_upstream
+        if self.upgrading:
+            self.to_upstream = self.head.leftover
+        else:
+            # Not a tunnel: what followed the head (a body) goes straight after it.
+            self.out += self.head.leftover
+            self.to_upstream = b""
+        self.rreader = ResponseReader()
+        self.timer = self.loop.call_later(self.location.read_timeout, self._on_read_timeout)
+        self._send_upstream()
+
+    def _send_upstream(self) -> None:
+        try:
+            n = self.usock.send(self.out)
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        except OSError as exc:
+            self._bad_gateway(f"sending the request failed: {exc}")
+            return
+        self.out = self.out[n:]
+        if self.out:
+            self.loop.add_writer(self.ufd, self._send_upstream_more)
+            return
+        self.state = "response"
+        if not self.upgrading:
+            self._relay_plain()
+            return
+        self.loop.add_reader(self.ufd, self._on_upstream_head)
+
+    def _send_upstream_more(self) -> None:
+        self.loop.remove_writer(self.ufd)
+        self._send_upstream()
+
+    def _on_read_timeout(self) -> None:
+        self.timer = None
+        log.error("upstream timed out (110: Connection timed out) while reading response header "
+                  "from upstream, client: %s, upstream: %s", self.remote_addr, self.peer.name)
+        self._fail(504, "upstream read timeout")
+
+    # --- the upstream's answer -------------------------------------------------------------
+
+    def _on_upstream_head(self) -> None:
+        try:
+            data = self.usock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._bad_gateway(f"upstream reset while reading the response head: {exc}")
+            return
+        if not data:
+            self._bad_gateway("upstream prematurely closed connection while reading response header")
+            return
+        try:
+            resp = self.rreader.feed(data)
+        except HeadError as exc:
+            self._bad_gateway(f"upstream sent an invalid head: {exc.reason}")
+            return
+        if resp is None:
+            return
+        self.loop.remove_reader(self.ufd)
+        self.response = resp
+        if resp.status == 101:
+            why = check_websocket_response(resp, self.token, self.key)
+            if why is not None:
+                self._bad_gateway(f"upstream {why}; not tunnelled")
+                return
+            self._start_tunnel(resp)
+            return
+        # Any other answer is an ordinary response: relay it, then close the client connection,
+        # which is never tunnelled (a tunnel opened on a non-101 would let a client smuggle
+        # requests to the upstream).
+        self._relay_response(resp)
+
+    def _start_tunnel(self, resp: ResponseHead) -> None:
+        now = time.monotonic()
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        loc = self.location
+        assert loc is not None and self.usock is not None
+        record = TunnelRecord(self.upstream, self.peer, self.remote_addr,
+                              self.head.request_line, self.started,
+                              self.t_connected - self.t_connect, now - self.t_connect,
+                              self.head.size, len(resp.raw))
+        to_client = resp.raw + resp.leftover
+        self.held = False          # released by the worker when the tunnel closes
+        cfd = self.sock.detach()
+        ufd = self.usock.detach()
+        self.usock = None
+        self.closed = True
+        self.w.connection_closed(self)
+        self.w.engine.add(cfd, ufd, self.to_upstream, to_client, loc.read_timeout,
+                          loc.send_timeout, loc.relay, record)
+        self.w.tunnel_opened(record)
+
+    def _bad_gateway(self, why: str) -> None:
+        log.error("%s, client: %s, upstream: %s", why, self.remote_addr,
+                  self.peer.name if self.peer else "-")
+        self._fail(502, why)
+
+    # --- relaying an ordinary answer, then closing -----------------------------------------
+
+    def _relay_response(self, resp: ResponseHead) -> None:
+        # Hop-by-hop headers of the upstream are dropped; the client connection closes after it.
+        first_line = b"HTTP/1.1 %d %s" % (resp.status, resp.reason)
+        drop = tuple(t for t in resp.tokens(b"connection"))
+        head = _http.build_head(first_line, resp.headers, drop, [], [(b"Connection", b"close")])
+        body = resp.leftover
+        if resp.status in (204, 304) or 100 <= resp.status < 200 or self.head.method == b"HEAD":
+            self.remaining = 0
+        elif resp.content_length is not None:
+            self.remaining = resp.content_length
+        else:
+            self.remaining = -1   # chunked or close-delimited: relayed until the upstream closes
+        self.eof_delimited = self.remaining < 0
+        if self.remaining >= 0:
+            body = body[:self.remaining]
+            self.remaining -= len(body)
+        self.state = "relay"
+        self._client_write(head + body)
+        if self.remaining == 0:
+            self._finish_relay()
+        else:
+            self.loop.add_reader(self.ufd, self._on_upstream_body)
+
+    def _relay_plain(self) -> None:
+        # A plain request: the upstream was asked for Connection: close, so its answer ends when
+        # it closes; the bytes are relayed as they come, both ways, by the core.
+        assert self.usock is not None and self.location is not None
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        now = time.monotonic()
+        record = TunnelRecord(self.upstream, self.peer, self.remote_addr,
+                              self.head.request_line, self.started,
+                              self.t_connected - self.t_connect, now - self.t_connect,
+                              self.head.size, 0)
+        self.held = False
+        cfd = self.sock.detach()
+        ufd = self.usock.detach()
+        self.usock = None
+        self.closed = True
+        self.w.connection_closed(self)
+        self.w.engine.add(cfd, ufd, b"", b"", self.location.read_timeout,
+                          self.location.send_timeout, self.location.relay, record)
+        self.w.tunnel_opened(record)
+
+    def _on_upstream_body(self) -> None:
+        try:
+            data = self.usock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            if not self.eof_delimited:
+                log.error("upstream prematurely closed connection while sending response")
+            self._finish_relay()
+            return
+        if self.remaining > 0:
+            data = data[:self.remaining]
+            self.remaining -= len(data)
+        self._client_write(data)
+        if self.remaining == 0:
+            self._finish_relay()
+        elif self.out:
+            # the client is slower: stop reading the upstream until it has taken what is held
+            self.loop.remove_reader(self.ufd)
+
+    def _client_write(self, data: bytes) -> None:
+        if self.out:
+            self.out += data
+            return
+        try:
+            n = self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        except OSError:
+            self._close()
+            return
+        if n < len(data):
+            self.out = data[n:]
+            self.loop.add_writer(self.fd, self._client_write_more)
+
+    def _client_write_more(self) -> None:
+        try:
+            n = self.sock.send(self.out)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._close()
+            return
+        self.out = self.out[n:]
+        if self.out:
+            return
+        self.loop.remove_writer(self.fd)
+        if self.state == "linger-send":
+            self._linger()
+        elif self.state == "relay" and self.usock is not None:
+            self.loop.add_reader(self.ufd, self._on_upstream_body)
+
+    def _finish_relay(self) -> None:
+        self._drop_upstream()
+        if self.out:
+            self.state = "linger-send"
+        else:
+            self._linger()
+
+    # --- answering and closing -------------------------------------------------------------
+
+    def _answer(self, status: int, body: bytes) -> None:
+        reason = REASONS.get(status, "")
+        head = (f"HTTP/1.1 {status} {reason}\r\nServer: fastws\r\nContent-Type: text/plain\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+        self.state = "linger-send"
+        self._client_write(head + body)
+        if not self.out and not self.closed:
+            self._linger()
+
+    def _fail(self, status: int, why: str) -> None:
+        if self.closed:
+            return
+        if status >= 500 or status == 408:
+            log.info("%d for %s: %s", status, self.remote_addr, why)
+        self._drop_upstream()
+        self.loop.remove_reader(self.fd)
+        extra = b"Sec-WebSocket-Version: 13\r\n" if status == 426 else b""
+        self.state = "linger-send"
+        self.out = b""
+        self._client_write(error_response(status, extra=extra))
+        if not self.out and not self.closed:
+            self._linger()
+
+    def _linger(self) -> None:
+        if self.closed:
+            return
+        self.state = "linger"
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._close()
+            return
+        self.loop.remove_reader(self.fd)
+        self.loop.add_reader(self.fd, self._on_linger_read)
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = self.loop.call_later(LINGER_TIMEOUT, self._close)
+
+    def _on_linger_read(self) -> None:
+        try:
+            data = self.sock.recv(RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close()
+
+    def _close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._drop_upstream()
+        if self.sock.fileno() >= 0:
+            self.loop.remove_reader(self.fd)
+            self.loop.remove_writer(self.fd)
+            self.sock.close()
+        self.w.connection_closed(self)
+
+    def abort(self) -> None:
+        """Close now, whatever the state (worker shutdown)."""
+        self._close()
