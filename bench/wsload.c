@@ -71,7 +71,7 @@ static int ep;
 static conn_t *C;
 static uint64_t t_setup0, t_mstart, t_mend;
 static int phase;   /* 0 setup, 1 warmup, 2 measure, 3 drain */
-static unsigned long long cnt_measured, cnt_total, bytes_measured, errors, connect_errors, opened;
+static unsigned long long reconnects, cnt_measured, cnt_total, bytes_measured, errors, connect_errors, opened;
 static char err_samples[5][160]; static int nerr_samples;
 static uint64_t hist[4096]; static unsigned long long hist_n; static uint64_t lat_max, lat_sum;
 static uint8_t *send_frame; static size_t send_frame_len;
@@ -361,10 +361,19 @@ static void on_readable(conn_t *c) {
                 if (c->rlen < hl + bl) break;
                 static const char body[] = "hello from fastws bench\n";
                 if (bl != sizeof body - 1 || memcmp(c->rb + hl, body, bl) != 0) { err(c, "bad HTTP body"); conn_drop(c, ST_DEAD); active--; return; }
+                const char *cn = http_header((char *)c->rb, hl, "Connection", &vl);
+                int server_closes = cn && header_has_token(cn, vl, "close");
                 consume(c, hl + bl);
                 count_unit(now_ns() - c->t0, 0);
                 c->state = ST_OPEN;
-                if (phase < 3) send_http(c); else { conn_drop(c, ST_FREE); active--; return; }
+                if (phase >= 3) { conn_drop(c, ST_FREE); active--; return; }
+                if (server_closes) {   /* the peer ends keep-alive: reconnect and go on */
+                    reconnects++;
+                    conn_drop(c, ST_FREE);
+                    start_connect(c);
+                    return;
+                }
+                send_http(c);
                 continue;
             }
             if (c->state == ST_WAIT_ECHO || c->state == ST_CLOSE_SENT || c->state == ST_OPEN || c->state == ST_IDLE) {
@@ -621,12 +630,12 @@ int main(int argc, char **argv) {
     static const char *mnames[] = {"echo", "send", "recv", "handshake", "idle", "http"};
     printf("RESULT {\"mode\": \"%s\", \"conns\": %d, \"size\": %zu, \"seconds\": %.6f, "
            "\"count\": %llu, \"total_count\": %llu, \"rate\": %.3f, \"bytes\": %llu, \"mb_per_s\": %.3f, "
-           "\"opened\": %llu, \"errors\": %llu, \"connect_errors\": %llu, "
+           "\"opened\": %llu, \"reconnects\": %llu, \"errors\": %llu, \"connect_errors\": %llu, "
            "\"lat_us\": {\"n\": %llu, \"mean\": %.3f, \"p50\": %.3f, \"p90\": %.3f, \"p99\": %.3f, \"p999\": %.3f, \"max\": %.3f}, "
            "\"error_samples\": [",
            mnames[mode], nconns, msize, secs, cnt_measured, cnt_total,
            secs > 0 ? cnt_measured / secs : 0.0, bytes_measured,
-           secs > 0 ? bytes_measured / secs / 1e6 : 0.0, opened, errors, connect_errors,
+           secs > 0 ? bytes_measured / secs / 1e6 : 0.0, opened, reconnects, errors, connect_errors,
            hist_n, hist_n ? lat_sum / 1000.0 / hist_n : 0.0, pct(0.5), pct(0.9), pct(0.99), pct(0.999), lat_max / 1000.0);
     for (int i = 0; i < nerr_samples; i++) printf("%s\"%s\"", i ? ", " : "", err_samples[i]);
     printf("]}\n");

@@ -1,0 +1,131 @@
+"""PNG plots of throughput, proxy CPU per unit of work, latency and memory per tunnel."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .scenarios import SCENARIOS
+from .targets import LABELS
+
+COLORS = {
+    "noproxy": "#9e9e9e",
+    "fastws": "#d62728",
+    "nginx": "#2ca02c",
+    "haproxy": "#1f77b4",
+    "haproxy-splice": "#17becf",
+}
+
+
+def _bars(ax, summ, targets, key, title, ylabel):
+    names, med, lo, hi, cols = [], [], [], [], []
+    for t in targets:
+        s = summ.get(t, {}).get(key)
+        if not s:
+            continue
+        names.append(LABELS[t])
+        med.append(s["median"])
+        lo.append(s["median"] - s["min"])
+        hi.append(s["max"] - s["median"])
+        cols.append(COLORS.get(t, "#777777"))
+    if not names:
+        ax.set_visible(False)
+        return
+    x = range(len(names))
+    ax.bar(x, med, color=cols, yerr=[lo, hi], capsize=3, error_kw={"elinewidth": 1})
+    ax.set_xticks(list(x))
+    ax.set_xticklabels(names, rotation=25, ha="right", fontsize=8)
+    ax.set_title(title, fontsize=9)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.tick_params(axis="y", labelsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    for i, v in enumerate(med):
+        ax.annotate(f"{v:,.3g}" if v < 1000 else f"{v:,.0f}", (i, v), ha="center", va="bottom", fontsize=7,
+                    xytext=(0, 2), textcoords="offset points")
+
+
+def write_plots(summary: dict, scenario_keys: list[str], targets: list[str], out: Path, subtitle: str) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    scs = [s for s in SCENARIOS if s.key in scenario_keys]
+
+    def grid(n):
+        cols = min(4, max(1, n))
+        rows = (n + cols - 1) // cols
+        fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.6 * rows), squeeze=False)
+        for ax in axes.flat[n:]:
+            ax.set_visible(False)
+        return fig, axes.flat
+
+    # throughput
+    tp = [s for s in scs if not s.idle]
+    if tp:
+        fig, axes = grid(len(tp))
+        for ax, sc in zip(axes, tp):
+            _bars(ax, summary[sc.key], targets, "throughput", sc.title, sc.rate_label)
+        fig.suptitle(f"Throughput per target (median, bars min–max over rounds; higher is better)\n{subtitle}", fontsize=10)
+        fig.tight_layout()
+        p = out / "throughput.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        written.append(p)
+
+    # CPU per unit
+    proxies = [t for t in targets if t != "noproxy"]
+    fig, axes = grid(len(scs))
+    for ax, sc in zip(axes, scs):
+        _bars(ax, summary[sc.key], proxies, "cpu_per_unit", sc.title, sc.cpu_label)
+    fig.suptitle(f"Proxy CPU time per unit of work (utime+stime of all its processes; lower is better)\n{subtitle}", fontsize=10)
+    fig.tight_layout()
+    p = out / "cpu.png"
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    written.append(p)
+
+    # latency: grouped p50 / p99 / p99.9 per target
+    lat = [s for s in scs if s.latency]
+    if lat:
+        fig, axes = grid(len(lat))
+        for ax, sc in zip(axes, lat):
+            summ = summary[sc.key]
+            ts = [t for t in targets if summ.get(t, {}).get("p50")]
+            if not ts:
+                ax.set_visible(False)
+                continue
+            w = 0.8 / len(ts)
+            for i, t in enumerate(ts):
+                vals = [summ[t][q]["median"] for q in ("p50", "p99", "p999")]
+                xs = [j + (i - (len(ts) - 1) / 2) * w for j in range(3)]
+                ax.bar(xs, vals, width=w, color=COLORS.get(t), label=LABELS[t])
+            ax.set_xticks([0, 1, 2])
+            ax.set_xticklabels(["p50", "p99", "p99.9"], fontsize=8)
+            ax.set_ylabel("latency µs", fontsize=8)
+            ax.set_title(sc.title, fontsize=9)
+            ax.tick_params(axis="y", labelsize=8)
+            ax.grid(axis="y", alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.suptitle(f"Round-trip latency under load (median over rounds; lower is better)\n{subtitle}", fontsize=10)
+        fig.tight_layout()
+        p = out / "latency.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        written.append(p)
+
+    # memory per idle tunnel
+    idle = [s for s in scs if s.idle]
+    if idle:
+        fig, axes = grid(len(idle))
+        for ax, sc in zip(axes, idle):
+            _bars(ax, summary[sc.key], proxies, "pss_per_tunnel_b", sc.title, "proxy PSS bytes per tunnel")
+            if ax.get_visible():
+                ax.axhline(2048, color="#d62728", linestyle="--", linewidth=1)
+                ax.annotate("fastws target: 2 KB", (0, 2048), fontsize=7, color="#d62728",
+                            xytext=(2, 2), textcoords="offset points")
+        fig.suptitle(f"Proxy memory per idle tunnel (PSS after − before, over its processes; lower is better)\n{subtitle}", fontsize=10)
+        fig.tight_layout()
+        p = out / "memory.png"
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        written.append(p)
+    return written

@@ -1,0 +1,70 @@
+"""/proc readers: a process tree's CPU time and memory."""
+from __future__ import annotations
+
+import os
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read().decode("ascii", "replace")
+    except OSError:
+        return None
+    # comm may contain spaces and parentheses: split after the last ')'
+    rest = data[data.rindex(")") + 2:].split()
+    return rest  # rest[0] is field 3 (state)
+
+
+def tree(root: int) -> list[int]:
+    """root and all its descendants (processes, not threads)."""
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        f = _stat_fields(int(name))
+        if f is None:
+            continue
+        children.setdefault(int(f[1]), []).append(int(name))
+    out, todo = [], [root]
+    while todo:
+        p = todo.pop()
+        if os.path.exists(f"/proc/{p}"):
+            out.append(p)
+            todo.extend(children.get(p, []))
+    return out
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """utime + stime (fields 14 and 15 of /proc/PID/stat; all threads included) summed."""
+    total = 0
+    for p in pids:
+        f = _stat_fields(p)
+        if f is None:
+            continue
+        total += int(f[11]) + int(f[12])  # fields 14, 15 (1-based) -> index 11, 12 after state
+    return total / CLK_TCK
+
+
+def memory_kb(pids: list[int]) -> dict[str, int]:
+    """Pss (smaps_rollup) and VmRSS summed over pids, in kB."""
+    pss = rss = 0
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        pss += int(line.split()[1])
+                        break
+        except OSError:
+            pass
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        rss += int(line.split()[1])
+                        break
+        except OSError:
+            pass
+    return {"pss_kb": pss, "rss_kb": rss}

@@ -1,0 +1,232 @@
+"""Runs every (round, scenario, target) in A B A B order and records raw measurements."""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from . import procs
+from .scenarios import Scenario
+from .targets import Target, wait_port
+
+BACKEND_PORT = 19001
+SRC_ADDRS = ",".join(f"127.0.0.{i}" for i in range(2, 10))
+
+
+def nofile_hard() -> int:
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+
+
+def idle_tunnels(sc: Scenario) -> int:
+    """Tunnels to open for an idle scenario: a one-process proxy needs two fds per
+    tunnel (client side + upstream side) plus a few of its own, all under the
+    per-process open files hard limit."""
+    cap = (nofile_hard() - 200) // 2
+    return max(1, min(sc.conns, cap))
+
+
+def _affinity(cpus):
+    def fn():
+        os.setsid()
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+    return fn
+
+
+class Runner:
+    def __init__(self, exes: dict, targets: list[Target], scenarios: list[Scenario], *, rounds: int,
+                 duration: float, warmup: float, load_cpus, proxy_cpus, log=print, keep_tmp=False):
+        self.exes = exes
+        self.targets = targets
+        self.scenarios = scenarios
+        self.rounds = rounds
+        self.duration = duration
+        self.warmup = warmup
+        self.load_cpus = load_cpus
+        self.proxy_cpus = proxy_cpus
+        self.log = log
+        self.tmp = Path(tempfile.mkdtemp(prefix="fastws-bench-"))
+        self.keep_tmp = keep_tmp
+        self.backend: subprocess.Popen | None = None
+        self.backend_addr = ("127.0.0.1", BACKEND_PORT)
+        self.runs: list[dict] = []
+
+    # -- backend ---------------------------------------------------------------
+    def start_backend(self) -> None:
+        if self.backend is not None and self.backend.poll() is None:
+            return
+        logf = open(self.tmp / "wsbackend.log", "ab")
+        max_s = int(self.rounds * len(self.scenarios) * len(self.targets) * (self.duration + self.warmup + 60) + 600)
+        self.backend = subprocess.Popen(
+            [str(self.exes["wsbackend"]), "-a", self.backend_addr[0], "-p", str(self.backend_addr[1]), "-t", str(max_s)],
+            stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, preexec_fn=_affinity(self.load_cpus))
+        logf.close()
+        if not wait_port(*self.backend_addr, 10.0, self.backend):
+            raise RuntimeError(f"the bench backend did not start on port {BACKEND_PORT} "
+                               f"(is the port in use?): {(self.tmp / 'wsbackend.log').read_text()[-300:]}")
+
+    def stop_backend(self) -> None:
+        if self.backend is not None and self.backend.poll() is None:
+            self.backend.send_signal(signal.SIGTERM)
+            try:
+                self.backend.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.backend.kill()
+                self.backend.wait()
+        self.backend = None
+
+    def cleanup(self) -> None:
+        for t in self.targets:
+            t.stop()
+        self.stop_backend()
+        if not self.keep_tmp:
+            import shutil
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    # -- one measurement -------------------------------------------------------
+    def run_one(self, t: Target, sc: Scenario, rnd: int) -> dict:
+        rec: dict = {"target": t.name, "scenario": sc.key, "round": rnd, "ok": False, "error": None}
+        self.start_backend()
+        workdir = self.tmp / f"r{rnd}-{sc.key}-{t.name}"
+        workdir.mkdir(parents=True, exist_ok=True)
+        if t.is_proxy:
+            err = t.start(workdir, self.backend_addr, self.proxy_cpus)
+            if err:
+                rec["error"] = err
+                return rec
+        try:
+            self._measure(t, sc, rnd, rec, workdir)
+        finally:
+            if t.is_proxy:
+                if not t.alive():
+                    rec["ok"] = False
+                    rec["error"] = rec["error"] or f"{t.label} died during the run: {t.log_tail()}"
+                t.stop()
+        return rec
+
+    def _measure(self, t: Target, sc: Scenario, rnd: int, rec: dict, workdir: Path) -> None:
+        host, port = t.address(self.backend_addr)
+        conns = idle_tunnels(sc) if sc.idle else sc.conns
+        timeout = 60.0 if sc.idle else 20.0
+        cmd = [str(self.exes["wsload"]), "--mode", sc.mode, "--host", host, "--port", str(port),
+               "--conns", str(conns), "--duration", str(self.duration), "--warmup", str(self.warmup),
+               "--timeout", str(timeout)]
+        if sc.size:
+            cmd += ["--size", str(sc.size)]
+        if sc.uses_src:
+            cmd += ["--src", SRC_ADDRS]
+        if sc.idle:
+            cmd += ["--hold", "120", "--inflight", "256"]
+        rec["conns"] = conns
+        rec["command"] = " ".join(["wsload", *cmd[1:]])
+        wall_limit = self.duration + self.warmup + timeout + 150
+        pids0 = t.pids() if t.is_proxy else []
+        mem0 = procs.memory_kb(pids0) if (sc.idle and pids0) else None
+        cpu_open0 = procs.cpu_seconds(t.pids()) if t.is_proxy else None
+        errf = open(workdir / "wsload.stderr", "w")
+        p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errf, text=True,
+                             preexec_fn=_affinity(self.load_cpus))
+        errf.close()
+        killed = {"flag": False}
+
+        def watchdog():
+            if p.poll() is None:
+                killed["flag"] = True
+                p.kill()
+        timer = threading.Timer(wall_limit, watchdog)
+        timer.start()
+        res = None
+        cpu_start = cpu_end = None
+        try:
+            for line in p.stdout:
+                if line.startswith("MARK start"):
+                    cpu_start = procs.cpu_seconds(t.pids()) if t.is_proxy else None
+                elif line.startswith("MARK end"):
+                    cpu_end = procs.cpu_seconds(t.pids()) if t.is_proxy else None
+                elif line.startswith("READY"):
+                    time.sleep(1.0)   # let the proxy settle before reading its memory
+                    if t.is_proxy:
+                        pids1 = t.pids()
+                        rec["mem_after_kb"] = procs.memory_kb(pids1)
+                        cpu_start, cpu_end = cpu_open0, procs.cpu_seconds(pids1)
+                    try:
+                        p.stdin.write("go\n")
+                        p.stdin.flush()
+                    except (BrokenPipeError, OSError):
+                        pass
+                elif line.startswith("RESULT "):
+                    res = json.loads(line[7:])
+            p.wait()
+        finally:
+            timer.cancel()
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        rec["returncode"] = p.returncode
+        if killed["flag"]:
+            rec["error"] = f"load generator exceeded its wall-clock limit ({wall_limit:.0f} s) and was stopped"
+            return
+        if res is None:
+            rec["error"] = f"load generator printed no result (exit {p.returncode}): " + \
+                (workdir / "wsload.stderr").read_text()[-300:]
+            return
+        rec["result"] = res
+        if res["errors"]:
+            rec["error"] = f"{res['errors']} errors: " + "; ".join(res.get("error_samples", [])[:3])
+            return
+        if p.returncode != 0:
+            rec["error"] = f"load generator exited {p.returncode}"
+            return
+        # -- derived numbers ---------------------------------------------------
+        if sc.mode in ("send", "recv"):
+            rec["throughput"] = res["mb_per_s"]
+            units = res["bytes"] / 1e6
+        elif sc.idle:
+            rec["throughput"] = res["opened"]
+            units = res["opened"]
+        else:
+            rec["throughput"] = res["rate"]
+            units = res["count"]
+        rec["units"] = units
+        if sc.latency:
+            rec["lat_us"] = res["lat_us"]
+        if t.is_proxy and cpu_start is not None and cpu_end is not None and units > 0:
+            rec["cpu_s"] = cpu_end - cpu_start
+            rec["cpu_per_unit"] = (cpu_end - cpu_start) / units * sc.cpu_scale
+        if sc.idle and mem0 is not None and "mem_after_kb" in rec and res["opened"] > 0:
+            rec["mem_before_kb"] = mem0
+            n = res["opened"]
+            rec["pss_per_tunnel_b"] = (rec["mem_after_kb"]["pss_kb"] - mem0["pss_kb"]) * 1024 / n
+            rec["rss_per_tunnel_b"] = (rec["mem_after_kb"]["rss_kb"] - mem0["rss_kb"]) * 1024 / n
+        if sc.idle and res["opened"] < conns:
+            rec["error"] = f"only {res['opened']} of {conns} tunnels opened"
+            return
+        rec["ok"] = True
+
+    # -- the whole matrix ------------------------------------------------------
+    def run(self, on_record=None) -> list[dict]:
+        live = [t for t in self.targets if t.available]
+        for rnd in range(1, self.rounds + 1):
+            for sc in self.scenarios:
+                # A B A B: every target once per scenario per round; the order rotates
+                # from round to round so no target is always first or last.
+                k = (rnd - 1) % max(1, len(live))
+                order = live[k:] + live[:k]
+                for t in order:
+                    rec = self.run_one(t, sc, rnd)
+                    self.runs.append(rec)
+                    if on_record:
+                        on_record(rec, sc, t)
+                    time.sleep(0.3)
+        return self.runs

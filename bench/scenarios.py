@@ -1,0 +1,51 @@
+"""The scenarios and how each maps onto the load generator."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Scenario:
+    key: str
+    title: str
+    mode: str            # wsload --mode
+    conns: int
+    size: int
+    unit: str            # one unit of work, for CPU per unit
+    rate_label: str      # what the throughput column shows
+    cpu_scale: float     # CPU seconds per unit -> shown value
+    cpu_label: str
+    latency: bool = False
+    idle: bool = False
+    uses_src: bool = False
+    what: str = ""
+
+
+SCENARIOS = [
+    Scenario("echo-64", "Echo ping-pong, 64 B messages", "echo", 64, 64, "message",
+             "messages/s", 1e6, "proxy CPU µs/message", latency=True,
+             what="64 connections, one 64 B message in flight each, echo checked byte for byte"),
+    Scenario("echo-4k", "Echo ping-pong, 4 KB messages", "echo", 64, 4096, "message",
+             "messages/s", 1e6, "proxy CPU µs/message", latency=True,
+             what="64 connections, one 4096 B message in flight each, echo checked byte for byte"),
+    Scenario("bulk-up", "Bulk one way, client to sink, 64 KB frames", "send", 8, 65536, "MB",
+             "MB/s", 1e3, "proxy CPU ms/MB",
+             what="8 connections streaming 64 KiB masked frames to /sink"),
+    Scenario("bulk-down", "Bulk one way, firehose to client, 64 KB frames", "recv", 8, 65536, "MB",
+             "MB/s", 1e3, "proxy CPU ms/MB",
+             what="8 connections reading 64 KiB frames from /firehose, every byte checked"),
+    Scenario("handshake", "Handshake rate (connect + upgrade + one echo + close)", "handshake", 32, 64,
+             "handshake", "handshakes/s", 1e6, "proxy CPU µs/handshake", latency=True, uses_src=True,
+             what="32 concurrent loops of TCP connect, upgrade, one 64 B echo, close handshake"),
+    Scenario("idle-5k", "Idle tunnels, 5,000 held open", "idle", 5000, 16, "tunnel",
+             "tunnels", 1e6, "proxy CPU µs/tunnel opened", idle=True, uses_src=True,
+             what="5,000 upgraded tunnels opened (one echo each) and held; proxy memory before/after"),
+    Scenario("idle-10k", "Idle tunnels, 10,000 held open", "idle", 10000, 16, "tunnel",
+             "tunnels", 1e6, "proxy CPU µs/tunnel opened", idle=True, uses_src=True,
+             what="10,000 upgraded tunnels (capped by the per-process fd limit, see notes) held"),
+    Scenario("http", "Small HTTP GETs with keep-alive", "http", 64, 0, "request",
+             "requests/s", 1e6, "proxy CPU µs/request", latency=True,
+             what="64 keep-alive connections, one GET in flight each, status and body checked"),
+]
+
+BY_KEY = {s.key: s for s in SCENARIOS}
