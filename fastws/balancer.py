@@ -408,6 +408,12 @@ class Selection:
         if peer is not None and peer.conns > 0:
             peer.conns -= 1
 
+    def __del__(self) -> None:
+        # A connection dropped while connecting must not hold its place in least_conn and
+        # max_conns forever.
+        if self._pending is not None:
+            self.abort()
+
     # -- nginx's get-peer functions ---------------------------------------------------------------
 
     def _take(self, peer: Peer, index: int, now: float) -> Peer:
