@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from fastws.balancer import Peer, Upstream, build_upstream, build_upstreams, describe
-from fastws.config import ServerConfig, UpstreamConfig, from_dict, parse_template
+from fastws.config import ServerConfig, UpstreamConfig, from_dict
 from fastws.errors import ConfigError
 from test_balancer_support import DATA, Ctx, replay, upstream_from_spec
 
@@ -222,13 +222,18 @@ def test_choice_is_the_same_in_another_process() -> None:
     assert outs[0] == outs[1] and outs[0].count("10.1.0.") == 600
 
 
-def test_bounded_load_spreads_one_hot_key() -> None:
-    kw = {"balance": "hash", "hash_key": "$request_uri", "consistent": True}
+@pytest.mark.parametrize("kw", [
+    {"balance": "hash", "hash_key": "$request_uri", "consistent": True},
+    {"balance": "hash", "hash_key": "$request_uri"},
+    {"balance": "ip_hash"},
+], ids=["chash", "hash", "ip_hash"])
+def test_bounded_load_spreads_one_hot_key(kw: dict[str, Any]) -> None:
     plain = make(addrs(4), **kw)
     bounded = make(addrs(4), balance_factor=150, **kw)
+    hot = Ctx("192.0.2.10", "/hot")
     for up in (plain, bounded):
         for _ in range(100):
-            sel = up.select(Ctx(request_uri="/hot"))
+            sel = up.select(hot)
             peer = sel.next()
             sel.connected(peer)  # long-lived tunnels: never released here
     assert max(p.conns for p in plain.peers) == 100
@@ -236,9 +241,9 @@ def test_bounded_load_spreads_one_hot_key() -> None:
     assert max(p.conns for p in bounded.peers) <= 38
     assert sum(p.conns for p in bounded.peers) == 100
     # With spare capacity the hot key still goes to its own server.
-    home = plain.select(Ctx(request_uri="/hot")).next()
+    home = plain.select(hot).next()
     fresh = make(addrs(4), balance_factor=150, **kw)
-    assert fresh.select(Ctx(request_uri="/hot")).next().name == home.name
+    assert fresh.select(hot).next().name == home.name
 
 
 # -- passive health and failover ------------------------------------------------------------------
