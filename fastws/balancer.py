@@ -825,4 +825,4 @@ def describe(upstreams: dict[str, Upstream] | Iterable[Upstream]) -> str:
             if peer.down:
                 flags.append("down")
             lines.append(f"    {label} {' '.join(flags)}")
-    return "\n".join(lines) + ("\n" if lines else "")
+    return "\n".join(lines)
