@@ -56,6 +56,14 @@ BLOCKS: list[dict[str, Any]] = [
         {"b": "R", "weight": 2, "max_fails": 0}, {"b": "B0"}, {"b": "B1", "weight": 3}]},
     {"name": "rrbackup", "balance": "round_robin", "servers": [
         {"b": "R", "max_fails": 0}, {"b": "B3", "down": True}, {"b": "B4", "backup": True}]},
+    # Stateful: the refusing server is marked down at its first failure (max_fails=1) for a
+    # minute, longer than the run, so later requests must skip it without trying it.
+    {"name": "rrmark", "balance": "round_robin", "servers": [
+        {"b": "R", "weight": 2, "fail_timeout": 60}, {"b": "B0"}, {"b": "B1", "weight": 3}]},
+    {"name": "iphash_mark", "balance": "ip_hash", "servers": [
+        {"b": "B0"}, {"b": "R", "fail_timeout": 60}, {"b": "B1"}, {"b": "B2", "weight": 2}]},
+    {"name": "chash_mark", "balance": "hash", "hash_key": "$request_uri", "consistent": True,
+     "servers": [{"b": "B0"}, {"b": "R", "fail_timeout": 60}, {"b": "B1"}, {"b": "B2"}]},
     {"name": "leastconn", "balance": "least_conn", "servers": [
         {"b": "B0", "weight": 3}, {"b": "B1"}, {"b": "B2", "weight": 2}]},
 ]
@@ -74,8 +82,12 @@ def _client_addresses(n: int) -> list[str]:
 
 def _requests(block: dict[str, Any]) -> list[dict[str, Any]]:
     name = block["name"]
+    if name == "iphash_mark":
+        return [{"remote_addr": a, "request_uri": f"/{name}/"} for a in _client_addresses(200)]
     if name.startswith("iphash"):
         return [{"remote_addr": a, "request_uri": f"/{name}/"} for a in _client_addresses(1000)]
+    if name == "chash_mark":
+        return [{"request_uri": f"/{name}/item/{i}"} for i in range(200)]
     if name in ("hash", "chash"):
         return [{"request_uri": f"/{name}/item/{i}?v={i * 31 % 97}"} for i in range(1000)]
     if name == "hashkey":
@@ -106,7 +118,8 @@ def _nginx_config(tmp: pathlib.Path, front: int, ports: dict[str, int], refusing
         elif block["balance"] == "hash":
             lines.append(f"hash {block['hash_key']}{' consistent' if block.get('consistent') else ''};")
         for s in block["servers"]:
-            params = [f"weight={s.get('weight', 1)}", f"max_fails={s.get('max_fails', 1)}"]
+            params = [f"weight={s.get('weight', 1)}", f"max_fails={s.get('max_fails', 1)}",
+                      f"fail_timeout={s.get('fail_timeout', 10)}s"]
             if s.get("down"):
                 params.append("down")
             if s.get("backup"):
@@ -312,6 +325,12 @@ def test_recorded_vectors_are_substantial() -> None:
     for name in ("iphash_fail", "hash", "chash", "rrfail", "rrbackup"):
         spec = by_name[name]
         assert any(len(c["upstream_addr"]) > 1 for c in spec["cases"]), name
+    # Down-marking was recorded: the refusing server was tried exactly once, then skipped.
+    for name in ("rrmark", "iphash_mark", "chash_mark"):
+        spec = by_name[name]
+        refusing = spec["refusing"][0]
+        tried = [c for c in spec["cases"] if refusing in c["upstream_addr"]]
+        assert len(tried) == 1, name
     # All 1,000 ip_hash clients come from distinct /24 networks.
     nets = {c["remote_addr"].rsplit(".", 1)[0] for c in by_name["iphash"]["cases"]}
     assert len(nets) >= 1000
