@@ -75,6 +75,9 @@ def parse_args(argv):
     ap.add_argument("--results-md", choices=("auto", "yes", "no"), default="auto",
                     help="write bench/RESULTS.md (auto: only for full runs with the default scenarios)")
     ap.add_argument("--fastws-processes", type=int, default=None, help="add `processes = N` to the fastws config")
+    ap.add_argument("--haproxy-splice", choices=("always", "auto"), default="always",
+                    help="HAProxy + splice: `option splice-request` + `option splice-response` "
+                         "(always, the default: the faster of the two for bulk here) or `option splice-auto`")
     ap.add_argument("--base-port", type=int, default=18080, help="proxies listen on base-port+1..")
     ap.add_argument("--keep-tmp", action="store_true", help="keep the generated configs and logs")
     ap.add_argument("--list", action="store_true", help="list scenarios and targets and exit")
@@ -123,7 +126,7 @@ def main(argv=None) -> int:
     if mpl_note:
         notes.append(mpl_note)
     exes = build.build_all(log)
-    targets = make_targets(tnames, args.base_port, args.fastws_processes)
+    targets = make_targets(tnames, args.base_port, args.fastws_processes, args.haproxy_splice)
     skipped = {t.name: t.note for t in targets if not t.available}
     for t in targets:
         if not t.available:

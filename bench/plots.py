@@ -45,6 +45,7 @@ def _bars(ax, summ, targets, key, title, ylabel):
 def write_plots(summary: dict, scenario_keys: list[str], targets: list[str], out: Path, subtitle: str) -> list[Path]:
     import matplotlib
     matplotlib.use("Agg")
+    import matplotlib.patches  # noqa: F401  (legend handles)
     import matplotlib.pyplot as plt
 
     written = []
@@ -100,13 +101,15 @@ def write_plots(summary: dict, scenario_keys: list[str], targets: list[str], out
                 ax.bar(xs, vals, width=w, color=COLORS.get(t), label=LABELS[t])
             ax.set_xticks([0, 1, 2])
             ax.set_xticklabels(["p50", "p99", "p99.9"], fontsize=8)
-            ax.set_ylabel("latency µs", fontsize=8)
+            ax.set_yscale("log")
+            ax.set_ylabel("latency µs (log scale)", fontsize=8)
             ax.set_title(sc.title, fontsize=9)
             ax.tick_params(axis="y", labelsize=8)
-            ax.grid(axis="y", alpha=0.3)
-            ax.legend(fontsize=7)
+            ax.grid(axis="y", alpha=0.3, which="both")
+        handles = [matplotlib.patches.Patch(color=COLORS.get(t), label=LABELS[t]) for t in targets]
+        fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
         fig.suptitle(f"Round-trip latency under load (median over rounds; lower is better)\n{subtitle}", fontsize=10)
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0.07, 1, 1))
         p = out / "latency.png"
         fig.savefig(p, dpi=110)
         plt.close(fig)

@@ -183,7 +183,9 @@ pid {workdir}/nginx.pid;
 error_log {workdir}/nginx-error.log warn;
 
 events {{
-    worker_connections {_nofile_hard()};
+    # nginx starts closing connections once fewer than 1/16 of worker_connections are
+    # free, so the ceiling sits well above what the fd limit lets it hold
+    worker_connections {2 * _nofile_hard()};
 }}
 
 http {{
@@ -230,13 +232,17 @@ http {{
 
 
 class HAProxy(Target):
-    def __init__(self, *a, splice: bool = False, **kw):
+    def __init__(self, *a, splice: bool = False, splice_mode: str = "always", **kw):
         super().__init__(*a, **kw)
         self.splice = splice
+        self.splice_mode = splice_mode
 
     def command(self, workdir, backend):
         exe = deps.which("haproxy")
-        splice = "    option splice-auto\n" if self.splice else ""
+        splice = ""
+        if self.splice:
+            splice = ("    option splice-auto\n" if self.splice_mode == "auto"
+                      else "    option splice-request\n    option splice-response\n")
         # HAProxy counts 2 fds per connection plus 2 per pipe against ulimit-n; both
         # variants get the same maxconn, the splice one a small pipe pool that fits.
         pipes = "    maxpipes 64\n" if self.splice else ""
@@ -306,7 +312,8 @@ LABELS = {
 }
 
 
-def make_targets(names: list[str], base_port: int, fastws_processes: int | None) -> list[Target]:
+def make_targets(names: list[str], base_port: int, fastws_processes: int | None,
+                 haproxy_splice: str = "always") -> list[Target]:
     out: list[Target] = []
     for i, name in enumerate(names):
         port = base_port + 1 + i
@@ -318,7 +325,7 @@ def make_targets(names: list[str], base_port: int, fastws_processes: int | None)
             if not deps.which("nginx"):
                 t.available, t.note = False, "nginx is not installed: skipped"
         elif name in ("haproxy", "haproxy-splice"):
-            t = HAProxy(name, label, port, splice=name.endswith("splice"))
+            t = HAProxy(name, label, port, splice=name.endswith("splice"), splice_mode=haproxy_splice)
             if not deps.which("haproxy"):
                 t.available, t.note = False, "haproxy is not installed: skipped"
         elif name == "fastws":
