@@ -503,6 +503,33 @@ def test_host_names_resolve_to_one_peer_per_address() -> None:
     assert local[0].sockaddr == ("127.0.0.1", 9001)
 
 
+def test_a_name_with_several_addresses_shares_its_ring_points(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    real = socket.getaddrinfo
+
+    def fake(host: str, port: Any, *args: Any) -> Any:
+        if host == "multi.example":
+            return [(socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("2001:db8::1", port, 0, 0)),
+                    (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("10.9.0.1", port)),
+                    (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("10.9.0.2", port))]
+        return real(host, port, *args)
+
+    monkeypatch.setattr(socket, "getaddrinfo", fake)
+    up = make(["multi.example:80", "127.0.0.1:9001"],
+              balance="hash", hash_key="$request_uri", consistent=True)
+    # IPv4 addresses first, as nginx's ngx_inet_resolve_host orders them.
+    assert [p.name for p in up.peers] == ["10.9.0.1:80", "10.9.0.2:80", "[2001:db8::1]:80",
+                                          "127.0.0.1:9001"]
+    assert {s for _, s in up.ring()} == {"multi.example:80", "127.0.0.1:9001"}
+    assert len(up.ring()) <= 2 * 160  # the three addresses' identical points count once
+    key = next(f"/k{i}" for i in range(100)
+               if up.select(Ctx(request_uri=f"/k{i}")).next().server == "multi.example:80")
+    # One key, one server text: its addresses take turns (smooth round robin among them).
+    names = [pick(up, Ctx(request_uri=key)).name for _ in range(6)]
+    assert sorted(names[:3]) == ["10.9.0.1:80", "10.9.0.2:80", "[2001:db8::1]:80"]
+    assert names[3:] == names[:3]
+
+
 def test_ipv6_and_unix_peers() -> None:
     up = make(["[::1]:9001", "unix:/run/app.sock"])
     v6, unix = up.peers
