@@ -117,8 +117,8 @@ class Fastws:
             except OSError:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     self.stop()
-                    pytest.fail("fastws did not start: "
-                                + (tmp / "fastws.log").read_text(errors="replace")[-500:])
+                    raise RuntimeError("fastws did not start: "
+                                       + (tmp / "fastws.log").read_text(errors="replace")[-500:])
                 time.sleep(0.05)
 
     def predict(self) -> Any:
@@ -147,9 +147,16 @@ def fastws(tmp_path: Path) -> Iterator[Any]:
     started: list[Fastws] = []
 
     def start(upstream: dict[str, Any]) -> Fastws:
-        proxy = Fastws(tmp_path, upstream)
-        started.append(proxy)
-        return proxy
+        for attempt in range(3):  # the port picked may be taken by another process meanwhile
+            try:
+                proxy = Fastws(tmp_path, upstream)
+            except RuntimeError as exc:
+                if attempt == 2:
+                    pytest.fail(str(exc))
+                continue
+            started.append(proxy)
+            return proxy
+        raise AssertionError("unreachable")
 
     yield start
     for proxy in started:
