@@ -117,7 +117,7 @@ class Peer:
 
     @property
     def state(self) -> str:
-        """"down" while marked down (configured down, or max_fails within fail_timeout)."""
+        """Either "up", or "down": configured down, or max_fails reached within fail_timeout."""
         return "down" if self.down or self._failed_out(self._clock()) else "up"
 
     @property
