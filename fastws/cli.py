@@ -7,7 +7,12 @@ import logging
 import sys
 
 from . import __version__
+from typing import TYPE_CHECKING
+
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .config import Config
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -66,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     return _serve(cfg)
 
 
-def _serve(cfg: "config.Config") -> int:  # type: ignore[name-defined]  # noqa: F821
+def _serve(cfg: "Config") -> int:
     from .worker import Worker, open_listeners
     try:
         sockets = open_listeners(cfg)

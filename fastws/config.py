@@ -25,6 +25,7 @@ _SIZE = re.compile(r"(\d+)([kKmMgG]?)")
 
 BALANCE_METHODS = ("round_robin", "ip_hash", "hash", "least_conn")
 RELAY_MODES = ("auto", "splice", "copy")
+STATUS_FORMATS = ("stub", "json", "prometheus")
 
 # Variables a header value or a hash key may use; $http_NAME, $arg_NAME and $cookie_NAME are
 # families.  Mirrors the nginx variables of the same names.
@@ -206,6 +207,7 @@ class LocationConfig:
     socket_keepalive: bool = False
     return_status: int | None = None
     return_body: str = ""
+    status: str | None = None  # "stub" (nginx's stub_status text), "json" or "prometheus"
 
 
 @dataclass(frozen=True, slots=True)
@@ -463,12 +465,22 @@ def _read_location(source: str, table: Any, where: str,
                 and (len(ret) == 1 or isinstance(ret[1], str))):
             raise r.fail("return", "expected a status (200-599) or [status, \"body\"]")
         return_status, return_body = ret[0], (ret[1] if len(ret) == 2 else "")
-    if (upstream_name is None) == (return_status is None):
-        raise r.fail("proxy_pass", "a location needs exactly one of proxy_pass or return")
+    status = r.get("status", str, None)
+    if status is not None and status not in STATUS_FORMATS:
+        raise r.fail("status", f"unknown format {status!r} (one of {', '.join(STATUS_FORMATS)})")
+    if r.get("stub_status", bool, False):
+        if status is not None:
+            raise r.fail("stub_status", "conflicts with status")
+        status = "stub"
+    handlers = sum(x is not None for x in (upstream_name, return_status, status))
+    if handlers != 1:
+        raise r.fail("proxy_pass", "a location needs exactly one of proxy_pass, return or "
+                     "stub_status/status")
     r.finish()
     return LocationConfig(path, exact, upstream_name, proxy_uri, websocket, tokens,
                           connect_timeout, send_timeout, read_timeout, tries, next_timeout,
-                          set_headers, relay, socket_keepalive, return_status, return_body)
+                          set_headers, relay, socket_keepalive, return_status, return_body,
+                          status)
 
 
 def _read_server(source: str, table: Any, index: int,

@@ -221,6 +221,10 @@ class ClientConn:
         if loc.return_status is not None:
             self._answer(loc.return_status, loc.return_body.encode())
             return
+        if loc.status is not None:
+            ctype, body = self.w.status_page(loc.status)
+            self._answer(200, body, ctype)
+            return
         self.upgrading = False
         upgrade = head.get(b"upgrade")
         if upgrade is not None and b"upgrade" in head.tokens(b"connection"):
@@ -572,9 +576,9 @@ class ClientConn:
 
     # --- answering and closing -------------------------------------------------------------
 
-    def _answer(self, status: int, body: bytes) -> None:
+    def _answer(self, status: int, body: bytes, ctype: str = "text/plain") -> None:
         reason = REASONS.get(status, "")
-        head = (f"HTTP/1.1 {status} {reason}\r\nServer: fastws\r\nContent-Type: text/plain\r\n"
+        head = (f"HTTP/1.1 {status} {reason}\r\nServer: fastws\r\nContent-Type: {ctype}\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
         self.state = "linger-send"
         self._client_write(head + body)

@@ -9,6 +9,7 @@ import socket
 import time
 from typing import Any
 
+import orjson
 import uvloop
 
 from . import _splice, balancer
@@ -186,6 +187,32 @@ class Worker:
     def tunnel_opened(self, record: TunnelRecord) -> None:
         self.stats.tunnels += 1
         self.stats.tunnels_total += 1
+
+    def status_page(self, fmt: str) -> tuple[str, bytes]:
+        """The body of a status location: nginx's stub_status text, or JSON."""
+        s = self.stats
+        reading = sum(1 for c in self.conns if c.state == "head")
+        active = s.active + self.engine.active
+        if fmt == "stub":
+            text = (f"Active connections: {active} \n"
+                    "server accepts handled requests\n"
+                    f" {s.accepts} {s.handled} {s.requests} \n"
+                    f"Reading: {reading} Writing: {active - reading} Waiting: 0 \n")
+            return "text/plain", text.encode()
+        data = {
+            "connections": {"active": active, "reading": reading, "writing": active - reading,
+                            "waiting": 0, "accepted": s.accepts, "handled": s.handled},
+            "requests": s.requests,
+            "tunnels": {"active": self.engine.active, "total": s.tunnels_total},
+            "engine": self.engine.stats(),
+            "upstreams": {
+                name: [{"server": p.name, "state": p.state, "active": p.conns,
+                        "selected": p.selected_total, "fails": p.fails_total}
+                       for p in up.peers]
+                for name, up in self.upstreams.items()
+            },
+        }
+        return "application/json", orjson.dumps(data, option=orjson.OPT_INDENT_2)
 
     def _on_engine_notify(self) -> None:
         for record, up, down, duration, reason in self.engine.drain():

@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from support import EchoBackend, Proxy, free_port
+
+
+@pytest.fixture(scope="module")
+def echo_backend() -> Iterator[EchoBackend]:
+    backend = EchoBackend()
+    yield backend
+    backend.close()
+
+
+@pytest.fixture
+def make_proxy(tmp_path: Path) -> Iterator[Callable[..., Proxy]]:
+    made: list[Proxy] = []
+
+    def make(config: dict[str, Any] | str, **kw: Any) -> Proxy:
+        proxy = Proxy(tmp_path, config, **kw)
+        made.append(proxy)
+        return proxy
+
+    yield make
+    for proxy in made:
+        proxy.stop()
+
+
+@pytest.fixture(params=["splice", "copy", "auto"])
+def relay(request: pytest.FixtureRequest) -> str:
+    """Each tunnel behaviour runs under every relay mode of the core."""
+    return request.param
+
+
+def ws_config(port: int, upstream: str, **location: Any) -> dict[str, Any]:
+    """One server on 127.0.0.1:port with /ws proxied to `upstream` and a JSON status page."""
+    loc = {"path": "/ws", "proxy_pass": "backend"}
+    loc.update(location)
+    return {
+        "upstream": [{"name": "backend", "servers": [upstream]}],
+        "server": [{
+            "listen": [f"127.0.0.1:{port}"],
+            "location": [loc, {"path": "= /status", "status": "json"}],
+        }],
+    }
+
+
+@pytest.fixture
+def port() -> int:
+    return free_port()

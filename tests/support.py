@@ -1,0 +1,304 @@
+"""Real peers for the tests: fastws as a child process, WebSocket and raw TCP backends."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def wait_port(host: str, port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    while True:
+        try:
+            with socket.socket(family) as s:
+                s.settimeout(0.5)
+                s.connect((host, port))
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing listens on {host}:{port}") from None
+            time.sleep(0.02)
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
+    raise TypeError(type(value))
+
+
+def to_toml(config: dict[str, Any]) -> str:
+    """Enough of a TOML writer for fastws configurations: top-level keys, [[upstream]],
+    [[server]] and [[server.location]]."""
+    lines = []
+    for key, value in config.items():
+        if key not in ("upstream", "server"):
+            lines.append(f"{key} = {toml_value(value)}")
+    for up in config.get("upstream", []):
+        lines.append("\n[[upstream]]")
+        lines.extend(f"{k} = {toml_value(v)}" for k, v in up.items())
+    for server in config.get("server", []):
+        lines.append("\n[[server]]")
+        lines.extend(f"{k} = {toml_value(v)}" for k, v in server.items() if k != "location")
+        for loc in server.get("location", []):
+            lines.append("\n[[server.location]]")
+            lines.extend(f"{k} = {toml_value(v)}" for k, v in loc.items())
+    return "\n".join(lines) + "\n"
+
+
+class Proxy:
+    """fastws running as a real child process on a configuration written to a file."""
+
+    def __init__(self, tmp: Path, config: dict[str, Any] | str, *, port: int | None = None,
+                 args: tuple[str, ...] = ()) -> None:
+        self.tmp = tmp
+        self.path = tmp / f"fastws-{id(self)}.toml"
+        self.path.write_text(config if isinstance(config, str) else to_toml(config))
+        self.port = port
+        self.log = tmp / f"fastws-{id(self)}.log"
+        self._log_file = open(self.log, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "fastws", "-c", str(self.path), *args],
+            stdout=self._log_file, stderr=subprocess.STDOUT)
+        if port is not None:
+            try:
+                wait_port("127.0.0.1", port)
+            except TimeoutError:
+                self.stop()
+                raise RuntimeError(f"fastws did not start:\n{self.output()}") from None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def output(self) -> str:
+        self._log_file.flush()
+        return self.log.read_text(errors="replace")
+
+    def fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.pid}/fd"))
+
+    def get(self, path: str, port: int | None = None) -> tuple[int, bytes]:
+        return http_get("127.0.0.1", port or self.port, path)  # type: ignore[arg-type]
+
+    def status(self, path: str = "/status") -> dict[str, Any]:
+        code, body = self.get(path)
+        assert code == 200, body
+        return json.loads(body)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log_file.close()
+        return self.proc.returncode
+
+
+def http_get(host: str, port: int, path: str, headers: dict[str, str] | None = None,
+             timeout: float = 10.0) -> tuple[int, bytes]:
+    extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+    raw = raw_exchange(host, port, f"GET {path} HTTP/1.1\r\nHost: {host}\r\n{extra}"
+                       "Connection: close\r\n\r\n".encode(), timeout=timeout)
+    return parse_response(raw)
+
+
+def raw_exchange(host: str, port: int, data: bytes, timeout: float = 10.0) -> bytes:
+    """Send bytes, then read until the peer closes."""
+    with socket.create_connection((host, port), timeout=timeout) as s:
+        s.sendall(data)
+        return read_all(s)
+
+
+def read_all(s: socket.socket) -> bytes:
+    chunks = []
+    while True:
+        try:
+            chunk = s.recv(65536)
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_response(raw: bytes) -> tuple[int, bytes]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    if not head:
+        return 0, b""
+    return int(head.split(b" ", 2)[1]), body
+
+
+def read_head(s: socket.socket) -> tuple[bytes, bytes]:
+    """Read up to the end of a head; return (head, bytes after it)."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        buf += chunk
+    head, sep, rest = buf.partition(b"\r\n\r\n")
+    return head + sep, rest
+
+
+def ws_key() -> bytes:
+    return base64.b64encode(os.urandom(16))
+
+
+def ws_accept(key: bytes) -> bytes:
+    return base64.b64encode(hashlib.sha1(key + WS_GUID).digest())
+
+
+def upgrade_request(path: str = "/ws", host: str = "example.com", key: bytes | None = None,
+                    extra: str = "") -> bytes:
+    key = key or ws_key()
+    return (f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key.decode()}\r\n"
+            f"Sec-WebSocket-Version: 13\r\n{extra}\r\n").encode()
+
+
+class RawBackend:
+    """A TCP server on 127.0.0.1 that runs `handler(conn, backend)` in a thread per connection
+    and keeps what it was sent."""
+
+    def __init__(self, handler: Callable[[socket.socket, "RawBackend"], None]) -> None:
+        self.handler = handler
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(512)
+        self.port = self.sock.getsockname()[1]
+        self.heads: list[bytes] = []
+        self.received: list[bytes] = []
+        self.connections = 0
+        self._closed = False
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _serve(self) -> None:
+        while not self._closed:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._run, args=(conn,), daemon=True).start()
+
+    def _run(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                self.handler(conn, self)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self._closed = True
+        self.sock.close()
+
+
+def ws_upgrade_handler(conn: socket.socket, backend: RawBackend) -> bytes:
+    """Read an opening handshake, record it and answer with a valid 101; return the leftover."""
+    head, rest = read_head(conn)
+    backend.heads.append(head)
+    key = b""
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"sec-websocket-key:"):
+            key = line.split(b":", 1)[1].strip()
+    conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                 b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + ws_accept(key) + b"\r\n\r\n")
+    return rest
+
+
+def raw_echo_handler(conn: socket.socket, backend: RawBackend) -> None:
+    """A 101, then every byte echoed back as it is (the tests speak raw bytes, not frames)."""
+    rest = ws_upgrade_handler(conn, backend)
+    if rest:
+        conn.sendall(rest)
+    while True:
+        data = conn.recv(262144)
+        if not data:
+            conn.shutdown(socket.SHUT_WR)
+            return
+        conn.sendall(data)
+
+
+class EchoBackend:
+    """A `websockets` echo server in its own thread; records each request's headers in order."""
+
+    def __init__(self) -> None:
+        self.requests: list[list[tuple[str, str]]] = []
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Future[None] | None = None
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self._thread = threading.Thread(target=asyncio.run, args=(self._main(),), daemon=True)
+        self._thread.start()
+        self._ready.wait(10)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def _main(self) -> None:
+        from websockets.asyncio.server import serve
+        from websockets.exceptions import ConnectionClosed
+
+        async def echo(ws: Any) -> None:
+            try:
+                async for message in ws:
+                    await ws.send(message)
+            except ConnectionClosed:
+                pass
+
+        def record(connection: Any, request: Any) -> None:
+            self.requests.append(list(request.headers.raw_items()))
+
+        self._loop = asyncio.get_running_loop()
+        self._stop = self._loop.create_future()
+        async with serve(echo, sock=self.sock, max_size=None, compression=None,
+                         process_request=record, ping_interval=None):
+            self._ready.set()
+            await self._stop
+
+    def close(self) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set_result, None)
+            self._thread.join(5)
