@@ -40,7 +40,7 @@ def machine_info() -> dict:
             import subprocess
             r = subprocess.run([exe, flag], capture_output=True, text=True)
             text = (r.stdout + r.stderr).strip().splitlines()
-            versions[prog] = text[0] if text else "?"
+            versions[prog] = text[0].split(" - ")[0].strip() if text else "?"
     return {
         "kernel": platform.release(),
         "cpu_model": model,
@@ -81,6 +81,8 @@ def parse_args(argv):
     ap.add_argument("--base-port", type=int, default=18080, help="proxies listen on base-port+1..")
     ap.add_argument("--keep-tmp", action="store_true", help="keep the generated configs and logs")
     ap.add_argument("--list", action="store_true", help="list scenarios and targets and exit")
+    ap.add_argument("--from-json", metavar="FILE",
+                    help="measure nothing: rebuild tables, plots and report from a results.json")
     return ap.parse_args(argv)
 
 
@@ -92,6 +94,14 @@ def main(argv=None) -> int:
             print(f"{s.key:10} {s.title}: {s.what}")
         print("targets:", ", ".join(ALL))
         return 0
+    if args.from_json:
+        raw = json.loads(Path(args.from_json).read_text())
+        write_md = args.results_md == "yes" or (args.results_md == "auto" and not raw["meta"]["quick"]
+                                               and not raw["meta"]["interrupted"]
+                                               and len(raw["meta"]["scenarios"]) == len(SCENARIOS))
+        failed = write_outputs(raw["meta"], raw["runs"], Path(args.out), write_md,
+                               plots_ok=deps.ensure_matplotlib(log) is None)
+        return 1 if failed else 0
     rounds = args.rounds or (1 if args.quick else 3)
     duration = args.duration or (1.5 if args.quick else 5.0)
     warmup = args.warmup if args.warmup is not None else (0.3 if args.quick else 1.0)
@@ -184,11 +194,6 @@ def main(argv=None) -> int:
         runner.cleanup()
     finished = dt.datetime.now(dt.timezone.utc)
 
-    avail = [t.name for t in live]
-    summary = report.summarize(runner.runs, [s.key for s in scenarios], avail)
-    fastws_note = skipped.get("fastws") if "fastws" in tnames else "fastws was not among --targets"
-    trows = report.evaluate_targets(summary, avail)
-    tables = report.markdown(summary, [s.key for s in scenarios], tnames, skipped, trows, fastws_note)
     info = machine_info()
     meta = {
         "command": command,
@@ -197,31 +202,61 @@ def main(argv=None) -> int:
         "rounds": rounds, "duration_s": duration, "warmup_s": warmup, "quick": args.quick,
         "targets": tnames, "skipped": skipped, "scenarios": [s.key for s in scenarios],
         "machine": info, "pinning": pin_note, "notes": notes, "interrupted": interrupted,
+        "haproxy_splice": args.haproxy_splice,
     }
-    failed_runs = sum(1 for r in runner.runs if not r["ok"])
-    (out / "results.json").write_text(json.dumps({"meta": meta, "summary": summary, "targets_check": trows,
-                                                   "runs": runner.runs}, indent=1))
-    subtitle = f"{info['cpu_model']}, {info['cores']} cores, kernel {info['kernel']}; {rounds} round(s) × {duration:g} s"
-    pngs = []
-    if not mpl_note:
-        try:
-            from . import plots
-            pngs = plots.write_plots(summary, [s.key for s in scenarios], avail, out, subtitle)
-        except Exception as e:  # plots must never lose the measurements
-            notes.append(f"plotting failed: {e!r}")
-    md = render_markdown(meta, tables, pngs, out, failed_runs)
-    (out / "report.md").write_text(md)
+    if args.keep_tmp:
+        log(f"generated configs and logs kept in {runner.tmp}")
     write_md = args.results_md == "yes" or (args.results_md == "auto" and not args.quick and not interrupted
                                            and len(scenarios) == len(SCENARIOS))
+    failed_runs = write_outputs(meta, runner.runs, out, write_md, plots_ok=not mpl_note,
+                                scrub=[(str(runner.tmp), "$TMPDIR/fastws-bench")])
+    return 1 if failed_runs or interrupted else 0
+
+
+def _scrub(text: str, extra: list[tuple[str, str]]) -> str:
+    """Keep this machine's paths out of the written results."""
+    pairs = list(extra) + [(str(HERE.parent), "."), (sys.prefix, "$PREFIX"), (os.path.expanduser("~"), "~")]
+    for a, b in pairs:
+        if a and len(a) > 1:
+            text = text.replace(a, b)
+    return text
+
+
+def write_outputs(meta: dict, runs: list[dict], out: Path, write_md: bool, plots_ok: bool = True,
+                  scrub: list[tuple[str, str]] | None = None) -> int:
+    """Summaries, tables, the targets check, JSON, PNGs, report.md and (maybe) RESULTS.md."""
+    scrub = scrub or []
+    tnames, skipped, skeys = meta["targets"], meta["skipped"], meta["scenarios"]
+    avail = [t for t in tnames if t not in skipped]
+    notes = meta["notes"]
+    summary = report.summarize(runs, skeys, avail)
+    fastws_note = skipped.get("fastws") if "fastws" in tnames else "fastws was not among --targets"
+    trows = report.evaluate_targets(summary, avail)
+    tables = report.markdown(summary, skeys, tnames, skipped, trows, fastws_note)
+    failed_runs = sum(1 for r in runs if not r["ok"])
+    out.mkdir(parents=True, exist_ok=True)
+    data = json.dumps({"meta": meta, "summary": summary, "targets_check": trows, "runs": runs}, indent=1)
+    (out / "results.json").write_text(_scrub(data, scrub))
+    info = meta["machine"]
+    subtitle = (f"{info['cpu_model']}, {info['cores']} cores, kernel {info['kernel']}; "
+                f"{meta['rounds']} round(s) × {meta['duration_s']:g} s; {meta['started_utc'][:10]}")
+    pngs = []
+    if plots_ok:
+        try:
+            from . import plots
+            pngs = plots.write_plots(summary, skeys, avail, out, subtitle)
+        except Exception as e:  # plots must never lose the measurements
+            notes.append(f"plotting failed: {e!r}")
+    (out / "report.md").write_text(_scrub(render_markdown(meta, tables, pngs, out, failed_runs), scrub))
     if write_md:
-        (HERE / "RESULTS.md").write_text(render_markdown(meta, tables, pngs, HERE, failed_runs))
+        (HERE / "RESULTS.md").write_text(_scrub(render_markdown(meta, tables, pngs, HERE, failed_runs), scrub))
         log("wrote bench/RESULTS.md")
     log(f"wrote {out / 'results.json'}, {out / 'report.md'}" + "".join(f", {p.name}" for p in pngs))
     print()
     print(tables)
     if failed_runs:
         log(f"{failed_runs} run(s) FAILED (errors or a crash); they are marked in the tables and not averaged in")
-    return 1 if failed_runs or interrupted else 0
+    return failed_runs
 
 
 def render_markdown(meta: dict, tables: str, pngs: list[Path], base: Path, failed: int) -> str:

@@ -16,10 +16,17 @@ COLORS = {
 
 
 def _bars(ax, summ, targets, key, title, ylabel):
-    names, med, lo, hi, cols = [], [], [], [], []
+    names, med, lo, hi, cols, failed = [], [], [], [], [], []
     for t in targets:
         s = summ.get(t, {}).get(key)
         if not s:
+            if summ.get(t, {}).get("runs") and not summ[t].get("ok"):
+                failed.append(len(names))   # every round failed: show it, don't hide it
+                names.append(LABELS[t])
+                med.append(0.0)
+                lo.append(0.0)
+                hi.append(0.0)
+                cols.append(COLORS.get(t, "#777777"))
             continue
         names.append(LABELS[t])
         med.append(s["median"])
@@ -38,6 +45,10 @@ def _bars(ax, summ, targets, key, title, ylabel):
     ax.tick_params(axis="y", labelsize=8)
     ax.grid(axis="y", alpha=0.3)
     for i, v in enumerate(med):
+        if i in failed:
+            ax.annotate("FAILED", (i, 0), ha="center", va="bottom", fontsize=8, color="#d62728",
+                        xytext=(0, 2), textcoords="offset points")
+            continue
         ax.annotate(f"{v:,.3g}" if v < 1000 else f"{v:,.0f}", (i, v), ha="center", va="bottom", fontsize=7,
                     xytext=(0, 2), textcoords="offset points")
 
@@ -123,8 +134,10 @@ def write_plots(summary: dict, scenario_keys: list[str], targets: list[str], out
             _bars(ax, summary[sc.key], proxies, "pss_per_tunnel_b", sc.title, "proxy PSS bytes per tunnel")
             if ax.get_visible():
                 ax.axhline(2048, color="#d62728", linestyle="--", linewidth=1)
-                ax.annotate("fastws target: 2 KB", (0, 2048), fontsize=7, color="#d62728",
-                            xytext=(2, 2), textcoords="offset points")
+                ax.annotate("fastws target: 2 KB", (1.0, 2048), xycoords=("axes fraction", "data"),
+                            ha="right", va="bottom", fontsize=7, color="#d62728",
+                            xytext=(-2, 2), textcoords="offset points",
+                            bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1})
         fig.suptitle(f"Proxy memory per idle tunnel (PSS after − before, over its processes; lower is better)\n{subtitle}", fontsize=10)
         fig.tight_layout()
         p = out / "memory.png"
