@@ -6,7 +6,8 @@
  * Close frames are answered with a close frame and the server closes first,
  * so TIME_WAIT stays on the server side of each hop.
  *
- * usage: wsbackend [-a ADDR] [-p PORT] [-f FRAME_BYTES] [-t MAX_SECONDS]
+ * usage: wsbackend [-a ADDR] [-p PORT] [-f FRAME_BYTES] [-t MAX_SECONDS] [-x N]
+ * -x N flips one bit in every Nth echoed message: only to test that wsload catches it.
  * Prints one JSON line on SIGTERM/SIGINT or when MAX_SECONDS have passed. */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -41,6 +42,7 @@ static int ep;
 static conn_t **conns;
 static int maxfd;
 static uint8_t *fire_frame; static size_t fire_len;
+static unsigned long corrupt_every, echo_count;
 static unsigned long long st_conns, st_upgrades, st_http, st_frames, st_bytes_in, st_bytes_out, st_errors;
 
 static const char HTTP_BODY[] = "hello from fastws bench\n";
@@ -218,6 +220,8 @@ static int handle_ws(conn_t *c) {
     }
     if (op == 9) { frame_header(10, len, h, &hsz); wbuf_add(c, h, hsz); wbuf_add(c, pl, len); }
     else if (c->mode == M_ECHO && op != 10) {
+        if (corrupt_every && len && ++echo_count % corrupt_every == 0)
+            pl[len / 2] ^= 0x01;           /* -x: self-test of the load generator's checks */
         frame_header(op, len, h, &hsz);
         wbuf_add(c, h, hsz); wbuf_add(c, pl, len);
     }
@@ -262,12 +266,13 @@ static void on_readable(conn_t *c) {
 int main(int argc, char **argv) {
     const char *addr = "127.0.0.1"; int port = 9001; size_t fsz = 65536; int maxsec = 7200;
     int opt;
-    while ((opt = getopt(argc, argv, "a:p:f:t:")) != -1) {
+    while ((opt = getopt(argc, argv, "a:p:f:t:x:")) != -1) {
         if (opt == 'a') addr = optarg;
         else if (opt == 'p') port = atoi(optarg);
         else if (opt == 'f') fsz = strtoul(optarg, NULL, 10);
         else if (opt == 't') maxsec = atoi(optarg);
-        else { fprintf(stderr, "usage: %s [-a addr] [-p port] [-f frame] [-t maxsec]\n", argv[0]); return 2; }
+        else if (opt == 'x') corrupt_every = strtoul(optarg, NULL, 10);
+        else { fprintf(stderr, "usage: %s [-a addr] [-p port] [-f frame] [-t maxsec] [-x N]\n", argv[0]); return 2; }
     }
     raise_nofile();
     struct rlimit rl; getrlimit(RLIMIT_NOFILE, &rl);

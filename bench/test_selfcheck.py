@@ -1,0 +1,106 @@
+"""Self-checks of the bench's own C programs: the load generator must catch a wrong echo.
+
+    python -m pytest bench/test_selfcheck.py
+
+Builds wsload and wsbackend into a temp dir (never over bench/.build/), runs them on
+loopback for a second or two each, and needs nothing else.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="module")
+def exes(tmp_path_factory):
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if not cc:
+        pytest.skip("no C compiler")
+    d = tmp_path_factory.mktemp("bench-build")
+    out = {}
+    for name in ("wsload", "wsbackend"):
+        exe = d / name
+        subprocess.run([cc, "-O2", "-Wall", "-Wno-unused-function", "-o", str(exe), str(HERE / f"{name}.c")],
+                       check=True)
+        out[name] = exe
+    return out
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _backend(exes, *extra):
+    port = _free_port()
+    p = subprocess.Popen([str(exes["wsbackend"]), "-p", str(port), "-t", "60", *extra],
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.02)
+    return p, port
+
+
+def _load(exes, port, *args):
+    r = subprocess.run([str(exes["wsload"]), "--port", str(port), "--duration", "1", "--warmup", "0.2", *args],
+                       capture_output=True, text=True, timeout=60)
+    res = [json.loads(line[7:]) for line in r.stdout.splitlines() if line.startswith("RESULT ")]
+    assert res, r.stdout + r.stderr
+    return r.returncode, res[0], r.stdout
+
+
+@pytest.mark.parametrize("mode,size", [("echo", "64"), ("echo", "4096"), ("send", "65536"), ("recv", "65536"),
+                                       ("handshake", "64"), ("http", "0")])
+def test_clean_backend_passes(exes, mode, size):
+    p, port = _backend(exes)
+    try:
+        rc, res, out = _load(exes, port, "--mode", mode, "--size", size, "--conns", "8")
+    finally:
+        p.terminate()
+        p.wait(5)
+    assert rc == 0 and res["errors"] == 0, res
+    assert res["count"] > 0
+    assert "MARK start" in out and "MARK end" in out
+
+
+@pytest.mark.parametrize("size", ["64", "4096"])
+def test_corrupted_echo_is_caught(exes, size):
+    p, port = _backend(exes, "-x", "1000")
+    try:
+        rc, res, _ = _load(exes, port, "--mode", "echo", "--size", size, "--conns", "8")
+    finally:
+        p.terminate()
+        p.wait(5)
+    assert rc != 0
+    assert res["errors"] > 0
+    assert any("echo mismatch" in e for e in res["error_samples"])
+
+
+def test_idle_holds_and_releases(exes):
+    p, port = _backend(exes)
+    try:
+        w = subprocess.Popen([str(exes["wsload"]), "--port", str(port), "--mode", "idle", "--conns", "300",
+                              "--hold", "20"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        line = w.stdout.readline()
+        assert line.strip() == "READY 300"
+        w.stdin.write("go\n")
+        w.stdin.flush()
+        rest = w.stdout.read()
+        assert w.wait(20) == 0
+        res = json.loads(rest.split("RESULT ", 1)[1])
+        assert res["opened"] == 300 and res["errors"] == 0
+    finally:
+        p.terminate()
+        p.wait(5)
