@@ -93,8 +93,7 @@ cdef struct EngineState:
     unsigned long long pipe_shortage
     unsigned long long switches_to_splice
     unsigned long long switches_to_copy
-    unsigned long long read_timeouts
-    unsigned long long send_timeouts
+    unsigned long long closes[9]     # by reason: index -reason
     unsigned long long loops
 
 
@@ -425,10 +424,7 @@ cdef void tunnel_close(EngineState *e, Tunnel *t, int reason, Tunnel **closed) n
             t.flow[i].held = NULL
     heap_remove(e, t)
     e.tunnels_active -= 1
-    if reason == CLOSE_READ_TIMEOUT:
-        e.read_timeouts += 1
-    elif reason == CLOSE_SEND_TIMEOUT:
-        e.send_timeouts += 1
+    e.closes[-reason] += 1
     t.next = closed[0]
     closed[0] = t
 
@@ -766,8 +762,9 @@ cdef class Engine:
             "pipe_shortage": e.pipe_shortage,
             "switches_to_splice": e.switches_to_splice,
             "switches_to_copy": e.switches_to_copy,
-            "read_timeouts": e.read_timeouts,
-            "send_timeouts": e.send_timeouts,
+            "read_timeouts": e.closes[-CLOSE_READ_TIMEOUT],
+            "send_timeouts": e.closes[-CLOSE_SEND_TIMEOUT],
+            "closes": {name: e.closes[-reason] for reason, name in _REASONS.items()},
             "loops": e.loops,
         }
 

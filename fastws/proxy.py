@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import socket
 import time
 from typing import TYPE_CHECKING, Any
@@ -320,8 +321,8 @@ class ClientConn:
             self.loop.add_writer(self.ufd, self._on_connected)
             self.timer = self.loop.call_later(loc.connect_timeout, self._on_connect_timeout)
         else:
-            self._upstream_failed(f"connect() to {peer.name} failed: {errno.errorcode.get(err, err)}",
-                                  timeout=False)
+            self._upstream_failed(f"connect() to {peer.name} failed ({err}: {os.strerror(err)}) "
+                                  "while connecting to upstream", timeout=False)
 
     def _last_failure_status(self) -> int:
         return 504 if self.timed_out else 502
@@ -330,6 +331,8 @@ class ClientConn:
         if self.held:
             self.held = False
             self.upstream.release(self.peer)
+        elif self.selection is not None:
+            self.selection.abort()  # a connect in progress: neither a failure nor a live conn
         if self.usock is not None:
             self.loop.remove_writer(self.ufd)
             self.loop.remove_reader(self.ufd)
@@ -341,24 +344,31 @@ class ClientConn:
             self.timer = None
 
     def _upstream_failed(self, why: str, *, timeout: bool) -> None:
-        log.error("%s while connecting to upstream, client: %s, upstream: %s",
-                  why, self.remote_addr, self.peer.name)
+        # nginx's proxy_next_upstream "error timeout": a connect that fails or times out, or an
+        # upstream that fails before its response head is complete, counts against the server
+        # and the next one is tried.  Only the handshake's GET gets here after its head was sent.
+        log.error("%s, client: %s, upstream: %s", why, self.remote_addr, self.peer.name)
         self.timed_out = timeout
-        self.selection.failed(self.peer)
+        peer = self.peer
+        if self.held:
+            self.held = False
+            self.upstream.release(peer)
+        self.selection.failed(peer)
         self.peer = None
         self._drop_upstream()
         self._connect_next()
 
     def _on_connect_timeout(self) -> None:
         self.timer = None
-        self._upstream_failed("upstream timed out (110: Connection timed out)", timeout=True)
+        self._upstream_failed("upstream timed out (110: Connection timed out) while connecting to "
+                              "upstream", timeout=True)
 
     def _on_connected(self) -> None:
         assert self.usock is not None
         err = self.usock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
-            self._upstream_failed(f"connect() failed ({err}: {errno.errorcode.get(err, '')})",
-                                  timeout=False)
+            self._upstream_failed(f"connect() failed ({err}: {os.strerror(err)}) while connecting "
+                                  "to upstream", timeout=False)
             return
         self.loop.remove_writer(self.ufd)
         self.timer.cancel()
@@ -366,13 +376,9 @@ class ClientConn:
         self.selection.connected(self.peer)
         self.held = True
         self.state = "send"
-        self.out = self.to_upstream
-        if self.upgrading:
-            self.to_upstream = self.head.leftover
-        else:
-            # Not a tunnel: what followed the head (a body) goes straight after it.
-            self.out += self.head.leftover
-            self.to_upstream = b""
+        # The head is kept in to_upstream for a retry on the next server.  Not a tunnel: what
+        # followed the head (a body) goes straight after it; a tunnel gets it after the 101.
+        self.out = self.to_upstream if self.upgrading else self.to_upstream + self.head.leftover
         self.rreader = ResponseReader()
         self.timer = self.loop.call_later(self.location.read_timeout, self._on_read_timeout)
         self._send_upstream()
@@ -401,9 +407,13 @@ class ClientConn:
 
     def _on_read_timeout(self) -> None:
         self.timer = None
-        log.error("upstream timed out (110: Connection timed out) while reading response header "
-                  "from upstream, client: %s, upstream: %s", self.remote_addr, self.peer.name)
-        self._fail(504, "upstream read timeout")
+        if self.state == "response" and self.upgrading:
+            self._upstream_failed("upstream timed out (110: Connection timed out) while reading "
+                                  "response header from upstream", timeout=True)
+            return
+        log.error("upstream timed out (110: Connection timed out) while sending request to "
+                  "upstream, client: %s, upstream: %s", self.remote_addr, self.peer.name)
+        self._fail(504, "upstream send timeout")
 
     # --- the upstream's answer -------------------------------------------------------------
 
@@ -413,10 +423,12 @@ class ClientConn:
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
-            self._bad_gateway(f"upstream reset while reading the response head: {exc}")
+            self._upstream_failed(f"recv() failed ({exc.errno}: {exc.strerror}) while reading "
+                                  "response header from upstream", timeout=False)
             return
         if not data:
-            self._bad_gateway("upstream prematurely closed connection while reading response header")
+            self._upstream_failed("upstream prematurely closed connection while reading response "
+                                  "header from upstream", timeout=False)
             return
         try:
             resp = self.rreader.feed(data)
@@ -457,7 +469,7 @@ class ClientConn:
         self.usock = None
         self.closed = True
         self.w.connection_closed(self)
-        self.w.engine.add(cfd, ufd, self.to_upstream, to_client, loc.read_timeout,
+        self.w.engine.add(cfd, ufd, self.head.leftover, to_client, loc.read_timeout,
                           loc.send_timeout, loc.relay, record)
         self.w.tunnel_opened(record)
 

@@ -125,18 +125,17 @@ def test_set_headers_override_add_and_remove(make_proxy, port):
 
 def test_early_bytes_both_ways_are_delivered_first(make_proxy, port, relay):
     def handler(conn, backend):
-        rest = ws_upgrade_handler(conn, backend)
-        # the 101 and the first server bytes leave in one write
+        got = ws_upgrade_handler(conn, backend)
         conn.sendall(b"server-first|")
-        got = rest
-        while len(got) < len(b"client-early|"):
-            got += conn.recv(100)
+        early = len(b"client-early|")
+        while len(got) < early:
+            got += conn.recv(early - len(got))
         backend.received.append(got)
         raw_echo_loop(conn)
 
     backend = RawBackend(handler)
     make_proxy(ws_config(port, backend.address, relay=relay), port=port)
-    with socket.create_connection(("127.0.0.1", port)) as s:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         s.sendall(upgrade_request() + b"client-early|")   # frames sent before the 101
         head, rest = read_head(s)
         assert head.startswith(b"HTTP/1.1 101 ")
@@ -480,3 +479,21 @@ def test_server_name_routing(make_proxy, port):
             answer = read_all(s)
         assert answer.endswith(b"\r\n\r\n" + body), (host, path, answer)
     assert proxy.proc.poll() is None
+
+
+def test_next_upstream_after_a_server_fails_before_its_101(make_proxy, echo_backend, port):
+    def hang_up(conn, backend):
+        head, _ = read_head(conn)
+        backend.heads.append(head)          # takes the request, then closes without answering
+
+    broken = RawBackend(hang_up)
+    config = ws_config(port, broken.address)
+    config["upstream"][0]["servers"] = [broken.address, echo_backend.address]
+    make_proxy(config, port=port)
+    for _ in range(4):
+        with connect(f"ws://127.0.0.1:{port}/ws", open_timeout=10) as ws:
+            ws.send("through the second server")
+            assert ws.recv() == "through the second server"
+    # the failed server was tried once, then marked down (max_fails 1) for fail_timeout
+    assert len(broken.heads) == 1
+    broken.close()
