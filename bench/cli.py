@@ -52,6 +52,16 @@ def machine_info() -> dict:
     }
 
 
+def git_commit() -> str | None:
+    import subprocess
+    try:
+        r = subprocess.run(["git", "-C", str(HERE.parent), "rev-parse", "--short", "HEAD"],
+                           capture_output=True, text=True, timeout=10)
+        return r.stdout.strip() or None if r.returncode == 0 else None
+    except OSError:
+        return None
+
+
 def pinning() -> tuple[set[int] | None, set[int] | None, str]:
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) >= 2:
@@ -152,6 +162,17 @@ def main(argv=None) -> int:
                          f"(client side and upstream side) plus its own")
     log(pin_note)
     live = [t for t in targets if t.available]
+    fastws_version = None
+    for t in live:
+        if t.name == "fastws":
+            import subprocess
+            try:
+                r = subprocess.run([*t.cmd, "-V"], capture_output=True, text=True, timeout=20,
+                                   env=dict(os.environ, **(t.env or {})))
+                fastws_version = (r.stdout or r.stderr).strip().splitlines()[0] if r.returncode == 0 else None
+            except (OSError, subprocess.TimeoutExpired, IndexError):
+                pass
+            fastws_version = f"fastws {fastws_version or '(version unknown)'}: {t.note}"
     total = rounds * len(scenarios) * len(live)
     log(f"{rounds} round(s) × {len(scenarios)} scenario(s) × {len(live)} target(s) = {total} runs, "
         f"{warmup:g} s warm-up + {duration:g} s measured each")
@@ -203,6 +224,8 @@ def main(argv=None) -> int:
         "targets": tnames, "skipped": skipped, "scenarios": [s.key for s in scenarios],
         "machine": info, "pinning": pin_note, "notes": notes, "interrupted": interrupted,
         "haproxy_splice": args.haproxy_splice,
+        "fastws": fastws_version,
+        "git_commit": git_commit(),
     }
     if args.keep_tmp:
         log(f"generated configs and logs kept in {runner.tmp}")
@@ -278,6 +301,8 @@ def render_markdown(meta: dict, tables: str, pngs: list[Path], base: Path, faile
         f"- machine: {m['cpu_model']}, {m['cores']} cores, Linux {m['kernel']}, Python {m['python']}, "
         f"open files hard limit {m['nofile_hard_limit']:,}",
         f"- peers: " + "; ".join(f"{v}" for v in m["versions"].values()),
+        f"- fastws: {meta.get('fastws') or 'not run'}"
+        + (f"; repository at commit {meta['git_commit']}" if meta.get("git_commit") else ""),
         f"- {meta['rounds']} round(s), {meta['warmup_s']:g} s warm-up + {meta['duration_s']:g} s measured per run"
         + (" (--quick smoke run)" if meta["quick"] else ""),
         f"- pinning: {meta['pinning']}",
