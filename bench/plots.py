@@ -49,8 +49,8 @@ def _bars(ax, summ, targets, key, title, ylabel):
             ax.annotate("FAILED", (i, 0), ha="center", va="bottom", fontsize=8, color="#d62728",
                         xytext=(0, 2), textcoords="offset points")
             continue
-        ax.annotate(f"{v:,.3g}" if v < 1000 else f"{v:,.0f}", (i, v), ha="center", va="bottom", fontsize=7,
-                    xytext=(0, 2), textcoords="offset points")
+        ax.annotate(f"{v:,.3g}" if v < 1000 else f"{v:,.0f}", (i, v + hi[i]), ha="center", va="bottom",
+                    fontsize=7, xytext=(0, 2), textcoords="offset points")
 
 
 def write_plots(summary: dict, scenario_keys: list[str], targets: list[str], out: Path, subtitle: str) -> list[Path]:

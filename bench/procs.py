@@ -68,3 +68,13 @@ def memory_kb(pids: list[int]) -> dict[str, int]:
         except OSError:
             pass
     return {"pss_kb": pss, "rss_kb": rss}
+
+
+def system_cpu() -> dict[str, float]:
+    """Machine-wide busy and steal seconds (all CPUs) from the first line of /proc/stat."""
+    with open("/proc/stat") as f:
+        parts = f.readline().split()
+    v = [int(x) for x in parts[1:]]
+    user, nice, system, idle, iowait, irq, softirq = v[:7]
+    steal = v[7] if len(v) > 7 else 0
+    return {"busy": (user + nice + system + irq + softirq + steal) / CLK_TCK, "steal": steal / CLK_TCK}

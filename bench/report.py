@@ -29,6 +29,7 @@ def summarize(runs: list[dict], scenario_keys: list[str], target_names: list[str
                 s[q] = _stats([r["lat_us"][q] for r in ok if "lat_us" in r])
             s["pss_per_tunnel_b"] = _stats([r.get("pss_per_tunnel_b") for r in ok])
             s["rss_per_tunnel_b"] = _stats([r.get("rss_per_tunnel_b") for r in ok])
+            s["background_cores"] = _stats([r.get("background_cores") for r in ok])
             s["tunnels"] = max([r.get("conns", 0) for r in rs], default=0)
             out[sk][tn] = s
     return out
@@ -69,6 +70,13 @@ def _lat(s) -> str:
     return "—" if not s else _num(s["median"])
 
 
+def _bg(s) -> str:
+    b = s.get("background_cores")
+    if not b:
+        return "—"
+    return f"{b['median']:.2f} (max {b['max']:.2f})"
+
+
 def scenario_table(sc: Scenario, summ: dict, target_names: list[str], skipped: dict[str, str]) -> str:
     ref = summ.get("nginx", {})
     lines = [f"### {sc.title}", "", f"_{sc.what}._", ""]
@@ -76,9 +84,10 @@ def scenario_table(sc: Scenario, summ: dict, target_names: list[str], skipped: d
         hdr = ["target", "tunnels", "proxy PSS bytes/tunnel", "vs nginx", "proxy RSS bytes/tunnel",
                sc.cpu_label, "vs nginx", "rounds ok"]
     elif sc.latency:
-        hdr = ["target", sc.rate_label, "vs nginx", "p50 µs", "p99 µs", "p99.9 µs", sc.cpu_label, "vs nginx", "rounds ok"]
+        hdr = ["target", sc.rate_label, "vs nginx", "p50 µs", "p99 µs", "p99.9 µs", sc.cpu_label, "vs nginx",
+               "other CPU", "rounds ok"]
     else:
-        hdr = ["target", sc.rate_label, "vs nginx", sc.cpu_label, "vs nginx", "rounds ok"]
+        hdr = ["target", sc.rate_label, "vs nginx", sc.cpu_label, "vs nginx", "other CPU", "rounds ok"]
     lines.append("| " + " | ".join(hdr) + " |")
     lines.append("|" + "|".join(["---"] + ["---:"] * (len(hdr) - 1)) + "|")
     for tn in target_names:
@@ -101,10 +110,17 @@ def scenario_table(sc: Scenario, summ: dict, target_names: list[str], skipped: d
                    _mm(s["rss_per_tunnel_b"]) if tn != "noproxy" else "n/a", cpu, cpur, okc]
         elif sc.latency:
             row = [label, _mm(s["throughput"]), _ratio(s["throughput"], ref.get("throughput")),
-                   _lat(s["p50"]), _lat(s["p99"]), _lat(s["p999"]), cpu, cpur, okc]
+                   _lat(s["p50"]), _lat(s["p99"]), _lat(s["p999"]), cpu, cpur, _bg(s), okc]
         else:
-            row = [label, _mm(s["throughput"]), _ratio(s["throughput"], ref.get("throughput")), cpu, cpur, okc]
+            row = [label, _mm(s["throughput"]), _ratio(s["throughput"], ref.get("throughput")), cpu, cpur,
+                   _bg(s), okc]
         lines.append("| " + " | ".join(row) + " |")
+    if not sc.idle:
+        lines.append("")
+        lines.append("_other CPU: CPU time used outside the bench's own processes during the measured window "
+                     "(other programs, and kernel threads such as ksoftirqd), in cores, median (max) over rounds. "
+                     "Throughput and latency are only comparable between targets while it stays low; "
+                     "proxy CPU per unit of work much less affected._")
     errs = [(LABELS[tn], e) for tn in target_names if tn in summ for e in summ[tn]["errors"]]
     if errs:
         lines.append("")

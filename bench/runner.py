@@ -148,12 +148,20 @@ class Runner:
         timer.start()
         res = None
         cpu_start = cpu_end = None
+        bg: dict = {}
+
+        def bench_cpu():
+            # everything the bench itself runs: proxy, load generator, backend, this harness
+            own = procs.cpu_seconds(t.pids() + [p.pid] + ([self.backend.pid] if self.backend else []))
+            return own + sum(os.times()[:2]), procs.system_cpu(), time.monotonic()
         try:
             for line in p.stdout:
                 if line.startswith("MARK start"):
                     cpu_start = procs.cpu_seconds(t.pids()) if t.is_proxy else None
+                    bg["start"] = bench_cpu()
                 elif line.startswith("MARK end"):
                     cpu_end = procs.cpu_seconds(t.pids()) if t.is_proxy else None
+                    bg["end"] = bench_cpu()
                 elif line.startswith("READY"):
                     time.sleep(1.0)   # let the proxy settle before reading its memory
                     if t.is_proxy:
@@ -199,6 +207,12 @@ class Runner:
             rec["throughput"] = res["rate"]
             units = res["count"]
         rec["units"] = units
+        if "start" in bg and "end" in bg:
+            (own0, sys0, w0), (own1, sys1, w1) = bg["start"], bg["end"]
+            wall = max(w1 - w0, 1e-9)
+            # CPU used on this machine by anything but the bench during the window, in cores
+            rec["background_cores"] = max(0.0, ((sys1["busy"] - sys0["busy"]) - (own1 - own0)) / wall)
+            rec["steal_cores"] = (sys1["steal"] - sys0["steal"]) / wall
         if sc.latency:
             rec["lat_us"] = res["lat_us"]
         if t.is_proxy and cpu_start is not None and cpu_end is not None and units > 0:
