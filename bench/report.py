@@ -29,6 +29,8 @@ def summarize(runs: list[dict], scenario_keys: list[str], target_names: list[str
                 s[q] = _stats([r["lat_us"][q] for r in ok if "lat_us" in r])
             s["pss_per_tunnel_b"] = _stats([r.get("pss_per_tunnel_b") for r in ok])
             s["rss_per_tunnel_b"] = _stats([r.get("rss_per_tunnel_b") for r in ok])
+            s["reconnect_share"] = _stats([r["result"].get("reconnects", 0) / r["result"]["total_count"]
+                                           for r in ok if r.get("result", {}).get("total_count")])
             s["background_cores"] = _stats([r.get("background_cores") for r in ok])
             s["tunnels"] = max([r.get("conns", 0) for r in rs], default=0)
             out[sk][tn] = s
@@ -115,6 +117,14 @@ def scenario_table(sc: Scenario, summ: dict, target_names: list[str], skipped: d
             row = [label, _mm(s["throughput"]), _ratio(s["throughput"], ref.get("throughput")), cpu, cpur,
                    _bg(s), okc]
         lines.append("| " + " | ".join(row) + " |")
+    for tn in target_names:
+        st = summ.get(tn) or {}
+        rc = st.get("reconnect_share")
+        if rc and rc["median"] > 0:
+            lines.append("")
+            lines.append(f"_{LABELS[tn]} ended keep-alive (`Connection: close`) after {100 * rc['median']:.0f}% of "
+                         f"its responses (median over rounds); the load generator reconnected each time, so "
+                         f"its numbers include a new TCP connection per request._")
     if not sc.idle:
         lines.append("")
         lines.append("_other CPU: CPU time used outside the bench's own processes during the measured window "
