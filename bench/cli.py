@@ -88,8 +88,9 @@ def parse_args(argv):
     ap.add_argument("--haproxy-splice", choices=("always", "auto"), default="always",
                     help="HAProxy + splice: `option splice-request` + `option splice-response` "
                          "(always, the default: the faster of the two for bulk here) or `option splice-auto`")
-    ap.add_argument("--base-port", type=int, default=18080, help="proxies listen on base-port+1..")
     ap.add_argument("--keep-tmp", action="store_true", help="keep the generated configs and logs")
+    ap.add_argument("--micro", choices=("auto", "yes", "no"), default="auto",
+                    help="also run the pytest-benchmark micro-benchmarks (auto: on full runs, not --quick)")
     ap.add_argument("--list", action="store_true", help="list scenarios and targets and exit")
     ap.add_argument("--from-json", metavar="FILE",
                     help="measure nothing: rebuild tables, plots and report from a results.json")
@@ -146,7 +147,7 @@ def main(argv=None) -> int:
     if mpl_note:
         notes.append(mpl_note)
     exes = build.build_all(log)
-    targets = make_targets(tnames, args.base_port, args.fastws_processes, args.haproxy_splice)
+    targets = make_targets(tnames, 0, args.fastws_processes, args.haproxy_splice)
     skipped = {t.name: t.note for t in targets if not t.available}
     for t in targets:
         if not t.available:
@@ -229,6 +230,9 @@ def main(argv=None) -> int:
     }
     if args.keep_tmp:
         log(f"generated configs and logs kept in {runner.tmp}")
+    if args.micro == "yes" or (args.micro == "auto" and not args.quick and not interrupted):
+        from .micro import run_micro
+        meta["micro"] = run_micro(log)
     write_md = args.results_md == "yes" or (args.results_md == "auto" and not args.quick and not interrupted
                                            and len(scenarios) == len(SCENARIOS))
     failed_runs = write_outputs(meta, runner.runs, out, write_md, plots_ok=not mpl_note,
@@ -256,6 +260,9 @@ def write_outputs(meta: dict, runs: list[dict], out: Path, write_md: bool, plots
     fastws_note = skipped.get("fastws") if "fastws" in tnames else "fastws was not among --targets"
     trows = report.evaluate_targets(summary, avail)
     tables = report.markdown(summary, skeys, tnames, skipped, trows, fastws_note)
+    if meta.get("micro"):
+        from .micro import micro_table
+        tables += "\n" + micro_table(meta["micro"])
     failed_runs = sum(1 for r in runs if not r["ok"])
     out.mkdir(parents=True, exist_ok=True)
     data = json.dumps({"meta": meta, "summary": summary, "targets_check": trows, "runs": runs}, indent=1)

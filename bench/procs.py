@@ -78,3 +78,37 @@ def system_cpu() -> dict[str, float]:
     user, nice, system, idle, iowait, irq, softirq = v[:7]
     steal = v[7] if len(v) > 7 else 0
     return {"busy": (user + nice + system + irq + softirq + steal) / CLK_TCK, "steal": steal / CLK_TCK}
+
+
+def listening_inodes(port: int) -> set[int]:
+    """Inodes of TCP sockets listening on any IPv4/IPv6 address with this port."""
+    out = set()
+    for fn in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(fn) as f:
+                next(f)
+                for line in f:
+                    parts = line.split()
+                    if parts[3] == "0A" and int(parts[1].rsplit(":", 1)[1], 16) == port:
+                        out.add(int(parts[9]))
+        except OSError:
+            pass
+    return out
+
+
+def owns_listener(pids: list[int], port: int) -> bool:
+    """Does one of pids hold the socket listening on port?"""
+    want = {f"socket:[{i}]" for i in listening_inodes(port)}
+    if not want:
+        return False
+    for p in pids:
+        try:
+            for fd in os.listdir(f"/proc/{p}/fd"):
+                try:
+                    if os.readlink(f"/proc/{p}/fd/{fd}") in want:
+                        return True
+                except OSError:
+                    pass
+        except OSError:
+            pass
+    return False

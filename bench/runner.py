@@ -13,7 +13,7 @@ from pathlib import Path
 
 from . import procs
 from .scenarios import Scenario
-from .targets import Target, wait_port
+from .targets import Target, free_port, wait_port
 
 BACKEND_PORT = 19001
 SRC_ADDRS = ",".join(f"127.0.0.{i}" for i in range(2, 10))
@@ -59,22 +59,24 @@ class Runner:
         self.tmp = Path(tempfile.mkdtemp(prefix="fastws-bench-"))
         self.keep_tmp = keep_tmp
         self.backend: subprocess.Popen | None = None
-        self.backend_addr = ("127.0.0.1", BACKEND_PORT)
+        self.backend_addr = ("127.0.0.1", BACKEND_PORT)  # the real port is picked at start
         self.runs: list[dict] = []
 
     # -- backend ---------------------------------------------------------------
     def start_backend(self) -> None:
         if self.backend is not None and self.backend.poll() is None:
             return
+        self.backend_addr = ("127.0.0.1", free_port())
         logf = open(self.tmp / "wsbackend.log", "ab")
         max_s = int(self.rounds * len(self.scenarios) * len(self.targets) * (self.duration + self.warmup + 60) + 600)
         self.backend = subprocess.Popen(
             [str(self.exes["wsbackend"]), "-a", self.backend_addr[0], "-p", str(self.backend_addr[1]), "-t", str(max_s)],
             stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, preexec_fn=_affinity(self.load_cpus))
         logf.close()
-        if not wait_port(*self.backend_addr, 10.0, self.backend):
-            raise RuntimeError(f"the bench backend did not start on port {BACKEND_PORT} "
-                               f"(is the port in use?): {(self.tmp / 'wsbackend.log').read_text()[-300:]}")
+        if not wait_port(*self.backend_addr, 10.0, self.backend) or \
+                not procs.owns_listener([self.backend.pid], self.backend_addr[1]):
+            raise RuntimeError(f"the bench backend did not start on port {self.backend_addr[1]}: "
+                               f"{(self.tmp / 'wsbackend.log').read_text()[-300:]}")
 
     def stop_backend(self) -> None:
         if self.backend is not None and self.backend.poll() is None:
@@ -117,6 +119,9 @@ class Runner:
 
     def _measure(self, t: Target, sc: Scenario, rnd: int, rec: dict, workdir: Path) -> None:
         host, port = t.address(self.backend_addr)
+        if not t.is_proxy and not procs.owns_listener([self.backend.pid], port):
+            rec["error"] = f"port {port} is no longer the bench backend's: not measured"
+            return
         conns = idle_tunnels(sc) if sc.idle else sc.conns
         timeout = 60.0 if sc.idle else 20.0
         cmd = [str(self.exes["wsload"]), "--mode", sc.mode, "--host", host, "--port", str(port),

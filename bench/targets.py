@@ -48,6 +48,23 @@ def _preexec(cpus: set[int] | None):
     return fn
 
 
+def free_port(avoid: set[int] = frozenset()) -> int:
+    """A loopback TCP port nobody uses, below the ephemeral range, picked at random
+    (other programs on the machine may be running their own servers)."""
+    import random
+    for _ in range(500):
+        port = random.randrange(20000, 32000)
+        if port in avoid or procs.listening_inodes(port):
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free loopback port found")
+
+
 def wait_port(host: str, port: int, timeout: float, proc: subprocess.Popen | None = None) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -88,6 +105,8 @@ class Target:
         """Start the target; returns an error string or None."""
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
+        if self.is_proxy:
+            self.port = free_port({backend[1]})
         cmd = self.command(workdir, backend)
         if cmd is None:
             return None
@@ -103,6 +122,9 @@ class Target:
         time.sleep(0.2)  # let workers settle
         if self.proc.poll() is not None:
             return f"{self.label} exited right after start: {self.log_tail()}"
+        if not procs.owns_listener(self.pids(), self.port):
+            self.stop()
+            return f"port {self.port} is held by a process that is not {self.label}'s: not measured"
         return None
 
     def log_tail(self) -> str:
