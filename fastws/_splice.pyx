@@ -671,6 +671,11 @@ cdef class Engine:
             raise RuntimeError("engine is not running")
         if client_fd < 0 or upstream_fd < 0:
             raise ValueError("bad file descriptor")
+        # splice(2) blocks on a blocking socket whatever SPLICE_F_NONBLOCK says
+        for fd in (client_fd, upstream_fd):
+            flags = _errcheck(fcntl(fd, F_GETFL))
+            if not flags & O_NONBLOCK:
+                _errcheck(fcntl(fd, F_SETFL, flags | O_NONBLOCK))
         t = <Tunnel *>calloc(1, sizeof(Tunnel))
         if t == NULL:
             raise MemoryError()

@@ -19,6 +19,8 @@ cdef extern from "compat.h" nogil:
         O_CLOEXEC
         F_SETPIPE_SZ
         F_GETPIPE_SZ
+        F_GETFL
+        F_SETFL
 
     # epoll(7), eventfd(2)
     union epoll_data:

@@ -1,0 +1,171 @@
+"""Configuration: every mistake is one line naming the file, the key and the problem."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from fastws import config
+from fastws.errors import ConfigError
+from support import to_toml
+
+
+@pytest.mark.parametrize("text, seconds", [
+    ("500ms", 0.5), ("60s", 60), ("5m", 300), ("1h", 3600), ("7d", 604800), ("1h30m", 5400),
+    ("3600", 3600), (2.5, 2.5), ("1w", 604800),
+])
+def test_durations_in_nginx_units(text, seconds):
+    assert config.parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "5x", "-1s", "s", "1.5.2s", True])
+def test_bad_durations(text):
+    with pytest.raises(ValueError):
+        config.parse_duration(text)
+
+
+@pytest.mark.parametrize("text, size", [("512", 512), ("16k", 16384), ("1m", 1 << 20),
+                                        ("2G", 2 << 30), (100, 100)])
+def test_sizes(text, size):
+    assert config.parse_size(text) == size
+
+
+def minimal(**location):
+    loc = {"path": "/ws", "proxy_pass": "backend"}
+    loc.update(location)
+    return {"upstream": [{"name": "backend", "servers": ["127.0.0.1:9001"]}],
+            "server": [{"listen": ["127.0.0.1:8080"], "location": [loc]}]}
+
+
+def test_defaults_are_nginx_defaults():
+    cfg = config.from_dict(minimal())
+    loc = cfg.servers[0].locations[0]
+    assert (loc.connect_timeout, loc.send_timeout, loc.read_timeout) == (60, 60, 60)
+    assert loc.websocket and loc.upgrade_tokens == ("websocket",)
+    assert cfg.servers[0].client_header_timeout == 60
+
+
+def test_proxy_pass_url_makes_an_implicit_upstream():
+    data = minimal(proxy_pass="http://127.0.0.1:9002/api/")
+    cfg = config.from_dict(data)
+    loc = cfg.servers[0].locations[0]
+    assert loc.proxy_pass == "http://127.0.0.1:9002" and loc.proxy_uri == "/api/"
+    assert cfg.upstream("http://127.0.0.1:9002").servers[0].address == "127.0.0.1:9002"
+
+
+def test_recipe_timeouts_and_headers():
+    cfg = config.from_dict(minimal(connect_timeout="7d", send_timeout="3600s",
+                                   read_timeout="3600s",
+                                   set_headers={"X-Forwarded-Proto": "$scheme", "X-Gone": ""}))
+    loc = cfg.servers[0].locations[0]
+    assert loc.connect_timeout == 7 * 86400 and loc.read_timeout == 3600
+    assert loc.set_headers[0][1].parts == ((True, "scheme"),)
+    assert loc.set_headers[1] == ("X-Gone", None)
+
+
+@pytest.mark.parametrize("mutate, key, problem", [
+    (lambda d: d["server"][0]["location"][0].update(bogus=1),
+     "server[0].location['/ws'].bogus", "unknown key"),
+    (lambda d: d["server"][0]["location"][0].update(read_timeout="5 minutes"),
+     "server[0].location['/ws'].read_timeout", "is not a duration"),
+    (lambda d: d["server"][0]["location"][0].update(read_timeout=True),
+     "server[0].location['/ws'].read_timeout", "a duration is a string"),
+    (lambda d: d["server"][0]["location"][0].update(proxy_pass="nowhere"),
+     "server[0].location[0].proxy_pass", "unknown upstream 'nowhere'"),
+    (lambda d: d["server"][0].update(listen=["127.0.0.1:99999"]),
+     "server[0].listen[0]", "is not a port number"),
+    (lambda d: d["server"][0].update(listen=["::1:80"]),
+     "server[0].listen[0]", "write an IPv6 address in brackets"),
+    (lambda d: d["upstream"][0].update(servers=[{"address": "127.0.0.1:1", "weight": 0}]),
+     "upstream.backend.servers[0].weight", "must be at least 1"),
+    (lambda d: d["upstream"][0].update(balance="random"),
+     "upstream.backend.balance", "unknown method 'random'"),
+    (lambda d: d["upstream"][0].update(servers="127.0.0.1:1"),
+     "upstream.backend.servers", "expected a list"),
+    (lambda d: d["server"][0]["location"][0].update(set_headers={"Bad Name": "x"}),
+     "server[0].location['/ws'].set_headers.Bad Name", "not a valid header name"),
+    (lambda d: d["server"][0]["location"][0].update(set_headers={"X-A": "$nosuchvar"}),
+     "server[0].location['/ws'].set_headers.X-A", "unknown variable $nosuchvar"),
+    (lambda d: d["server"][0]["location"][0].update(upgrade_tokens=["h2c"]),
+     "server[0].location['/ws'].upgrade_tokens", "h2c cannot be tunnelled"),
+    (lambda d: d["server"][0]["location"][0].update(path="ws"),
+     "server[0].location[0].path", "must start with '/'"),
+    (lambda d: d["server"][0]["location"].append({"path": "/ws", "proxy_pass": "backend"}),
+     "server[0].location[1].path", "duplicate location '/ws'"),
+    (lambda d: d.update(processes=0), "processes", "expected a number of processes"),
+    (lambda d: d.pop("server"), "server", "needs at least one [[server]]"),
+])
+def test_mistakes_name_the_key(mutate, key, problem):
+    data = minimal()
+    mutate(data)
+    with pytest.raises(ConfigError) as info:
+        config.from_dict(data, "fastws.toml")
+    assert info.value.key == key
+    assert problem in info.value.problem
+    assert str(info.value).startswith(f"fastws.toml: {key}: ")
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "fastws", *args], capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_check_prints_upstreams_and_succeeds(tmp_path):
+    path = tmp_path / "ok.toml"
+    path.write_text(to_toml(minimal()))
+    result = run_cli("-t", "-c", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "backend" in result.stdout and "127.0.0.1:9001" in result.stdout
+    assert "test is successful" in result.stdout
+
+
+@pytest.mark.parametrize("text, expected", [
+    ('[[server]]\nlisten = ["127.0.0.1:8080"]\n[[server.location]]\npath = "/"\n'
+     'proxy_pass = "http://127.0.0.1:1"\nread_timeout = "soon"\n',
+     "server[0].location['/'].read_timeout: 'soon' is not a duration"),
+    ("[[server]\n", "not valid TOML"),
+    ('worker_connections = "many"\n[[server]]\nlisten = ["127.0.0.1:1"]\n',
+     "worker_connections: expected an integer, got a string"),
+])
+def test_a_bad_file_is_one_line_and_exit_1(tmp_path, text, expected):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    for args in (("-t", "-c", str(path)), ("-c", str(path))):
+        result = run_cli(*args)
+        assert result.returncode == 1
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1, result.stderr
+        assert lines[0].startswith(f"fastws: {path}: ")
+        assert expected in lines[0]
+        assert "Traceback" not in result.stderr
+
+
+def test_missing_file(tmp_path):
+    result = run_cli("-t", "-c", str(tmp_path / "absent.toml"))
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"fastws: {tmp_path / 'absent.toml'}: no such file"
+
+
+def test_listen_address_in_use_is_one_line(tmp_path):
+    import socket
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
+    port = busy.getsockname()[1]
+    data = minimal()
+    data["server"][0]["listen"] = [f"127.0.0.1:{port}"]
+    path = tmp_path / "busy.toml"
+    path.write_text(to_toml(data))
+    result = run_cli("-c", str(path))
+    busy.close()
+    assert result.returncode == 1
+    assert result.stderr.strip() == \
+        f"fastws: cannot listen: 127.0.0.1:{port}: Address already in use"
+
+
+def test_version():
+    import fastws
+    result = run_cli("--version")
+    assert result.stdout.strip() == f"fastws {fastws.__version__}"
