@@ -72,7 +72,8 @@ def run_demo(port: int) -> int:
     except KeyboardInterrupt:
         pass
     stats = worker.engine.stats() if worker.engine is not None else {}
-    print(f"\nfastws demo: stopped; {stats.get('tunnels_total', 0)} tunnels relayed, "
+    tunnels = stats.get("tunnels_total", 0)
+    print(f"\nfastws demo: stopped; {tunnels} tunnel{'' if tunnels == 1 else 's'} relayed, "
           f"{stats.get('bytes_spliced', 0)} bytes by splice(2), "
           f"{stats.get('bytes_copied', 0)} by copy", flush=True)
     return 0

@@ -1,0 +1,16 @@
+.PHONY: compile debug test bench clean
+
+compile:
+	pip install -e .
+
+debug:
+	FASTWS_DEBUG=1 pip install -e .
+
+test: compile
+	python -m pytest
+
+bench: compile
+	python -m bench
+
+clean:
+	rm -rf build fastws/*.c fastws/*.so fastws/*.html *.egg-info
