@@ -88,6 +88,8 @@ def parse_args(argv):
     ap.add_argument("--haproxy-splice", choices=("always", "auto"), default="always",
                     help="HAProxy + splice: `option splice-request` + `option splice-response` "
                          "(always, the default: the faster of the two for bulk here) or `option splice-auto`")
+    ap.add_argument("--fastws-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="add a top-level line to the fastws config, VALUE in TOML (e.g. worker_connections=20000)")
     ap.add_argument("--keep-tmp", action="store_true", help="keep the generated configs and logs")
     ap.add_argument("--micro", choices=("auto", "yes", "no"), default="auto",
                     help="also run the pytest-benchmark micro-benchmarks (auto: on full runs, not --quick)")
@@ -147,7 +149,8 @@ def main(argv=None) -> int:
     if mpl_note:
         notes.append(mpl_note)
     exes = build.build_all(log)
-    targets = make_targets(tnames, 0, args.fastws_processes, args.haproxy_splice)
+    targets = make_targets(tnames, 0, args.fastws_processes, args.haproxy_splice,
+                           dict(o.split("=", 1) for o in args.fastws_option if "=" in o))
     skipped = {t.name: t.note for t in targets if not t.available}
     for t in targets:
         if not t.available:
@@ -173,7 +176,7 @@ def main(argv=None) -> int:
                 fastws_version = (r.stdout or r.stderr).strip().splitlines()[0] if r.returncode == 0 else None
             except (OSError, subprocess.TimeoutExpired, IndexError):
                 pass
-            fastws_version = f"fastws {fastws_version or '(version unknown)'}: {t.note}"
+            fastws_version = f"{fastws_version or 'fastws (version unknown)'}: {t.note}"
     total = rounds * len(scenarios) * len(live)
     log(f"{rounds} round(s) × {len(scenarios)} scenario(s) × {len(live)} target(s) = {total} runs, "
         f"{warmup:g} s warm-up + {duration:g} s measured each")
