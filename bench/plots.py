@@ -38,6 +38,9 @@ def _bars(ax, summ, targets, key, title, ylabel):
         return
     x = range(len(names))
     ax.bar(x, med, color=cols, yerr=[lo, hi], capsize=3, error_kw={"elinewidth": 1})
+    top = max((m + h for m, h in zip(med, hi)), default=0)
+    if top > 0:
+        ax.set_ylim(0, top * 1.15)   # room for the value labels
     ax.set_xticks(list(x))
     ax.set_xticklabels(names, rotation=25, ha="right", fontsize=8)
     ax.set_title(title, fontsize=9)
