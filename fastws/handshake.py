@@ -28,9 +28,10 @@ class HeadError(Exception):
 
 class RequestHead:
     __slots__ = ("method", "target", "version", "headers", "leftover", "upgrade_offer",
-                 "size", "keep_alive")
+                 "size", "keep_alive", "_index")
 
     def __init__(self) -> None:
+        self._index: dict[bytes, list[bytes]] | None = None
         self.method = b""
         self.target = b""
         self.version = ""
@@ -40,15 +41,28 @@ class RequestHead:
         self.size = 0
         self.keep_alive = False
 
+    def index(self) -> dict[bytes, list[bytes]]:
+        """The header values by lower-case name, built once on first use."""
+        index = self._index
+        if index is None:
+            index = self._index = {}
+            for name, value in self.headers:
+                lname = name.lower()
+                if lname in index:
+                    index[lname].append(value)
+                else:
+                    index[lname] = [value]
+        return index
+
     def get(self, lname: bytes) -> bytes | None:
         """The value of the header named `lname` (lower case); several are joined by ", "."""
-        found = [v for n, v in self.headers if n.lower() == lname]
-        if not found:
+        found = self.index().get(lname)
+        if found is None:
             return None
         return found[0] if len(found) == 1 else b", ".join(found)
 
     def count(self, lname: bytes) -> int:
-        return sum(1 for n, _ in self.headers if n.lower() == lname)
+        return len(self.index().get(lname, ()))
 
     def tokens(self, lname: bytes) -> list[bytes]:
         """The comma-separated tokens of a header such as Connection, lower-cased."""
@@ -154,7 +168,7 @@ def _check_request(head: RequestHead) -> None:
         raise HeadError(400, "several Host headers")
     if hosts == 0 and head.version == "1.1":
         raise HeadError(400, "no Host header")
-    cl = [v for n, v in head.headers if n.lower() == b"content-length"]
+    cl = head.index().get(b"content-length", [])
     te = head.get(b"transfer-encoding")
     if cl and te is not None:
         raise HeadError(400, "both Content-Length and Transfer-Encoding")
@@ -167,9 +181,10 @@ def _check_request(head: RequestHead) -> None:
 
 class ResponseHead:
     __slots__ = ("status", "reason", "version", "headers", "leftover", "raw", "keep_alive",
-                 "chunked", "content_length")
+                 "chunked", "content_length", "_index")
 
     def __init__(self) -> None:
+        self._index: dict[bytes, list[bytes]] | None = None
         self.status = 0
         self.reason = b""
         self.version = ""
@@ -180,6 +195,7 @@ class ResponseHead:
         self.chunked = False
         self.content_length: int | None = None
 
+    index = RequestHead.index
     get = RequestHead.get
     count = RequestHead.count
     tokens = RequestHead.tokens

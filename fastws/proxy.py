@@ -172,8 +172,14 @@ class ClientConn:
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.reader = RequestReader(self.server.max_request_line, self.server.max_request_head)
-        self.loop.add_reader(self.fd, self._on_client_head)
+
+    def start(self) -> None:
         self.timer = self.loop.call_later(self.server.client_header_timeout, self._on_header_timeout)
+        # The listener defers accept until the client has sent something (TCP_DEFER_ACCEPT), so
+        # the head is usually here already: read it now, and poll only when it is not complete.
+        self._on_client_head()
+        if self.state == "head" and not self.closed:
+            self.loop.add_reader(self.fd, self._on_client_head)
 
     # --- reading the request ---------------------------------------------------------------
 
@@ -316,10 +322,13 @@ class ClientConn:
         self.usock = usock
         self.ufd = usock.fileno()
         err = usock.connect_ex(peer.sockaddr)
-        if err in (0, errno.EINPROGRESS):
+        if err == errno.EINPROGRESS:
             self.state = "connect"
             self.loop.add_writer(self.ufd, self._on_connected)
             self.timer = self.loop.call_later(loc.connect_timeout, self._on_connect_timeout)
+        elif err == 0:
+            self.state = "connect"
+            self._on_connected()
         else:
             self._upstream_failed(f"connect() to {peer.name} failed ({err}: {os.strerror(err)}) "
                                   "while connecting to upstream", timeout=False)
@@ -370,8 +379,10 @@ class ClientConn:
             self._upstream_failed(f"connect() failed ({err}: {os.strerror(err)}) while connecting "
                                   "to upstream", timeout=False)
             return
-        self.loop.remove_writer(self.ufd)
-        self.timer.cancel()
+        if self.timer is not None:
+            self.loop.remove_writer(self.ufd)
+            self.timer.cancel()
+            self.timer = None
         self.t_connected = time.monotonic()
         self.selection.connected(self.peer)
         self.held = True

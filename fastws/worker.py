@@ -58,6 +58,9 @@ def bind_listener(addr: Address) -> socket.socket:
         if addr.family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind(addr.sockaddr)
+        # nginx's "deferred": accept once the client has sent its first bytes, so that reading
+        # the head rarely needs a poll of its own.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 1)
         sock.listen(4096)
         sock.setblocking(False)
     except OSError as exc:
@@ -178,6 +181,7 @@ class Worker:
                 self.stats.active -= 1
                 continue
             self.conns.add(conn)
+            conn.start()
 
     def connection_closed(self, conn: ClientConn) -> None:
         if conn in self.conns:
