@@ -661,6 +661,9 @@ cdef class Engine:
             double read_timeout, double send_timeout, str mode, object ctx):
         """Hand a tunnel's two sockets to the engine, which owns (and will close) them from now on.
 
+        Both must be non-blocking: splice(2) blocks on a blocking socket whatever
+        SPLICE_F_NONBLOCK says.
+
         to_upstream and to_client are bytes already read from each side past its head: they are
         delivered before anything else.  ctx comes back from drain() when the tunnel closes.
         """
@@ -671,11 +674,6 @@ cdef class Engine:
             raise RuntimeError("engine is not running")
         if client_fd < 0 or upstream_fd < 0:
             raise ValueError("bad file descriptor")
-        # splice(2) blocks on a blocking socket whatever SPLICE_F_NONBLOCK says
-        for fd in (client_fd, upstream_fd):
-            flags = _errcheck(fcntl(fd, F_GETFL))
-            if not flags & O_NONBLOCK:
-                _errcheck(fcntl(fd, F_SETFL, flags | O_NONBLOCK))
         t = <Tunnel *>calloc(1, sizeof(Tunnel))
         if t == NULL:
             raise MemoryError()

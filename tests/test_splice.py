@@ -29,6 +29,8 @@ def tunnel(engine, mode, *, early_up=b"", early_down=b"", read_timeout=30.0, sen
     else:
         client, c_in = tcp_pair()
         u_in, upstream = tcp_pair()
+    c_in.setblocking(False)
+    u_in.setblocking(False)
     engine.add(c_in.detach(), u_in.detach(), early_up, early_down, read_timeout, send_timeout,
                mode, ctx)
     client.settimeout(10)
