@@ -519,6 +519,11 @@ cdef int flow_pump_tls(EngineState *e, Tunnel *t, int d) noexcept nogil:
             got = tls_io(e, t, d, e.buf + n, e.bufsize - n, 0)
             if got > 0:
                 n += got
+                if not fastws_ssl.has_pending(t.ssl[d]):
+                    # OpenSSL holds nothing more: the socket is drained for now, or epoll
+                    # (level-triggered) reports it again; this spares a read that would fail
+                    status = -1
+                    break
                 continue
             if got == 0:
                 status = 0
@@ -900,9 +905,11 @@ cdef class Engine:
         t.ctx = <PyObject *>ctx
         for i, obj in enumerate((client_ssl, upstream_ssl)):
             if ssl[i] != NULL:
-                # Ask OpenSSL to drop its 16 KiB+ record buffers while a tunnel idles.
+                # Drop the 16 KiB+ record buffers while a tunnel idles; read ahead, so that one
+                # read(2) brings a record's header and body, or several records.
                 fastws_ssl.ctrl(ssl[i], FASTWS_SSL_CTRL_MODE, FASTWS_SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER
                                 | FASTWS_SSL_MODE_RELEASE_BUFFERS, NULL)
+                fastws_ssl.ctrl(ssl[i], FASTWS_SSL_CTRL_SET_READ_AHEAD, 1, NULL)
                 Py_INCREF(obj)
                 t.sslobj[i] = <PyObject *>obj
                 t.ssl[i] = ssl[i]
