@@ -12,7 +12,6 @@ import socket
 import ssl
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +101,7 @@ def test_wss_echo_small_and_16mb(make_proxy, echo_backend, ca, tmp_path, ports, 
     cfg = tls_config(port, sport, write_cert(ca, tmp_path, "site", "localhost"),
                      echo_backend.address)
     cfg["server"][0]["location"][0]["relay"] = relay
-    proxy = make_proxy(cfg, port=port)
+    make_proxy(cfg, port=port)
     big = os.urandom(16 << 20)
     with connect(f"wss://localhost:{port}/ws", ssl=client_context(ca), max_size=None,
                  compression=None) as ws:
