@@ -5,6 +5,7 @@ Certificates are made at test time with trustme; every connection is a real TLS 
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import json
 import os
@@ -12,12 +13,13 @@ import socket
 import ssl
 import subprocess
 import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 import trustme
-from websockets.sync.client import connect
+from websockets.asyncio.client import connect
 
 from support import (RawBackend, free_port, http_get, raw_echo_handler, read_all, read_head,
                      to_toml, upgrade_request, ws_accept, wait_port)
@@ -81,6 +83,30 @@ def https_get(port: int, path: str, ctx: ssl.SSLContext, host: str = "localhost"
     return int(head.split(b" ", 2)[1]), body, info
 
 
+def wss_echo(url: str, ctx: ssl.SSLContext, messages: list[Any], *, clients: int = 1,
+             during: Callable[[], None] | None = None, **kw: Any) -> None:
+    """Open `clients` WebSocket connections, echo `messages` on each, call `during()` while
+    they are open, and echo them again.  websockets' asyncio client, not its sync one: the
+    sync client reads and writes one SSLSocket from two threads at once, which OpenSSL does
+    not allow, and loses a request now and then when TLS 1.3 tickets arrive meanwhile."""
+    async def main() -> None:
+        conns = [await connect(url, ssl=ctx, max_size=None, compression=None, **kw)
+                 for _ in range(clients)]
+        try:
+            for round_ in range(2):
+                for ws in conns:
+                    for m in messages:
+                        await ws.send(m)
+                        assert await ws.recv() == m
+                if round_ == 0 and during is not None:
+                    during()        # blocking calls: the connections just wait
+        finally:
+            for ws in conns:
+                await ws.close()
+
+    asyncio.run(main())
+
+
 def check_config(tmp_path: Path, config: dict[str, Any]) -> subprocess.CompletedProcess[str]:
     path = tmp_path / "check.toml"
     path.write_text(to_toml(config))
@@ -103,20 +129,13 @@ def test_wss_echo_small_and_16mb(make_proxy, echo_backend, ca, tmp_path, ports, 
     cfg["server"][0]["location"][0]["relay"] = relay
     make_proxy(cfg, port=port)
     big = os.urandom(16 << 20)
-    with connect(f"wss://localhost:{port}/ws", ssl=client_context(ca), max_size=None,
-                 compression=None) as ws:
-        for i in range(200):
-            ws.send(f"message {i}")
-            assert ws.recv() == f"message {i}"
-        ws.send(big)
-        assert ws.recv() == big
-        ws.send(b"")
-        assert ws.recv() == b""
+    wss_echo(f"wss://localhost:{port}/ws", client_context(ca),
+             [f"message {i}" for i in range(100)] + [big, b""])
     eng = status(sport)["engine"]
     # the tunnel's bytes went through the engine's TLS path: decrypted and encrypted in C
     assert eng["tls_tunnels_total"] == 1
     assert eng["bytes_spliced"] == 0
-    assert eng["bytes_copied"] >= 2 * len(big)
+    assert eng["bytes_copied"] >= 4 * len(big)
     assert eng["tls_reads"] > 0 and eng["tls_writes"] > 0
 
 
@@ -233,27 +252,27 @@ def test_bad_clients_are_closed_without_harm(make_proxy, echo_backend, ca, tmp_p
     port, sport = ports
     tls = dict(write_cert(ca, tmp_path, "site", "localhost"), handshake_timeout="500ms")
     proxy = make_proxy(tls_config(port, sport, tls, echo_backend.address), port=port)
-    ctx = client_context(ca)
-    with connect(f"wss://localhost:{port}/ws", ssl=ctx, compression=None) as ws:
-        ws.send("before")
-        assert ws.recv() == "before"
+    stalled: list[socket.socket] = []
+
+    def faults() -> None:
         # plain HTTP to the TLS port: a plain 400, as nginx's 497
         raw = read_all_from(port, b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
         assert raw.startswith(b"HTTP/1.1 400 ")
         # garbage: closed
         raw = read_all_from(port, b"\x16\x03\x01\x00\x05garbage" + os.urandom(300))
         assert not raw.startswith(b"HTTP/")
-        # a stalled handshake: half a ClientHello, then nothing; closed by the handshake timeout
-        stalled = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(3)]
-        for s in stalled:
+        # a stalled handshake: half a ClientHello, then nothing
+        for _ in range(3):
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
             s.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
-        ws.send("during")
-        assert ws.recv() == "during"
-        for s in stalled:
-            assert s.recv(100) == b""       # the proxy closed it
-            s.close()
-        ws.send("after")
-        assert ws.recv() == "after"
+            stalled.append(s)
+
+    url, ctx = f"wss://localhost:{port}/ws", client_context(ca)
+    wss_echo(url, ctx, ["message"], during=faults)
+    for s in stalled:
+        assert s.recv(100) == b""       # closed by the handshake timeout
+        s.close()
+    wss_echo(url, ctx, ["after"])
     assert status(sport)["connections"]["active"] == 1     # the status request itself
     assert proxy.proc.poll() is None
     assert "timed out in the TLS handshake" in proxy.output()
@@ -411,3 +430,105 @@ def test_renewed_certificate_files_are_read_again(ca, tmp_path):
     write_cert(ca, tmp_path, "site", "localhost")       # renewed in place
     assert served_serial() != first
 
+
+
+# --- the recipe ----------------------------------------------------------------------------
+
+RECIPE_HTTPS = """
+[[upstream]]
+name = "websocket_backend"
+servers = ["{backend}"]
+
+[[server]]
+listen = ["{listen}"]
+server_name = ["example.com"]
+tls = {{ certificate = "{certificate}", key = "{key}" }}
+
+[[server.location]]
+path = "/ws"
+proxy_pass = "http://websocket_backend"
+connect_timeout = "7d"
+send_timeout = "7d"
+read_timeout = "7d"
+"""
+
+
+def test_recipe_https_block(make_proxy, echo_backend, ca, tmp_path, port):
+    """The nginx recipe's HTTPS block, as docs/tls.md writes it for fastws."""
+    cert = write_cert(ca, tmp_path, "example.com", "example.com")
+    make_proxy(RECIPE_HTTPS.format(backend=echo_backend.address, listen=f"127.0.0.1:{port}",
+                                   **cert), port=port)
+    wss_echo(f"wss://example.com:{port}/ws", client_context(ca), ["through the recipe"],
+             sock=socket.create_connection(("127.0.0.1", port)), server_hostname="example.com")
+    headers = dict((k.lower(), v) for k, v in echo_backend.requests[-1])
+    assert headers["host"] == f"example.com:{port}"
+    assert headers["x-forwarded-proto"] == "https"
+    assert headers["upgrade"] == "websocket"
+
+
+def test_plain_request_proxied_over_https(make_proxy, ca, tmp_path, ports):
+    port, sport = ports
+
+    def answer(conn: socket.socket, backend: RawBackend) -> None:
+        head, _ = read_head(conn)
+        backend.heads.append(head)
+        body = b"y" * 300_000
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+
+    backend = RawBackend(answer)
+    make_proxy(tls_config(port, sport, write_cert(ca, tmp_path, "site", "localhost"),
+                          backend.address), port=port)
+    code, body, _ = https_get(port, "/ws/plain", client_context(ca))
+    assert code == 200 and body == b"y" * 300_000
+    assert b"\r\nX-Forwarded-Proto: https\r\n" in backend.heads[0]
+    backend.close()
+
+
+def test_tls_tunnels_release_everything(make_proxy, echo_backend, ca, tmp_path, ports):
+    port, sport = ports
+    proxy = make_proxy(tls_config(port, sport, write_cert(ca, tmp_path, "site", "localhost"),
+                                  echo_backend.address), port=port)
+    ctx = client_context(ca)
+    https_get(port, "/hello", ctx)
+    time.sleep(0.3)          # let that connection finish closing
+    baseline = proxy.fds()
+    active: list[int] = []
+    wss_echo(f"wss://localhost:{port}/ws", ctx, ["a", b"b" * 70000], clients=20,
+             during=lambda: active.append(status(sport)["tunnels"]["active"]))
+    assert active == [20]
+    deadline = time.monotonic() + 10
+    while status(sport)["tunnels"]["active"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert status(sport)["tunnels"]["active"] == 0
+    deadline = time.monotonic() + 5
+    while proxy.fds() > baseline and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proxy.fds() == baseline
+
+
+def test_tls_client_that_stops_reading_hits_send_timeout(make_proxy, ca, tmp_path, ports):
+    port, sport = ports
+
+    def firehose(conn: socket.socket, backend: RawBackend) -> None:
+        from support import ws_upgrade_handler
+        ws_upgrade_handler(conn, backend)
+        chunk = b"z" * 65536
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            conn.sendall(chunk)
+
+    backend = RawBackend(firehose)
+    cfg = tls_config(port, sport, write_cert(ca, tmp_path, "site", "localhost"), backend.address)
+    cfg["server"][0]["location"][0]["send_timeout"] = "1s"
+    make_proxy(cfg, port=port)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with client_context(ca).wrap_socket(raw, server_hostname="localhost") as s:
+            s.sendall(upgrade_request(host="localhost"))
+            head, _ = read_head(s)
+            assert head.startswith(b"HTTP/1.1 101")
+            deadline = time.monotonic() + 15
+            while status(sport)["engine"]["send_timeouts"] == 0 and time.monotonic() < deadline:
+                time.sleep(0.1)
+    engine = status(sport)["engine"]
+    assert engine["send_timeouts"] == 1 and engine["tunnels_active"] == 0
+    backend.close()
