@@ -112,6 +112,7 @@ cdef struct EngineState:
     unsigned long long tls_tunnels_total
     unsigned long long tls_reads
     unsigned long long tls_writes
+    unsigned long long tls_ready_runs
 
 
 # --- timer heap (relay thread only) -------------------------------------------------------
@@ -766,6 +767,7 @@ cdef void engine_run_ready(EngineState *e, Tunnel **closed) noexcept nogil:
         t.ready = 0
         t.ready_next = NULL
         if not t.closing:
+            e.tls_ready_runs += 1
             r = 0
             for side in range(2):
                 if r == 0 and mask & (1 << side):
@@ -995,6 +997,7 @@ cdef class Engine:
             "tls_tunnels_total": e.tls_tunnels_total,
             "tls_reads": e.tls_reads,
             "tls_writes": e.tls_writes,
+            "tls_ready_runs": e.tls_ready_runs,
         }
 
     def __dealloc__(self):

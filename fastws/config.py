@@ -186,7 +186,6 @@ class TLSConfig:
     ciphers: str = "HIGH:!aNULL:!MD5"
     handshake_timeout: float = 60.0
     session_tickets: bool = True
-    session_timeout: float = 300.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -81,9 +81,8 @@ def read_server_tls(server: _Reader) -> TLSConfig | None:
     if timeout <= 0:
         raise r.fail("handshake_timeout", "must be greater than zero")
     tickets = r.get("session_tickets", bool, True)
-    session_timeout = r.duration("session_timeout", 300.0)
     r.finish()
-    conf = TLSConfig(cert, key, tuple(protocols), ciphers, timeout, tickets, session_timeout)
+    conf = TLSConfig(cert, key, tuple(protocols), ciphers, timeout, tickets)
     try:
         server_context(conf)
     except _Problem as exc:
