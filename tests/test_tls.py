@@ -121,15 +121,16 @@ def ports() -> tuple[int, int]:
 
 # --- termination ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("relay", ["auto", "splice"])
-def test_wss_echo_small_and_16mb(make_proxy, echo_backend, ca, tmp_path, ports, relay):
+@pytest.mark.parametrize("relay,version", [("auto", ssl.TLSVersion.TLSv1_3),
+                                           ("splice", ssl.TLSVersion.TLSv1_2)])
+def test_wss_echo_small_and_16mb(make_proxy, echo_backend, ca, tmp_path, ports, relay, version):
     port, sport = ports
     cfg = tls_config(port, sport, write_cert(ca, tmp_path, "site", "localhost"),
                      echo_backend.address)
     cfg["server"][0]["location"][0]["relay"] = relay
     make_proxy(cfg, port=port)
     big = os.urandom(16 << 20)
-    wss_echo(f"wss://localhost:{port}/ws", client_context(ca),
+    wss_echo(f"wss://localhost:{port}/ws", client_context(ca, maximum_version=version),
              [f"message {i}" for i in range(100)] + [big, b""])
     eng = status(sport)["engine"]
     # the tunnel's bytes went through the engine's TLS path: decrypted and encrypted in C
