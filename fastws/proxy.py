@@ -27,9 +27,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("fastws")
 
 REASONS = {
-    200: "OK", 301: "Moved Permanently", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 405: "Not Allowed",
-    408: "Request Timeout", 413: "Payload Too Large", 414: "URI Too Long", 426: "Upgrade Required",
-    431: "Request Header Fields Too Large", 500: "Internal Server Error", 502: "Bad Gateway",
+    200: "OK", 301: "Moved Permanently", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
+    405: "Not Allowed", 408: "Request Timeout", 413: "Payload Too Large", 414: "URI Too Long",
+    426: "Upgrade Required", 431: "Request Header Fields Too Large", 500: "Internal Server Error", 502: "Bad Gateway",
     503: "Service Unavailable", 504: "Gateway Timeout", 505: "HTTP Version Not Supported",
 }
 
