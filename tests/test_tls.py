@@ -533,3 +533,25 @@ def test_tls_client_that_stops_reading_hits_send_timeout(make_proxy, ca, tmp_pat
     engine = status(sport)["engine"]
     assert engine["send_timeouts"] == 1 and engine["tunnels_active"] == 0
     backend.close()
+
+
+def test_other_tls_settings_fail_the_config_check(ca, tmp_path):
+    site = write_cert(ca, tmp_path, "site", "localhost")
+    cases = []
+    cfg = tls_config(8443, 8080, site, "127.0.0.1:1")
+    cfg["upstream"][0]["tls"] = {"ca_file": str(tmp_path / "missing-ca.pem")}
+    cases.append((cfg, "upstream.backend.tls.ca_file: ", "no such file"))
+    cfg = tls_config(8443, 8080, site, "127.0.0.1:1")
+    cfg["upstream"][0]["tls"] = {"ca_file": site["key"]}
+    cases.append((cfg, "upstream.backend.tls.ca_file: ", "no CA certificate could be loaded"))
+    cfg = tls_config(8443, 8080, site, "127.0.0.1:1")
+    cfg["server"][0]["redirect_https"] = True
+    cases.append((cfg, "server[0].redirect_https: ", "applies to a plain-HTTP server"))
+    cfg = tls_config(8443, 8080, site, "127.0.0.1:1")
+    cfg["server"][0]["location"][0]["proxy_pass"] = "wss://127.0.0.1:1"
+    cases.append((cfg, "proxy_pass: ", "unsupported scheme 'wss'"))
+    for cfg, key, problem in cases:
+        result = check_config(tmp_path, cfg)
+        assert result.returncode == 1
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and key in lines[0] and problem in lines[0], result.stderr
