@@ -664,9 +664,10 @@ cdef void tunnel_start(EngineState *e, Tunnel *t, Tunnel **closed) noexcept nogi
         r = flow_flush(e, t, 0)
     if r >= 0 and t.flow[1].held != NULL:
         r = flow_flush(e, t, 1)
-    # A TLS side may already hold decrypted bytes the handshake code did not ask for.
+    # A TLS side may already hold bytes the handshake code did not ask for, where epoll
+    # cannot see them.
     for i in range(2):
-        if t.ssl[i] != NULL:
+        if t.ssl[i] != NULL and fastws_ssl.has_pending(t.ssl[i]):
             tunnel_ready(e, t, i)
     tunnel_settle(e, t, r if r < 0 else 0, closed)
 
@@ -912,6 +913,7 @@ cdef class Engine:
                 fastws_ssl.ctrl(ssl[i], FASTWS_SSL_CTRL_MODE, FASTWS_SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER
                                 | FASTWS_SSL_MODE_RELEASE_BUFFERS, NULL)
                 fastws_ssl.ctrl(ssl[i], FASTWS_SSL_CTRL_SET_READ_AHEAD, 1, NULL)
+                fastws_ssl.free_buffers(ssl[i])     # those of the handshake; refused if in use
                 Py_INCREF(obj)
                 t.sslobj[i] = <PyObject *>obj
                 t.ssl[i] = ssl[i]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -49,9 +50,8 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
     raise TimeoutError(f"nothing listens on {port}")
 
 
-def cpu_seconds(pid: int) -> float:
-    """CPU time of a process and of its child processes that are alive (nginx's workers)."""
-    pids = [pid]
+def children(pid: int) -> list[int]:
+    out = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
@@ -59,9 +59,14 @@ def cpu_seconds(pid: int) -> float:
             except OSError:
                 continue
             if int(fields[1]) == pid:
-                pids.append(int(entry))
+                out.append(int(entry))
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time of a process and of its child processes that are alive (nginx's workers)."""
     total = 0
-    for p in pids:
+    for p in [pid] + children(pid):
         fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
         total += int(fields[11]) + int(fields[12])
     return total / TICK
@@ -177,6 +182,27 @@ def bulk_down(port: int, ctx: ssl.SSLContext | None, megabytes: int, pid: int) -
             "mb_per_s": megabytes / wall}
 
 
+def rss_kb(pid: int) -> int:
+    """Resident memory of a process and of its live child processes, in KiB."""
+    total = 0
+    for p in [pid] + children(pid):
+        for line in Path(f"/proc/{p}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1])
+    return total
+
+
+def idle(port: int, ctx: ssl.SSLContext | None, count: int, pid: int) -> dict[str, float]:
+    """Memory the proxy holds per idle tunnel: open `count` tunnels, then compare RSS."""
+    before = rss_kb(pid)
+    socks = [open_ws(port, "/echo", ctx) for _ in range(count)]
+    time.sleep(0.5)
+    after = rss_kb(pid)
+    for s in socks:
+        s.close()
+    return {"tunnels": count, "kb_per_tunnel": (after - before) / count}
+
+
 def fastws_config(port: int, backend: int, cert: Path | None, key: Path | None) -> str:
     tls = f'tls = {{ certificate = "{cert}", key = "{key}" }}\n' if cert else ""
     return (f'[[upstream]]\nname = "backend"\nservers = ["127.0.0.1:{backend}"]\n\n'
@@ -226,8 +252,11 @@ def main() -> int:
     ap.add_argument("--messages", type=int, default=1000, help="per connection")
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--bulk-mb", type=int, default=256)
+    ap.add_argument("--idle", type=int, default=1000, help="idle tunnels for the memory figure")
     ap.add_argument("--targets", default="fastws,nginx")
     args = ap.parse_args()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4 * args.idle + 1024)), hard))
     import trustme
 
     work = Path(tempfile.mkdtemp(prefix="tlsbench-"))
@@ -269,7 +298,8 @@ def main() -> int:
                 row = {"target": target, "tls": tls,
                        "echo": echo(port, ctx, args.conns, args.messages, args.size, proc.pid),
                        "up": bulk_up(port, ctx, args.bulk_mb, proc.pid),
-                       "down": bulk_down(port, ctx, args.bulk_mb, proc.pid)}
+                       "down": bulk_down(port, ctx, args.bulk_mb, proc.pid),
+                       "idle": idle(port, ctx, args.idle, proc.pid)}
                 rows.append(row)
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(10)
@@ -277,13 +307,13 @@ def main() -> int:
         print(f"echo: {args.conns} connections x {args.messages} messages of {args.size} bytes; "
               f"bulk: {args.bulk_mb} MB up (to /sink) and down (from /firehose)")
         print("| proxy | TLS | echo CPU us/msg | echo msg/s | up CPU ms/MB | up MB/s "
-              "| down CPU ms/MB | down MB/s |")
-        print("|---|---|---|---|---|---|---|---|")
+              "| down CPU ms/MB | down MB/s | idle KiB/tunnel |")
+        print("|---|---|---|---|---|---|---|---|---|")
         for r in rows:
-            e, u, d = r["echo"], r["up"], r["down"]
+            e, u, d, i = r["echo"], r["up"], r["down"], r["idle"]
             print(f"| {r['target']} | {'wss' if r['tls'] else 'ws'} | {e['us_per_msg']:.1f} | "
                   f"{e['msg_per_s']:.0f} | {u['ms_per_mb']:.2f} | {u['mb_per_s']:.0f} | "
-                  f"{d['ms_per_mb']:.2f} | {d['mb_per_s']:.0f} |")
+                  f"{d['ms_per_mb']:.2f} | {d['mb_per_s']:.0f} | {i['kb_per_tunnel']:.1f} |")
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)

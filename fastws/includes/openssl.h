@@ -38,6 +38,7 @@ typedef struct {
     int (*shutdown)(FASTWS_SSL *);
     long (*ctrl)(FASTWS_SSL *, int, long, void *);
     int (*get_fd)(const FASTWS_SSL *);
+    int (*free_buffers)(FASTWS_SSL *);
     void (*err_clear)(void);
 } fastws_ssl_api;
 
@@ -70,9 +71,10 @@ static int fastws_ssl_load(const char *hint)
     *(void **)&api.shutdown = dlsym(h, "SSL_shutdown");
     *(void **)&api.ctrl = dlsym(h, "SSL_ctrl");
     *(void **)&api.get_fd = dlsym(h, "SSL_get_fd");
+    *(void **)&api.free_buffers = dlsym(h, "SSL_free_buffers");
     *(void **)&api.err_clear = dlsym(h, "ERR_clear_error");
     if (!api.read || !api.write || !api.get_error || !api.pending || !api.has_pending ||
-            !api.shutdown || !api.ctrl || !api.get_fd || !api.err_clear)
+            !api.shutdown || !api.ctrl || !api.get_fd || !api.free_buffers || !api.err_clear)
         return -1;
     fastws_ssl = api;
     fastws_ssl_ready = 1;

@@ -14,6 +14,7 @@ cdef extern from "openssl.h" nogil:
         int (*shutdown)(FASTWS_SSL *) noexcept nogil
         long (*ctrl)(FASTWS_SSL *, int, long, void *) noexcept nogil
         int (*get_fd)(const FASTWS_SSL *) noexcept nogil
+        int (*free_buffers)(FASTWS_SSL *) noexcept nogil
         void (*err_clear)() noexcept nogil
     fastws_ssl_api fastws_ssl
     int fastws_ssl_load(const char *hint)
