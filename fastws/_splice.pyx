@@ -1070,6 +1070,12 @@ cdef FASTWS_SSL *_borrow_ssl(object sslobj, int fd) except? NULL:
     return ssl
 
 
+def check_ssl(object sslobj, int fd):
+    """Raise unless the engine can relay through this ssl connection object (SSLSocket._sslobj)
+    on socket fd: the check Engine.add makes, for a start-up self-test."""
+    _borrow_ssl(sslobj, fd)
+
+
 def load_openssl():
     """Resolve the OpenSSL calls of TLS tunnels in the libssl the ssl module loaded; True when
     TLS tunnels can be relayed by the engine."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import errno
+import functools
 import logging
 import os
 import re
@@ -61,11 +62,39 @@ def _path(r: _Reader, name: str, value: str) -> str:
     return path
 
 
+@functools.cache
+def engine_problem() -> str | None:
+    """Why the relay engine cannot relay TLS with this Python's ssl module, or None: the
+    engine's own check on a throwaway connection object, once per process."""
+    from . import _splice
+    a, b = socket.socketpair()
+    try:
+        s = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).wrap_socket(
+            a, server_hostname="check.invalid", do_handshake_on_connect=False)
+        try:
+            _splice.check_ssl(s._sslobj, s.fileno())
+        finally:
+            s.close()
+    except (RuntimeError, TypeError, OSError) as exc:
+        return str(exc)
+    finally:
+        a.close()
+        b.close()
+    return None
+
+
+def _check_engine(r: _Reader) -> None:
+    problem = engine_problem()
+    if problem is not None:
+        raise r.fail("tls", f"TLS is not available: {problem}")
+
+
 def read_server_tls(server: _Reader) -> TLSConfig | None:
     """The `tls` table of a [[server]], with every file checked (config.py calls this)."""
     table = server.get("tls", dict, None)
     if table is None:
         return None
+    _check_engine(server)
     r = _Reader(server.source, table, server.key("tls"))
     cert = _path(r, "certificate", r.get("certificate", str, required=True))
     key = _path(r, "key", r.get("key", str, required=True))
@@ -95,6 +124,7 @@ def read_upstream_tls(upstream: _Reader) -> UpstreamTLS | None:
     value = upstream.get("tls", (bool, dict), None)
     if value is None or value is False:
         return None
+    _check_engine(upstream)
     if value is True:
         return UpstreamTLS()
     r = _Reader(upstream.source, value, upstream.key("tls"))
@@ -112,9 +142,14 @@ def read_upstream_tls(upstream: _Reader) -> UpstreamTLS | None:
 
 
 def check_listeners(source: str, servers: tuple[ServerBlock, ...]) -> None:
-    """An address is TLS or plain for every server on it (nginx's `listen ... ssl`)."""
+    """An address is TLS or plain for every server on it (nginx's `listen ... ssl`); and a
+    proxy_pass https:// needs an engine that can relay TLS."""
     seen: dict[tuple[str, int], tuple[int, bool]] = {}
     for si, server in enumerate(servers):
+        for li, loc in enumerate(server.locations):
+            if loc.proxy_tls and engine_problem() is not None:
+                raise ConfigError(source, f"server[{si}].location[{li}].proxy_pass",
+                                  f"TLS is not available: {engine_problem()}")
         for addr in server.listen:
             first = seen.setdefault((addr.host, addr.port), (si, server.tls is not None))
             if first[1] != (server.tls is not None):
@@ -441,9 +476,6 @@ class WorkerTLS:
     def listener(self, key: tuple[str, int], default: ServerBlock) -> ListenerTLS | None:
         if default.tls is None:
             return None
-        from . import _splice
-        if not _splice.load_openssl():
-            raise RuntimeError("the relay engine cannot find the ssl module's OpenSSL library")
         return ListenerTLS(self.servers, self.router, key, default)
 
     def for_location(self, loc: "LocationConfig") -> UpstreamTLSConnect | None:

@@ -555,3 +555,24 @@ def test_other_tls_settings_fail_the_config_check(ca, tmp_path):
         assert result.returncode == 1
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and key in lines[0] and problem in lines[0], result.stderr
+
+
+def test_engine_trusts_an_ssl_object_only_when_openssl_agrees():
+    """The engine finds the SSL* inside CPython's private _ssl object, and checks it."""
+    from fastws import _splice, tls
+
+    assert tls.engine_problem() is None
+    a, b = socket.socketpair()
+    other = socket.socket()
+    s = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).wrap_socket(a, server_hostname="x.test",
+                                                            do_handshake_on_connect=False)
+    try:
+        _splice.check_ssl(s._sslobj, s.fileno())
+        with pytest.raises(RuntimeError, match="cannot find the SSL connection"):
+            _splice.check_ssl(s._sslobj, other.fileno())        # not the socket it was made on
+        with pytest.raises(TypeError):
+            _splice.check_ssl(s, s.fileno())                     # not an _ssl._SSLSocket
+    finally:
+        s.close()
+        b.close()
+        other.close()
