@@ -369,8 +369,15 @@ def test_certificate_problems_fail_the_config_check(ca, tmp_path, echo_backend):
     past = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=1)
     expired = write_cert(ca, tmp_path, "expired", "localhost",
                          not_before=past - datetime.timedelta(days=30), not_after=past)
+    from cryptography.hazmat.primitives import serialization
+    key = serialization.load_pem_private_key(Path(good["key"]).read_bytes(), password=None)
+    encrypted = tmp_path / "encrypted.key"
+    encrypted.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                            serialization.PrivateFormat.PKCS8,
+                                            serialization.BestAvailableEncryption(b"secret")))
     cases = [
         (dict(good, certificate=str(tmp_path / "missing.crt")), "tls.certificate", "no such file"),
+        (dict(good, key=str(encrypted)), "tls.key", "the key is encrypted"),
         (dict(good, key=str(tmp_path)), "tls.key", "is a directory"),
         (dict(good, key=other["key"]), "tls.key", "the key does not match the certificate"),
         (expired, "tls.certificate", "the certificate expired on"),
