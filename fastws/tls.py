@@ -72,7 +72,7 @@ def engine_problem() -> str | None:
         s = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).wrap_socket(
             a, server_hostname="check.invalid", do_handshake_on_connect=False)
         try:
-            _splice.check_ssl(s._sslobj, s.fileno())
+            _splice.check_ssl(sslobj(s), s.fileno())
         finally:
             s.close()
     except (RuntimeError, TypeError, OSError) as exc:
@@ -292,9 +292,10 @@ class _TLSSocket(ssl.SSLSocket):
 
     def shutdown(self, how: int) -> None:
         # close_notify first (best effort: the peer's is never waited for), then the FIN
-        if self._sslobj is not None and how != socket.SHUT_RD:
+        obj = sslobj(self)
+        if obj is not None and how != socket.SHUT_RD:
             try:
-                self._sslobj.shutdown()
+                obj.shutdown()
             except (ssl.SSLError, OSError, ValueError):
                 pass
         socket.socket.shutdown(self, how)
@@ -305,7 +306,7 @@ def sslobj(sock: Any) -> Any:
     return getattr(sock, "_sslobj", None)
 
 
-def _sni(sock: ssl.SSLSocket, name: str | None, ctx: ssl.SSLContext) -> None:
+def _sni(sock: Any, name: str | None, ctx: ssl.SSLContext) -> None:
     route = getattr(sock, "fastws_route", None)
     if route is not None and name:
         chosen = route(name.lower())
@@ -421,6 +422,7 @@ class UpstreamTLSConnect:
         """Handshake on conn.usock (connected); then conn._upstream_ready() or
         conn._upstream_failed(why)."""
         name = self.server_name(conn.peer)
+        assert conn.usock is not None
         try:
             sock = self.context.wrap_socket(conn.usock, server_side=False, server_hostname=name,
                                             do_handshake_on_connect=False)

@@ -432,7 +432,8 @@ def test_renewed_certificate_files_are_read_again(ca, tmp_path):
             if all(done):
                 break
         cert = client.getpeercert()
-        return int(cert["serialNumber"], 16)
+        assert cert is not None
+        return int(str(cert["serialNumber"]), 16)
 
     first = served_serial()
     write_cert(ca, tmp_path, "site", "localhost")       # renewed in place
