@@ -21,7 +21,6 @@ import os
 import re
 import socket
 import ssl
-import time
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -473,7 +472,6 @@ class WorkerTLS:
         for up in config.upstreams:
             if up.tls is not None:
                 self.upstreams[up.name] = UpstreamTLSConnect(up.tls)
-        self.built = time.time()
 
     def listener(self, key: tuple[str, int], default: ServerBlock) -> ListenerTLS | None:
         if default.tls is None:
