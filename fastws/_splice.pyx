@@ -7,16 +7,23 @@
 # recv/send through one shared per-engine buffer where that is cheaper (small messages), chosen
 # per direction as HAProxy's splice-auto does.  An idle tunnel holds neither a pipe nor a buffer:
 # only its Tunnel struct.
+#
+# A TLS side (wss://, https://, or TLS to the upstream) is read with SSL_read and written with
+# SSL_write on the same shared buffer, on the SSL* of the connection Python's ssl module
+# handshook (includes/openssl.h): no splice, since the kernel cannot decrypt, but still no Python
+# code per message.  SSL wants map to epoll interest, and plaintext OpenSSL holds that epoll
+# cannot see is picked up through a ready list.
 
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from cpython.ref cimport PyObject, Py_INCREF, Py_XDECREF
-from libc.errno cimport errno, EAGAIN, EINTR, EINVAL, ENOSYS, ENOMEM
+from libc.errno cimport errno, EAGAIN, EINTR, EINVAL, ENOSYS, ENOMEM, EPIPE, EPROTO
 from libc.stdint cimport uint64_t, uintptr_t
 from libc.stdlib cimport calloc, free, malloc
 from libc.string cimport memcpy, strerror
 
 from fastws.includes.linux cimport *
+from fastws.includes.openssl cimport *
 
 include "includes/consts.pxi"
 
@@ -60,6 +67,11 @@ cdef struct Tunnel:
     int closing
     PyObject *ctx
     Tunnel *next
+    FASTWS_SSL *ssl[2]       # NULL: a plain socket
+    PyObject *sslobj[2]      # the _ssl._SSLSocket that owns ssl[s], kept alive while it is used
+    unsigned int tls_want[2] # interest OpenSSL asked for on a side (a read that must write...)
+    int ready                # sides whose SSL holds bytes epoll cannot see (bit per side)
+    Tunnel *ready_next
 
 
 cdef struct EngineState:
@@ -74,6 +86,7 @@ cdef struct EngineState:
     Tunnel **heap            # relay thread only: tunnels by deadline
     int heap_len
     int heap_cap
+    Tunnel *ready            # relay thread only: tunnels with ready sides
     Pipe *free_pipes
     int pipes_total
     int pipes_free
@@ -95,6 +108,10 @@ cdef struct EngineState:
     unsigned long long switches_to_copy
     unsigned long long closes[9]     # by reason: index -reason
     unsigned long long loops
+    unsigned long long tls_tunnels_total
+    unsigned long long tls_reads
+    unsigned long long tls_writes
+    unsigned long long tls_ready_runs
 
 
 # --- timer heap (relay thread only) -------------------------------------------------------
@@ -255,7 +272,7 @@ cdef int flow_flush(EngineState *e, Tunnel *t, int d) noexcept nogil:
     cdef int dst = t.fd[1 - d]
     cdef ssize_t n
     while f.held != NULL:
-        n = send(dst, f.held + f.held_off, f.held_len - f.held_off, MSG_DONTWAIT | MSG_NOSIGNAL)
+        n = side_send(e, t, 1 - d, f.held + f.held_off, f.held_len - f.held_off)
         if n > 0:
             f.held_off += n
             if f.held_off == f.held_len:
@@ -286,6 +303,10 @@ cdef int flow_flush(EngineState *e, Tunnel *t, int d) noexcept nogil:
         pipe_put(e, f.pipe)
         f.pipe = NULL
     if f.eof and not f.shut:
+        if t.ssl[1 - d] != NULL:
+            # TLS's half-close: a close_notify alert, then the FIN (best effort, never waited for)
+            fastws_ssl.err_clear()
+            fastws_ssl.shutdown(t.ssl[1 - d])
         shutdown(dst, SHUT_WR)
         f.shut = 1
     return 0
@@ -309,6 +330,24 @@ cdef int flow_hold(EngineState *e, Tunnel *t, int d, const char *data, Py_ssize_
     return flow_blocked(e, t, f)
 
 
+cdef int flow_forward(EngineState *e, Tunnel *t, int d, ssize_t n) noexcept nogil:
+    # n bytes read into the shared buffer: count them and send them on, holding what the
+    # destination does not take.  0: all sent, 1: held, <0: close reason.
+    cdef Flow *f = &t.flow[d]
+    cdef ssize_t w
+    f.nbytes += n
+    f.last_rx = e.now
+    e.bytes_copied += n
+    w = side_send(e, t, 1 - d, e.buf, n)
+    if w < 0:
+        if errno != EAGAIN and errno != EINTR:
+            return CLOSE_UPSTREAM_ERROR if d == 0 else CLOSE_CLIENT_ERROR
+        w = 0
+    if w < n:
+        return flow_hold(e, t, d, e.buf + w, n - w)
+    return 0
+
+
 cdef int flow_read_eof(EngineState *e, Tunnel *t, int d) noexcept nogil:
     t.flow[d].eof = 1
     if t.first_eof < 0:
@@ -322,11 +361,12 @@ cdef int flow_pump(EngineState *e, Tunnel *t, int d) noexcept nogil:
     cdef int src = t.fd[d]
     cdef int dst = t.fd[1 - d]
     cdef int r
-    cdef ssize_t n, w
+    cdef ssize_t n
     cdef Py_ssize_t budget = PUMP_BUDGET
     cdef int src_error = CLOSE_CLIENT_ERROR if d == 0 else CLOSE_UPSTREAM_ERROR
-    cdef int dst_error = CLOSE_UPSTREAM_ERROR if d == 0 else CLOSE_CLIENT_ERROR
 
+    if t.ssl[d] != NULL:
+        return flow_pump_tls(e, t, d)
     r = flow_flush(e, t, d)
     if r != 0:
         return r if r < 0 else 0
@@ -370,18 +410,9 @@ cdef int flow_pump(EngineState *e, Tunnel *t, int d) noexcept nogil:
             n = recv(src, e.buf, <size_t>e.bufsize, MSG_DONTWAIT)
             e.copy_calls += 1
             if n > 0:
-                f.nbytes += n
-                f.last_rx = e.now
-                e.bytes_copied += n
                 budget -= n
-                w = send(dst, e.buf, <size_t>n, MSG_DONTWAIT | MSG_NOSIGNAL)
-                if w < 0:
-                    if errno == EAGAIN or errno == EINTR:
-                        w = 0
-                    else:
-                        return dst_error
-                if w < n:
-                    r = flow_hold(e, t, d, e.buf + w, n - w)
+                r = flow_forward(e, t, d, n)
+                if r != 0:
                     return r if r < 0 else 0
                 if n == e.bufsize:
                     f.streak += 1
@@ -405,6 +436,146 @@ cdef int flow_pump(EngineState *e, Tunnel *t, int d) noexcept nogil:
     return 0
 
 
+# --- TLS sides ----------------------------------------------------------------------------
+
+cdef ssize_t side_send(EngineState *e, Tunnel *t, int s, const char *buf, Py_ssize_t n) noexcept nogil:
+    # Bytes taken by side s, or -1 with errno: EAGAIN (wait for the socket) or a failure.  A TLS
+    # write that blocked must be repeated with the same bytes: the caller holds exactly the rest
+    # (SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER lets them move).
+    if t.ssl[s] == NULL:
+        return send(t.fd[s], buf, <size_t>n, MSG_DONTWAIT | MSG_NOSIGNAL)
+    return tls_io(e, t, s, <char *>buf, TLS_WRITE_MAX if n > TLS_WRITE_MAX else n, 1)
+
+
+cdef ssize_t tls_io(EngineState *e, Tunnel *t, int s, char *buf, Py_ssize_t n, bint writing) noexcept nogil:
+    # SSL_write or SSL_read with recv(2)'s answers: >0 bytes, 0 end of stream (reads), -1 with
+    # errno (EAGAIN: wait; OpenSSL may want the other readiness, which tls_want records).
+    cdef FASTWS_SSL *ssl = t.ssl[s]
+    cdef int r, err, saved
+    fastws_ssl.err_clear()
+    if writing:
+        r = fastws_ssl.write(ssl, buf, <int>n)
+        e.tls_writes += 1
+    else:
+        r = fastws_ssl.read(ssl, buf, <int>n)
+        e.tls_reads += 1
+    if r > 0:
+        return r
+    saved = errno
+    err = fastws_ssl.get_error(ssl, r)
+    if err == FASTWS_SSL_ERROR_WANT_READ or err == FASTWS_SSL_ERROR_WANT_WRITE:
+        if writing and err == FASTWS_SSL_ERROR_WANT_READ:
+            t.tls_want[s] |= EPOLLIN
+        elif not writing and err == FASTWS_SSL_ERROR_WANT_WRITE:
+            t.tls_want[s] |= EPOLLOUT
+        fastws_set_errno(EAGAIN)
+        return -1
+    if not writing and (err == FASTWS_SSL_ERROR_ZERO_RETURN
+                        or err == FASTWS_SSL_ERROR_SYSCALL and saved == 0):
+        # close_notify, or (OpenSSL 1.1) a FIN without it; 3.x reports the latter as
+        # ZERO_RETURN under SSL_OP_IGNORE_UNEXPECTED_EOF, which tls.py sets
+        return 0
+    fastws_set_errno(saved if err == FASTWS_SSL_ERROR_SYSCALL and saved != 0
+                     else (EPIPE if writing else EPROTO))
+    return -1
+
+
+cdef void tunnel_ready(EngineState *e, Tunnel *t, int s) noexcept nogil:
+    if t.ready == 0:
+        t.ready_next = e.ready
+        e.ready = t
+    t.ready |= 1 << s
+
+
+cdef void tunnel_unready(EngineState *e, Tunnel *t) noexcept nogil:
+    cdef Tunnel **link = &e.ready
+    if t.ready == 0:
+        return
+    while link[0] != NULL:
+        if link[0] == t:
+            link[0] = t.ready_next
+            break
+        link = &link[0].ready_next
+    t.ready = 0
+    t.ready_next = NULL
+
+
+cdef int flow_pump_tls(EngineState *e, Tunnel *t, int d) noexcept nogil:
+    # flow_pump for a TLS source: SSL_read fills the shared buffer record after record (a record
+    # holds at most 16 KiB), and the destination takes it in one write.
+    cdef Flow *f = &t.flow[d]
+    cdef int r, status
+    cdef ssize_t n, got
+    cdef Py_ssize_t budget = PUMP_BUDGET
+    cdef int src_error = CLOSE_CLIENT_ERROR if d == 0 else CLOSE_UPSTREAM_ERROR
+
+    r = flow_flush(e, t, d)
+    if r != 0:
+        return r if r < 0 else 0
+    while budget > 0 and not f.eof:
+        n = 0
+        status = 1                  # 1: more may come, 0: end of stream, -1: drained, -2: error
+        while n < e.bufsize:
+            got = tls_io(e, t, d, e.buf + n, e.bufsize - n, 0)
+            if got > 0:
+                n += got
+                if not fastws_ssl.has_pending(t.ssl[d]):
+                    # OpenSSL holds nothing more: the socket is drained for now, or epoll
+                    # (level-triggered) reports it again; this spares a read that would fail
+                    status = -1
+                    break
+                continue
+            if got == 0:
+                status = 0
+            elif errno == EINTR:
+                continue
+            elif errno == EAGAIN:
+                status = -1
+            else:
+                status = -2
+            break
+        if n > 0:
+            e.copy_calls += 1
+            budget -= n
+            r = flow_forward(e, t, d, n)
+            if r < 0:
+                return r
+            if r > 0:
+                # held: the rest goes when the destination drains, and then the EOF
+                if status == 0:
+                    f.eof = 1
+                    if t.first_eof < 0:
+                        t.first_eof = d
+                return src_error if status == -2 else 0
+        if status == 0:
+            return flow_read_eof(e, t, d)
+        if status == -2:
+            return src_error
+        if status == -1:
+            return 0
+    if not f.eof and fastws_ssl.has_pending(t.ssl[d]):
+        # out of budget with plaintext inside OpenSSL: epoll would never report it
+        tunnel_ready(e, t, d)
+    return 0
+
+
+cdef int tunnel_tls_event(EngineState *e, Tunnel *t, int side, unsigned int ev) noexcept nogil:
+    # An event on a TLS side: its read may have been waiting for writability (and its write for
+    # readability), so both ways are retried whatever the event.
+    cdef unsigned int want = t.tls_want[side]
+    cdef int r = 0
+    t.tls_want[side] = 0
+    if ev & (EPOLLIN | EPOLLHUP | EPOLLERR) or want & EPOLLOUT:
+        r = flow_pump(e, t, side)
+    if r == 0 and flow_holds(&t.flow[1 - side]):
+        r = flow_flush(e, t, 1 - side)
+        if r == 0 and not t.flow[1 - side].eof:
+            r = flow_pump(e, t, 1 - side)
+        elif r > 0:
+            r = 0
+    return r
+
+
 cdef void tunnel_close(EngineState *e, Tunnel *t, int reason, Tunnel **closed) noexcept nogil:
     cdef int i
     if t.closing:
@@ -423,6 +594,7 @@ cdef void tunnel_close(EngineState *e, Tunnel *t, int reason, Tunnel **closed) n
             free(t.flow[i].held)
             t.flow[i].held = NULL
     heap_remove(e, t)
+    tunnel_unready(e, t)
     e.tunnels_active -= 1
     e.closes[-reason] += 1
     t.next = closed[0]
@@ -436,7 +608,7 @@ cdef int tunnel_interest(EngineState *e, Tunnel *t) noexcept nogil:
     cdef unsigned int want
     cdef epoll_event ev
     for s in range(2):
-        want = 0
+        want = t.tls_want[s]
         if not t.flow[s].eof and not flow_holds(&t.flow[s]):
             want |= EPOLLIN
         if flow_holds(&t.flow[1 - s]):
@@ -473,7 +645,7 @@ cdef void tunnel_settle(EngineState *e, Tunnel *t, int r, Tunnel **closed) noexc
 
 cdef void tunnel_start(EngineState *e, Tunnel *t, Tunnel **closed) noexcept nogil:
     cdef int r = 0
-    cdef int reason
+    cdef int reason, i
     t.flow[0].last_rx = e.now
     t.flow[1].last_rx = e.now
     t.heap_idx = -1
@@ -488,6 +660,11 @@ cdef void tunnel_start(EngineState *e, Tunnel *t, Tunnel **closed) noexcept nogi
         r = flow_flush(e, t, 0)
     if r >= 0 and t.flow[1].held != NULL:
         r = flow_flush(e, t, 1)
+    # A TLS side may already hold bytes the handshake code did not ask for, where epoll
+    # cannot see them.
+    for i in range(2):
+        if t.ssl[i] != NULL and fastws_ssl.has_pending(t.ssl[i]):
+            tunnel_ready(e, t, i)
     tunnel_settle(e, t, r if r < 0 else 0, closed)
 
 
@@ -519,7 +696,9 @@ cdef void *engine_main(void *arg) noexcept nogil:
     cdef double wait
     while True:
         timeout = -1
-        if e.heap_len > 0:
+        if e.ready != NULL:
+            timeout = 0
+        elif e.heap_len > 0:
             wait = e.heap[0].deadline - fastws_monotonic()
             timeout = 0 if wait <= 0 else <int>(wait * 1000.0) + 1
         n = epoll_wait(e.epfd, events, MAX_EVENTS, timeout)
@@ -536,6 +715,9 @@ cdef void *engine_main(void *arg) noexcept nogil:
             if t.closing:
                 continue
             ev = events[i].events
+            if t.ssl[side] != NULL:
+                tunnel_settle(e, t, tunnel_tls_event(e, t, side, ev), &closed)
+                continue
             r = 0
             if ev & (EPOLLIN | EPOLLHUP | EPOLLERR):
                 r = flow_pump(e, t, side)
@@ -558,6 +740,7 @@ cdef void *engine_main(void *arg) noexcept nogil:
             incoming.next = NULL
             tunnel_start(e, incoming, &closed)
             incoming = nxt
+        engine_run_ready(e, &closed)
         if stopping:
             while e.heap_len > 0:
                 tunnel_close(e, e.heap[0], CLOSE_SHUTDOWN, &closed)
@@ -568,6 +751,26 @@ cdef void *engine_main(void *arg) noexcept nogil:
         if stopping:
             break
     return NULL
+
+
+cdef void engine_run_ready(EngineState *e, Tunnel **closed) noexcept nogil:
+    cdef Tunnel *t = e.ready
+    cdef Tunnel *nxt
+    cdef int mask, side, r
+    e.ready = NULL
+    while t != NULL:
+        nxt = t.ready_next
+        mask = t.ready
+        t.ready = 0
+        t.ready_next = NULL
+        if not t.closing:
+            e.tls_ready_runs += 1
+            r = 0
+            for side in range(2):
+                if r == 0 and mask & (1 << side):
+                    r = flow_pump(e, t, side)
+            tunnel_settle(e, t, r, closed)
+        t = nxt
 
 
 cdef void engine_report(EngineState *e, Tunnel *closed) noexcept nogil:
@@ -658,7 +861,8 @@ cdef class Engine:
         return self.e.notifyfd
 
     def add(self, int client_fd, int upstream_fd, bytes to_upstream, bytes to_client,
-            double read_timeout, double send_timeout, str mode, object ctx):
+            double read_timeout, double send_timeout, str mode, object ctx,
+            object client_ssl=None, object upstream_ssl=None):
         """Hand a tunnel's two sockets to the engine, which owns (and will close) them from now on.
 
         Both must be non-blocking: splice(2) blocks on a blocking socket whatever
@@ -666,14 +870,20 @@ cdef class Engine:
 
         to_upstream and to_client are bytes already read from each side past its head: they are
         delivered before anything else.  ctx comes back from drain() when the tunnel closes.
+        client_ssl and upstream_ssl are, for a TLS side, the ssl module's connection object
+        (SSLSocket._sslobj) whose handshake is done: the engine reads and writes through its
+        SSL* and keeps the object alive until the tunnel is drained.
         """
         cdef Tunnel *t
         cdef uint64_t one = 1
         cdef int i
+        cdef FASTWS_SSL *ssl[2]
         if not self.started or self.stopped:
             raise RuntimeError("engine is not running")
         if client_fd < 0 or upstream_fd < 0:
             raise ValueError("bad file descriptor")
+        ssl[0] = _borrow_ssl(client_ssl, client_fd)
+        ssl[1] = _borrow_ssl(upstream_ssl, upstream_fd)
         t = <Tunnel *>calloc(1, sizeof(Tunnel))
         if t == NULL:
             raise MemoryError()
@@ -684,6 +894,8 @@ cdef class Engine:
         t.first_eof = -1
         t.heap_idx = -1
         t.mode = _MODES[mode]
+        if ssl[0] != NULL or ssl[1] != NULL:
+            t.mode = RELAY_COPY         # the kernel cannot splice what it cannot decrypt
         t.started = fastws_monotonic()
         for i in range(2):
             t.flow[i].splicing = 1 if t.mode == RELAY_SPLICE else 0
@@ -693,6 +905,19 @@ cdef class Engine:
             raise MemoryError()
         Py_INCREF(ctx)
         t.ctx = <PyObject *>ctx
+        for i, obj in enumerate((client_ssl, upstream_ssl)):
+            if ssl[i] != NULL:
+                # Drop the 16 KiB+ record buffers while a tunnel idles; read ahead, so that one
+                # read(2) brings a record's header and body, or several records.
+                fastws_ssl.ctrl(ssl[i], FASTWS_SSL_CTRL_MODE, FASTWS_SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER
+                                | FASTWS_SSL_MODE_RELEASE_BUFFERS, NULL)
+                fastws_ssl.ctrl(ssl[i], FASTWS_SSL_CTRL_SET_READ_AHEAD, 1, NULL)
+                fastws_ssl.free_buffers(ssl[i])     # those of the handshake; refused if in use
+                Py_INCREF(obj)
+                t.sslobj[i] = <PyObject *>obj
+                t.ssl[i] = ssl[i]
+        if ssl[0] != NULL or ssl[1] != NULL:
+            self.e.tls_tunnels_total += 1
         pthread_mutex_lock(&self.e.lock)
         t.next = self.e.incoming
         self.e.incoming = t
@@ -717,6 +942,8 @@ cdef class Engine:
             out.append((<object>t.ctx, t.flow[0].nbytes, t.flow[1].nbytes,
                         t.ended - t.started, _REASONS.get(t.reason, "error")))
             Py_XDECREF(t.ctx)
+            Py_XDECREF(t.sslobj[0])
+            Py_XDECREF(t.sslobj[1])
             free(t)
             t = nxt
         out.reverse()
@@ -769,6 +996,10 @@ cdef class Engine:
             "send_timeouts": e.closes[-CLOSE_SEND_TIMEOUT],
             "closes": {name: e.closes[-reason] for reason, name in _REASONS.items()},
             "loops": e.loops,
+            "tls_tunnels_total": e.tls_tunnels_total,
+            "tls_reads": e.tls_reads,
+            "tls_writes": e.tls_writes,
+            "tls_ready_runs": e.tls_ready_runs,
         }
 
     def __dealloc__(self):
@@ -789,6 +1020,8 @@ cdef class Engine:
                     free(t.flow[0].held)
                     free(t.flow[1].held)
                 Py_XDECREF(t.ctx)
+                Py_XDECREF(t.sslobj[0])
+                Py_XDECREF(t.sslobj[1])
                 free(t)
                 t = nxt
         while self.e.free_pipes != NULL:
@@ -818,3 +1051,38 @@ cdef int _hold(Flow *f, bytes data) noexcept:
     f.held_len = n
     f.held_off = 0
     return 0
+
+
+cdef FASTWS_SSL *_borrow_ssl(object sslobj, int fd) except? NULL:
+    cdef FASTWS_SSL *ssl
+    if sslobj is None:
+        return NULL
+    cls = type(sslobj)
+    if cls.__name__ != "_SSLSocket" or cls.__module__ != "_ssl":
+        raise TypeError(f"expected an ssl connection object (_ssl._SSLSocket), got {cls.__name__}")
+    if not load_openssl():
+        raise RuntimeError("the OpenSSL library of the ssl module cannot be found in the process")
+    ssl = fastws_ssl_of(<PyObject *>sslobj)
+    # The layout of _ssl._SSLSocket is CPython's private business: trust the pointer only if
+    # OpenSSL itself says it is the connection on this socket.
+    if ssl == NULL or fastws_ssl.get_fd(ssl) != fd:
+        raise RuntimeError("cannot find the SSL connection inside the ssl module's object")
+    return ssl
+
+
+def check_ssl(object sslobj, int fd):
+    """Raise unless the engine can relay through this ssl connection object (SSLSocket._sslobj)
+    on socket fd: the check Engine.add makes, for a start-up self-test."""
+    _borrow_ssl(sslobj, fd)
+
+
+def load_openssl():
+    """Resolve the OpenSSL calls of TLS tunnels in the libssl the ssl module loaded; True when
+    TLS tunnels can be relayed by the engine."""
+    import _ssl
+    hint = getattr(_ssl, "__file__", None)
+    cdef bytes b = hint.encode() if hint else b""
+    cdef const char *path = NULL
+    if hint:
+        path = b
+    return fastws_ssl_load(path) == 0

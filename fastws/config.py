@@ -177,6 +177,27 @@ class ServerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TLSConfig:
+    """A server's TLS termination (nginx's ssl_* directives); file paths are absolute."""
+
+    certificate: str
+    key: str
+    protocols: tuple[str, ...] = ("TLSv1.2", "TLSv1.3")
+    ciphers: str = "HIGH:!aNULL:!MD5"
+    handshake_timeout: float = 60.0
+    session_tickets: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamTLS:
+    """TLS to an upstream (nginx's proxy_ssl_*), with verification on by default."""
+
+    verify: bool = True
+    ca_file: str | None = None
+    server_name: str | None = None  # SNI and the name verified; default: each server's host
+
+
+@dataclass(frozen=True, slots=True)
 class UpstreamConfig:
     name: str
     servers: tuple[ServerConfig, ...]
@@ -187,6 +208,7 @@ class UpstreamConfig:
     balancer: str | None = None
     keepalive: int = 0
     implicit: bool = False  # made from a proxy_pass URL, not an [[upstream]] table
+    tls: UpstreamTLS | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,6 +230,7 @@ class LocationConfig:
     return_status: int | None = None
     return_body: str = ""
     status: str | None = None  # "stub" (nginx's stub_status text), "json" or "prometheus"
+    proxy_tls: bool = False  # proxy_pass = "https://..."
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,6 +242,8 @@ class ServerBlock:
     client_header_timeout: float = 60.0
     max_request_line: int = 8192
     max_request_head: int = 32768
+    tls: TLSConfig | None = None
+    redirect_https: int = 0  # the HTTPS port plain-HTTP requests are redirected to; 0: none
 
 
 @dataclass(frozen=True, slots=True)
@@ -370,9 +395,11 @@ def _read_upstream(source: str, table: Any, index: int) -> UpstreamConfig:
     if balancer is not None and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", balancer):
         raise r.fail("balancer", f"{balancer!r} is not an import path \"package.module:Class\"")
     keepalive = _positive_int(r, "keepalive", 0)
+    from .tls import read_upstream_tls
+    tls = read_upstream_tls(r)
     r.finish()
     return UpstreamConfig(name, servers, balance, hash_key, consistent, float(factor), balancer,
-                          keepalive)
+                          keepalive, tls=tls)
 
 
 def _template_value(value: Any) -> Template:
@@ -418,11 +445,13 @@ def _read_location(source: str, table: Any, where: str,
     proxy_pass = r.get("proxy_pass", str, None)
     proxy_uri = None
     upstream_name = None
+    proxy_tls = False
     if proxy_pass is not None:
         if "://" in proxy_pass:
             scheme, _, rest = proxy_pass.partition("://")
-            if scheme != "http":
-                raise r.fail("proxy_pass", f"unsupported scheme {scheme!r} (use http://)")
+            if scheme not in ("http", "https"):
+                raise r.fail("proxy_pass", f"unsupported scheme {scheme!r} (use http:// or https://)")
+            proxy_tls = scheme == "https"
             hostport, slash, uri = rest.partition("/")
             if slash:
                 proxy_uri = "/" + uri
@@ -431,11 +460,13 @@ def _read_location(source: str, table: Any, where: str,
             except ValueError:
                 upstream_name = hostport  # "http://name" may name an [[upstream]], as in nginx
             else:
-                url = f"http://{hostport}"
+                url = f"{scheme}://{hostport}"
                 upstream_name = url
                 if url not in implicit:
-                    addr = hostport if ":" in hostport.lstrip("[").split("]")[-1] else hostport + ":80"
-                    implicit[url] = UpstreamConfig(url, (ServerConfig(addr),), implicit=True)
+                    port = ":443" if proxy_tls else ":80"
+                    addr = hostport if ":" in hostport.lstrip("[").split("]")[-1] else hostport + port
+                    implicit[url] = UpstreamConfig(url, (ServerConfig(addr),), implicit=True,
+                                                   tls=UpstreamTLS() if proxy_tls else None)
         else:
             upstream_name = proxy_pass
     websocket = r.get("websocket", bool, True)
@@ -480,7 +511,7 @@ def _read_location(source: str, table: Any, where: str,
     return LocationConfig(path, exact, upstream_name, proxy_uri, websocket, tokens,
                           connect_timeout, send_timeout, read_timeout, tries, next_timeout,
                           set_headers, relay, socket_keepalive, return_status, return_body,
-                          status)
+                          status, proxy_tls)
 
 
 def _read_server(source: str, table: Any, index: int,
@@ -506,8 +537,16 @@ def _read_server(source: str, table: Any, index: int,
     max_head = r.size("max_request_head", 32768)
     if max_line < 256 or max_head < max_line:
         raise r.fail("max_request_head", "must be at least max_request_line (at least 256)")
+    from .tls import read_server_tls
+    tls = read_server_tls(r)
+    redirect = r.get("redirect_https", (bool, int), False)
+    redirect_https = 443 if redirect is True else int(redirect)
+    if not 0 <= redirect_https < 65536:
+        raise r.fail("redirect_https", "expected true or the HTTPS port (1-65535)")
+    if redirect_https and tls is not None:
+        raise r.fail("redirect_https", "applies to a plain-HTTP server, and this one has tls")
     locs_raw = r.get("location", list, [])
-    if not locs_raw:
+    if not locs_raw and not redirect_https:
         raise r.fail("location", "a server needs at least one [[server.location]]")
     locations = []
     seen: set[tuple[str, bool]] = set()
@@ -520,7 +559,7 @@ def _read_server(source: str, table: Any, index: int,
         locations.append(lc)
     r.finish()
     return ServerBlock(tuple(listen), names, default, tuple(locations), header_timeout,
-                       max_line, max_head)
+                       max_line, max_head, tls, redirect_https)
 
 
 def from_dict(data: Mapping[str, Any], source: str = "<config>") -> Config:
@@ -558,6 +597,8 @@ def from_dict(data: Mapping[str, Any], source: str = "<config>") -> Config:
                 raise ConfigError(source, f"server[{si}].location[{li}].proxy_pass",
                                   f"unknown upstream {loc.proxy_pass!r}")
     _check_defaults(source, servers)
+    from .tls import check_listeners
+    check_listeners(source, servers)
     r.finish()
     return Config(source, tuple(upstreams) + tuple(implicit.values()), servers, processes,
                   worker_connections, pipe_size, max_pipes)

@@ -16,7 +16,7 @@ import time
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, unquote
 
-from . import _http
+from . import _http, tls
 from .config import LocationConfig, ServerBlock, Template
 from .handshake import (HeadError, RequestHead, RequestReader, ResponseHead, ResponseReader,
                         check_websocket_request, check_websocket_response)
@@ -28,9 +28,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("fastws")
 
 REASONS = {
-    200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 405: "Not Allowed",
-    408: "Request Timeout", 413: "Payload Too Large", 414: "URI Too Long", 426: "Upgrade Required",
-    431: "Request Header Fields Too Large", 500: "Internal Server Error", 502: "Bad Gateway",
+    200: "OK", 301: "Moved Permanently", 400: "Bad Request", 403: "Forbidden", 404: "Not Found",
+    405: "Not Allowed", 408: "Request Timeout", 413: "Payload Too Large", 414: "URI Too Long",
+    426: "Upgrade Required", 431: "Request Header Fields Too Large", 500: "Internal Server Error", 502: "Bad Gateway",
     503: "Service Unavailable", 504: "Gateway Timeout", 505: "HTTP Version Not Supported",
 }
 
@@ -174,6 +174,12 @@ class ClientConn:
         self.reader = RequestReader(self.server.max_request_line, self.server.max_request_head)
 
     def start(self) -> None:
+        if self.listener.tls is not None:
+            self.listener.tls.accept(self)     # reading starts once the handshake is done
+        else:
+            self._start_reading()
+
+    def _start_reading(self) -> None:
         self.timer = self.loop.call_later(self.server.client_header_timeout, self._on_header_timeout)
         # The listener defers accept until the client has sent something (TCP_DEFER_ACCEPT), so
         # the head is usually here already: read it now, and poll only when it is not complete.
@@ -218,6 +224,12 @@ class ClientConn:
     def _dispatch(self, head: RequestHead) -> None:
         self.host = host_name(head.get(b"host"))
         self.server = self.w.router.server(self.listener.key, self.host)
+        if self.server.redirect_https:
+            port = self.server.redirect_https
+            url = b"https://%s%s%s" % ((self.host or self.listener.address.host).encode("idna"),
+                                       b"" if port == 443 else b":%d" % port, head.target)
+            self._fail(301, "redirect to https", b"Location: " + url + b"\r\n")
+            return
         path = head.target.split(b"?", 1)[0]
         if not path.startswith(b"/"):
             raise HeadError(400, "the request target is not an absolute path")
@@ -383,6 +395,15 @@ class ClientConn:
             # fd's poll handle instead of making a new one (which costs three system calls)
             self.timer.cancel()
             self.timer = None
+        assert self.location is not None
+        upstream_tls = self.w.tls.for_location(self.location)
+        if upstream_tls is not None:
+            self.loop.remove_writer(self.ufd)
+            upstream_tls.connect(self, self.location.connect_timeout)
+            return
+        self._upstream_ready()
+
+    def _upstream_ready(self) -> None:
         self.t_connected = time.monotonic()
         self.selection.connected(self.peer)
         self.held = True
@@ -476,13 +497,14 @@ class ClientConn:
                               self.head.size, len(resp.raw))
         to_client = resp.raw + resp.leftover
         self.held = False          # released by the worker when the tunnel closes
+        cssl, ussl = tls.sslobj(self.sock), tls.sslobj(self.usock)
         cfd = self.sock.detach()
         ufd = self.usock.detach()
         self.usock = None
         self.closed = True
         self.w.connection_closed(self)
         self.w.engine.add(cfd, ufd, self.head.leftover, to_client, loc.read_timeout,
-                          loc.send_timeout, loc.relay, record)
+                          loc.send_timeout, loc.relay, record, cssl, ussl)
         self.w.tunnel_opened(record)
 
     def _bad_gateway(self, why: str) -> None:
@@ -528,13 +550,14 @@ class ClientConn:
                               self.t_connected - self.t_connect, now - self.t_connect,
                               self.head.size, 0)
         self.held = False
+        cssl, ussl = tls.sslobj(self.sock), tls.sslobj(self.usock)
         cfd = self.sock.detach()
         ufd = self.usock.detach()
         self.usock = None
         self.closed = True
         self.w.connection_closed(self)
         self.w.engine.add(cfd, ufd, b"", b"", self.location.read_timeout,
-                          self.location.send_timeout, self.location.relay, record)
+                          self.location.send_timeout, self.location.relay, record, cssl, ussl)
         self.w.tunnel_opened(record)
 
     def _on_upstream_body(self) -> None:
@@ -609,14 +632,15 @@ class ClientConn:
         if not self.out and not self.closed:
             self._linger()
 
-    def _fail(self, status: int, why: str) -> None:
+    def _fail(self, status: int, why: str, extra: bytes = b"") -> None:
         if self.closed:
             return
         if status >= 500 or status == 408:
             log.info("%d for %s: %s", status, self.remote_addr, why)
         self._drop_upstream()
         self.loop.remove_reader(self.fd)
-        extra = b"Sec-WebSocket-Version: 13\r\n" if status == 426 else b""
+        if status == 426:
+            extra = b"Sec-WebSocket-Version: 13\r\n"
         self.state = "linger-send"
         self.out = b""
         self._client_write(error_response(status, extra=extra))

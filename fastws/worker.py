@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 import uvloop
 
-from . import _splice, balancer
+from . import _splice, balancer, tls
 from .config import Address, Config, ServerBlock
 from .proxy import ClientConn, TunnelRecord
 from .router import Router
@@ -70,16 +70,18 @@ def bind_listener(addr: Address) -> socket.socket:
 
 
 class Listener:
-    __slots__ = ("sock", "fd", "key", "address", "family", "scheme", "default_server")
+    __slots__ = ("sock", "fd", "key", "address", "family", "scheme", "default_server", "tls")
 
-    def __init__(self, sock: socket.socket, address: Address, default_server: ServerBlock) -> None:
+    def __init__(self, sock: socket.socket, address: Address, default_server: ServerBlock,
+                 tls: "tls.ListenerTLS | None" = None) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.address = address
         self.key = (address.host, address.port)
         self.family = sock.family
-        self.scheme = "http"
+        self.scheme = "https" if tls is not None else "http"
         self.default_server = default_server
+        self.tls = tls
 
 
 class Worker:
@@ -87,6 +89,7 @@ class Worker:
         self.config = config
         self.router = Router(config)
         self.upstreams = balancer.build_upstreams(config)
+        self.tls = tls.WorkerTLS(config, self.router)
         self.stats = Stats()
         self.conns: set[ClientConn] = set()
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
@@ -116,7 +119,7 @@ class Worker:
             if addr is None:
                 raise RuntimeError(f"no server listens on {host}:{port}")
             default = self.router.server((host, port), "")
-            listener = Listener(sock, addr, default)
+            listener = Listener(sock, addr, default, self.tls.listener((host, port), default))
             self.listeners.append(listener)
             self.loop.add_reader(listener.fd, self._on_accept, listener)
         self._stopped = self.loop.create_future()

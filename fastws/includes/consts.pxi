@@ -24,3 +24,5 @@ cdef enum:
     SPLICE_SMALL_STREAK = 4
     # Empty pipes kept for reuse; more than that are closed when returned.
     POOL_KEEP_FREE = 64
+    # Largest SSL_write asked for at once (an int in OpenSSL's API).
+    TLS_WRITE_MAX = 1073741824
