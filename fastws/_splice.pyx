@@ -15,12 +15,17 @@
 # cannot see is picked up through a ready list.
 
 cimport cython
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.ref cimport PyObject, Py_INCREF, Py_XDECREF
 from libc.errno cimport errno, EAGAIN, EINTR, EINVAL, ENOSYS, ENOMEM, EPIPE, EPROTO
 from libc.stdint cimport uint64_t, uintptr_t
 from libc.stdlib cimport calloc, free, malloc
-from libc.string cimport memcpy, strerror
+from libc.stdlib cimport realloc
+from libc.string cimport memchr, memcmp, memcpy, strerror
+
+
+cdef extern from "<strings.h>" nogil:
+    int strncasecmp(const char *s1, const char *s2, size_t n)
 
 from fastws.includes.linux cimport *
 from fastws.includes.openssl cimport *
@@ -72,6 +77,32 @@ cdef struct Tunnel:
     unsigned int tls_want[2] # interest OpenSSL asked for on a side (a read that must write...)
     int ready                # sides whose SSL holds bytes epoll cannot see (bit per side)
     Tunnel *ready_next
+    # the upstream half of the handshake, while phase is PHASE_HANDSHAKE (_relay_handshake.pxi)
+    int phase
+    char *rbuf               # the upstream's answer so far
+    Py_ssize_t rlen
+    Py_ssize_t rcap
+    char *early              # the client's bytes past its head, held until the 101 is checked
+    Py_ssize_t early_len
+    char expect[32]          # the Sec-WebSocket-Accept the answer must carry
+    int expect_len
+    char token[32]           # the Upgrade token asked for
+    int token_len
+    int hs_sent              # the request head is out (so the connect completed)
+    int err                  # errno of a failed connect or read
+    double hs_deadline
+    double header_timeout
+    double t_connected
+    PyObject *hctx           # Python's connection object, until the 101 or the return
+
+
+cdef struct Notice:
+    # A tunnel that became one in the engine: Python drops its handshake object.
+    PyObject *obj
+    double connect_time
+    double header_time
+    Py_ssize_t head_len
+    Notice *next
 
 
 cdef struct EngineState:
@@ -81,6 +112,7 @@ cdef struct EngineState:
     pthread_mutex_t lock
     Tunnel *incoming         # under lock
     Tunnel *done             # under lock; closed tunnels for Python
+    Notice *opened           # under lock; handshakes the engine completed
     int stopping             # under lock
     int running
     Tunnel **heap            # relay thread only: tunnels by deadline
@@ -109,6 +141,8 @@ cdef struct EngineState:
     unsigned long long closes[9]     # by reason: index -reason
     unsigned long long loops
     unsigned long long tls_tunnels_total
+    unsigned long long handshakes_done
+    unsigned long long handshakes_returned
     unsigned long long tls_reads
     unsigned long long tls_writes
     unsigned long long tls_ready_runs
@@ -188,6 +222,9 @@ cdef double tunnel_deadline(Tunnel *t, int *reason) noexcept nogil:
     cdef double d = 1e300
     cdef double c
     cdef int i
+    if t.phase == PHASE_HANDSHAKE:
+        reason[0] = HS_HEADER_TIMEOUT if t.hs_sent else HS_CONNECT_TIMEOUT
+        return t.hs_deadline
     reason[0] = CLOSE_READ_TIMEOUT
     if not t.flow[1].eof:
         if t.flow[1].blocked_since == 0:
@@ -593,6 +630,10 @@ cdef void tunnel_close(EngineState *e, Tunnel *t, int reason, Tunnel **closed) n
         if t.flow[i].held != NULL:
             free(t.flow[i].held)
             t.flow[i].held = NULL
+    free(t.rbuf)
+    t.rbuf = NULL
+    free(t.early)
+    t.early = NULL
     heap_remove(e, t)
     tunnel_unready(e, t)
     e.tunnels_active -= 1
@@ -668,6 +709,9 @@ cdef void tunnel_start(EngineState *e, Tunnel *t, Tunnel **closed) noexcept nogi
     tunnel_settle(e, t, r if r < 0 else 0, closed)
 
 
+include "_relay_handshake.pxi"
+
+
 cdef void engine_expire(EngineState *e, Tunnel **closed) noexcept nogil:
     cdef Tunnel *t
     cdef int reason
@@ -678,6 +722,8 @@ cdef void engine_expire(EngineState *e, Tunnel **closed) noexcept nogil:
         if d > e.now:
             t.deadline = d
             heap_down(e, 0)
+        elif t.phase == PHASE_HANDSHAKE:
+            hs_return(e, t, reason, closed)
         else:
             tunnel_close(e, t, reason, closed)
 
@@ -715,6 +761,9 @@ cdef void *engine_main(void *arg) noexcept nogil:
             if t.closing:
                 continue
             ev = events[i].events
+            if t.phase == PHASE_HANDSHAKE:
+                hs_event(e, t, &closed)
+                continue
             if t.ssl[side] != NULL:
                 tunnel_settle(e, t, tunnel_tls_event(e, t, side, ev), &closed)
                 continue
@@ -738,7 +787,10 @@ cdef void *engine_main(void *arg) noexcept nogil:
         while incoming != NULL:
             nxt = incoming.next
             incoming.next = NULL
-            tunnel_start(e, incoming, &closed)
+            if incoming.phase == PHASE_HANDSHAKE:
+                hs_start(e, incoming, &closed)
+            else:
+                tunnel_start(e, incoming, &closed)
             incoming = nxt
         engine_run_ready(e, &closed)
         if stopping:
@@ -780,7 +832,7 @@ cdef void engine_report(EngineState *e, Tunnel *closed) noexcept nogil:
     while last.next != NULL:
         last = last.next
     pthread_mutex_lock(&e.lock)
-    was_empty = e.done == NULL
+    was_empty = e.done == NULL and e.opened == NULL
     last.next = e.done
     e.done = closed
     pthread_mutex_unlock(&e.lock)
@@ -821,6 +873,7 @@ cdef class Engine:
     cdef pthread_t thread
     cdef bint started
     cdef bint stopped
+    cdef list _handshake_events
 
     def __cinit__(self, int pipe_size=262144, int max_pipes=1024, Py_ssize_t bufsize=65536):
         if bufsize < 1024:
@@ -838,6 +891,7 @@ cdef class Engine:
         if self.e.buf == NULL:
             raise MemoryError()
         pthread_mutex_init(&self.e.lock, NULL)
+        self._handshake_events = []
 
     def start(self):
         """Create the epoll set and the eventfds and start the relay thread."""
@@ -931,14 +985,39 @@ cdef class Engine:
         cdef Tunnel *nxt
         cdef uint64_t counter
         cdef list out = []
+        cdef list events = []
+        cdef Notice *notice
+        cdef Notice *notices
         if self.e.notifyfd >= 0:
             read(self.e.notifyfd, &counter, sizeof(counter))
         pthread_mutex_lock(&self.e.lock)
         t = self.e.done
         self.e.done = NULL
+        notices = self.e.opened
+        self.e.opened = NULL
         pthread_mutex_unlock(&self.e.lock)
+        while notices != NULL:
+            notice = notices
+            notices = notice.next
+            events.append(("opened", <object>notice.obj, notice.connect_time,
+                           notice.header_time, notice.head_len))
+            Py_XDECREF(notice.obj)
+            free(notice)
         while t != NULL:
             nxt = t.next
+            if t.phase == PHASE_HANDSHAKE:
+                # given back (fds open, Python's now), or closed by stop() before its 101
+                events.append(("returned", <object>t.hctx, t.fd[0], t.fd[1],
+                               _HS_REASONS.get(t.reason, "error") if t.fd[0] >= 0 else "shutdown",
+                               PyBytes_FromStringAndSize(t.rbuf, t.rlen) if t.rbuf != NULL else b"",
+                               t.err))
+                free(t.rbuf)
+                free(t.early)
+                Py_XDECREF(t.hctx)
+                Py_XDECREF(t.ctx)
+                free(t)
+                t = nxt
+                continue
             out.append((<object>t.ctx, t.flow[0].nbytes, t.flow[1].nbytes,
                         t.ended - t.started, _REASONS.get(t.reason, "error")))
             Py_XDECREF(t.ctx)
@@ -947,7 +1026,75 @@ cdef class Engine:
             free(t)
             t = nxt
         out.reverse()
+        events.reverse()
+        self._handshake_events.extend(events)
         return out
+
+    def drain_handshakes(self):
+        """Handshakes the engine finished since the last drain() (call drain() first):
+        ("opened", hctx, connect time, time to the 101, length of the 101 head) for one that
+        became a tunnel, ("returned", hctx, client fd, upstream fd, reason, bytes read, errno)
+        for one given back to Python with its sockets open ("shutdown": closed by stop())."""
+        events = self._handshake_events
+        self._handshake_events = []
+        return events
+
+    def handshake(self, int client_fd, int upstream_fd, bytes request, bytes early,
+                  bytes accept, bytes token, double connect_timeout, double header_timeout,
+                  double read_timeout, double send_timeout, str mode, object ctx, object hctx):
+        """Hand over a WebSocket handshake whose upstream connect is under way (non-blocking
+        sockets): the engine sends `request` once connected, reads the answer and, for a valid
+        101 (`token`, `accept`), makes the tunnel at once; else the sockets come back from
+        drain_handshakes().  `early` (client bytes past its head) is held until the 101.
+        ctx is the tunnel's, as for add(); hctx comes back with the outcome."""
+        cdef Tunnel *t
+        cdef uint64_t one = 1
+        if not self.started or self.stopped:
+            raise RuntimeError("engine is not running")
+        if client_fd < 0 or upstream_fd < 0:
+            raise ValueError("bad file descriptor")
+        if len(accept) >= 32 or len(token) >= 32 or not request:
+            raise ValueError("bad handshake")
+        t = <Tunnel *>calloc(1, sizeof(Tunnel))
+        if t == NULL:
+            raise MemoryError()
+        t.phase = PHASE_HANDSHAKE
+        t.fd[0] = client_fd
+        t.fd[1] = upstream_fd
+        t.read_timeout = read_timeout
+        t.send_timeout = send_timeout
+        t.header_timeout = header_timeout
+        t.first_eof = -1
+        t.heap_idx = -1
+        t.mode = _MODES[mode]
+        t.started = fastws_monotonic()
+        t.hs_deadline = t.started + connect_timeout
+        for i in range(2):
+            t.flow[i].splicing = 1 if t.mode == RELAY_SPLICE else 0
+        memcpy(t.expect, PyBytes_AS_STRING(accept), len(accept))
+        t.expect_len = len(accept)
+        memcpy(t.token, PyBytes_AS_STRING(token), len(token))
+        t.token_len = len(token)
+        if _hold(&t.flow[0], request) < 0:
+            free(t)
+            raise MemoryError()
+        if early:
+            t.early = <char *>malloc(len(early))
+            if t.early == NULL:
+                free(t.flow[0].held)
+                free(t)
+                raise MemoryError()
+            memcpy(t.early, PyBytes_AS_STRING(early), len(early))
+            t.early_len = len(early)
+        Py_INCREF(ctx)
+        t.ctx = <PyObject *>ctx
+        Py_INCREF(hctx)
+        t.hctx = <PyObject *>hctx
+        pthread_mutex_lock(&self.e.lock)
+        t.next = self.e.incoming
+        self.e.incoming = t
+        pthread_mutex_unlock(&self.e.lock)
+        write(self.e.wakefd, &one, sizeof(one))
 
     def stop(self):
         """Close every tunnel (reason "shutdown") and end the relay thread; drain() then
@@ -997,6 +1144,8 @@ cdef class Engine:
             "closes": {name: e.closes[-reason] for reason, name in _REASONS.items()},
             "loops": e.loops,
             "tls_tunnels_total": e.tls_tunnels_total,
+            "handshakes_done": e.handshakes_done,
+            "handshakes_returned": e.handshakes_returned,
             "tls_reads": e.tls_reads,
             "tls_writes": e.tls_writes,
             "tls_ready_runs": e.tls_ready_runs,
@@ -1005,6 +1154,7 @@ cdef class Engine:
     def __dealloc__(self):
         cdef Tunnel *t
         cdef Tunnel *nxt
+        cdef Notice *notice
         cdef Pipe *p
         if self.e == NULL:
             return
@@ -1014,16 +1164,26 @@ cdef class Engine:
             t = self.e.done if head == 0 else self.e.incoming
             while t != NULL:
                 nxt = t.next
-                if head == 1:
-                    close(t.fd[0])
-                    close(t.fd[1])
+                if head == 1 or t.phase == PHASE_HANDSHAKE:
+                    if t.fd[0] >= 0:
+                        close(t.fd[0])
+                    if t.fd[1] >= 0:
+                        close(t.fd[1])
                     free(t.flow[0].held)
                     free(t.flow[1].held)
+                free(t.rbuf)
+                free(t.early)
+                Py_XDECREF(t.hctx)
                 Py_XDECREF(t.ctx)
                 Py_XDECREF(t.sslobj[0])
                 Py_XDECREF(t.sslobj[1])
                 free(t)
                 t = nxt
+        while self.e.opened != NULL:
+            notice = self.e.opened
+            self.e.opened = notice.next
+            Py_XDECREF(notice.obj)
+            free(notice)
         while self.e.free_pipes != NULL:
             p = self.e.free_pipes
             self.e.free_pipes = p.next

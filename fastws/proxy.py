@@ -19,7 +19,7 @@ from urllib.parse import parse_qsl, unquote
 from . import _http, tls
 from .config import LocationConfig, ServerBlock, Template
 from .handshake import (HeadError, RequestHead, RequestReader, ResponseHead, ResponseReader,
-                        check_websocket_request, check_websocket_response)
+                        check_websocket_request, check_websocket_response, websocket_accept)
 from .router import host_name
 
 if TYPE_CHECKING:
@@ -139,7 +139,7 @@ class ClientConn:
                  "timer", "server", "location", "host", "head", "started", "upstream", "selection",
                  "peer", "usock", "ufd", "to_upstream", "rreader", "token", "key", "tries",
                  "t_connect", "t_connected", "deadline", "out", "closed", "state", "response",
-                 "upgrading", "remaining", "eof_delimited", "timed_out", "held")
+                 "upgrading", "remaining", "eof_delimited", "timed_out", "held", "record")
 
     def __init__(self, worker: "Worker", listener: Any, sock: socket.socket, addr: Any) -> None:
         self.w = worker
@@ -333,7 +333,10 @@ class ClientConn:
         self.usock = usock
         self.ufd = usock.fileno()
         err = usock.connect_ex(peer.sockaddr)
-        if err == errno.EINPROGRESS:
+        if err in (0, errno.EINPROGRESS) and self.upgrading and self.listener.tls is None \
+                and self.w.tls.for_location(loc) is None:
+            self._engine_handshake()
+        elif err == errno.EINPROGRESS:
             self.state = "connect"
             self.loop.add_writer(self.ufd, self._on_connected)
             self.timer = self.loop.call_later(loc.connect_timeout, self._on_connect_timeout)
@@ -343,6 +346,71 @@ class ClientConn:
         else:
             self._upstream_failed(f"connect() to {peer.name} failed ({err}: {os.strerror(err)}) "
                                   "while connecting to upstream", timeout=False)
+
+    # --- the upstream half of a plain WebSocket handshake, in the engine ---------------------
+
+    def _engine_handshake(self) -> None:
+        # The engine waits for the connect, sends the head and checks the 101 itself; this
+        # object hears back once: engine_opened() (a tunnel now), or engine_returned() (the
+        # sockets, for Python to decide: next server, an ordinary answer, or a 502).
+        loc = self.location
+        assert loc is not None and self.usock is not None
+        self.selection.connected(self.peer)
+        self.record = TunnelRecord(self.upstream, self.peer, self.remote_addr,
+                                   self.head.request_line, self.started, 0.0, 0.0,
+                                   self.head.size, 0)
+        cfd = self.sock.detach()
+        ufd = self.usock.detach()
+        self.usock = None
+        self.ufd = -1
+        self.state = "engine"
+        self.w.connection_closed(self)
+        self.w.engine.handshake(cfd, ufd, self.to_upstream, self.head.leftover,
+                                websocket_accept(self.key), self.token, loc.connect_timeout,
+                                loc.read_timeout, loc.read_timeout, loc.send_timeout, loc.relay,
+                                self.record, self)
+
+    def engine_opened(self, connect_time: float, header_time: float, head_len: int) -> None:
+        record = self.record
+        record.connect_time = connect_time
+        record.header_time = header_time
+        record.head_bytes_out = head_len
+        self.closed = True
+        self.w.tunnel_opened(record)
+
+    def engine_returned(self, cfd: int, ufd: int, reason: str, data: bytes, err: int) -> None:
+        if reason == "shutdown":            # closed by the engine's stop()
+            self.upstream.release(self.peer)
+            self.closed = True
+            return
+        self.sock = socket.socket(self.listener.family, socket.SOCK_STREAM, fileno=cfd)
+        self.sock.setblocking(False)
+        self.fd = cfd
+        self.usock = socket.socket(self.peer.family, socket.SOCK_STREAM, fileno=ufd)
+        self.usock.setblocking(False)
+        self.ufd = ufd
+        self.held = True
+        self.w.connection_reopened(self)
+        self.t_connected = self.t_connect
+        if reason == "response":
+            self.state = "response"
+            self.rreader = ResponseReader()
+            self.timer = self.loop.call_later(self.location.read_timeout, self._on_read_timeout)
+            self._on_response_data(data, polled=False)
+            return
+        why = {
+            "connect_error": f"connect() failed ({err}: {os.strerror(err)}) while connecting to "
+                             "upstream",
+            "connect_timeout": "upstream timed out (110: Connection timed out) while connecting "
+                               "to upstream",
+            "header_timeout": "upstream timed out (110: Connection timed out) while reading "
+                              "response header from upstream",
+            "upstream_closed": "upstream prematurely closed connection while reading response "
+                               "header from upstream" if not err else
+                               f"recv() failed ({err}: {os.strerror(err)}) while reading "
+                               "response header from upstream",
+        }.get(reason, f"the relay engine failed ({reason}) while reading response header")
+        self._upstream_failed(why, timeout=reason.endswith("timeout"))
 
     def _last_failure_status(self) -> int:
         return 504 if self.timed_out else 502
@@ -463,14 +531,20 @@ class ClientConn:
             self._upstream_failed("upstream prematurely closed connection while reading response "
                                   "header from upstream", timeout=False)
             return
+        self._on_response_data(data, polled=True)
+
+    def _on_response_data(self, data: bytes, *, polled: bool) -> None:
         try:
             resp = self.rreader.feed(data)
         except HeadError as exc:
             self._bad_gateway(f"upstream sent an invalid head: {exc.reason}")
             return
         if resp is None:
+            if not polled:
+                self.loop.add_reader(self.ufd, self._on_upstream_head)
             return
-        self.loop.remove_reader(self.ufd)
+        if polled:
+            self.loop.remove_reader(self.ufd)
         self.response = resp
         if resp.status == 101:
             why = check_websocket_response(resp, self.token, self.key)

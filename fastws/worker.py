@@ -221,8 +221,20 @@ class Worker:
         }
         return "application/json", orjson.dumps(data, option=orjson.OPT_INDENT_2)
 
+    def connection_reopened(self, conn: ClientConn) -> None:
+        """A connection the engine gave back to Python after its handshake."""
+        self.conns.add(conn)
+        self.stats.active += 1
+
     def _on_engine_notify(self) -> None:
-        for record, up, down, duration, reason in self.engine.drain():
+        closed = self.engine.drain()
+        for event in self.engine.drain_handshakes():
+            conn = event[1]
+            if event[0] == "opened":
+                conn.engine_opened(*event[2:])
+            else:
+                conn.engine_returned(*event[2:])
+        for record, up, down, duration, reason in closed:
             self.stats.tunnels -= 1
             record.upstream.release(record.peer)
             self.tunnel_closed(record, up, down, duration, reason)

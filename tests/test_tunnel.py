@@ -39,6 +39,8 @@ def test_messages_arrive_intact(make_proxy, echo_backend, port, relay):
         ws.send(b"")
         assert ws.recv() == b""
     engine = proxy.status()["engine"]
+    # the upstream half of the handshake ran in the engine: a valid 101 made the tunnel there
+    assert (engine["handshakes_done"], engine["handshakes_returned"]) == (1, 0)
     if relay == "splice":
         assert engine["bytes_spliced"] >= 2 * len(big)
         assert engine["bytes_copied"] == 0
@@ -206,7 +208,7 @@ def test_forged_101_is_refused(make_proxy, port, answer):
             pass
 
     backend = RawBackend(handler)
-    make_proxy(ws_config(port, backend.address), port=port)
+    proxy = make_proxy(ws_config(port, backend.address), port=port)
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         s.sendall(upgrade_request())
         head, _ = read_head(s)
@@ -218,6 +220,8 @@ def test_forged_101_is_refused(make_proxy, port, answer):
         read_all(s)
     wait_until(lambda: backend.received)
     assert all(b"smuggled" not in r for r in backend.received)
+    # the engine gave the answer back to Python, whose strict check refused it
+    assert proxy.status()["engine"]["handshakes_returned"] == 1
     backend.close()
 
 
@@ -497,3 +501,33 @@ def test_next_upstream_after_a_server_fails_before_its_101(make_proxy, echo_back
     # the failed server was tried once, then marked down (max_fails 1) for fail_timeout
     assert len(broken.heads) == 1
     broken.close()
+
+
+@pytest.mark.parametrize("answer", [
+    # valid 101s in other spellings: case, spacing, more tokens and headers
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: WebSocket\r\nConnection: keep-alive, Upgrade"
+    b"\r\nSec-WebSocket-Accept:    {accept}   \r\nX-Extra: 1\r\n\r\n",
+    b"HTTP/1.1 101 OK\r\nupgrade: websocket\r\nconnection: upgrade\r\n"
+    b"sec-websocket-accept: {accept}\r\n\r\n",
+], ids=["spaced-mixed-case", "lower-case"])
+def test_valid_101_variants_are_tunnelled(make_proxy, port, answer):
+    def handler(conn, backend):
+        head, _ = read_head(conn)
+        backend.heads.append(head)
+        key = [line.split(b":", 1)[1].strip() for line in head.split(b"\r\n")
+               if line.lower().startswith(b"sec-websocket-key:")][0]
+        conn.sendall(answer.replace(b"{accept}", ws_accept(key)) + b"first")
+        raw_echo_loop(conn)
+
+    backend = RawBackend(handler)
+    make_proxy(ws_config(port, backend.address), port=port)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(upgrade_request())
+        head, rest = read_head(s)
+        assert head.startswith(b"HTTP/1.1 101 ")
+        while len(rest) < 5:
+            rest += s.recv(100)
+        assert rest == b"first"
+        s.sendall(b"echo me")
+        assert s.recv(100) == b"echo me"
+    backend.close()

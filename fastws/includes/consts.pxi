@@ -26,3 +26,17 @@ cdef enum:
     POOL_KEEP_FREE = 64
     # Largest SSL_write asked for at once (an int in OpenSSL's API).
     TLS_WRITE_MAX = 1073741824
+
+    # Phases of a Tunnel, and why the engine gives a handshake back to Python.
+    PHASE_TUNNEL = 0
+    PHASE_HANDSHAKE = 1
+    HS_CONNECT_ERROR = 1
+    HS_CONNECT_TIMEOUT = 2
+    HS_HEADER_TIMEOUT = 3
+    HS_UPSTREAM_CLOSED = 4
+    HS_RESPONSE = 5              # an answer Python must read: not a plainly valid 101
+    HS_ERROR = 6
+    # The upstream's answer to a handshake is read into a buffer of this size, grown up to the
+    # largest head fastws accepts from an upstream.
+    HS_BUF_START = 4096
+    HS_BUF_MAX = 32768
