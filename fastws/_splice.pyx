@@ -114,6 +114,7 @@ cdef struct EngineState:
     Tunnel *done             # under lock; closed tunnels for Python
     Notice *opened           # under lock; handshakes the engine completed
     int stopping             # under lock
+    int sleeping             # under lock: the relay thread may wait in epoll_wait; wake it
     int running
     Tunnel **heap            # relay thread only: tunnels by deadline
     int heap_len
@@ -747,6 +748,14 @@ cdef void *engine_main(void *arg) noexcept nogil:
         elif e.heap_len > 0:
             wait = e.heap[0].deadline - fastws_monotonic()
             timeout = 0 if wait <= 0 else <int>(wait * 1000.0) + 1
+        # Python writes the wake-up eventfd only while this thread may be asleep, so a burst of
+        # handovers costs one write, not one each.
+        pthread_mutex_lock(&e.lock)
+        if e.incoming != NULL or e.stopping:
+            timeout = 0
+        elif timeout != 0:
+            e.sleeping = 1
+        pthread_mutex_unlock(&e.lock)
         n = epoll_wait(e.epfd, events, MAX_EVENTS, timeout)
         e.now = fastws_monotonic()
         e.loops += 1
@@ -780,6 +789,7 @@ cdef void *engine_main(void *arg) noexcept nogil:
             tunnel_settle(e, t, r, &closed)
 
         pthread_mutex_lock(&e.lock)
+        e.sleeping = 0
         incoming = e.incoming
         e.incoming = NULL
         stopping = e.stopping
@@ -972,11 +982,7 @@ cdef class Engine:
                 t.ssl[i] = ssl[i]
         if ssl[0] != NULL or ssl[1] != NULL:
             self.e.tls_tunnels_total += 1
-        pthread_mutex_lock(&self.e.lock)
-        t.next = self.e.incoming
-        self.e.incoming = t
-        pthread_mutex_unlock(&self.e.lock)
-        write(self.e.wakefd, &one, sizeof(one))
+        self._queue(t)
 
     def drain(self):
         """Closed tunnels since the last call: a list of (ctx, bytes client->upstream,
@@ -1029,6 +1035,18 @@ cdef class Engine:
         events.reverse()
         self._handshake_events.extend(events)
         return out
+
+    cdef void _queue(self, Tunnel *t) noexcept:
+        cdef uint64_t one = 1
+        cdef int wake
+        pthread_mutex_lock(&self.e.lock)
+        t.next = self.e.incoming
+        self.e.incoming = t
+        wake = self.e.sleeping
+        self.e.sleeping = 0
+        pthread_mutex_unlock(&self.e.lock)
+        if wake:
+            write(self.e.wakefd, &one, sizeof(one))
 
     def drain_handshakes(self):
         """Handshakes the engine finished since the last drain() (call drain() first):
@@ -1090,11 +1108,7 @@ cdef class Engine:
         t.ctx = <PyObject *>ctx
         Py_INCREF(hctx)
         t.hctx = <PyObject *>hctx
-        pthread_mutex_lock(&self.e.lock)
-        t.next = self.e.incoming
-        self.e.incoming = t
-        pthread_mutex_unlock(&self.e.lock)
-        write(self.e.wakefd, &one, sizeof(one))
+        self._queue(t)
 
     def stop(self):
         """Close every tunnel (reason "shutdown") and end the relay thread; drain() then
