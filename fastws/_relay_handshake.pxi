@@ -174,7 +174,7 @@ cdef void hs_promote(EngineState *e, Tunnel *t, Py_ssize_t end, Tunnel **closed)
     notice.next = e.opened
     e.opened = notice
     pthread_mutex_unlock(&e.lock)
-    if was_empty:
+    if was_empty and e.threaded:
         write(e.notifyfd, &one, sizeof(one))
     if t.flow[1].held != NULL:
         r = flow_flush(e, t, 1)

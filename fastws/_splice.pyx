@@ -115,6 +115,7 @@ cdef struct EngineState:
     Notice *opened           # under lock; handshakes the engine completed
     int stopping             # under lock
     int sleeping             # under lock: the relay thread may wait in epoll_wait; wake it
+    int threaded             # 0: no relay thread, the event loop calls run_once()
     int running
     Tunnel **heap            # relay thread only: tunnels by deadline
     int heap_len
@@ -729,25 +730,90 @@ cdef void engine_expire(EngineState *e, Tunnel **closed) noexcept nogil:
             tunnel_close(e, t, reason, closed)
 
 
-cdef void *engine_main(void *arg) noexcept nogil:
-    cdef EngineState *e = <EngineState *>arg
+cdef int engine_timeout(EngineState *e) noexcept nogil:
+    # Milliseconds epoll_wait may sleep: until the earliest deadline, or for ever.
+    cdef double wait
+    if e.ready != NULL:
+        return 0
+    if e.heap_len > 0:
+        wait = e.heap[0].deadline - fastws_monotonic()
+        return 0 if wait <= 0 else <int>(wait * 1000.0) + 1
+    return -1
+
+
+cdef int engine_step(EngineState *e, int timeout) noexcept nogil:
+    # One turn: wait for events (up to timeout ms), move bytes, start what was handed over,
+    # expire deadlines, report closures.  Returns whether the engine is stopping.
     cdef epoll_event events[MAX_EVENTS]
-    cdef int n, i, side, r, timeout, stopping
+    cdef int n, i, side, r, stopping
     cdef unsigned int ev
     cdef unsigned long long u
     cdef Tunnel *t
     cdef Tunnel *nxt
-    cdef Tunnel *closed
+    cdef Tunnel *closed = NULL
     cdef Tunnel *incoming
     cdef uint64_t counter
-    cdef double wait
+    n = epoll_wait(e.epfd, events, MAX_EVENTS, timeout)
+    e.now = fastws_monotonic()
+    e.loops += 1
+    for i in range(n if n > 0 else 0):
+        u = events[i].data.u64
+        if u == 0:
+            read(e.wakefd, &counter, sizeof(counter))
+            continue
+        t = <Tunnel *><uintptr_t>(u & ~(<unsigned long long>1))
+        side = <int>(u & 1)
+        if t.closing:
+            continue
+        ev = events[i].events
+        if t.phase == PHASE_HANDSHAKE:
+            hs_event(e, t, &closed)
+            continue
+        if t.ssl[side] != NULL:
+            tunnel_settle(e, t, tunnel_tls_event(e, t, side, ev), &closed)
+            continue
+        r = 0
+        if ev & (EPOLLIN | EPOLLHUP | EPOLLERR):
+            r = flow_pump(e, t, side)
+        if r == 0 and ev & (EPOLLOUT | EPOLLHUP | EPOLLERR):
+            r = flow_flush(e, t, 1 - side)
+            if r == 0 and not t.flow[1 - side].eof:
+                # the destination drained: pick up what the source has meanwhile
+                r = flow_pump(e, t, 1 - side)
+            elif r > 0:
+                r = 0
+        tunnel_settle(e, t, r, &closed)
+
+    pthread_mutex_lock(&e.lock)
+    e.sleeping = 0
+    incoming = e.incoming
+    e.incoming = NULL
+    stopping = e.stopping
+    pthread_mutex_unlock(&e.lock)
+    while incoming != NULL:
+        nxt = incoming.next
+        incoming.next = NULL
+        if incoming.phase == PHASE_HANDSHAKE:
+            hs_start(e, incoming, &closed)
+        else:
+            tunnel_start(e, incoming, &closed)
+        incoming = nxt
+    engine_run_ready(e, &closed)
+    if stopping:
+        while e.heap_len > 0:
+            tunnel_close(e, e.heap[0], CLOSE_SHUTDOWN, &closed)
+    else:
+        engine_expire(e, &closed)
+    if closed != NULL:
+        engine_report(e, closed)
+    return stopping
+
+
+cdef void *engine_main(void *arg) noexcept nogil:
+    cdef EngineState *e = <EngineState *>arg
+    cdef int timeout
     while True:
-        timeout = -1
-        if e.ready != NULL:
-            timeout = 0
-        elif e.heap_len > 0:
-            wait = e.heap[0].deadline - fastws_monotonic()
-            timeout = 0 if wait <= 0 else <int>(wait * 1000.0) + 1
+        timeout = engine_timeout(e)
         # Python writes the wake-up eventfd only while this thread may be asleep, so a burst of
         # handovers costs one write, not one each.
         pthread_mutex_lock(&e.lock)
@@ -756,61 +822,7 @@ cdef void *engine_main(void *arg) noexcept nogil:
         elif timeout != 0:
             e.sleeping = 1
         pthread_mutex_unlock(&e.lock)
-        n = epoll_wait(e.epfd, events, MAX_EVENTS, timeout)
-        e.now = fastws_monotonic()
-        e.loops += 1
-        closed = NULL
-        for i in range(n if n > 0 else 0):
-            u = events[i].data.u64
-            if u == 0:
-                read(e.wakefd, &counter, sizeof(counter))
-                continue
-            t = <Tunnel *><uintptr_t>(u & ~(<unsigned long long>1))
-            side = <int>(u & 1)
-            if t.closing:
-                continue
-            ev = events[i].events
-            if t.phase == PHASE_HANDSHAKE:
-                hs_event(e, t, &closed)
-                continue
-            if t.ssl[side] != NULL:
-                tunnel_settle(e, t, tunnel_tls_event(e, t, side, ev), &closed)
-                continue
-            r = 0
-            if ev & (EPOLLIN | EPOLLHUP | EPOLLERR):
-                r = flow_pump(e, t, side)
-            if r == 0 and ev & (EPOLLOUT | EPOLLHUP | EPOLLERR):
-                r = flow_flush(e, t, 1 - side)
-                if r == 0 and not t.flow[1 - side].eof:
-                    # the destination drained: pick up what the source has meanwhile
-                    r = flow_pump(e, t, 1 - side)
-                elif r > 0:
-                    r = 0
-            tunnel_settle(e, t, r, &closed)
-
-        pthread_mutex_lock(&e.lock)
-        e.sleeping = 0
-        incoming = e.incoming
-        e.incoming = NULL
-        stopping = e.stopping
-        pthread_mutex_unlock(&e.lock)
-        while incoming != NULL:
-            nxt = incoming.next
-            incoming.next = NULL
-            if incoming.phase == PHASE_HANDSHAKE:
-                hs_start(e, incoming, &closed)
-            else:
-                tunnel_start(e, incoming, &closed)
-            incoming = nxt
-        engine_run_ready(e, &closed)
-        if stopping:
-            while e.heap_len > 0:
-                tunnel_close(e, e.heap[0], CLOSE_SHUTDOWN, &closed)
-        else:
-            engine_expire(e, &closed)
-        if closed != NULL:
-            engine_report(e, closed)
-        if stopping:
+        if engine_step(e, timeout):
             break
     return NULL
 
@@ -846,7 +858,7 @@ cdef void engine_report(EngineState *e, Tunnel *closed) noexcept nogil:
     last.next = e.done
     e.done = closed
     pthread_mutex_unlock(&e.lock)
-    if was_empty:
+    if was_empty and e.threaded:
         write(e.notifyfd, &one, sizeof(one))
 
 
@@ -903,11 +915,18 @@ cdef class Engine:
         pthread_mutex_init(&self.e.lock, NULL)
         self._handshake_events = []
 
-    def start(self):
-        """Create the epoll set and the eventfds and start the relay thread."""
+    def start(self, bint threaded=True):
+        """Create the epoll set and the eventfds and start the relay thread.
+
+        With threaded=False there is no thread: the caller's event loop watches `fd` and calls
+        run_once() when it is readable and when run_once()'s deadline comes, and drains after
+        each call.  That spares a cross-thread wake-up per handover, which is what a handshake
+        costs most where waking another CPU is expensive (virtual machines).
+        """
         cdef epoll_event ev
         if self.started:
             raise RuntimeError("engine already started")
+        self.e.threaded = threaded
         self.e.epfd = _errcheck(epoll_create1(EPOLL_CLOEXEC))
         self.e.wakefd = _errcheck(eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC))
         self.e.notifyfd = _errcheck(eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC))
@@ -915,9 +934,30 @@ cdef class Engine:
         ev.data.u64 = 0
         _errcheck(epoll_ctl(self.e.epfd, EPOLL_CTL_ADD, self.e.wakefd, &ev))
         self.e.now = fastws_monotonic()
-        if pthread_create(&self.thread, NULL, engine_main, self.e) != 0:
+        if threaded and pthread_create(&self.thread, NULL, engine_main, self.e) != 0:
             raise OSError("cannot start the relay thread")
         self.started = True
+
+    @property
+    def fd(self):
+        """The engine's epoll fd: readable when run_once() has work (threaded=False)."""
+        return self.e.epfd
+
+    @property
+    def pending(self):
+        """Whether tunnels were handed over since the last run_once() (threaded=False)."""
+        return self.e.incoming != NULL
+
+    def run_once(self):
+        """One turn of the engine without waiting (threaded=False); returns the monotonic time
+        of its next deadline, or None."""
+        if self.e.threaded or not self.started or self.stopped:
+            raise RuntimeError("run_once() is for a started engine without a thread")
+        with nogil:
+            engine_step(self.e, 0)
+        if self.e.ready != NULL:
+            return 0.0
+        return self.e.heap[0].deadline if self.e.heap_len > 0 else None
 
     @property
     def notify_fd(self):
@@ -994,7 +1034,7 @@ cdef class Engine:
         cdef list events = []
         cdef Notice *notice
         cdef Notice *notices
-        if self.e.notifyfd >= 0:
+        if self.e.threaded:
             read(self.e.notifyfd, &counter, sizeof(counter))
         pthread_mutex_lock(&self.e.lock)
         t = self.e.done
@@ -1042,7 +1082,7 @@ cdef class Engine:
         pthread_mutex_lock(&self.e.lock)
         t.next = self.e.incoming
         self.e.incoming = t
-        wake = self.e.sleeping
+        wake = self.e.sleeping and self.e.threaded
         self.e.sleeping = 0
         pthread_mutex_unlock(&self.e.lock)
         if wake:
@@ -1119,9 +1159,13 @@ cdef class Engine:
         pthread_mutex_lock(&self.e.lock)
         self.e.stopping = 1
         pthread_mutex_unlock(&self.e.lock)
-        write(self.e.wakefd, &one, sizeof(one))
-        with nogil:
-            pthread_join(self.thread, NULL)
+        if self.e.threaded:
+            write(self.e.wakefd, &one, sizeof(one))
+            with nogil:
+                pthread_join(self.thread, NULL)
+        else:
+            with nogil:
+                engine_step(self.e, 0)
         self.stopped = True
 
     @property

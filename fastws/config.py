@@ -255,6 +255,7 @@ class Config:
     worker_connections: int = 4096
     pipe_size: int = 262144
     max_pipes: int = 0  # 0: worker_connections / 2
+    relay_thread: bool = False
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def upstream(self, name: str) -> UpstreamConfig:
@@ -577,6 +578,7 @@ def from_dict(data: Mapping[str, Any], source: str = "<config>") -> Config:
     if pipe_size < 4096 or pipe_size > (1 << 20):
         raise r.fail("pipe_size", "must be between 4k and 1m")
     max_pipes = _positive_int(r, "max_pipes", 0)
+    relay_thread = r.get("relay_thread", bool, False)
 
     upstreams: list[UpstreamConfig] = []
     for i, table in enumerate(r.get("upstream", list, [])):
@@ -601,7 +603,7 @@ def from_dict(data: Mapping[str, Any], source: str = "<config>") -> Config:
     check_listeners(source, servers)
     r.finish()
     return Config(source, tuple(upstreams) + tuple(implicit.values()), servers, processes,
-                  worker_connections, pipe_size, max_pipes)
+                  worker_connections, pipe_size, max_pipes, relay_thread)
 
 
 def _check_defaults(source: str, servers: tuple[ServerBlock, ...]) -> None:

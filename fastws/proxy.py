@@ -369,6 +369,7 @@ class ClientConn:
                                 websocket_accept(self.key), self.token, loc.connect_timeout,
                                 loc.read_timeout, loc.read_timeout, loc.send_timeout, loc.relay,
                                 self.record, self)
+        self.w.engine_kick()
 
     def engine_opened(self, connect_time: float, header_time: float, head_len: int) -> None:
         record = self.record
@@ -579,6 +580,7 @@ class ClientConn:
         self.w.connection_closed(self)
         self.w.engine.add(cfd, ufd, self.head.leftover, to_client, loc.read_timeout,
                           loc.send_timeout, loc.relay, record, cssl, ussl)
+        self.w.engine_kick()
         self.w.tunnel_opened(record)
 
     def _bad_gateway(self, why: str) -> None:
@@ -632,6 +634,7 @@ class ClientConn:
         self.w.connection_closed(self)
         self.w.engine.add(cfd, ufd, b"", b"", self.location.read_timeout,
                           self.location.send_timeout, self.location.relay, record, cssl, ussl)
+        self.w.engine_kick()
         self.w.tunnel_opened(record)
 
     def _on_upstream_body(self) -> None:

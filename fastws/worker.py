@@ -98,6 +98,9 @@ class Worker:
         self.listeners: list[Listener] = []
         self._stopped: asyncio.Future[None] | None = None
         self.ready: Any = None     # called with the worker once it is serving
+        self._engine_scheduled = False
+        self._engine_timer: asyncio.TimerHandle | None = None
+        self._engine_deadline: float | None = None
 
     # --- life cycle ------------------------------------------------------------------------
 
@@ -110,8 +113,11 @@ class Worker:
         config = self.config
         max_pipes = config.max_pipes or max(16, config.worker_connections // 2)
         self.engine = _splice.Engine(pipe_size=config.pipe_size, max_pipes=max_pipes)
-        self.engine.start()
-        self.loop.add_reader(self.engine.notify_fd, self._on_engine_notify)
+        self.engine.start(config.relay_thread)
+        if config.relay_thread:
+            self.loop.add_reader(self.engine.notify_fd, self._on_engine_notify)
+        else:
+            self.loop.add_reader(self.engine.fd, self._run_engine)
         socks = self._sockets if self._sockets is not None else open_listeners(config)
         for sock in socks:
             host, port = sock.getsockname()[:2]
@@ -160,7 +166,10 @@ class Worker:
             conn.abort()
         self.engine.stop()
         self._on_engine_notify()
-        self.loop.remove_reader(self.engine.notify_fd)
+        self.loop.remove_reader(self.engine.notify_fd if self.config.relay_thread
+                                else self.engine.fd)
+        if self._engine_timer is not None:
+            self._engine_timer.cancel()
 
     # --- connections -----------------------------------------------------------------------
 
@@ -220,6 +229,33 @@ class Worker:
             },
         }
         return "application/json", orjson.dumps(data, option=orjson.OPT_INDENT_2)
+
+    # --- the relay engine without its own thread (relay_thread = false) --------------------
+
+    def engine_kick(self) -> None:
+        """Tunnels were handed over: have the engine start them soon (one turn per batch)."""
+        if not self.config.relay_thread and not self._engine_scheduled:
+            self._engine_scheduled = True
+            self.loop.call_soon(self._run_engine)
+
+    def _run_engine(self) -> None:
+        self._engine_scheduled = False
+        deadline = self.engine.run_once()
+        self._on_engine_notify()
+        if deadline == self._engine_deadline and self._engine_timer is not None:
+            return
+        if self._engine_timer is not None:
+            self._engine_timer.cancel()
+            self._engine_timer = None
+        self._engine_deadline = deadline
+        if deadline is not None:
+            self._engine_timer = self.loop.call_later(max(0.0, deadline - time.monotonic()),
+                                                      self._on_engine_deadline)
+
+    def _on_engine_deadline(self) -> None:
+        self._engine_timer = None
+        self._engine_deadline = None
+        self._run_engine()
 
     def connection_reopened(self, conn: ClientConn) -> None:
         """A connection the engine gave back to Python after its handshake."""

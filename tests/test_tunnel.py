@@ -531,3 +531,21 @@ def test_valid_101_variants_are_tunnelled(make_proxy, port, answer):
         s.sendall(b"echo me")
         assert s.recv(100) == b"echo me"
     backend.close()
+
+
+def test_relay_engine_in_its_own_thread(make_proxy, echo_backend, port):
+    # relay_thread = true: the engine runs in a native thread of its own instead of the event
+    # loop's; everything behaves the same
+    config = ws_config(port, echo_backend.address)
+    config["relay_thread"] = True
+    proxy = make_proxy(config, port=port)
+    big = os.urandom(4 << 20)
+    with connect(f"ws://127.0.0.1:{port}/ws", max_size=None, compression=None) as ws:
+        ws.send("small")
+        assert ws.recv() == "small"
+        ws.send(big)
+        assert ws.recv() == big
+    wait_until(lambda: proxy.status()["tunnels"]["active"] == 0)
+    engine = proxy.status()["engine"]
+    assert engine["handshakes_done"] == 1 and engine["tunnels_total"] == 1
+    assert engine["bytes_spliced"] > 0
