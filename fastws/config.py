@@ -208,6 +208,7 @@ class LocationConfig:
     return_status: int | None = None
     return_body: str = ""
     status: str | None = None  # "stub" (nginx's stub_status text), "json" or "prometheus"
+    access_log: Any = None  # accesslog.AccessLogConfig, or None when off
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,6 +231,9 @@ class Config:
     worker_connections: int = 4096
     pipe_size: int = 262144
     max_pipes: int = 0  # 0: worker_connections / 2
+    pid: str | None = None
+    shutdown_timeout: float = 0.0  # 0: old workers wait for their tunnels to end (nginx's default)
+    error_log: Any = None  # accesslog.ErrorLogConfig
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def upstream(self, name: str) -> UpstreamConfig:
@@ -406,8 +410,8 @@ def _read_set_headers(r: _Reader) -> tuple[tuple[str, Template | None], ...]:
     return tuple(out)
 
 
-def _read_location(source: str, table: Any, where: str,
-                   implicit: dict[str, UpstreamConfig]) -> LocationConfig:
+def _read_location(source: str, table: Any, where: str, implicit: dict[str, UpstreamConfig],
+                   logs: tuple[Any, Any] = ({}, None)) -> LocationConfig:
     r = _Reader(source, table, where)
     raw_path = r.get("path", str, required=True)
     exact = raw_path.startswith("=")
@@ -476,16 +480,25 @@ def _read_location(source: str, table: Any, where: str,
     if handlers != 1:
         raise r.fail("proxy_pass", "a location needs exactly one of proxy_pass, return or "
                      "stub_status/status")
+    access_log = _access_log(r, logs)
     r.finish()
     return LocationConfig(path, exact, upstream_name, proxy_uri, websocket, tokens,
                           connect_timeout, send_timeout, read_timeout, tries, next_timeout,
                           set_headers, relay, socket_keepalive, return_status, return_body,
-                          status)
+                          status, access_log)
 
 
-def _read_server(source: str, table: Any, index: int,
-                 implicit: dict[str, UpstreamConfig]) -> ServerBlock:
+def _access_log(r: _Reader, logs: tuple[Any, Any]) -> Any:
+    from . import accesslog
+    r.seen.add("access_log")
+    return accesslog.read_access_log(r.source, r.where, r.table.get("access_log", accesslog._UNSET),
+                                     logs[0], logs[1])
+
+
+def _read_server(source: str, table: Any, index: int, implicit: dict[str, UpstreamConfig],
+                 logs: tuple[Any, Any] = ({}, None)) -> ServerBlock:
     r = _Reader(source, table, f"server[{index}]")
+    logs = (logs[0], _access_log(r, logs))
     listen_raw = r.strings("listen")
     if not listen_raw:
         raise r.fail("listen", "is required (for example [\"127.0.0.1:8080\"])")
@@ -512,7 +525,7 @@ def _read_server(source: str, table: Any, index: int,
     locations = []
     seen: set[tuple[str, bool]] = set()
     for i, loc in enumerate(locs_raw):
-        lc = _read_location(source, loc, f"{r.key('location')}[{i}]", implicit)
+        lc = _read_location(source, loc, f"{r.key('location')}[{i}]", implicit, logs)
         if (lc.path, lc.exact) in seen:
             raise ConfigError(source, f"{r.key('location')}[{i}].path",
                               f"duplicate location {('= ' if lc.exact else '') + lc.path!r}")
@@ -538,6 +551,12 @@ def from_dict(data: Mapping[str, Any], source: str = "<config>") -> Config:
     if pipe_size < 4096 or pipe_size > (1 << 20):
         raise r.fail("pipe_size", "must be between 4k and 1m")
     max_pipes = _positive_int(r, "max_pipes", 0)
+    from . import accesslog
+    pid = r.get("pid", str, None)
+    shutdown_timeout = r.duration("shutdown_timeout", 0.0)
+    error_log = accesslog.read_error_log(source, r.get("error_log", (str, dict), None))
+    logs = (accesslog.read_formats(source, r.get("log_format", dict, None)), None)
+    logs = (logs[0], _access_log(r, logs))
 
     upstreams: list[UpstreamConfig] = []
     for i, table in enumerate(r.get("upstream", list, [])):
@@ -549,7 +568,7 @@ def from_dict(data: Mapping[str, Any], source: str = "<config>") -> Config:
     servers_raw = r.get("server", list, [])
     if not servers_raw:
         raise r.fail("server", "the configuration needs at least one [[server]]")
-    servers = tuple(_read_server(source, t, i, implicit) for i, t in enumerate(servers_raw))
+    servers = tuple(_read_server(source, t, i, implicit, logs) for i, t in enumerate(servers_raw))
     names = {u.name for u in upstreams}
     for si, server in enumerate(servers):
         for li, loc in enumerate(server.locations):
@@ -560,7 +579,7 @@ def from_dict(data: Mapping[str, Any], source: str = "<config>") -> Config:
     _check_defaults(source, servers)
     r.finish()
     return Config(source, tuple(upstreams) + tuple(implicit.values()), servers, processes,
-                  worker_connections, pipe_size, max_pipes)
+                  worker_connections, pipe_size, max_pipes, pid, shutdown_timeout, error_log)
 
 
 def _check_defaults(source: str, servers: tuple[ServerBlock, ...]) -> None:

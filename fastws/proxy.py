@@ -53,7 +53,7 @@ class TunnelRecord:
     when it closes, and nothing more (no head, no buffers)."""
 
     __slots__ = ("upstream", "peer", "remote_addr", "request", "started", "connect_time",
-                 "header_time", "head_bytes_in", "head_bytes_out")
+                 "header_time", "head_bytes_in", "head_bytes_out", "log")
 
     def __init__(self, upstream: Any, peer: Any, remote_addr: str, request: bytes,
                  started: float, connect_time: float, header_time: float,
@@ -67,6 +67,7 @@ class TunnelRecord:
         self.header_time = header_time
         self.head_bytes_in = head_bytes_in
         self.head_bytes_out = head_bytes_out
+        self.log: Any = None   # (access log, the request's rendered variables), set by the worker
 
 
 class Variables:
@@ -138,7 +139,8 @@ class ClientConn:
                  "timer", "server", "location", "host", "head", "started", "upstream", "selection",
                  "peer", "usock", "ufd", "to_upstream", "rreader", "token", "key", "tries",
                  "t_connect", "t_connected", "deadline", "out", "closed", "state", "response",
-                 "upgrading", "remaining", "eof_delimited", "timed_out", "held")
+                 "upgrading", "remaining", "eof_delimited", "timed_out", "held", "number",
+                 "status", "sent", "head_sent")
 
     def __init__(self, worker: "Worker", listener: Any, sock: socket.socket, addr: Any) -> None:
         self.w = worker
@@ -168,6 +170,9 @@ class ClientConn:
         self.response: ResponseHead | None = None
         self.timed_out = False
         self.held = False          # the peer counts this connection (released when it ends)
+        self.number = 0            # $connection, set by the worker
+        self.status = 0            # the status answered, and bytes sent to the client (access log)
+        self.sent = self.head_sent = 0
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.reader = RequestReader(self.server.max_request_line, self.server.max_request_head)
@@ -456,10 +461,11 @@ class ClientConn:
         ufd = self.usock.detach()
         self.usock = None
         self.closed = True
+        self.state = "tunnel"
         self.w.connection_closed(self)
         self.w.engine.add(cfd, ufd, self.to_upstream, to_client, loc.read_timeout,
                           loc.send_timeout, loc.relay, record)
-        self.w.tunnel_opened(record)
+        self.w.tunnel_opened(record, self)
 
     def _bad_gateway(self, why: str) -> None:
         log.error("%s, client: %s, upstream: %s", why, self.remote_addr,
@@ -473,6 +479,7 @@ class ClientConn:
         first_line = b"HTTP/1.1 %d %s" % (resp.status, resp.reason)
         drop = tuple(t for t in resp.tokens(b"connection"))
         head = _http.build_head(first_line, resp.headers, drop, [], [(b"Connection", b"close")])
+        self.status, self.head_sent = resp.status, len(head)
         body = resp.leftover
         if resp.status in (204, 304) or 100 <= resp.status < 200 or self.head.method == b"HEAD":
             self.remaining = 0
@@ -508,10 +515,11 @@ class ClientConn:
         ufd = self.usock.detach()
         self.usock = None
         self.closed = True
+        self.state = "tunnel"
         self.w.connection_closed(self)
         self.w.engine.add(cfd, ufd, b"", b"", self.location.read_timeout,
                           self.location.send_timeout, self.location.relay, record)
-        self.w.tunnel_opened(record)
+        self.w.tunnel_opened(record, self)
 
     def _on_upstream_body(self) -> None:
         try:
@@ -546,6 +554,7 @@ class ClientConn:
         except OSError:
             self._close()
             return
+        self.sent += n
         if n < len(data):
             self.out = data[n:]
             self.loop.add_writer(self.fd, self._client_write_more)
@@ -558,6 +567,7 @@ class ClientConn:
         except OSError:
             self._close()
             return
+        self.sent += n
         self.out = self.out[n:]
         if self.out:
             return
@@ -580,6 +590,7 @@ class ClientConn:
         reason = REASONS.get(status, "")
         head = (f"HTTP/1.1 {status} {reason}\r\nServer: fastws\r\nContent-Type: {ctype}\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+        self.status, self.head_sent = status, len(head)
         self.state = "linger-send"
         self._client_write(head + body)
         if not self.out and not self.closed:
@@ -595,7 +606,9 @@ class ClientConn:
         extra = b"Sec-WebSocket-Version: 13\r\n" if status == 426 else b""
         self.state = "linger-send"
         self.out = b""
-        self._client_write(error_response(status, extra=extra))
+        answer = error_response(status, extra=extra)
+        self.status, self.head_sent = status, answer.index(b"\r\n\r\n") + 4
+        self._client_write(answer)
         if not self.out and not self.closed:
             self._linger()
 

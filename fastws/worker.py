@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 import time
 from typing import Any
 
-import orjson
 import uvloop
 
-from . import _splice, balancer
+from . import _splice, accesslog, balancer, metrics
 from .config import Address, Config, ServerBlock
 from .proxy import ClientConn, TunnelRecord
 from .router import Router
@@ -20,20 +20,7 @@ from .router import Router
 log = logging.getLogger("fastws")
 
 ACCEPT_BATCH = 64
-
-
-class Stats:
-    """Connection counters with nginx's stub_status meaning."""
-
-    __slots__ = ("accepts", "handled", "requests", "active", "tunnels", "tunnels_total")
-
-    def __init__(self) -> None:
-        self.accepts = 0
-        self.handled = 0
-        self.requests = 0
-        self.active = 0         # client connections being read or answered (not yet tunnels)
-        self.tunnels = 0
-        self.tunnels_total = 0
+PUBLISH_INTERVAL = 0.5
 
 
 def open_listeners(config: Config) -> list[socket.socket]:
@@ -80,11 +67,27 @@ class Listener:
 
 
 class Worker:
-    def __init__(self, config: Config, sockets: list[socket.socket] | None = None) -> None:
+    def __init__(self, config: Config, sockets: list[socket.socket] | None = None, *,
+                 board: metrics.Board | None = None, slot: metrics.Slot | None = None,
+                 generation: int = 0, master: int = 0) -> None:
         self.config = config
         self.router = Router(config)
         self.upstreams = balancer.build_upstreams(config)
-        self.stats = Stats()
+        if board is None or slot is None:
+            board = metrics.private_board()
+            slot = board.take()
+        assert slot is not None
+        self.board = board
+        # Connection counters with nginx's stub_status meaning, in this worker's shared slot:
+        # accepts, handled, requests, active (client connections not yet tunnels), tunnels.
+        self.stats = slot
+        slot.pid = os.getpid()
+        slot.generation = generation
+        self.master = master            # the master's pid: the worker leaves if it is gone
+        self.peers: dict[Any, metrics.PeerFigures] = {}
+        self.logs = accesslog.AccessLogs()
+        self.paused = False
+        self._publisher: Any = None
         self.conns: set[ClientConn] = set()
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self.engine: _splice.Engine = None  # type: ignore[assignment]
@@ -120,6 +123,10 @@ class Worker:
         for sig, graceful in ((signal.SIGTERM, False), (signal.SIGINT, False),
                               (signal.SIGQUIT, True)):
             self.loop.add_signal_handler(sig, self.stop, graceful)
+        self.loop.add_signal_handler(signal.SIGUSR1, self.reopen_logs)
+        self.loop.add_signal_handler(signal.SIGHUP, lambda: None)   # the master's business
+        self.logs.start(self.loop)
+        self._publish()
         if self.ready is not None:
             self.ready(self)
         try:
@@ -137,16 +144,37 @@ class Worker:
         self.loop.create_task(self._drain_then_stop())
 
     async def _drain_then_stop(self) -> None:
+        # nginx's graceful stop: no new connection; the ones open end by themselves, or when
+        # shutdown_timeout (worker_shutdown_timeout) has passed.
+        timeout = self.config.shutdown_timeout
+        deadline = time.monotonic() + timeout if timeout else float("inf")
         while (self.conns or self.engine.active) and self._stopped and not self._stopped.done():
+            if time.monotonic() >= deadline:
+                log.info("shutdown_timeout: closing %d connections and %d tunnels",
+                         len(self.conns), self.engine.active)
+                break
             await asyncio.sleep(0.05)
         if self._stopped is not None and not self._stopped.done():
             self._stopped.set_result(None)
+
+    def reopen_logs(self) -> None:
+        """SIGUSR1: reopen the log files (after logrotate moved them)."""
+        self.logs.reopen()
+        accesslog.reopen_error_log()
+
+    def _publish(self) -> None:
+        metrics.publish(self)
+        self._publisher = self.loop.call_later(PUBLISH_INTERVAL, self._publish)
+        if self.master and os.getppid() != self.master:
+            log.error("the master process is gone; worker exits")
+            self.stop(graceful=False)
 
     def _close_listeners(self) -> None:
         for listener in self.listeners:
             if listener.sock.fileno() >= 0:
                 self.loop.remove_reader(listener.fd)
                 listener.sock.close()
+        self.paused = False
 
     def _shutdown(self) -> None:
         self._close_listeners()
@@ -155,11 +183,41 @@ class Worker:
         self.engine.stop()
         self._on_engine_notify()
         self.loop.remove_reader(self.engine.notify_fd)
+        if self._publisher is not None:
+            self._publisher.cancel()
+        self.logs.close()
+        self.stats.active = self.stats.tunnels = self.stats.reading = 0
 
     # --- connections -----------------------------------------------------------------------
 
+    def _load(self) -> int:
+        # worker_connections has nginx's meaning: a tunnel holds two connections; a client
+        # connection counts two from its accept on (its upstream connection is reserved).
+        return 2 * (len(self.conns) + self.stats.tunnels)
+
+    def _pause(self) -> None:
+        if not self.paused:
+            self.paused = True
+            self.stats.paused = 1
+            for listener in self.listeners:
+                self.loop.remove_reader(listener.fd)
+            log.warning("%d worker_connections are not enough; accepting again when below",
+                        self.config.worker_connections)
+
+    def _maybe_resume(self) -> None:
+        if self.paused and self._load() < self.config.worker_connections:
+            self.paused = False
+            self.stats.paused = 0
+            for listener in self.listeners:
+                if listener.sock.fileno() >= 0:
+                    self.loop.add_reader(listener.fd, self._on_accept, listener)
+
     def _on_accept(self, listener: Listener) -> None:
+        limit = self.config.worker_connections
         for _ in range(ACCEPT_BATCH):
+            if self._load() + 2 > limit:
+                self._pause()
+                return
             try:
                 sock, addr = listener.sock.accept()
             except (BlockingIOError, InterruptedError):
@@ -171,57 +229,104 @@ class Worker:
             self.stats.accepts += 1
             self.stats.handled += 1
             self.stats.active += 1
+            serial = self.stats.serial = self.stats.serial + 1
             try:
                 conn = ClientConn(self, listener, sock, addr)
             except OSError:
                 sock.close()
                 self.stats.active -= 1
                 continue
+            # $connection: unique over all workers of this master (each slot numbers its own)
+            conn.number = serial * self.board.count + self.stats.index
             self.conns.add(conn)
 
     def connection_closed(self, conn: ClientConn) -> None:
         if conn in self.conns:
             self.conns.discard(conn)
             self.stats.active -= 1
+            if conn.state != "tunnel" and (conn.status or getattr(conn, "head", None)):
+                self._log_request(conn)
+            if self.paused:
+                self.loop.call_soon(self._maybe_resume)
 
-    def tunnel_opened(self, record: TunnelRecord) -> None:
+    def _log_request(self, conn: ClientConn) -> None:
+        loc = conn.location
+        cfg = loc.access_log if loc is not None else self._server_log(conn)
+        if cfg is None:
+            return
+        now = time.monotonic()
+        head = getattr(conn, "head", None)
+        connected = getattr(conn, "t_connected", None) if conn.peer is not None else None
+        end = accesslog.Ending(
+            conn.status, conn.sent, conn.head_sent, head.size if head is not None else 0,
+            now - conn.started,
+            upstream_status=conn.response.status if conn.response is not None else 0,
+            connect_time=connected - conn.t_connect if connected else -1.0,
+            response_time=now - conn.t_connect if connected else -1.0)
+        self.logs.write(cfg, accesslog.render_early(cfg.format, conn), end)
+
+    def _server_log(self, conn: ClientConn) -> Any:
+        # A request that matched no location (or had no head) is logged by the server's log:
+        # the one its locations inherit unless they set their own.
+        logs = {loc.access_log for loc in conn.server.locations}
+        return logs.pop() if len(logs) == 1 else None
+
+    def peer_figures(self, peer: Any) -> metrics.PeerFigures:
+        fig = self.peers.get(peer)
+        if fig is None:
+            fig = self.peers[peer] = metrics.PeerFigures(metrics.peer_key(peer.upstream, peer.name))
+        return fig
+
+    def tunnel_opened(self, record: TunnelRecord, conn: ClientConn | None = None) -> None:
         self.stats.tunnels += 1
         self.stats.tunnels_total += 1
+        fig = self.peer_figures(record.peer)
+        fig.active += 1
+        fig.tunnels_total += 1
+        loc = conn.location if conn is not None else None
+        cfg = loc.access_log if loc is not None else None
+        if cfg is not None:
+            record.log = (cfg, accesslog.render_early(cfg.format, conn))
+            if cfg.open:
+                self._log_tunnel(record, "open", 0, 0, -1.0)
+
+    def _log_tunnel(self, record: TunnelRecord, event: str, up: int, down: int,
+                    relayed: float, reason: str = "") -> None:
+        # A tunnel's line: status 101, the bytes it carried each way (heads included, as
+        # nginx's $bytes_sent and $request_length), its whole life in $request_time, and in
+        # $upstream_response_time the time from the upstream connect to the close.
+        cfg, early = record.log
+        plain = record.head_bytes_out == 0     # a plain request relayed as a stream
+        sent = record.head_bytes_out + down
+        self.logs.write(cfg, early, accesslog.Ending(
+            0 if plain else 101, sent, record.head_bytes_out, record.head_bytes_in + up,
+            time.monotonic() - record.started, upstream_status=0 if plain else 101,
+            connect_time=record.connect_time, header_time=record.header_time,
+            response_time=record.header_time + relayed if relayed >= 0 else -1.0,
+            upstream_sent=record.head_bytes_in + up, upstream_received=sent,
+            tunnel=event, close=reason))
 
     def status_page(self, fmt: str) -> tuple[str, bytes]:
-        """The body of a status location: nginx's stub_status text, or JSON."""
-        s = self.stats
-        reading = sum(1 for c in self.conns if c.state == "head")
-        active = s.active + self.engine.active
-        if fmt == "stub":
-            text = (f"Active connections: {active} \n"
-                    "server accepts handled requests\n"
-                    f" {s.accepts} {s.handled} {s.requests} \n"
-                    f"Reading: {reading} Writing: {active - reading} Waiting: 0 \n")
-            return "text/plain", text.encode()
-        data = {
-            "connections": {"active": active, "reading": reading, "writing": active - reading,
-                            "waiting": 0, "accepted": s.accepts, "handled": s.handled},
-            "requests": s.requests,
-            "tunnels": {"active": self.engine.active, "total": s.tunnels_total},
-            "engine": self.engine.stats(),
-            "upstreams": {
-                name: [{"server": p.name, "state": p.state, "active": p.conns,
-                        "selected": p.selected_total, "fails": p.fails_total}
-                       for p in up.peers]
-                for name, up in self.upstreams.items()
-            },
-        }
-        return "application/json", orjson.dumps(data, option=orjson.OPT_INDENT_2)
+        """The body of a status location: nginx's stub_status text, JSON or Prometheus text,
+        summed over every worker."""
+        return metrics.render(self, fmt)
 
     def _on_engine_notify(self) -> None:
         for record, up, down, duration, reason in self.engine.drain():
             self.stats.tunnels -= 1
             record.upstream.release(record.peer)
+            fig = self.peer_figures(record.peer)
+            fig.active -= 1
+            fig.bytes_up += up
+            fig.bytes_down += down
             self.tunnel_closed(record, up, down, duration, reason)
+        if self.paused:
+            self._maybe_resume()
 
     def tunnel_closed(self, record: TunnelRecord, up: int, down: int, duration: float,
                       reason: str) -> None:
+        if record.log is not None:
+            self._log_tunnel(record, "close", up, down, duration, reason)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("tunnel %s %s -> %s closed (%s): %d bytes up, %d down, %.3fs",
                       record.remote_addr, record.request.decode("latin-1"), record.peer.name,
