@@ -188,14 +188,21 @@ class Master:
                 accesslog.reopen_error_log()
                 self._signal_all(signal.SIGUSR1)
             elif sig == signal.SIGQUIT and not self.stopping:
-                log.info("graceful stop")
-                self.stopping = "graceful"
-                self._signal_all(signal.SIGQUIT)
+                self._stop("graceful", signal.SIGQUIT)
             elif sig in (signal.SIGTERM, signal.SIGINT) and self.stopping != "fast":
-                log.info("fast stop")
-                self.stopping = "fast"
                 self.stop_deadline = time.monotonic() + FAST_STOP_GRACE
-                self._signal_all(signal.SIGTERM)
+                self._stop("fast", signal.SIGTERM)
+
+    def _stop(self, how: str, sig: int) -> None:
+        # nginx's master closes its listening sockets as it stops: new connections are refused
+        # at once instead of waiting in a queue that no worker will read again.
+        log.info("%s stop", how)
+        self.stopping = how
+        for socks in self.sockets.values():
+            for sock in socks:
+                sock.close()
+        self.sockets.clear()
+        self._signal_all(sig)
 
     def _signal_all(self, sig: int) -> None:
         for w in self.workers.values():
