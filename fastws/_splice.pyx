@@ -9,7 +9,7 @@
 # only its Tunnel struct.
 
 cimport cython
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.ref cimport PyObject, Py_INCREF, Py_XDECREF
 from libc.errno cimport errno, EAGAIN, EINTR, EINVAL, ENOSYS, ENOMEM
 from libc.stdint cimport uint64_t, uintptr_t
@@ -69,7 +69,9 @@ cdef struct EngineState:
     pthread_mutex_t lock
     Tunnel *incoming         # under lock
     Tunnel *done             # under lock; closed tunnels for Python
+    Tunnel *exported         # under lock; tunnels taken out whole, for Python
     int stopping             # under lock
+    int exporting            # under lock: take every tunnel out at the next turn
     int running
     Tunnel **heap            # relay thread only: tunnels by deadline
     int heap_len
@@ -433,6 +435,63 @@ cdef void tunnel_close(EngineState *e, Tunnel *t, int reason, Tunnel **closed) n
     closed[0] = t
 
 
+cdef int flow_take_pipe(EngineState *e, Flow *f) noexcept nogil:
+    # Move the bytes a flow's pipe holds behind its held bytes, so that the flow is plain
+    # memory; the pipe goes back to the pool.  0, or CLOSE_ERROR.
+    cdef Py_ssize_t rest, n
+    cdef ssize_t r
+    cdef char *buf
+    if f.pipe == NULL:
+        return 0
+    if f.pipe.data > 0:
+        rest = f.held_len - f.held_off if f.held != NULL else 0
+        n = rest + f.pipe.data
+        buf = <char *>malloc(n)
+        if buf == NULL:
+            return CLOSE_ERROR
+        if rest:
+            memcpy(buf, f.held + f.held_off, rest)
+        while f.pipe.data > 0:
+            r = read(f.pipe.cons, buf + rest, <size_t>f.pipe.data)
+            if r < 0 and errno == EINTR:
+                continue
+            if r <= 0:
+                free(buf)
+                return CLOSE_ERROR
+            rest += r
+            f.pipe.data -= r
+        free(f.held)
+        f.held = buf
+        f.held_len = n
+        f.held_off = 0
+    pipe_put(e, f.pipe)
+    f.pipe = NULL
+    return 0
+
+
+cdef void tunnel_export(EngineState *e, Tunnel *t, Tunnel **exported,
+                        Tunnel **closed) noexcept nogil:
+    # Take a tunnel out of the engine whole: its fds leave the epoll set (still open), bytes in
+    # flight become plain memory, its counters stay; Python takes it with take_exported().
+    cdef int i
+    cdef epoll_event ev
+    for i in range(2):
+        if flow_take_pipe(e, &t.flow[i]) < 0:
+            tunnel_close(e, t, CLOSE_ERROR, closed)
+            return
+    for i in range(2):
+        if t.registered[i]:
+            epoll_ctl(e.epfd, EPOLL_CTL_DEL, t.fd[i], &ev)
+            t.registered[i] = 0
+    t.closing = 1
+    t.reason = CLOSE_EXPORTED
+    t.ended = e.now
+    heap_remove(e, t)
+    e.tunnels_active -= 1
+    t.next = exported[0]
+    exported[0] = t
+
+
 cdef int tunnel_interest(EngineState *e, Tunnel *t) noexcept nogil:
     # Level-triggered interest: read a side while its flow is not holding bytes (backpressure),
     # write a side while the opposite flow holds bytes for it.
@@ -519,8 +578,12 @@ cdef void *engine_main(void *arg) noexcept nogil:
     cdef Tunnel *nxt
     cdef Tunnel *closed
     cdef Tunnel *incoming
+    cdef Tunnel *exported
+    cdef Tunnel *last
     cdef uint64_t counter
+    cdef uint64_t one = 1
     cdef double wait
+    cdef int exporting
     while True:
         timeout = -1
         if e.heap_len > 0:
@@ -556,12 +619,28 @@ cdef void *engine_main(void *arg) noexcept nogil:
         incoming = e.incoming
         e.incoming = NULL
         stopping = e.stopping
+        exporting = e.exporting
+        e.exporting = 0
         pthread_mutex_unlock(&e.lock)
         while incoming != NULL:
             nxt = incoming.next
             incoming.next = NULL
             tunnel_start(e, incoming, &closed)
             incoming = nxt
+        if exporting and not stopping:
+            exported = NULL
+            while e.heap_len > 0:
+                tunnel_export(e, e.heap[0], &exported, &closed)
+            pthread_mutex_lock(&e.lock)
+            if exported != NULL:
+                last = exported
+                while last.next != NULL:
+                    last = last.next
+                last.next = e.exported
+                e.exported = exported
+            e.exporting = -1        # done: take_exported() may look
+            pthread_mutex_unlock(&e.lock)
+            write(e.notifyfd, &one, sizeof(one))
         if stopping:
             while e.heap_len > 0:
                 tunnel_close(e, e.heap[0], CLOSE_SHUTDOWN, &closed)
@@ -601,6 +680,7 @@ cdef dict _REASONS = {
 }
 
 _MODES = {"auto": RELAY_AUTO, "splice": RELAY_SPLICE, "copy": RELAY_COPY}
+_MODE_NAMES = {v: k for k, v in _MODES.items()}
 
 
 cdef int _errcheck(int rc) except -1:
@@ -662,11 +742,15 @@ cdef class Engine:
         return self.e.notifyfd
 
     def add(self, int client_fd, int upstream_fd, bytes to_upstream, bytes to_client,
-            double read_timeout, double send_timeout, str mode, object ctx):
+            double read_timeout, double send_timeout, str mode, object ctx,
+            unsigned long long up=0, unsigned long long down=0, double age=0.0,
+            int first_eof=-1):
         """Hand a tunnel's two sockets to the engine, which owns (and will close) them from now on.
 
         to_upstream and to_client are bytes already read from each side past its head: they are
         delivered before anything else.  ctx comes back from drain() when the tunnel closes.
+        up, down, age and first_eof continue a tunnel exported by another engine: its byte
+        counts, its age in seconds, and which side's EOF came first (-1: none yet).
         """
         cdef Tunnel *t
         cdef uint64_t one = 1
@@ -682,10 +766,12 @@ cdef class Engine:
         t.fd[1] = upstream_fd
         t.read_timeout = read_timeout
         t.send_timeout = send_timeout
-        t.first_eof = -1
+        t.first_eof = first_eof
         t.heap_idx = -1
         t.mode = _MODES[mode]
-        t.started = fastws_monotonic()
+        t.started = fastws_monotonic() - age
+        t.flow[0].nbytes = up
+        t.flow[1].nbytes = down
         for i in range(2):
             t.flow[i].splicing = 1 if t.mode == RELAY_SPLICE else 0
         if _hold(&t.flow[0], to_upstream) < 0 or _hold(&t.flow[1], to_client) < 0:
@@ -717,6 +803,47 @@ cdef class Engine:
             nxt = t.next
             out.append((<object>t.ctx, t.flow[0].nbytes, t.flow[1].nbytes,
                         t.ended - t.started, _REASONS.get(t.reason, "error")))
+            Py_XDECREF(t.ctx)
+            free(t)
+            t = nxt
+        out.reverse()
+        return out
+
+    def export(self):
+        """Ask the relay thread to take every tunnel out whole (see take_exported()); the
+        notify fd becomes readable when it is done."""
+        cdef uint64_t one = 1
+        if not self.started or self.stopped:
+            raise RuntimeError("engine is not running")
+        pthread_mutex_lock(&self.e.lock)
+        self.e.exporting = 1
+        pthread_mutex_unlock(&self.e.lock)
+        write(self.e.wakefd, &one, sizeof(one))
+
+    def take_exported(self):
+        """The tunnels taken out since the last call, once the export asked for is done (None
+        before): a list of (ctx, client fd, upstream fd, bytes for the upstream, bytes for the
+        client, bytes up, bytes down, age in seconds, first EOF side, read timeout, send timeout,
+        relay mode).  The caller owns the fds."""
+        cdef Tunnel *t
+        cdef Tunnel *nxt
+        cdef list out = []
+        cdef double now = fastws_monotonic()
+        pthread_mutex_lock(&self.e.lock)
+        if self.e.exporting != -1:
+            pthread_mutex_unlock(&self.e.lock)
+            return None
+        self.e.exporting = 0
+        t = self.e.exported
+        self.e.exported = NULL
+        pthread_mutex_unlock(&self.e.lock)
+        while t != NULL:
+            nxt = t.next
+            out.append((<object>t.ctx, t.fd[0], t.fd[1], _held(&t.flow[0]), _held(&t.flow[1]),
+                        t.flow[0].nbytes, t.flow[1].nbytes, now - t.started, t.first_eof,
+                        t.read_timeout, t.send_timeout, _MODE_NAMES[t.mode]))
+            free(t.flow[0].held)
+            free(t.flow[1].held)
             Py_XDECREF(t.ctx)
             free(t)
             t = nxt
@@ -779,11 +906,11 @@ cdef class Engine:
             return
         if self.started and not self.stopped:
             self.stop()
-        for head in (0, 1):
-            t = self.e.done if head == 0 else self.e.incoming
+        for head in (0, 1, 2):
+            t = self.e.done if head == 0 else self.e.incoming if head == 1 else self.e.exported
             while t != NULL:
                 nxt = t.next
-                if head == 1:
+                if head >= 1:
                     close(t.fd[0])
                     close(t.fd[1])
                     free(t.flow[0].held)
@@ -805,6 +932,12 @@ cdef class Engine:
         free(self.e.buf)
         free(self.e)
         self.e = NULL
+
+
+cdef bytes _held(Flow *f):
+    if f.held == NULL:
+        return b""
+    return PyBytes_FromStringAndSize(f.held + f.held_off, f.held_len - f.held_off)
 
 
 cdef int _hold(Flow *f, bytes data) noexcept:

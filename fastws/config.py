@@ -233,6 +233,7 @@ class Config:
     max_pipes: int = 0  # 0: worker_connections / 2
     pid: str | None = None
     shutdown_timeout: float = 0.0  # 0: old workers wait for their tunnels to end (nginx's default)
+    handover: bool = True  # on reload, old workers pass their tunnels to the new ones
     error_log: Any = None  # accesslog.ErrorLogConfig
     extra: Mapping[str, Any] = field(default_factory=dict)
 
@@ -554,6 +555,7 @@ def from_dict(data: Mapping[str, Any], source: str = "<config>") -> Config:
     from . import accesslog
     pid = r.get("pid", str, None)
     shutdown_timeout = r.duration("shutdown_timeout", 0.0)
+    handover = r.get("handover", bool, True)
     error_log = accesslog.read_error_log(source, r.get("error_log", (str, dict), None))
     logs = (accesslog.read_formats(source, r.get("log_format", dict, None)), None)
     logs = (logs[0], _access_log(r, logs))
@@ -579,7 +581,8 @@ def from_dict(data: Mapping[str, Any], source: str = "<config>") -> Config:
     _check_defaults(source, servers)
     r.finish()
     return Config(source, tuple(upstreams) + tuple(implicit.values()), servers, processes,
-                  worker_connections, pipe_size, max_pipes, pid, shutdown_timeout, error_log)
+                  worker_connections, pipe_size, max_pipes, pid, shutdown_timeout, handover,
+                  error_log)
 
 
 def _check_defaults(source: str, servers: tuple[ServerBlock, ...]) -> None:

@@ -83,7 +83,7 @@ class Master:
                 return 1
         slots = max(8, 4 * max(self.config.processes, os.cpu_count() or 1))
         self.board = metrics.Board(slots)
-        self.generation = 1
+        self._generation(1)
         for i in range(self.config.processes):
             self._spawn(i)
         log.info("fastws master %d: %d worker processes", os.getpid(), self.config.processes)
@@ -126,6 +126,12 @@ class Master:
                     sock.close()
                 del self.sockets[key][cfg.processes:]
 
+    def _generation(self, generation: int) -> None:
+        # Slot 0 tells old workers where their tunnels go: the generation and its size.
+        self.generation = generation
+        self.board.slots[0].generation = generation
+        self.board.slots[0].processes = self.config.processes
+
     def _spawn(self, index: int) -> None:
         slot = self.board.take()
         if slot is None:
@@ -138,7 +144,7 @@ class Master:
         if pid == 0:
             code = 0
             try:
-                self._in_worker(cfg, socks, slot)
+                self._in_worker(cfg, socks, slot, index)
             except BaseException:                                     # noqa: BLE001
                 log.exception("worker failed")
                 code = 1
@@ -147,7 +153,8 @@ class Master:
                 os._exit(code)
         self.workers[pid] = WorkerProc(pid, index, self.generation, slot, time.monotonic())
 
-    def _in_worker(self, cfg: Config, socks: list[socket.socket], slot: metrics.Slot) -> None:
+    def _in_worker(self, cfg: Config, socks: list[socket.socket], slot: metrics.Slot,
+                   index: int) -> None:
         master = os.getppid()
         keep = {s.fileno() for s in socks}
         for others in self.sockets.values():
@@ -160,7 +167,7 @@ class Master:
         from .worker import Worker
         # The event loop is created here, after the fork (uvloop cannot cross one).
         Worker(cfg, socks, board=self.board, slot=slot, generation=self.generation,
-               master=master).run()
+               master=master, index=index).run()
 
     # --- watch -------------------------------------------------------------------------------
 
@@ -276,14 +283,16 @@ class Master:
                     _write_pid(cfg.pid)
                 except OSError as exc:
                     log.error("cannot write the pid file %s: %s", cfg.pid, exc.strerror)
-        self.generation += 1
+        self._generation(self.generation + 1)
         olds = list(self.workers.values())
         self.indexes.clear()
         for i in range(cfg.processes):
             self._spawn(i)
         for w in olds:
+            # SIGUSR2: hand the tunnels to the new worker of the same index, then exit (a
+            # worker that cannot falls back to SIGQUIT's graceful drain)
             w.stopping = True
-            _kill(w.pid, signal.SIGQUIT)
+            _kill(w.pid, signal.SIGUSR2 if cfg.handover else signal.SIGQUIT)
         log.info("reloaded: generation %d, %d worker processes", self.generation, cfg.processes)
 
 

@@ -26,9 +26,9 @@ ENGINE_KEYS = ("tunnels_total", "tunnels_active", "bytes_spliced", "bytes_copied
 ENGINE_GAUGES = frozenset(("tunnels_active", "pipes_total", "pipes_free"))
 
 # Per-worker header words.  Gauges are cleared when a worker exits, counters move to slot 0.
-HEADER = ("pid", "generation", "serial", "accepts", "handled", "requests", "active", "reading",
+HEADER = ("pid", "generation", "processes", "serial", "accepts", "handled", "requests", "active", "reading",
           "tunnels", "tunnels_total", "paused") + tuple("engine_" + k for k in ENGINE_KEYS)
-GAUGES = frozenset({"pid", "generation", "active", "reading", "tunnels", "paused"}
+GAUGES = frozenset({"pid", "generation", "processes", "active", "reading", "tunnels", "paused"}
                    | {"engine_" + k for k in ENGINE_GAUGES})
 KEPT = frozenset(("serial",))   # never moved nor cleared: connection numbers stay unique
 HEADER_WORDS = 48

@@ -12,7 +12,7 @@ from typing import Any
 
 import uvloop
 
-from . import _splice, accesslog, balancer, metrics
+from . import _splice, accesslog, balancer, handover, metrics
 from .config import Address, Config, ServerBlock
 from .proxy import ClientConn, TunnelRecord
 from .router import Router
@@ -69,7 +69,7 @@ class Listener:
 class Worker:
     def __init__(self, config: Config, sockets: list[socket.socket] | None = None, *,
                  board: metrics.Board | None = None, slot: metrics.Slot | None = None,
-                 generation: int = 0, master: int = 0) -> None:
+                 generation: int = 0, master: int = 0, index: int = 0) -> None:
         self.config = config
         self.router = Router(config)
         self.upstreams = balancer.build_upstreams(config)
@@ -84,6 +84,9 @@ class Worker:
         slot.pid = os.getpid()
         slot.generation = generation
         self.master = master            # the master's pid: the worker leaves if it is gone
+        self.index = index
+        self.receiver: handover.Receiver | None = None
+        self._retiring = False          # draining or handing over: once only
         self.peers: dict[Any, metrics.PeerFigures] = {}
         self.logs = accesslog.AccessLogs()
         self.paused = False
@@ -124,6 +127,13 @@ class Worker:
                               (signal.SIGQUIT, True)):
             self.loop.add_signal_handler(sig, self.stop, graceful)
         self.loop.add_signal_handler(signal.SIGUSR1, self.reopen_logs)
+        self.loop.add_signal_handler(signal.SIGUSR2, self.hand_over)
+        if self.master:
+            try:
+                self.receiver = handover.Receiver(
+                    self, handover.address(self.master, self.stats.generation, self.index))
+            except OSError as exc:
+                log.error("cannot take tunnels over from old workers: %s", exc)
         self.loop.add_signal_handler(signal.SIGHUP, lambda: None)   # the master's business
         self.logs.start(self.loop)
         self._publish()
@@ -140,7 +150,12 @@ class Worker:
         if not graceful:
             self._stopped.set_result(None)
             return
+        if self._retiring:
+            return
+        self._retiring = True
         self._close_listeners()
+        if self.receiver is not None:
+            self.receiver.close()
         self.loop.create_task(self._drain_then_stop())
 
     async def _drain_then_stop(self) -> None:
@@ -156,6 +171,88 @@ class Worker:
             await asyncio.sleep(0.05)
         if self._stopped is not None and not self._stopped.done():
             self._stopped.set_result(None)
+
+    def hand_over(self) -> None:
+        """SIGUSR2 (a reload): stop accepting and pass every tunnel to the new worker of the
+        same index, then exit; drain as on SIGQUIT if it cannot be reached."""
+        if self._stopped is None or self._stopped.done() or self._retiring or not self.master:
+            return
+        self._retiring = True
+        self._close_listeners()
+        if self.receiver is not None:
+            self.receiver.close()
+        self.loop.create_task(self._hand_over())
+
+    async def _hand_over(self) -> None:
+        top = self.board.slots[0]
+        addr = handover.address(self.master, top.generation, self.index % max(1, top.processes))
+        sock = None
+        deadline = time.monotonic() + handover.CONNECT_PATIENCE
+        while sock is None and time.monotonic() < deadline:
+            sock = handover.connect_once(addr)
+            if sock is None:
+                await asyncio.sleep(0.05)
+        if sock is None:
+            log.error("the new worker cannot take the tunnels; draining them here")
+            await self._drain_then_stop()
+            return
+        moved = 0
+        try:
+            while self.conns or self.engine.active:
+                if self.engine.active:
+                    self.engine.export()
+                    exported = None
+                    while exported is None:
+                        await asyncio.sleep(0.005)
+                        exported = self.engine.take_exported()
+                    for item in exported:
+                        moved += self._send_tunnel(sock, item)
+                else:
+                    await asyncio.sleep(0.02)      # handshakes still in progress
+                if self._stopped is None or self._stopped.done():
+                    break
+        finally:
+            sock.close()
+        log.info("%d tunnels handed to the new workers", moved)
+        if self.engine.active:
+            await self._drain_then_stop()
+        elif self._stopped is not None and not self._stopped.done():
+            self._stopped.set_result(None)
+
+    def _send_tunnel(self, sock: Any, item: tuple[Any, ...]) -> int:
+        record, cfd, ufd = item[:3]
+        try:
+            handover.send(sock, item)
+        except OSError as exc:
+            # it stays here: back into this worker's engine, which relays it to its end
+            log.error("handing a tunnel over failed (%s); it stays in this worker", exc)
+            self.engine.add(cfd, ufd, item[3], item[4], item[9], item[10], item[11], record,
+                            item[5], item[6], item[7], item[8])
+            return 0
+        os.close(cfd)
+        os.close(ufd)
+        self.stats.tunnels -= 1
+        record.upstream.release(record.peer)
+        self.peer_figures(record.peer).active -= 1
+        return 1
+
+    def adopt(self, cfd: int, ufd: int, head: dict[str, Any], to_up: bytes,
+              to_client: bytes) -> None:
+        """Carry on a tunnel an old worker handed over."""
+        upstream = self.upstreams.get(head["upstream"])
+        peer = None
+        if upstream is not None:
+            peer = next((p for p in upstream.peers if p.name == head["peer"]), None)
+        if upstream is None or peer is None:
+            upstream = peer = handover.GoneUpstream(head["upstream"], head["peer"])
+        else:
+            peer.conns += 1
+        record = handover.record_from(head, upstream, peer)
+        self.engine.add(cfd, ufd, to_up, to_client, head["read_timeout"], head["send_timeout"],
+                        head["mode"], record, head["up"], head["down"], head["age"],
+                        head["first_eof"])
+        self.stats.tunnels += 1
+        self.peer_figures(peer).active += 1
 
     def reopen_logs(self) -> None:
         """SIGUSR1: reopen the log files (after logrotate moved them)."""
@@ -180,6 +277,8 @@ class Worker:
         self._close_listeners()
         for conn in list(self.conns):
             conn.abort()
+        if self.receiver is not None:
+            self.receiver.close()
         self.engine.stop()
         self._on_engine_notify()
         self.loop.remove_reader(self.engine.notify_fd)

@@ -150,36 +150,80 @@ def test_worker_connections_limit_pauses_accepting_and_drops_nothing(make_proxy,
 
 # --- reload --------------------------------------------------------------------------------
 
-def test_reload_keeps_tunnels_and_serves_the_new_config(make_proxy, tmp_path, port, backend):
+def reload_under_load(proxy: Any, tmp_path: Path, port: int, backend: RawBackend,
+                      tunnels: list[socket.socket], **top: Any) -> int:
+    """Rewrite the config (answer "v2"), SIGHUP, and keep every tunnel echoing until the new
+    configuration is served; return how many rounds of echoes that took."""
+    config = ops_config(tmp_path, port, backend.address, body="v2", **top)
+    proxy.path.write_text(to_toml(config))
+    os.kill(proxy.pid, signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    rounds = 0
+    while body_of(proxy) != b"v2":
+        assert time.monotonic() < deadline, "the new configuration is not served"
+        for i, s in enumerate(tunnels):
+            echo(s, b"during %d" % i)
+        rounds += 1
+    assert all(body_of(proxy) == b"v2" for _ in range(20))
+    return rounds
+
+
+def test_reload_hands_live_tunnels_to_the_new_workers(make_proxy, tmp_path, port, backend):
     proxy = make_proxy(ops_config(tmp_path, port, backend.address), port=port)
     wait_until(lambda: len(proxy.workers()) == 2)
     old = set(proxy.workers())
     tunnels = [tunnel(port) for _ in range(20)]
     for i, s in enumerate(tunnels):
         echo(s, b"before %d" % i)
-    proxy.path.write_text(to_toml(ops_config(tmp_path, port, backend.address, body="v2")))
-    os.kill(proxy.pid, signal.SIGHUP)
-    # under load: every tunnel keeps echoing while the new generation comes up
-    deadline = time.monotonic() + 10
-    while body_of(proxy) != b"v2":
-        assert time.monotonic() < deadline, "the new configuration is not served"
-        for i, s in enumerate(tunnels):
-            echo(s, b"during %d" % i)
-    assert all(body_of(proxy) == b"v2" for _ in range(20))
+    rounds = reload_under_load(proxy, tmp_path, port, backend, tunnels)
+    # the old workers pass their tunnels on and exit at once, while the tunnels stay open
+    wait_until(lambda: not any(alive(pid) for pid in old))
+    new = set(proxy.workers())
+    assert len(new) == 2 and not new & old
+    for i, s in enumerate(tunnels):
+        echo(s, b"after %d " % i * 20000)
+    wait_until(lambda: len(workers_of(proxy)) == 2)     # the master reaped the old ones
+    data = proxy.status()
+    assert {w["generation"] for w in data["workers"]} == {2}
+    assert sum(w["tunnels"] for w in data["workers"]) == 20
+    assert data["tunnels"] == {"active": 20, "total": 20}
+    assert "tunnels handed to the new workers" in (tmp_path / "error.log").read_text()
+    for s in tunnels:
+        s.close()
+    wait_until(lambda: proxy.status()["tunnels"]["active"] == 0)
+    # each tunnel is logged once, with everything it carried in both generations
+    wait_until(lambda: len([ln for ln in log_lines(tmp_path / "access.log")
+                            if '"GET /ws ' in ln]) == 20)
+    sizes = sorted(int(LINE.match(ln)["body_bytes_sent"])
+                   for ln in log_lines(tmp_path / "access.log") if '"GET /ws ' in ln)
+    assert sizes == sorted(len(b"before %d" % i) + rounds * len(b"during %d" % i)
+                           + len(b"after %d " % i * 20000) for i in range(20))
+
+
+def test_reload_without_handover_lets_old_workers_drain(make_proxy, tmp_path, port, backend):
+    config = ops_config(tmp_path, port, backend.address, handover=False)
+    proxy = make_proxy(config, port=port)
+    wait_until(lambda: len(proxy.workers()) == 2)
+    old = set(proxy.workers())
+    tunnels = [tunnel(port) for _ in range(10)]
+    for i, s in enumerate(tunnels):
+        echo(s, b"before %d" % i)
+    reload_under_load(proxy, tmp_path, port, backend, tunnels, handover=False)
     new = set(proxy.workers()) - old
     assert len(new) == 2
-    assert all(alive(pid) for pid in old)      # draining: they still relay the old tunnels
     for i, s in enumerate(tunnels):
         echo(s, b"after %d" % i * 100)
-    with tunnel(port) as s:
-        echo(s, b"a tunnel of the new generation")
+    assert all(alive(pid) for pid in old)      # draining: they still relay the old tunnels
+    wait_until(lambda: len(workers_of(proxy)) == 4)     # the new ones are up
     gens = {w["pid"]: w["generation"] for w in workers_of(proxy)}
     assert {gens[p] for p in new} == {2} and {gens[p] for p in old} == {1}
+    with tunnel(port) as s:
+        echo(s, b"a tunnel of the new generation")
     for s in tunnels:
         s.close()
     wait_until(lambda: not any(alive(pid) for pid in old))
     assert set(proxy.workers()) == new
-    assert proxy.status()["tunnels"]["total"] == 21
+    assert proxy.status()["tunnels"]["total"] == 11
 
 
 def test_an_invalid_config_on_reload_leaves_the_old_one_serving(make_proxy, tmp_path, port,

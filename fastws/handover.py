@@ -1,0 +1,211 @@
+"""Passing live tunnels from an old worker to a new one on reload, so old workers exit at once.
+
+A worker of generation G and index I listens on the abstract Unix socket
+"\\0fastws-MASTERPID-G-I" (SOCK_SEQPACKET: message boundaries and SCM_RIGHTS).  On a reload the
+master sends the old workers SIGUSR2 instead of SIGQUIT: each stops accepting, asks its relay
+engine to take every tunnel out whole (fds still open, bytes in flight turned into plain
+memory, counters kept), and sends each tunnel to the new worker of the same index: one message
+with the two fds and a JSON header, then the pending bytes in chunks.  The new worker hands
+them to its own engine, which carries on where the old one stopped; the client and the upstream
+see nothing.  When the old worker holds nothing any more it exits.
+
+Only processes of the same user may connect (SO_PEERCRED), and the header is JSON, never a
+pickle.  If the new worker cannot be reached the old one falls back to draining its tunnels as
+on a graceful stop.
+"""
+
+from __future__ import annotations
+
+import array
+import logging
+import os
+import socket
+import struct
+import time
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from . import accesslog
+from .proxy import TunnelRecord
+
+if TYPE_CHECKING:
+    from .worker import Worker
+
+log = logging.getLogger("fastws")
+
+CHUNK = 32768
+CONNECT_PATIENCE = 5.0       # seconds an old worker waits for its successor to listen
+RECV_TIMEOUT = 5.0
+
+
+def address(master: int, generation: int, index: int) -> bytes:
+    return f"\0fastws-{master}-{generation}-{index}".encode()
+
+
+# --- the new worker's side -------------------------------------------------------------------
+
+class Receiver:
+    """Accepts old workers' connections and adopts the tunnels they send."""
+
+    def __init__(self, worker: "Worker", addr: bytes) -> None:
+        self.w = worker
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.sock.bind(addr)
+        self.sock.listen(64)
+        self.sock.setblocking(False)
+        worker.loop.add_reader(self.sock.fileno(), self._on_accept)
+        self.conns: list[socket.socket] = []
+
+    def _on_accept(self) -> None:
+        try:
+            conn, _ = self.sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        _, uid, _ = struct.unpack("3i", creds)
+        if uid != os.getuid():
+            log.error("tunnel handover refused: peer uid %d", uid)
+            conn.close()
+            return
+        conn.setblocking(False)
+        self.conns.append(conn)
+        self.w.loop.add_reader(conn.fileno(), self._on_message, conn)
+
+    def _drop(self, conn: socket.socket) -> None:
+        self.w.loop.remove_reader(conn.fileno())
+        conn.close()
+        self.conns.remove(conn)
+
+    def _on_message(self, conn: socket.socket) -> None:
+        fds = array.array("i")
+        try:
+            msg, anc, _, _ = conn.recvmsg(65536, socket.CMSG_SPACE(2 * fds.itemsize))
+        except BlockingIOError:
+            if self.sock.fileno() < 0:      # closing: nothing more is queued
+                self._drop(conn)
+            return
+        except InterruptedError:
+            return
+        except OSError:
+            self._drop(conn)
+            return
+        for level, kind, data in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
+        if not msg:
+            for fd in fds:
+                os.close(fd)
+            self._drop(conn)
+            return
+        if len(fds) != 2:
+            for fd in fds:
+                os.close(fd)
+            log.error("tunnel handover: a message without its two sockets")
+            return
+        try:
+            head = orjson.loads(msg)
+            pending = self._read_pending(conn, head["n0"] + head["n1"])
+            self.w.adopt(fds[0], fds[1], head, pending[:head["n0"]], pending[head["n0"]:])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.error("tunnel handover failed: %s", exc)
+            os.close(fds[0])
+            os.close(fds[1])
+
+    def _read_pending(self, conn: socket.socket, n: int) -> bytes:
+        # The sender writes the pending bytes right after the header: read them at once.
+        out = bytearray()
+        conn.settimeout(RECV_TIMEOUT)
+        try:
+            while len(out) < n:
+                chunk = conn.recv(CHUNK)
+                if not chunk:
+                    raise ValueError("the sender went away mid-tunnel")
+                out += chunk
+        finally:
+            conn.setblocking(False)
+        return bytes(out)
+
+    def close(self) -> None:
+        """Take no more tunnels.  The senders' next send fails (so they keep their tunnels),
+        and the ones already queued are adopted before the connections close: closing a
+        socket with fds still in its queue would close those fds."""
+        if self.sock.fileno() < 0:
+            return
+        self.w.loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+        for conn in list(self.conns):
+            try:
+                conn.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass
+            while conn in self.conns:
+                self._on_message(conn)
+
+
+# --- the old worker's side -------------------------------------------------------------------
+
+def connect_once(addr: bytes) -> socket.socket | None:
+    """A connection to the new worker, or None if it does not listen yet."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        sock.connect(addr)
+    except OSError:
+        sock.close()
+        return None
+    sock.settimeout(RECV_TIMEOUT)
+    return sock
+
+
+def header(record: TunnelRecord, to_up: bytes, to_client: bytes, up: int, down: int,
+           age: float, first_eof: int, read_timeout: float, send_timeout: float,
+           mode: str) -> bytes:
+    log_cfg = None
+    if record.log is not None:
+        cfg, early = record.log
+        fmt = cfg.format
+        log_cfg = {"path": cfg.path, "open": cfg.open, "name": fmt.name, "json": fmt.json,
+                   "parts": fmt.parts, "early": fmt.early, "values": early}
+    return orjson.dumps({
+        "n0": len(to_up), "n1": len(to_client), "up": up, "down": down, "age": age,
+        "first_eof": first_eof, "read_timeout": read_timeout, "send_timeout": send_timeout,
+        "mode": mode, "upstream": record.upstream.name, "peer": record.peer.name,
+        "remote_addr": record.remote_addr, "request": record.request.decode("latin-1"),
+        "life": time.monotonic() - record.started,
+        "connect_time": record.connect_time, "header_time": record.header_time,
+        "head_in": record.head_bytes_in, "head_out": record.head_bytes_out, "log": log_cfg,
+    })
+
+
+def send(sock: socket.socket, exported: tuple[Any, ...]) -> None:
+    """Send one exported tunnel; raises OSError if it could not go (the fds stay ours)."""
+    record, cfd, ufd, to_up, to_client, up, down, age, first_eof, rt, st, mode = exported
+    msg = header(record, to_up, to_client, up, down, age, first_eof, rt, st, mode)
+    sock.sendmsg([msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [cfd, ufd]))])
+    data = to_up + to_client
+    for i in range(0, len(data), CHUNK):
+        sock.sendall(data[i:i + CHUNK])
+
+
+def record_from(head: dict[str, Any], upstream: Any, peer: Any) -> TunnelRecord:
+    record = TunnelRecord(upstream, peer, head["remote_addr"], head["request"].encode("latin-1"),
+                          time.monotonic() - head["life"], head["connect_time"],
+                          head["header_time"], head["head_in"], head["head_out"])
+    lc = head["log"]
+    if lc is not None:
+        fmt = accesslog.LogFormat(lc["name"], tuple((k, t) for k, t in lc["parts"]),
+                                  tuple(lc["early"]), lc["json"])
+        record.log = (accesslog.AccessLogConfig(lc["path"], fmt, lc["open"]),
+                      tuple(lc["values"]))
+    return record
+
+
+class GoneUpstream:
+    """Stands for an upstream (or server) a reload removed while a tunnel to it lives on."""
+
+    def __init__(self, upstream: str, name: str) -> None:
+        self.upstream = upstream
+        self.name = name
+
+    def release(self, peer: Any) -> None:
+        pass
