@@ -150,13 +150,17 @@ class Worker:
         if not graceful:
             self._stopped.set_result(None)
             return
+        self._retire(self._drain_then_stop)
+
+    def _retire(self, then: Any) -> None:
+        # Stop accepting connections, and tunnels from older workers; then `then` (once).
         if self._retiring:
             return
         self._retiring = True
         self._close_listeners()
         if self.receiver is not None:
             self.receiver.close()
-        self.loop.create_task(self._drain_then_stop())
+        self.loop.create_task(then())
 
     async def _drain_then_stop(self) -> None:
         # nginx's graceful stop: no new connection; the ones open end by themselves, or when
@@ -175,13 +179,8 @@ class Worker:
     def hand_over(self) -> None:
         """SIGUSR2 (a reload): stop accepting and pass every tunnel to the new worker of the
         same index, then exit; drain as on SIGQUIT if it cannot be reached."""
-        if self._stopped is None or self._stopped.done() or self._retiring or not self.master:
-            return
-        self._retiring = True
-        self._close_listeners()
-        if self.receiver is not None:
-            self.receiver.close()
-        self.loop.create_task(self._hand_over())
+        if self._stopped is not None and not self._stopped.done() and self.master:
+            self._retire(self._hand_over)
 
     async def _hand_over(self) -> None:
         top = self.board.slots[0]
