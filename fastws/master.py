@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import accesslog, balancer, config as config_mod, metrics
-from .config import Config
+from .config import Address, Config
 from .errors import ConfigError
 
 log = logging.getLogger("fastws")
@@ -97,7 +97,7 @@ class Master:
     def _listen(self, cfg: Config) -> None:
         """Make sure every listen address of cfg has one socket per worker index; close the
         sockets of addresses cfg no longer has (and of indexes it no longer uses)."""
-        wanted = {}
+        wanted: dict[tuple[str, int], Address] = {}
         for server in cfg.servers:
             for addr in server.listen:
                 wanted.setdefault((addr.host, addr.port), addr)

@@ -48,10 +48,36 @@ def peer_key(upstream: str, server: str) -> int:
     return int.from_bytes(digest, "little", signed=True) or 1
 
 
+def _field(name: str) -> Any:
+    i = _H[name]
+
+    def get(self: "Slot") -> int:
+        return self.v[i]
+
+    def put(self: "Slot", value: int) -> None:
+        self.v[i] = value
+
+    return property(get, put)
+
+
 class Slot:
     """One worker's words in the board: header fields as attributes, and its peer table."""
 
     __slots__ = ("v", "index", "_peers")
+
+    # the header words
+    pid = _field("pid")
+    generation = _field("generation")
+    processes = _field("processes")
+    serial = _field("serial")
+    accepts = _field("accepts")
+    handled = _field("handled")
+    requests = _field("requests")
+    active = _field("active")
+    reading = _field("reading")
+    tunnels = _field("tunnels")
+    tunnels_total = _field("tunnels_total")
+    paused = _field("paused")
 
     def __init__(self, view: memoryview, index: int) -> None:
         self.v = view
@@ -87,20 +113,6 @@ class Slot:
             yield key, off
 
 
-def _field(i: int) -> property:
-    def get(self: Slot) -> int:
-        return self.v[i]
-
-    def put(self: Slot, value: int) -> None:
-        self.v[i] = value
-
-    return property(get, put)
-
-
-for _i, _name in enumerate(HEADER):
-    setattr(Slot, _name, _field(_i))
-
-
 class Board:
     """The shared area: slot 0 for exited workers, then one slot per live worker."""
 
@@ -124,9 +136,9 @@ class Board:
     def retire(self, slot: Slot) -> None:
         """A worker exited: keep its counters in slot 0 and free its slot (master side)."""
         total = self.slots[0]
-        for name in HEADER:
+        for i, name in enumerate(HEADER):
             if name not in GAUGES and name not in KEPT:
-                setattr(total, name, getattr(total, name) + getattr(slot, name))
+                total.v[i] += slot.v[i]
         for key, off in slot.peers():
             toff = total.peer_offset(key)
             if toff < 0:
@@ -171,20 +183,20 @@ def publish(w: "Worker") -> None:
         for k, v in w.engine.stats().items():
             if k in _H_ENGINE:
                 slot.v[_H_ENGINE[k]] = v
-    for name, up in w.upstreams.items():
+    words = slot.v
+    for up in w.upstreams.values():
         for p in up.peers:
             fig = w.peer_figures(p)
             off = slot.peer_offset(fig.key)
             if off < 0:
                 continue
-            v = slot.v
-            v[off + 1] = fig.active
-            v[off + 2] = fig.tunnels_total
-            v[off + 3] = fig.bytes_up
-            v[off + 4] = fig.bytes_down
-            v[off + 5] = p.fails_total
-            v[off + 6] = p.selected_total
-            v[off + 7] = 1 if p.state == "down" else 0
+            words[off + 1] = fig.active
+            words[off + 2] = fig.tunnels_total
+            words[off + 3] = fig.bytes_up
+            words[off + 4] = fig.bytes_down
+            words[off + 5] = p.fails_total
+            words[off + 6] = p.selected_total
+            words[off + 7] = 1 if p.state == "down" else 0
 
 
 _H_ENGINE = {k: _H["engine_" + k] for k in ENGINE_KEYS}
@@ -194,7 +206,7 @@ def totals(w: "Worker") -> dict[str, Any]:
     """Everything summed over the workers: the data of every status format."""
     publish(w)
     slots = w.board.live()
-    head = {name: sum(getattr(s, name) for s in slots) for name in HEADER}
+    head = {name: sum(s.v[i] for s in slots) for i, name in enumerate(HEADER)}
     peers: dict[int, list[int]] = {}
     for s in slots:
         for key, off in s.peers():

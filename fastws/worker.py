@@ -238,8 +238,8 @@ class Worker:
     def adopt(self, cfd: int, ufd: int, head: dict[str, Any], to_up: bytes,
               to_client: bytes) -> None:
         """Carry on a tunnel an old worker handed over."""
-        upstream = self.upstreams.get(head["upstream"])
-        peer = None
+        upstream: Any = self.upstreams.get(head["upstream"])
+        peer: Any = None
         if upstream is not None:
             peer = next((p for p in upstream.peers if p.name == head["peer"]), None)
         if upstream is None or peer is None:
@@ -383,7 +383,7 @@ class Worker:
         fig.tunnels_total += 1
         loc = conn.location if conn is not None else None
         cfg = loc.access_log if loc is not None else None
-        if cfg is not None:
+        if cfg is not None and conn is not None:
             record.log = (cfg, accesslog.render_early(cfg.format, conn))
             if cfg.open:
                 self._log_tunnel(record, "open", 0, 0, -1.0)

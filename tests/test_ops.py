@@ -123,9 +123,16 @@ def test_a_killed_worker_is_replaced_and_service_goes_on(make_proxy, tmp_path, p
     # the dead worker's counts are kept: accepts never go back
     assert status["connections"]["accepted"] >= accepted + 40
     text = (tmp_path / "error.log").read_text()
-    assert f"worker process {before[0]} exited on signal 9; restarting it" in text
+    assert f"worker process {before[0]} exited on signal 9; restarting it in 0.0s" in text
     with tunnel(port) as s:
         echo(s, b"after the restart")
+    # a replacement that dies young is restarted after a growing delay
+    [second] = set(proxy.workers()) - set(before)
+    os.kill(second, signal.SIGKILL)
+    wait_until(lambda: len(proxy.workers()) == 2 and second not in proxy.workers())
+    assert f"worker process {second} exited on signal 9; restarting it in 0.1s" in \
+        (tmp_path / "error.log").read_text()
+    assert body_of(proxy) == b"v1"
 
 
 def test_worker_connections_limit_pauses_accepting_and_drops_nothing(make_proxy, tmp_path,
