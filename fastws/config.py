@@ -542,7 +542,8 @@ def from_dict(data: Mapping[str, Any], source: str = "<config>") -> Config:
     r = _Reader(source, data, "")
     processes_raw = r.get("processes", (int, str), 1)
     if processes_raw == "auto":
-        processes = os.cpu_count() or 1
+        # the CPUs this process may run on (a container's or a taskset's share), as nginx
+        processes = len(os.sched_getaffinity(0)) or 1
     elif isinstance(processes_raw, int) and processes_raw >= 1:
         processes = processes_raw
     else:

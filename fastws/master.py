@@ -68,6 +68,13 @@ class Master:
 
     def run(self) -> int:
         """Serve until stopped; the exit status of the fastws command."""
+        if self.config.pid:
+            other = _running(self.config.pid)
+            if other:
+                # SO_REUSEPORT would let a second master bind the same ports and share them
+                print(f"fastws: {self.config.pid}: fastws is already running as pid {other}",
+                      file=sys.stderr)
+                return 1
         signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
         try:
             self._listen(self.config)
@@ -301,6 +308,27 @@ def _kill(pid: int, sig: int) -> None:
         os.kill(pid, sig)
     except ProcessLookupError:
         pass
+
+
+def _running(path: str) -> int:
+    """The pid in a pid file if that process is alive, else 0."""
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return 0
+    if not text.isdigit() or int(text) in (0, os.getpid()):
+        return 0
+    try:
+        os.kill(int(text), 0)
+        with open(f"/proc/{text}/cmdline", "rb") as f:
+            if b"fastws" not in f.read():
+                return 0        # a stale file whose pid went to another program
+    except ProcessLookupError:
+        return 0
+    except OSError:
+        pass
+    return int(text)
 
 
 def _write_pid(path: str) -> None:

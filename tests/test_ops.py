@@ -475,6 +475,18 @@ def test_a_server_that_refuses_is_counted_and_shown_down(make_proxy, tmp_path, p
 
 # --- command line mistakes -------------------------------------------------------------------
 
+def test_a_second_master_on_the_same_pid_file_refuses_to_start(make_proxy, tmp_path, port,
+                                                              backend):
+    proxy = make_proxy(ops_config(tmp_path, port, backend.address), port=port)
+    wait_until(lambda: (tmp_path / "fastws.pid").exists())
+    r = fastws("-c", str(proxy.path))
+    assert r.returncode == 1
+    assert r.stderr == f"fastws: {tmp_path / 'fastws.pid'}: fastws is already running as " \
+                       f"pid {proxy.pid}\n"
+    assert (tmp_path / "fastws.pid").read_text() == f"{proxy.pid}\n"
+    assert body_of(proxy) == b"v1"
+
+
 def fastws(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "fastws", *args], capture_output=True,
                           text=True, timeout=30)
