@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fastws")
 
-CHUNK = 32768
+CHUNK = 32768               # well under a Unix socket's send buffer: one message each
 CONNECT_PATIENCE = 5.0       # seconds an old worker waits for its successor to listen
 RECV_TIMEOUT = 5.0
 
@@ -104,8 +104,12 @@ class Receiver:
             log.error("tunnel handover: a message without its two sockets")
             return
         try:
-            head = orjson.loads(msg)
-            pending = self._read_pending(conn, head["n0"] + head["n1"])
+            (size,) = struct.unpack_from("!I", msg)
+            head = orjson.loads(msg[4:4 + size])
+            pending = msg[4 + size:]
+            want = head["n0"] + head["n1"]
+            if len(pending) < want:
+                pending += self._read_pending(conn, want - len(pending))
             self.w.adopt(fds[0], fds[1], head, pending[:head["n0"]], pending[head["n0"]:])
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.error("tunnel handover failed: %s", exc)
@@ -180,10 +184,14 @@ def header(record: TunnelRecord, to_up: bytes, to_client: bytes, up: int, down: 
 def send(sock: socket.socket, exported: tuple[Any, ...]) -> None:
     """Send one exported tunnel; raises OSError if it could not go (the fds stay ours)."""
     record, cfd, ufd, to_up, to_client, up, down, age, first_eof, rt, st, mode = exported
-    msg = header(record, to_up, to_client, up, down, age, first_eof, rt, st, mode)
-    sock.sendmsg([msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [cfd, ufd]))])
+    head = header(record, to_up, to_client, up, down, age, first_eof, rt, st, mode)
     data = to_up + to_client
-    for i in range(0, len(data), CHUNK):
+    # One message carries the fds, the header and (nearly always all of) the pending bytes, so
+    # that a tunnel goes whole or not at all; more than CHUNK bytes in flight follow in chunks.
+    first = CHUNK - len(head)
+    msg = struct.pack("!I", len(head)) + head + data[:max(first, 0)]
+    sock.sendmsg([msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [cfd, ufd]))])
+    for i in range(max(first, 0), len(data), CHUNK):
         sock.sendall(data[i:i + CHUNK])
 
 

@@ -27,8 +27,9 @@ ENGINE_GAUGES = frozenset(("tunnels_active", "pipes_total", "pipes_free"))
 
 # Per-worker header words.  Gauges are cleared when a worker exits, counters move to slot 0.
 HEADER = ("pid", "generation", "processes", "serial", "accepts", "handled", "requests", "active", "reading",
-          "tunnels", "tunnels_total", "paused") + tuple("engine_" + k for k in ENGINE_KEYS)
-GAUGES = frozenset({"pid", "generation", "processes", "active", "reading", "tunnels", "paused"}
+          "tunnels", "tunnels_total", "paused", "retiring") + tuple("engine_" + k for k in ENGINE_KEYS)
+GAUGES = frozenset({"pid", "generation", "processes", "active", "reading", "tunnels", "paused",
+                    "retiring"}
                    | {"engine_" + k for k in ENGINE_GAUGES})
 KEPT = frozenset(("serial",))   # never moved nor cleared: connection numbers stay unique
 HEADER_WORDS = 48
@@ -78,6 +79,7 @@ class Slot:
     tunnels = _field("tunnels")
     tunnels_total = _field("tunnels_total")
     paused = _field("paused")
+    retiring = _field("retiring")
 
     def __init__(self, view: memoryview, index: int) -> None:
         self.v = view
@@ -236,7 +238,8 @@ def totals(w: "Worker") -> dict[str, Any]:
         "engine": {k: head["engine_" + k] for k in ENGINE_KEYS},
         "workers": [{"pid": s.pid, "generation": s.generation, "accepts": s.accepts,
                      "active": s.active + s.tunnels, "tunnels": s.tunnels,
-                     "paused": bool(s.paused)} for s in workers],
+                     "paused": bool(s.paused), "retiring": bool(s.retiring)}
+                    for s in workers],
         "upstreams": upstreams,
     }
 

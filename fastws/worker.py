@@ -157,6 +157,7 @@ class Worker:
         if self._retiring:
             return
         self._retiring = True
+        self.stats.retiring = 1
         self._close_listeners()
         if self.receiver is not None:
             self.receiver.close()
@@ -195,7 +196,7 @@ class Worker:
             log.error("the new worker cannot take the tunnels; draining them here")
             await self._drain_then_stop()
             return
-        moved = 0
+        moved = in_flight = 0
         try:
             while self.conns or self.engine.active:
                 if self.engine.active:
@@ -205,20 +206,22 @@ class Worker:
                         await asyncio.sleep(0.005)
                         exported = self.engine.take_exported()
                     for item in exported:
-                        moved += self._send_tunnel(sock, item)
+                        if self._send_tunnel(sock, item):
+                            moved += 1
+                            in_flight += len(item[3]) + len(item[4])
                 else:
                     await asyncio.sleep(0.02)      # handshakes still in progress
                 if self._stopped is None or self._stopped.done():
                     break
         finally:
             sock.close()
-        log.info("%d tunnels handed to the new workers", moved)
+        log.info("%d tunnels handed to the new workers (%d bytes in flight)", moved, in_flight)
         if self.engine.active:
             await self._drain_then_stop()
         elif self._stopped is not None and not self._stopped.done():
             self._stopped.set_result(None)
 
-    def _send_tunnel(self, sock: Any, item: tuple[Any, ...]) -> int:
+    def _send_tunnel(self, sock: Any, item: tuple[Any, ...]) -> bool:
         record, cfd, ufd = item[:3]
         try:
             handover.send(sock, item)
@@ -227,13 +230,13 @@ class Worker:
             log.error("handing a tunnel over failed (%s); it stays in this worker", exc)
             self.engine.add(cfd, ufd, item[3], item[4], item[9], item[10], item[11], record,
                             item[5], item[6], item[7], item[8])
-            return 0
+            return False
         os.close(cfd)
         os.close(ufd)
         self.stats.tunnels -= 1
         record.upstream.release(record.peer)
         self.peer_figures(record.peer).active -= 1
-        return 1
+        return True
 
     def adopt(self, cfd: int, ufd: int, head: dict[str, Any], to_up: bytes,
               to_client: bytes) -> None:

@@ -94,3 +94,60 @@ def test_export_with_no_tunnel_returns_an_empty_list():
     engine.export()
     assert take(engine) == []
     engine.stop()
+
+
+def test_handover_transport_carries_fds_header_and_large_pending_bytes():
+    import asyncio
+
+    from fastws import handover
+    from fastws.proxy import TunnelRecord
+
+    class Up:
+        name = "backend"
+
+    class Peer:
+        name = "127.0.0.1:9"
+
+    adopted: list = []
+
+    class FakeWorker:
+        def __init__(self, loop):
+            self.loop = loop
+
+        def adopt(self, cfd, ufd, head, to_up, to_client):
+            adopted.append((cfd, ufd, head, to_up, to_client))
+
+    async def main():
+        addr = handover.address(os.getpid(), 99, 0)
+        receiver = handover.Receiver(FakeWorker(asyncio.get_running_loop()), addr)
+        sock = handover.connect_once(addr)
+        assert sock is not None
+        a, b = socket.socketpair()
+        record = TunnelRecord(Up(), Peer(), "10.0.0.1", b"GET /ws HTTP/1.1", time.monotonic() - 3,
+                              0.001, 0.002, 200, 129)
+        small, large = b"u" * 10, os.urandom(300_000)     # more than one message can carry
+        item = (record, a.fileno(), b.fileno(), small, large, 11, 22, 2.5, 1, 60.0, 30.0, "copy")
+        await asyncio.get_running_loop().run_in_executor(None, handover.send, sock, item)
+        deadline = time.monotonic() + 10
+        while not adopted and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        sock.close()
+        receiver.close()
+        return a, b
+
+    a, b = asyncio.run(main())
+    [(cfd, ufd, head, to_up, to_client)] = adopted
+    assert len(to_up) == 10 and len(to_client) == 300_000
+    assert (head["up"], head["down"], head["first_eof"], head["mode"], head["upstream"],
+            head["peer"], head["request"]) == (11, 22, 1, "copy", "backend", "127.0.0.1:9",
+                                               "GET /ws HTTP/1.1")
+    # the received fds are the same sockets (a and b are the two ends of one pair)
+    with socket.socket(fileno=cfd) as a2, socket.socket(fileno=ufd) as b2:
+        b.settimeout(10)
+        b2.settimeout(10)
+        a.sendall(b"ping")
+        assert b2.recv(10) == b"ping"
+        a2.sendall(b"pong")
+        assert b.recv(10) == b"pong"
+    a.close()
+    b.close()
