@@ -111,7 +111,7 @@ class Receiver:
             if len(pending) < want:
                 pending += self._read_pending(conn, want - len(pending))
             self.w.adopt(fds[0], fds[1], head, pending[:head["n0"]], pending[head["n0"]:])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
             log.error("tunnel handover failed: %s", exc)
             os.close(fds[0])
             os.close(fds[1])
