@@ -23,7 +23,8 @@ import orjson
 from .errors import ConfigError
 
 if TYPE_CHECKING:
-    from .proxy import ClientConn
+    from .proxy import ClientConn, TunnelRecord
+    from .worker import Worker
 
 log = logging.getLogger("fastws")
 
@@ -414,6 +415,51 @@ def render(fmt: LogFormat, early: tuple[str, ...], end: Ending, now: float) -> b
             out.append(_escape(end.variable(text, now)))
     out.append("\n")
     return "".join(out).encode("utf-8", "backslashreplace")
+
+
+# --- what a worker logs ----------------------------------------------------------------------
+
+def log_request(w: "Worker", conn: "ClientConn") -> None:
+    """The line of a request answered without a tunnel, when its connection closes."""
+    loc = conn.location
+    cfg = loc.access_log if loc is not None else _server_log(conn)
+    if cfg is None:
+        return
+    now = time.monotonic()
+    head = getattr(conn, "head", None)
+    connected = getattr(conn, "t_connected", None) if conn.peer is not None else None
+    end = Ending(
+        conn.status, conn.sent, conn.head_sent, head.size if head is not None else 0,
+        now - conn.started,
+        upstream_status=conn.response.status if conn.response is not None else 0,
+        connect_time=connected - conn.t_connect if connected else -1.0,
+        response_time=now - conn.t_connect if connected else -1.0)
+    w.logs.write(cfg, render_early(cfg.format, conn), end)
+
+
+def _server_log(conn: "ClientConn") -> AccessLogConfig | None:
+    # A request that matched no location (or had no head) is logged by the server's log: the
+    # one its locations inherit unless they set their own.
+    logs = {loc.access_log for loc in conn.server.locations}
+    return logs.pop() if len(logs) == 1 else None
+
+
+def log_tunnel(w: "Worker", record: "TunnelRecord", event: str, up: int, down: int,
+               relayed: float, reason: str = "") -> None:
+    """A tunnel's line: status 101, the bytes it carried each way (heads included, as nginx's
+    $bytes_sent and $request_length), its whole life in $request_time, and in
+    $upstream_response_time the time from the upstream connect to the close (relayed: the
+    engine's part of it; -1 when the tunnel opens)."""
+    cfg, early = record.log
+    plain = record.head_bytes_out == 0     # a plain request relayed as a stream
+    sent = record.head_bytes_out + down
+    w.logs.write(cfg, early, Ending(
+        0 if plain else 101, sent, record.head_bytes_out, record.head_bytes_in + up,
+        time.monotonic() - record.started, upstream_status=0 if plain else 101,
+        connect_time=record.connect_time, header_time=record.header_time,
+        response_time=record.header_time + relayed if relayed >= 0 else -1.0,
+        upstream_sent=record.head_bytes_in + up, upstream_received=sent,
+        tunnel=event, close=reason))
 
 
 # --- writers ---------------------------------------------------------------------------------

@@ -17,12 +17,13 @@ on a graceful stop.
 from __future__ import annotations
 
 import array
+import asyncio
 import logging
 import os
 import socket
 import struct
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import orjson
 
@@ -48,13 +49,14 @@ def address(master: int, generation: int, index: int) -> bytes:
 class Receiver:
     """Accepts old workers' connections and adopts the tunnels they send."""
 
-    def __init__(self, worker: "Worker", addr: bytes) -> None:
-        self.w = worker
+    def __init__(self, loop: Any, addr: bytes, adopt: Callable[..., None]) -> None:
+        self.loop = loop
+        self.adopt = adopt          # (client fd, upstream fd, header, to upstream, to client)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.sock.bind(addr)
         self.sock.listen(64)
         self.sock.setblocking(False)
-        worker.loop.add_reader(self.sock.fileno(), self._on_accept)
+        loop.add_reader(self.sock.fileno(), self._on_accept)
         self.conns: list[socket.socket] = []
 
     def _on_accept(self) -> None:
@@ -70,10 +72,10 @@ class Receiver:
             return
         conn.setblocking(False)
         self.conns.append(conn)
-        self.w.loop.add_reader(conn.fileno(), self._on_message, conn)
+        self.loop.add_reader(conn.fileno(), self._on_message, conn)
 
     def _drop(self, conn: socket.socket) -> None:
-        self.w.loop.remove_reader(conn.fileno())
+        self.loop.remove_reader(conn.fileno())
         conn.close()
         self.conns.remove(conn)
 
@@ -110,7 +112,7 @@ class Receiver:
             want = head["n0"] + head["n1"]
             if len(pending) < want:
                 pending += self._read_pending(conn, want - len(pending))
-            self.w.adopt(fds[0], fds[1], head, pending[:head["n0"]], pending[head["n0"]:])
+            self.adopt(fds[0], fds[1], head, pending[:head["n0"]], pending[head["n0"]:])
         except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
             log.error("tunnel handover failed: %s", exc)
             os.close(fds[0])
@@ -136,7 +138,7 @@ class Receiver:
         socket with fds still in its queue would close those fds."""
         if self.sock.fileno() < 0:
             return
-        self.w.loop.remove_reader(self.sock.fileno())
+        self.loop.remove_reader(self.sock.fileno())
         self.sock.close()
         for conn in list(self.conns):
             try:
@@ -193,6 +195,80 @@ def send(sock: socket.socket, exported: tuple[Any, ...]) -> None:
     sock.sendmsg([msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [cfd, ufd]))])
     for i in range(max(first, 0), len(data), CHUNK):
         sock.sendall(data[i:i + CHUNK])
+
+
+async def hand_over(w: "Worker") -> None:
+    """The old worker's part of a reload: pass every tunnel, then end the worker."""
+    top = w.board.slots[0]
+    addr = address(w.master, top.generation, w.index % max(1, top.processes))
+    sock = None
+    deadline = time.monotonic() + CONNECT_PATIENCE
+    while sock is None and time.monotonic() < deadline:
+        sock = connect_once(addr)
+        if sock is None:
+            await asyncio.sleep(0.05)
+    if sock is None:
+        log.error("the new worker cannot take the tunnels; draining them here")
+        await w.drain_then_stop()
+        return
+    moved = in_flight = 0
+    try:
+        while (w.conns or w.engine.active) and not w.stopped:
+            if not w.engine.active:
+                await asyncio.sleep(0.02)      # handshakes still in progress
+                continue
+            w.engine.export()
+            exported = None
+            while exported is None:
+                await asyncio.sleep(0.005)
+                exported = w.engine.take_exported()
+            for item in exported:
+                if _send_tunnel(w, sock, item):
+                    moved += 1
+                    in_flight += len(item[3]) + len(item[4])
+    finally:
+        sock.close()
+    log.info("%d tunnels handed to the new workers (%d bytes in flight)", moved, in_flight)
+    if w.engine.active:
+        await w.drain_then_stop()
+    else:
+        w.finish()
+
+
+def _send_tunnel(w: "Worker", sock: socket.socket, item: tuple[Any, ...]) -> bool:
+    record, cfd, ufd = item[:3]
+    try:
+        send(sock, item)
+    except OSError as exc:
+        # it stays here: back into this worker's engine, which relays it to its end
+        log.error("handing a tunnel over failed (%s); it stays in this worker", exc)
+        w.engine.add(cfd, ufd, item[3], item[4], item[9], item[10], item[11], record,
+                     item[5], item[6], item[7], item[8])
+        return False
+    os.close(cfd)
+    os.close(ufd)
+    w.stats.tunnels -= 1
+    record.upstream.release(record.peer)
+    w.peer_figures(record.peer).active -= 1
+    return True
+
+
+def adopt(w: "Worker", cfd: int, ufd: int, head: dict[str, Any], to_up: bytes,
+          to_client: bytes) -> None:
+    """The new worker's part: carry on a tunnel an old worker handed over."""
+    upstream: Any = w.upstreams.get(head["upstream"])
+    peer: Any = None
+    if upstream is not None:
+        peer = next((p for p in upstream.peers if p.name == head["peer"]), None)
+    if upstream is None or peer is None:
+        upstream = peer = GoneUpstream(head["upstream"], head["peer"])
+    else:
+        peer.conns += 1
+    record = record_from(head, upstream, peer)
+    w.engine.add(cfd, ufd, to_up, to_client, head["read_timeout"], head["send_timeout"],
+                 head["mode"], record, head["up"], head["down"], head["age"], head["first_eof"])
+    w.stats.tunnels += 1
+    w.peer_figures(peer).active += 1
 
 
 def record_from(head: dict[str, Any], upstream: Any, peer: Any) -> TunnelRecord:

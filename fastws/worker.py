@@ -131,7 +131,8 @@ class Worker:
         if self.master:
             try:
                 self.receiver = handover.Receiver(
-                    self, handover.address(self.master, self.stats.generation, self.index))
+                    self.loop, handover.address(self.master, self.stats.generation, self.index),
+                    lambda *tunnel: handover.adopt(self, *tunnel))
             except OSError as exc:
                 log.error("cannot take tunnels over from old workers: %s", exc)
         self.loop.add_signal_handler(signal.SIGHUP, lambda: None)   # the master's business
@@ -150,7 +151,7 @@ class Worker:
         if not graceful:
             self._stopped.set_result(None)
             return
-        self._retire(self._drain_then_stop)
+        self._retire(self.drain_then_stop)
 
     def _retire(self, then: Any) -> None:
         # Stop accepting connections, and tunnels from older workers; then `then` (once).
@@ -163,7 +164,16 @@ class Worker:
             self.receiver.close()
         self.loop.create_task(then())
 
-    async def _drain_then_stop(self) -> None:
+    @property
+    def stopped(self) -> bool:
+        return self._stopped is None or self._stopped.done()
+
+    def finish(self) -> None:
+        """End serve() now (whatever is left is closed)."""
+        if self._stopped is not None and not self._stopped.done():
+            self._stopped.set_result(None)
+
+    async def drain_then_stop(self) -> None:
         # nginx's graceful stop: no new connection; the ones open end by themselves, or when
         # shutdown_timeout (worker_shutdown_timeout) has passed.
         timeout = self.config.shutdown_timeout
@@ -180,81 +190,8 @@ class Worker:
     def hand_over(self) -> None:
         """SIGUSR2 (a reload): stop accepting and pass every tunnel to the new worker of the
         same index, then exit; drain as on SIGQUIT if it cannot be reached."""
-        if self._stopped is not None and not self._stopped.done() and self.master:
-            self._retire(self._hand_over)
-
-    async def _hand_over(self) -> None:
-        top = self.board.slots[0]
-        addr = handover.address(self.master, top.generation, self.index % max(1, top.processes))
-        sock = None
-        deadline = time.monotonic() + handover.CONNECT_PATIENCE
-        while sock is None and time.monotonic() < deadline:
-            sock = handover.connect_once(addr)
-            if sock is None:
-                await asyncio.sleep(0.05)
-        if sock is None:
-            log.error("the new worker cannot take the tunnels; draining them here")
-            await self._drain_then_stop()
-            return
-        moved = in_flight = 0
-        try:
-            while self.conns or self.engine.active:
-                if self.engine.active:
-                    self.engine.export()
-                    exported = None
-                    while exported is None:
-                        await asyncio.sleep(0.005)
-                        exported = self.engine.take_exported()
-                    for item in exported:
-                        if self._send_tunnel(sock, item):
-                            moved += 1
-                            in_flight += len(item[3]) + len(item[4])
-                else:
-                    await asyncio.sleep(0.02)      # handshakes still in progress
-                if self._stopped is None or self._stopped.done():
-                    break
-        finally:
-            sock.close()
-        log.info("%d tunnels handed to the new workers (%d bytes in flight)", moved, in_flight)
-        if self.engine.active:
-            await self._drain_then_stop()
-        elif self._stopped is not None and not self._stopped.done():
-            self._stopped.set_result(None)
-
-    def _send_tunnel(self, sock: Any, item: tuple[Any, ...]) -> bool:
-        record, cfd, ufd = item[:3]
-        try:
-            handover.send(sock, item)
-        except OSError as exc:
-            # it stays here: back into this worker's engine, which relays it to its end
-            log.error("handing a tunnel over failed (%s); it stays in this worker", exc)
-            self.engine.add(cfd, ufd, item[3], item[4], item[9], item[10], item[11], record,
-                            item[5], item[6], item[7], item[8])
-            return False
-        os.close(cfd)
-        os.close(ufd)
-        self.stats.tunnels -= 1
-        record.upstream.release(record.peer)
-        self.peer_figures(record.peer).active -= 1
-        return True
-
-    def adopt(self, cfd: int, ufd: int, head: dict[str, Any], to_up: bytes,
-              to_client: bytes) -> None:
-        """Carry on a tunnel an old worker handed over."""
-        upstream: Any = self.upstreams.get(head["upstream"])
-        peer: Any = None
-        if upstream is not None:
-            peer = next((p for p in upstream.peers if p.name == head["peer"]), None)
-        if upstream is None or peer is None:
-            upstream = peer = handover.GoneUpstream(head["upstream"], head["peer"])
-        else:
-            peer.conns += 1
-        record = handover.record_from(head, upstream, peer)
-        self.engine.add(cfd, ufd, to_up, to_client, head["read_timeout"], head["send_timeout"],
-                        head["mode"], record, head["up"], head["down"], head["age"],
-                        head["first_eof"])
-        self.stats.tunnels += 1
-        self.peer_figures(peer).active += 1
+        if not self.stopped and self.master:
+            self._retire(lambda: handover.hand_over(self))
 
     def reopen_logs(self) -> None:
         """SIGUSR1: reopen the log files (after logrotate moved them)."""
@@ -346,31 +283,9 @@ class Worker:
             self.conns.discard(conn)
             self.stats.active -= 1
             if conn.state != "tunnel" and (conn.status or getattr(conn, "head", None)):
-                self._log_request(conn)
+                accesslog.log_request(self, conn)
             if self.paused:
                 self.loop.call_soon(self._maybe_resume)
-
-    def _log_request(self, conn: ClientConn) -> None:
-        loc = conn.location
-        cfg = loc.access_log if loc is not None else self._server_log(conn)
-        if cfg is None:
-            return
-        now = time.monotonic()
-        head = getattr(conn, "head", None)
-        connected = getattr(conn, "t_connected", None) if conn.peer is not None else None
-        end = accesslog.Ending(
-            conn.status, conn.sent, conn.head_sent, head.size if head is not None else 0,
-            now - conn.started,
-            upstream_status=conn.response.status if conn.response is not None else 0,
-            connect_time=connected - conn.t_connect if connected else -1.0,
-            response_time=now - conn.t_connect if connected else -1.0)
-        self.logs.write(cfg, accesslog.render_early(cfg.format, conn), end)
-
-    def _server_log(self, conn: ClientConn) -> Any:
-        # A request that matched no location (or had no head) is logged by the server's log:
-        # the one its locations inherit unless they set their own.
-        logs = {loc.access_log for loc in conn.server.locations}
-        return logs.pop() if len(logs) == 1 else None
 
     def peer_figures(self, peer: Any) -> metrics.PeerFigures:
         fig = self.peers.get(peer)
@@ -389,23 +304,7 @@ class Worker:
         if cfg is not None and conn is not None:
             record.log = (cfg, accesslog.render_early(cfg.format, conn))
             if cfg.open:
-                self._log_tunnel(record, "open", 0, 0, -1.0)
-
-    def _log_tunnel(self, record: TunnelRecord, event: str, up: int, down: int,
-                    relayed: float, reason: str = "") -> None:
-        # A tunnel's line: status 101, the bytes it carried each way (heads included, as
-        # nginx's $bytes_sent and $request_length), its whole life in $request_time, and in
-        # $upstream_response_time the time from the upstream connect to the close.
-        cfg, early = record.log
-        plain = record.head_bytes_out == 0     # a plain request relayed as a stream
-        sent = record.head_bytes_out + down
-        self.logs.write(cfg, early, accesslog.Ending(
-            0 if plain else 101, sent, record.head_bytes_out, record.head_bytes_in + up,
-            time.monotonic() - record.started, upstream_status=0 if plain else 101,
-            connect_time=record.connect_time, header_time=record.header_time,
-            response_time=record.header_time + relayed if relayed >= 0 else -1.0,
-            upstream_sent=record.head_bytes_in + up, upstream_received=sent,
-            tunnel=event, close=reason))
+                accesslog.log_tunnel(self, record, "open", 0, 0, -1.0)
 
     def status_page(self, fmt: str) -> tuple[str, bytes]:
         """The body of a status location: nginx's stub_status text, JSON or Prometheus text,
@@ -427,7 +326,7 @@ class Worker:
     def tunnel_closed(self, record: TunnelRecord, up: int, down: int, duration: float,
                       reason: str) -> None:
         if record.log is not None:
-            self._log_tunnel(record, "close", up, down, duration, reason)
+            accesslog.log_tunnel(self, record, "close", up, down, duration, reason)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("tunnel %s %s -> %s closed (%s): %d bytes up, %d down, %.3fs",
                       record.remote_addr, record.request.decode("latin-1"), record.peer.name,

@@ -110,16 +110,10 @@ def test_handover_transport_carries_fds_header_and_large_pending_bytes():
 
     adopted: list = []
 
-    class FakeWorker:
-        def __init__(self, loop):
-            self.loop = loop
-
-        def adopt(self, cfd, ufd, head, to_up, to_client):
-            adopted.append((cfd, ufd, head, to_up, to_client))
-
     async def main():
         addr = handover.address(os.getpid(), 99, 0)
-        receiver = handover.Receiver(FakeWorker(asyncio.get_running_loop()), addr)
+        receiver = handover.Receiver(asyncio.get_running_loop(), addr,
+                                     lambda *tunnel: adopted.append(tunnel))
         sock = handover.connect_once(addr)
         assert sock is not None
         a, b = socket.socketpair()
