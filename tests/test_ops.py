@@ -357,6 +357,15 @@ def test_fast_stop_does_not_wait_for_tunnels(make_proxy, tmp_path, port, backend
     assert not any(alive(pid) for pid in workers)
 
 
+def test_workers_leave_when_their_master_is_killed(make_proxy, tmp_path, port, backend):
+    proxy = make_proxy(ops_config(tmp_path, port, backend.address), port=port)
+    wait_until(lambda: len(proxy.workers()) == 2)
+    workers = proxy.workers()
+    proxy.proc.kill()
+    proxy.proc.wait()
+    wait_until(lambda: not any(alive(pid) for pid in workers))
+
+
 # --- logs ----------------------------------------------------------------------------------
 
 LINE = re.compile(
