@@ -198,8 +198,8 @@ class Master:
             if sig == signal.SIGHUP and not self.stopping:
                 self.reload()
             elif sig == signal.SIGUSR1:
-                log.info("reopening log files")
                 accesslog.reopen_error_log()
+                log.info("log files reopened")
                 self._signal_all(signal.SIGUSR1)
             elif sig == signal.SIGQUIT and not self.stopping:
                 self._stop("graceful", signal.SIGQUIT)

@@ -438,9 +438,11 @@ def test_reopen_writes_to_a_new_file_after_logrotate(make_proxy, tmp_path, port,
     body_of(proxy, "/first")
     wait_until(lambda: len(log_lines(access)) == 1)
     access.rename(tmp_path / "access.log.1")
+    (tmp_path / "error.log").rename(tmp_path / "error.log.1")
     subprocess.run([sys.executable, "-m", "fastws", "-c", str(proxy.path), "-s", "reopen"],
                    check=True, timeout=30)
     wait_until(lambda: access.exists())
+    wait_until(lambda: "log files reopened" in "".join(log_lines(tmp_path / "error.log")))
     body_of(proxy, "/second")
     wait_until(lambda: len(log_lines(access)) == 1)
     assert "/second" in access.read_text()
