@@ -76,8 +76,8 @@ def echo(s: socket.socket, data: bytes) -> None:
     assert got == data
 
 
-def body_of(proxy: Any, path: str = "/") -> bytes:
-    code, body = proxy.get(path)
+def body_of(proxy: Any, path: str = "/", port: int | None = None) -> bytes:
+    code, body = proxy.get(path, port)
     assert code == 200
     return body
 
@@ -305,6 +305,26 @@ def test_an_invalid_config_on_reload_leaves_the_old_one_serving(make_proxy, tmp_
     assert sorted(proxy.workers()) == before
     with tunnel(port) as s:
         echo(s, b"still serving")
+
+
+def test_a_reload_whose_new_address_cannot_be_bound_keeps_the_old_config(make_proxy, tmp_path,
+                                                                          port, backend):
+    proxy = make_proxy(ops_config(tmp_path, port, backend.address), port=port)
+    wait_until(lambda: len(proxy.workers()) == 2)
+    before = sorted(proxy.workers())
+    taken = socket.socket()             # no SO_REUSEPORT: fastws cannot share this port
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    config = ops_config(tmp_path, port, backend.address, body="v2")
+    config["server"][0]["listen"].append(f"127.0.0.1:{taken.getsockname()[1]}")
+    proxy.path.write_text(to_toml(config))
+    os.kill(proxy.pid, signal.SIGHUP)
+    wait_until(lambda: "cannot listen" in (tmp_path / "error.log").read_text())
+    assert body_of(proxy) == b"v1" and sorted(proxy.workers()) == before
+    taken.close()
+    os.kill(proxy.pid, signal.SIGHUP)   # the same file, now that the port is free
+    wait_until(lambda: body_of(proxy) == b"v2")
+    assert body_of(proxy, port=int(config["server"][0]["listen"][1].rsplit(":", 1)[1])) == b"v2"
 
 
 # --- stopping ------------------------------------------------------------------------------
