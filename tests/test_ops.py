@@ -177,21 +177,23 @@ def reload_under_load(proxy: Any, tmp_path: Path, port: int, backend: RawBackend
     return rounds
 
 
-def test_reload_hands_live_tunnels_to_the_new_workers(make_proxy, tmp_path, port, backend):
+@pytest.mark.parametrize("after", [2, 1])
+def test_reload_hands_live_tunnels_to_the_new_workers(make_proxy, tmp_path, port, backend,
+                                                      after):
     proxy = make_proxy(ops_config(tmp_path, port, backend.address), port=port)
     wait_until(lambda: len(proxy.workers()) == 2)
     old = set(proxy.workers())
     tunnels = [tunnel(port) for _ in range(20)]
     for i, s in enumerate(tunnels):
         echo(s, b"before %d" % i)
-    rounds = reload_under_load(proxy, tmp_path, port, backend, tunnels)
+    rounds = reload_under_load(proxy, tmp_path, port, backend, tunnels, processes=after)
     # the old workers pass their tunnels on and exit at once, while the tunnels stay open
     wait_until(lambda: not set(proxy.workers()) & old)      # exited and reaped
     new = set(proxy.workers())
-    assert len(new) == 2
+    assert len(new) == after
     for i, s in enumerate(tunnels):
         echo(s, b"after %d " % i * 20000)
-    wait_until(lambda: len(workers_of(proxy)) == 2)     # the master reaped the old ones
+    wait_until(lambda: len(workers_of(proxy)) == after)     # the master reaped the old ones
     data = proxy.status()
     assert {w["generation"] for w in data["workers"]} == {2}
     assert sum(w["tunnels"] for w in data["workers"]) == 20
