@@ -273,7 +273,15 @@ def _escape(value: str) -> str:
         return "-"
     if _UNSAFE.search(value) is None:
         return value
-    return _UNSAFE.sub(lambda m: "".join(f"\\x{b:02X}" for b in m.group().encode()), value)
+    # values are bytes from the wire read as latin-1: each character is one byte again
+    return _UNSAFE.sub(lambda m: "".join(f"\\x{b:02X}" for b in _wire(m.group())), value)
+
+
+def _wire(text: str) -> bytes:
+    try:
+        return text.encode("latin-1")
+    except UnicodeEncodeError:
+        return text.encode("utf-8")
 
 
 def _remote_user(conn: "ClientConn") -> str:

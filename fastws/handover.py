@@ -5,7 +5,8 @@ A worker of generation G and index I listens on the abstract Unix socket
 master sends the old workers SIGUSR2 instead of SIGQUIT: each stops accepting, asks its relay
 engine to take every tunnel out whole (fds still open, bytes in flight turned into plain
 memory, counters kept), and sends each tunnel to the new worker of the same index: one message
-with the two fds and a JSON header, then the pending bytes in chunks.  The new worker hands
+with the two fds, a JSON header and the pending bytes (more of them, rarely, in further
+messages).  The new worker hands
 them to its own engine, which carries on where the old one stopped; the client and the upstream
 see nothing.  When the old worker holds nothing any more it exits.
 

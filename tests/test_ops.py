@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from support import (RawBackend, free_port, raw_echo_handler, read_all, read_head, to_toml,
-                     upgrade_request, wait_until)
+from support import (RawBackend, free_port, http_get, raw_echo_handler, read_all, read_head,
+                     to_toml, upgrade_request, wait_until)
 
 WEBSOCKET_FORMAT = ('$remote_addr - $remote_user [$time_local] "$request" $status '
                     '$body_bytes_sent "$http_referer" "$http_user_agent" rt=$request_time '
@@ -409,7 +409,8 @@ def test_access_log_of_a_tunnel_and_of_a_plain_request(make_proxy, tmp_path, por
          "access_log": {"path": str(json_log), "format": "json", "open": True}})
     proxy = make_proxy(config, port=port)
     access = tmp_path / "access.log"
-    assert body_of(proxy, "/plain?x=1") == b"v1"
+    code, _ = http_get("127.0.0.1", port, "/plain?x=1", {"User-Agent": 'a "q" \\ é'})
+    assert code == 200
     with tunnel(port, extra="Referer: http://example.com/page\r\nUser-Agent: agent/1.0\r\n"
                 "Authorization: Basic dXNlcjpwYXNz\r\n") as s:
         echo(s, b"x" * 1000)
@@ -422,6 +423,7 @@ def test_access_log_of_a_tunnel_and_of_a_plain_request(make_proxy, tmp_path, por
     assert plain["remote_addr"] == "127.0.0.1" and plain["remote_user"] == "-"
     assert plain["request"] == "GET /plain?x=1 HTTP/1.1"
     assert plain["status"] == "200" and plain["body_bytes_sent"] == "2"
+    assert plain["agent"] == r"a \x22q\x22 \x5C \xC3\xA9"       # escaped as nginx does
     assert plain["uct"] == plain["uht"] == plain["urt"] == "-"
     assert re.fullmatch(r"\d\d/[A-Z][a-z]{2}/\d{4}:\d\d:\d\d:\d\d [+-]\d{4}", ws["time_local"])
     assert ws["remote_user"] == "user"
