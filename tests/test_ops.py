@@ -263,6 +263,29 @@ def test_bytes_in_flight_survive_the_handover(make_proxy, tmp_path, port, relay)
     assert moved and int(moved[1]) > 0, "nothing was in flight: the test proves nothing"
 
 
+def test_a_handed_over_tunnel_outlives_its_upstream_group(make_proxy, tmp_path, port, backend):
+    config = ops_config(tmp_path, port, backend.address, processes=1)
+    proxy = make_proxy(config, port=port)
+    wait_until(lambda: len(proxy.workers()) == 1)
+    [old] = proxy.workers()
+    s = tunnel(port)
+    echo(s, b"one")
+    config["upstream"][0]["name"] = "renamed"          # the tunnel's group is gone
+    config["server"][0]["location"][0]["proxy_pass"] = "renamed"
+    proxy.path.write_text(to_toml(config))
+    os.kill(proxy.pid, signal.SIGHUP)
+    wait_until(lambda: old not in proxy.workers())
+    echo(s, b"two")
+    assert proxy.status()["tunnels"]["active"] == 1
+    s.close()
+    wait_until(lambda: proxy.status()["tunnels"]["active"] == 0)
+    with tunnel(port) as s2:
+        echo(s2, b"a new tunnel to the renamed group")
+    wait_until(lambda: len(log_lines(tmp_path / "access.log")) == 2)
+    first = LINE.match(log_lines(tmp_path / "access.log")[0])
+    assert first and first["status"] == "101" and first["body_bytes_sent"] == "6"
+
+
 def test_reload_without_handover_lets_old_workers_drain(make_proxy, tmp_path, port, backend):
     config = ops_config(tmp_path, port, backend.address, handover=False)
     proxy = make_proxy(config, port=port)
