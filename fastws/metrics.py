@@ -26,8 +26,9 @@ ENGINE_KEYS = ("tunnels_total", "tunnels_active", "bytes_spliced", "bytes_copied
 ENGINE_GAUGES = frozenset(("tunnels_active", "pipes_total", "pipes_free"))
 
 # Per-worker header words.  Gauges are cleared when a worker exits, counters move to slot 0.
-HEADER = ("pid", "generation", "processes", "serial", "accepts", "handled", "requests", "active", "reading",
-          "tunnels", "tunnels_total", "paused", "retiring") + tuple("engine_" + k for k in ENGINE_KEYS)
+HEADER = ("pid", "generation", "processes", "serial", "accepts", "handled", "requests", "active",
+          "reading", "tunnels", "tunnels_total", "paused", "retiring") \
+    + tuple("engine_" + k for k in ENGINE_KEYS)
 GAUGES = frozenset({"pid", "generation", "processes", "active", "reading", "tunnels", "paused",
                     "retiring"}
                    | {"engine_" + k for k in ENGINE_GAUGES})
