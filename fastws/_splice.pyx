@@ -469,6 +469,31 @@ cdef int flow_take_pipe(EngineState *e, Flow *f) noexcept nogil:
     return 0
 
 
+cdef inline bint tunnel_exportable(Tunnel *t) noexcept nogil:
+    # Only a tunnel whose whole state is its two sockets and its counters can move to another
+    # process (state kept in this process's memory, as a TLS session's, cannot).
+    return not t.closing
+
+
+cdef void engine_export(EngineState *e, Tunnel **exported, Tunnel **closed) noexcept nogil:
+    # Export every tunnel that can move; the others stay.  Exporting reshapes the heap, so the
+    # candidates are picked first.
+    cdef Tunnel **picked
+    cdef int i, n = 0
+    if e.heap_len == 0:
+        return
+    picked = <Tunnel **>malloc(e.heap_len * sizeof(Tunnel *))
+    if picked == NULL:
+        return
+    for i in range(e.heap_len):
+        if tunnel_exportable(e.heap[i]):
+            picked[n] = e.heap[i]
+            n += 1
+    for i in range(n):
+        tunnel_export(e, picked[i], exported, closed)
+    free(picked)
+
+
 cdef void tunnel_export(EngineState *e, Tunnel *t, Tunnel **exported,
                         Tunnel **closed) noexcept nogil:
     # Take a tunnel out of the engine whole: its fds leave the epoll set (still open), bytes in
@@ -629,8 +654,7 @@ cdef void *engine_main(void *arg) noexcept nogil:
             incoming = nxt
         if exporting and not stopping:
             exported = NULL
-            while e.heap_len > 0:
-                tunnel_export(e, e.heap[0], &exported, &closed)
+            engine_export(e, &exported, &closed)
             pthread_mutex_lock(&e.lock)
             if exported != NULL:
                 last = exported
@@ -810,8 +834,8 @@ cdef class Engine:
         return out
 
     def export(self):
-        """Ask the relay thread to take every tunnel out whole (see take_exported()); the
-        notify fd becomes readable when it is done."""
+        """Ask the relay thread to take every tunnel that can move out whole (see
+        take_exported()); the notify fd becomes readable when it is done."""
         cdef uint64_t one = 1
         if not self.started or self.stopped:
             raise RuntimeError("engine is not running")

@@ -213,6 +213,7 @@ async def hand_over(w: "Worker") -> None:
         await w.drain_then_stop()
         return
     moved = in_flight = 0
+    broken = False
     try:
         while (w.conns or w.engine.active) and not w.stopped:
             if not w.engine.active:
@@ -224,9 +225,14 @@ async def hand_over(w: "Worker") -> None:
                 await asyncio.sleep(0.005)
                 exported = w.engine.take_exported()
             for item in exported:
-                if _send_tunnel(w, sock, item):
+                if broken or not _send_tunnel(w, sock, item):
+                    broken = True
+                    _keep(w, item)
+                else:
                     moved += 1
                     in_flight += len(item[3]) + len(item[4])
+            if broken or not exported and not w.conns:
+                break       # what is left cannot move, or could not be sent: drained below
     finally:
         sock.close()
     log.info("%d tunnels handed to the new workers (%d bytes in flight)", moved, in_flight)
@@ -236,15 +242,19 @@ async def hand_over(w: "Worker") -> None:
         w.finish()
 
 
+def _keep(w: "Worker", item: tuple[Any, ...]) -> None:
+    # A tunnel that could not be sent goes back into this worker's engine, which relays it to
+    # its end (the drain that follows waits for it).
+    record, cfd, ufd, to_up, to_client, up, down, age, first_eof, rt, st, mode = item
+    w.engine.add(cfd, ufd, to_up, to_client, rt, st, mode, record, up, down, age, first_eof)
+
+
 def _send_tunnel(w: "Worker", sock: socket.socket, item: tuple[Any, ...]) -> bool:
     record, cfd, ufd = item[:3]
     try:
         send(sock, item)
     except OSError as exc:
-        # it stays here: back into this worker's engine, which relays it to its end
-        log.error("handing a tunnel over failed (%s); it stays in this worker", exc)
-        w.engine.add(cfd, ufd, item[3], item[4], item[9], item[10], item[11], record,
-                     item[5], item[6], item[7], item[8])
+        log.error("handing a tunnel over failed (%s); the rest stay in this worker", exc)
         return False
     os.close(cfd)
     os.close(ufd)
