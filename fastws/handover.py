@@ -60,20 +60,23 @@ class Receiver:
         loop.add_reader(self.sock.fileno(), self._on_accept)
         self.conns: list[socket.socket] = []
 
-    def _on_accept(self) -> None:
+    def _on_accept(self) -> bool:
         try:
             conn, _ = self.sock.accept()
         except (BlockingIOError, InterruptedError):
-            return
+            return False
+        except OSError:
+            return False
         creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         _, uid, _ = struct.unpack("3i", creds)
         if uid != os.getuid():
             log.error("tunnel handover refused: peer uid %d", uid)
             conn.close()
-            return
+            return True
         conn.setblocking(False)
         self.conns.append(conn)
         self.loop.add_reader(conn.fileno(), self._on_message, conn)
+        return True
 
     def _drop(self, conn: socket.socket) -> None:
         self.loop.remove_reader(conn.fileno())
@@ -140,6 +143,14 @@ class Receiver:
         if self.sock.fileno() < 0:
             return
         self.loop.remove_reader(self.sock.fileno())
+        # No new connection (connect() is refused from now on), then take the ones waiting in
+        # the backlog: closing the listener would drop them with what they carry.
+        try:
+            self.sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
+        while self._on_accept():
+            pass
         self.sock.close()
         for conn in list(self.conns):
             try:

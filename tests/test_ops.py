@@ -286,6 +286,28 @@ def test_a_handed_over_tunnel_outlives_its_upstream_group(make_proxy, tmp_path, 
     assert first and first["status"] == "101" and first["body_bytes_sent"] == "6"
 
 
+def test_a_handover_that_cannot_reach_the_new_worker_drains_in_the_old_one(make_proxy, tmp_path,
+                                                                           port, backend):
+    config = ops_config(tmp_path, port, backend.address, processes=1)
+    proxy = make_proxy(config, port=port)
+    wait_until(lambda: len(proxy.workers()) == 1)
+    [old] = proxy.workers()
+    tunnels = [tunnel(port) for _ in range(3)]
+    # an impostor holds the new worker's handover address and never answers
+    impostor = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    impostor.bind(f"\0fastws-{proxy.pid}-2-0".encode())
+    reload_under_load(proxy, tmp_path, port, backend, tunnels, processes=1)
+    wait_until(lambda: "the new worker cannot take the tunnels; draining them here" in
+               (tmp_path / "error.log").read_text())
+    for i, s in enumerate(tunnels):
+        echo(s, b"still relayed by the old worker %d" % i)
+    assert alive(old)
+    for s in tunnels:
+        s.close()
+    wait_until(lambda: old not in proxy.workers())
+    impostor.close()
+
+
 def test_reload_without_handover_lets_old_workers_drain(make_proxy, tmp_path, port, backend):
     config = ops_config(tmp_path, port, backend.address, handover=False)
     proxy = make_proxy(config, port=port)
