@@ -257,7 +257,8 @@ def _keep(w: "Worker", item: tuple[Any, ...]) -> None:
     # A tunnel that could not be sent goes back into this worker's engine, which relays it to
     # its end (the drain that follows waits for it).
     record, cfd, ufd, to_up, to_client, up, down, age, first_eof, rt, st, mode = item
-    w.engine.add(cfd, ufd, to_up, to_client, rt, st, mode, record, up, down, age, first_eof)
+    w.engine.add(cfd, ufd, to_up, to_client, rt, st, mode, record, up=up, down=down, age=age,
+                 first_eof=first_eof)
 
 
 def _send_tunnel(w: "Worker", sock: socket.socket, item: tuple[Any, ...]) -> bool:
@@ -288,7 +289,8 @@ def adopt(w: "Worker", cfd: int, ufd: int, head: dict[str, Any], to_up: bytes,
         peer.conns += 1
     record = record_from(head, upstream, peer)
     w.engine.add(cfd, ufd, to_up, to_client, head["read_timeout"], head["send_timeout"],
-                 head["mode"], record, head["up"], head["down"], head["age"], head["first_eof"])
+                 head["mode"], record, up=head["up"], down=head["down"], age=head["age"],
+                 first_eof=head["first_eof"])
     w.stats.tunnels += 1
     w.peer_figures(peer).active += 1
 

@@ -61,7 +61,8 @@ def test_an_exported_tunnel_goes_on_in_another_engine(mode):
     assert old.active == 0 and old.take_exported() is None
     assert (ctx, to_up, first_eof, rt, st, m) == ("the record", b"", -1, 60.0, 30.0, mode)
     assert up == 5 and down >= len(to_client) and age > 0.2
-    new.add(cfd, ufd, to_up, to_client, rt, st, m, ctx, up, down, age, first_eof)
+    new.add(cfd, ufd, to_up, to_client, rt, st, m, ctx, up=up, down=down, age=age,
+            first_eof=first_eof)
     upstream.setblocking(True)
     writer = threading.Thread(target=upstream.sendall, args=(big[sent:],))
     writer.start()
