@@ -17,13 +17,27 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import orjson
 
+from . import _splice
+
 if TYPE_CHECKING:
     from .worker import Worker
 
-ENGINE_KEYS = ("tunnels_total", "tunnels_active", "bytes_spliced", "bytes_copied", "splice_calls",
-               "copy_calls", "pipes_total", "pipes_free", "pipes_created", "pipe_shortage",
-               "switches_to_splice", "switches_to_copy", "read_timeouts", "send_timeouts", "loops")
-ENGINE_GAUGES = frozenset(("tunnels_active", "pipes_total", "pipes_free"))
+
+
+def _flat(stats: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, int]]:
+    # Engine.stats() may nest one level ({"closes": {"client": 3, ...}}): "closes.client".
+    for k, v in stats.items():
+        if isinstance(v, dict):
+            yield from _flat(v, f"{prefix}{k}.")
+        else:
+            yield prefix + k, v
+
+
+# Whatever counters the relay engine has, in its order (read once from an engine that never
+# starts), so that the status pages show them all, summed.
+ENGINE_KEYS = tuple(k for k, _ in _flat(_splice.Engine(max_pipes=0).stats()))
+ENGINE_GAUGES = frozenset(k for k in ENGINE_KEYS
+                          if "active" in k or k in ("pipes_total", "pipes_free"))
 
 # Per-worker header words.  Gauges are cleared when a worker exits, counters move to slot 0.
 HEADER = ("pid", "generation", "processes", "serial", "accepts", "handled", "requests", "active",
@@ -33,7 +47,7 @@ GAUGES = frozenset({"pid", "generation", "processes", "active", "reading", "tunn
                     "retiring"}
                    | {"engine_" + k for k in ENGINE_GAUGES})
 KEPT = frozenset(("serial",))   # never moved nor cleared: connection numbers stay unique
-HEADER_WORDS = 48
+HEADER_WORDS = len(HEADER)
 
 # Per-peer words: the peer's key, then its figures.
 PEER = ("key", "active", "tunnels_total", "bytes_up", "bytes_down", "fails", "selected", "down")
@@ -42,7 +56,6 @@ PEER_CAP = 256
 SLOT_WORDS = HEADER_WORDS + PEER_CAP * len(PEER)
 
 _H = {name: i for i, name in enumerate(HEADER)}
-assert len(HEADER) <= HEADER_WORDS
 
 
 def peer_key(upstream: str, server: str) -> int:
@@ -183,7 +196,7 @@ def publish(w: "Worker") -> None:
     # reading: no complete head yet (nginx counts a request whose head is read as writing)
     slot.reading = sum(1 for c in w.conns if c.state == "head" and not hasattr(c, "head"))
     if w.engine is not None:
-        for k, v in w.engine.stats().items():
+        for k, v in _flat(w.engine.stats()):
             if k in _H_ENGINE:
                 slot.v[_H_ENGINE[k]] = v
     words = slot.v
@@ -236,13 +249,24 @@ def totals(w: "Worker") -> dict[str, Any]:
                         "waiting": 0, "accepted": head["accepts"], "handled": head["handled"]},
         "requests": head["requests"],
         "tunnels": {"active": head["tunnels"], "total": head["tunnels_total"]},
-        "engine": {k: head["engine_" + k] for k in ENGINE_KEYS},
+        "engine": _nest({k: head["engine_" + k] for k in ENGINE_KEYS}),
         "workers": [{"pid": s.pid, "generation": s.generation, "accepts": s.accepts,
                      "active": s.active + s.tunnels, "tunnels": s.tunnels,
                      "paused": bool(s.paused), "retiring": bool(s.retiring)}
                     for s in workers],
         "upstreams": upstreams,
     }
+
+
+def _nest(flat: dict[str, int]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in flat.items():
+        group, dot, name = k.partition(".")
+        if dot:
+            out.setdefault(group, {})[name] = v
+        else:
+            out[k] = v
+    return out
 
 
 def render(w: "Worker", fmt: str) -> tuple[str, bytes]:
