@@ -280,9 +280,9 @@ def write_outputs(meta: dict, runs: list[dict], out: Path, write_md: bool, plots
             pngs = plots.write_plots(summary, skeys, avail, out, subtitle)
         except Exception as e:  # plots must never lose the measurements
             notes.append(f"plotting failed: {e!r}")
-    (out / "report.md").write_text(_scrub(render_markdown(meta, tables, pngs, out, failed_runs), scrub))
+    (out / "report.md").write_text(_scrub(render_markdown(meta, tables, pngs, out, failed_runs, runs), scrub))
     if write_md:
-        (HERE / "RESULTS.md").write_text(_scrub(render_markdown(meta, tables, pngs, HERE, failed_runs), scrub))
+        (HERE / "RESULTS.md").write_text(_scrub(render_markdown(meta, tables, pngs, HERE, failed_runs, runs), scrub))
         log("wrote bench/RESULTS.md")
     log(f"wrote {out / 'results.json'}, {out / 'report.md'}" + "".join(f", {p.name}" for p in pngs))
     print()
@@ -292,8 +292,10 @@ def write_outputs(meta: dict, runs: list[dict], out: Path, write_md: bool, plots
     return failed_runs
 
 
-def render_markdown(meta: dict, tables: str, pngs: list[Path], base: Path, failed: int) -> str:
+def render_markdown(meta: dict, tables: str, pngs: list[Path], base: Path, failed: int,
+                    runs: list[dict] | None = None) -> str:
     m = meta["machine"]
+    bgs = sorted(r["background_cores"] for r in (runs or []) if r.get("background_cores") is not None)
     lines = [
         "# fastws benchmark results",
         "",
@@ -317,6 +319,13 @@ def render_markdown(meta: dict, tables: str, pngs: list[Path], base: Path, faile
         + (" (--quick smoke run)" if meta["quick"] else ""),
         f"- pinning: {meta['pinning']}",
     ]
+    if bgs:
+        med = bgs[len(bgs) // 2]
+        busy = med >= 0.2
+        lines.append(f"- CPU used outside the bench during the measurements (`other CPU` in the tables): median "
+                     f"{med:.2f} cores, max {bgs[-1]:.2f}" +
+                     (": **the machine was busy with other work during this run**, so throughput and latency "
+                      "moved with it; proxy CPU per unit of work is the steadier comparison" if busy else ""))
     if failed:
         lines.append(f"- **{failed} run(s) failed** and are not averaged in (see each table)")
     for n in meta["notes"]:

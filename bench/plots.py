@@ -134,7 +134,9 @@ def write_plots(summary: dict, scenario_keys: list[str], targets: list[str], out
     if idle:
         fig, axes = grid(len(idle))
         for ax, sc in zip(axes, idle):
-            _bars(ax, summary[sc.key], proxies, "pss_per_tunnel_b", sc.title, "proxy PSS bytes per tunnel")
+            held = max((v.get("tunnels", 0) for v in summary[sc.key].values()), default=0)
+            title = sc.title + (f"\n({held:,} held: fd limit, see notes)" if held and held != sc.conns else "")
+            _bars(ax, summary[sc.key], proxies, "pss_per_tunnel_b", title, "proxy PSS bytes per tunnel")
             if ax.get_visible():
                 ax.axhline(2048, color="#d62728", linestyle="--", linewidth=1)
                 ax.annotate("fastws target: 2 KB", (1.0, 2048), xycoords=("axes fraction", "data"),

@@ -113,7 +113,9 @@ cdef struct EngineState:
     Tunnel *incoming         # under lock
     Tunnel *done             # under lock; closed tunnels for Python
     Notice *opened           # under lock; handshakes the engine completed
+    Tunnel *exported         # under lock; tunnels taken out whole, for Python
     int stopping             # under lock
+    int exporting            # under lock: 1 take every tunnel out at the next turn; -1 done
     int sleeping             # under lock: the relay thread may wait in epoll_wait; wake it
     int threaded             # 0: no relay thread, the event loop calls run_once()
     int running
@@ -644,6 +646,88 @@ cdef void tunnel_close(EngineState *e, Tunnel *t, int reason, Tunnel **closed) n
     closed[0] = t
 
 
+cdef int flow_take_pipe(EngineState *e, Flow *f) noexcept nogil:
+    # Move the bytes a flow's pipe holds behind its held bytes, so that the flow is plain
+    # memory; the pipe goes back to the pool.  0, or CLOSE_ERROR.
+    cdef Py_ssize_t rest, n
+    cdef ssize_t r
+    cdef char *buf
+    if f.pipe == NULL:
+        return 0
+    if f.pipe.data > 0:
+        rest = f.held_len - f.held_off if f.held != NULL else 0
+        n = rest + f.pipe.data
+        buf = <char *>malloc(n)
+        if buf == NULL:
+            return CLOSE_ERROR
+        if rest:
+            memcpy(buf, f.held + f.held_off, rest)
+        while f.pipe.data > 0:
+            r = read(f.pipe.cons, buf + rest, <size_t>f.pipe.data)
+            if r < 0 and errno == EINTR:
+                continue
+            if r <= 0:
+                free(buf)
+                return CLOSE_ERROR
+            rest += r
+            f.pipe.data -= r
+        free(f.held)
+        f.held = buf
+        f.held_len = n
+        f.held_off = 0
+    pipe_put(e, f.pipe)
+    f.pipe = NULL
+    return 0
+
+
+cdef inline bint tunnel_exportable(Tunnel *t) noexcept nogil:
+    # Only a tunnel whose whole state is its two sockets and its counters can move to another
+    # process (state kept in this process's memory, as a TLS session's, cannot).
+    return not t.closing and t.phase == PHASE_TUNNEL and t.ssl[0] == NULL and t.ssl[1] == NULL
+
+
+cdef void engine_export(EngineState *e, Tunnel **exported, Tunnel **closed) noexcept nogil:
+    # Export every tunnel that can move; the others stay.  Exporting reshapes the heap, so the
+    # candidates are picked first.
+    cdef Tunnel **picked
+    cdef int i, n = 0
+    if e.heap_len == 0:
+        return
+    picked = <Tunnel **>malloc(e.heap_len * sizeof(Tunnel *))
+    if picked == NULL:
+        return
+    for i in range(e.heap_len):
+        if tunnel_exportable(e.heap[i]):
+            picked[n] = e.heap[i]
+            n += 1
+    for i in range(n):
+        tunnel_export(e, picked[i], exported, closed)
+    free(picked)
+
+
+cdef void tunnel_export(EngineState *e, Tunnel *t, Tunnel **exported,
+                        Tunnel **closed) noexcept nogil:
+    # Take a tunnel out of the engine whole: its fds leave the epoll set (still open), bytes in
+    # flight become plain memory, its counters stay; Python takes it with take_exported().
+    cdef int i
+    cdef epoll_event ev
+    for i in range(2):
+        if flow_take_pipe(e, &t.flow[i]) < 0:
+            tunnel_close(e, t, CLOSE_ERROR, closed)
+            return
+    for i in range(2):
+        if t.registered[i]:
+            epoll_ctl(e.epfd, EPOLL_CTL_DEL, t.fd[i], &ev)
+            t.registered[i] = 0
+    t.closing = 1
+    t.reason = CLOSE_EXPORTED
+    t.ended = e.now
+    heap_remove(e, t)
+    e.tunnels_active -= 1
+    t.next = exported[0]
+    exported[0] = t
+
+
 cdef int tunnel_interest(EngineState *e, Tunnel *t) noexcept nogil:
     # Level-triggered interest: read a side while its flow is not holding bytes (backpressure),
     # write a side while the opposite flow holds bytes for it.
@@ -752,7 +836,11 @@ cdef int engine_step(EngineState *e, int timeout) noexcept nogil:
     cdef Tunnel *nxt
     cdef Tunnel *closed = NULL
     cdef Tunnel *incoming
+    cdef Tunnel *exported
+    cdef Tunnel *last
     cdef uint64_t counter
+    cdef uint64_t one = 1
+    cdef int exporting
     n = epoll_wait(e.epfd, events, MAX_EVENTS, timeout)
     e.now = fastws_monotonic()
     e.loops += 1
@@ -789,6 +877,9 @@ cdef int engine_step(EngineState *e, int timeout) noexcept nogil:
     incoming = e.incoming
     e.incoming = NULL
     stopping = e.stopping
+    exporting = e.exporting == 1
+    if exporting:
+        e.exporting = 0
     pthread_mutex_unlock(&e.lock)
     while incoming != NULL:
         nxt = incoming.next
@@ -798,6 +889,20 @@ cdef int engine_step(EngineState *e, int timeout) noexcept nogil:
         else:
             tunnel_start(e, incoming, &closed)
         incoming = nxt
+    if exporting and not stopping:
+        exported = NULL
+        engine_export(e, &exported, &closed)
+        pthread_mutex_lock(&e.lock)
+        if exported != NULL:
+            last = exported
+            while last.next != NULL:
+                last = last.next
+            last.next = e.exported
+            e.exported = exported
+        e.exporting = -1            # done: take_exported() may look
+        pthread_mutex_unlock(&e.lock)
+        if e.threaded:
+            write(e.notifyfd, &one, sizeof(one))
     engine_run_ready(e, &closed)
     if stopping:
         while e.heap_len > 0:
@@ -874,6 +979,7 @@ cdef dict _REASONS = {
 }
 
 _MODES = {"auto": RELAY_AUTO, "splice": RELAY_SPLICE, "copy": RELAY_COPY}
+_MODE_NAMES = {v: k for k, v in _MODES.items()}
 
 
 cdef int _errcheck(int rc) except -1:
@@ -966,7 +1072,9 @@ cdef class Engine:
 
     def add(self, int client_fd, int upstream_fd, bytes to_upstream, bytes to_client,
             double read_timeout, double send_timeout, str mode, object ctx,
-            object client_ssl=None, object upstream_ssl=None):
+            object client_ssl=None, object upstream_ssl=None,
+            unsigned long long up=0, unsigned long long down=0, double age=0.0,
+            int first_eof=-1):
         """Hand a tunnel's two sockets to the engine, which owns (and will close) them from now on.
 
         Both must be non-blocking: splice(2) blocks on a blocking socket whatever
@@ -977,6 +1085,8 @@ cdef class Engine:
         client_ssl and upstream_ssl are, for a TLS side, the ssl module's connection object
         (SSLSocket._sslobj) whose handshake is done: the engine reads and writes through its
         SSL* and keeps the object alive until the tunnel is drained.
+        up, down, age and first_eof continue a tunnel exported by another engine: its byte
+        counts, its age in seconds, and which side's EOF came first (-1: none yet).
         """
         cdef Tunnel *t
         cdef uint64_t one = 1
@@ -995,12 +1105,14 @@ cdef class Engine:
         t.fd[1] = upstream_fd
         t.read_timeout = read_timeout
         t.send_timeout = send_timeout
-        t.first_eof = -1
+        t.first_eof = first_eof
         t.heap_idx = -1
         t.mode = _MODES[mode]
         if ssl[0] != NULL or ssl[1] != NULL:
             t.mode = RELAY_COPY         # the kernel cannot splice what it cannot decrypt
-        t.started = fastws_monotonic()
+        t.started = fastws_monotonic() - age
+        t.flow[0].nbytes = up
+        t.flow[1].nbytes = down
         for i in range(2):
             t.flow[i].splicing = 1 if t.mode == RELAY_SPLICE else 0
         if _hold(&t.flow[0], to_upstream) < 0 or _hold(&t.flow[1], to_client) < 0:
@@ -1150,6 +1262,47 @@ cdef class Engine:
         t.hctx = <PyObject *>hctx
         self._queue(t)
 
+    def export(self):
+        """Ask the relay thread to take every tunnel that can move out whole (see
+        take_exported()); the notify fd becomes readable when it is done."""
+        cdef uint64_t one = 1
+        if not self.started or self.stopped:
+            raise RuntimeError("engine is not running")
+        pthread_mutex_lock(&self.e.lock)
+        self.e.exporting = 1
+        pthread_mutex_unlock(&self.e.lock)
+        write(self.e.wakefd, &one, sizeof(one))     # wakes the thread, or the loop's poll of fd
+
+    def take_exported(self):
+        """The tunnels taken out since the last call, once the export asked for is done (None
+        before): a list of (ctx, client fd, upstream fd, bytes for the upstream, bytes for the
+        client, bytes up, bytes down, age in seconds, first EOF side, read timeout, send timeout,
+        relay mode).  The caller owns the fds."""
+        cdef Tunnel *t
+        cdef Tunnel *nxt
+        cdef list out = []
+        cdef double now = fastws_monotonic()
+        pthread_mutex_lock(&self.e.lock)
+        if self.e.exporting != -1:
+            pthread_mutex_unlock(&self.e.lock)
+            return None
+        self.e.exporting = 0
+        t = self.e.exported
+        self.e.exported = NULL
+        pthread_mutex_unlock(&self.e.lock)
+        while t != NULL:
+            nxt = t.next
+            out.append((<object>t.ctx, t.fd[0], t.fd[1], _held(&t.flow[0]), _held(&t.flow[1]),
+                        t.flow[0].nbytes, t.flow[1].nbytes, now - t.started, t.first_eof,
+                        t.read_timeout, t.send_timeout, _MODE_NAMES[t.mode]))
+            free(t.flow[0].held)
+            free(t.flow[1].held)
+            Py_XDECREF(t.ctx)
+            free(t)
+            t = nxt
+        out.reverse()
+        return out
+
     def stop(self):
         """Close every tunnel (reason "shutdown") and end the relay thread; drain() then
         returns the last closures."""
@@ -1218,11 +1371,11 @@ cdef class Engine:
             return
         if self.started and not self.stopped:
             self.stop()
-        for head in (0, 1):
-            t = self.e.done if head == 0 else self.e.incoming
+        for head in (0, 1, 2):
+            t = self.e.done if head == 0 else self.e.incoming if head == 1 else self.e.exported
             while t != NULL:
                 nxt = t.next
-                if head == 1 or t.phase == PHASE_HANDSHAKE:
+                if head >= 1 or t.phase == PHASE_HANDSHAKE:
                     if t.fd[0] >= 0:
                         close(t.fd[0])
                     if t.fd[1] >= 0:
@@ -1256,6 +1409,12 @@ cdef class Engine:
         free(self.e.buf)
         free(self.e)
         self.e = NULL
+
+
+cdef bytes _held(Flow *f):
+    if f.held == NULL:
+        return b""
+    return PyBytes_FromStringAndSize(f.held + f.held_off, f.held_len - f.held_off)
 
 
 cdef int _hold(Flow *f, bytes data) noexcept:

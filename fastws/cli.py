@@ -22,6 +22,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--config", metavar="FILE", help="configuration file (TOML)")
     p.add_argument("-t", "--test", action="store_true",
                    help="check the configuration, print its upstreams, and exit")
+    p.add_argument("-s", dest="signal", choices=("reload", "quit", "stop", "reopen"),
+                   help="send a signal to the master process (through the pid file)")
     p.add_argument("--log-level", default="info",
                    choices=("debug", "info", "warn", "error"), help="error log level")
     p.add_argument("-V", "--version", action="version", version=f"fastws {__version__}")
@@ -61,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"fastws: {exc}", file=sys.stderr)
         return 1
+    if args.signal:
+        from .master import send_signal
+        return send_signal(cfg, args.signal)
     if args.test:
         text = balancer.describe(upstreams)
         if text:
@@ -68,18 +73,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fastws: the configuration file {args.config} syntax is ok")
         print(f"fastws: configuration file {args.config} test is successful")
         return 0
-    return _serve(cfg)
+    return _serve(args.config, cfg, args.log_level)
 
 
-def _serve(cfg: "Config") -> int:
-    from .worker import Worker, open_listeners
-    try:
-        sockets = open_listeners(cfg)
-    except OSError as exc:
-        print(f"fastws: cannot listen: {exc.strerror or exc}", file=sys.stderr)
-        return 1
-    Worker(cfg, sockets).run()
-    return 0
+def _serve(path: str, cfg: "Config", level: str) -> int:
+    # The master binds, forks the workers (each makes its own event loop) and watches them.
+    from .accesslog import setup_error_log
+    from .master import Master
+    setup_error_log(cfg.error_log, level)
+    return Master(path, cfg, level).run()
 
 
 if __name__ == "__main__":

@@ -231,6 +231,7 @@ class LocationConfig:
     return_body: str = ""
     status: str | None = None  # "stub" (nginx's stub_status text), "json" or "prometheus"
     proxy_tls: bool = False  # proxy_pass = "https://..."
+    access_log: Any = None  # accesslog.AccessLogConfig, or None when off
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,6 +257,10 @@ class Config:
     pipe_size: int = 262144
     max_pipes: int = 0  # 0: worker_connections / 2
     relay_thread: bool = False
+    pid: str | None = None
+    shutdown_timeout: float = 0.0  # 0: old workers wait for their tunnels to end (nginx's default)
+    handover: bool = True  # on reload, old workers pass their tunnels to the new ones
+    error_log: Any = None  # accesslog.ErrorLogConfig
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def upstream(self, name: str) -> UpstreamConfig:
@@ -434,8 +439,8 @@ def _read_set_headers(r: _Reader) -> tuple[tuple[str, Template | None], ...]:
     return tuple(out)
 
 
-def _read_location(source: str, table: Any, where: str,
-                   implicit: dict[str, UpstreamConfig]) -> LocationConfig:
+def _read_location(source: str, table: Any, where: str, implicit: dict[str, UpstreamConfig],
+                   logs: tuple[Any, Any] = ({}, None)) -> LocationConfig:
     r = _Reader(source, table, where)
     raw_path = r.get("path", str, required=True)
     exact = raw_path.startswith("=")
@@ -508,16 +513,25 @@ def _read_location(source: str, table: Any, where: str,
     if handlers != 1:
         raise r.fail("proxy_pass", "a location needs exactly one of proxy_pass, return or "
                      "stub_status/status")
+    access_log = _access_log(r, logs)
     r.finish()
     return LocationConfig(path, exact, upstream_name, proxy_uri, websocket, tokens,
                           connect_timeout, send_timeout, read_timeout, tries, next_timeout,
                           set_headers, relay, socket_keepalive, return_status, return_body,
-                          status, proxy_tls)
+                          status, proxy_tls, access_log)
 
 
-def _read_server(source: str, table: Any, index: int,
-                 implicit: dict[str, UpstreamConfig]) -> ServerBlock:
+def _access_log(r: _Reader, logs: tuple[Any, Any]) -> Any:
+    from . import accesslog
+    r.seen.add("access_log")
+    return accesslog.read_access_log(r.source, r.where, r.table.get("access_log", accesslog._UNSET),
+                                     logs[0], logs[1])
+
+
+def _read_server(source: str, table: Any, index: int, implicit: dict[str, UpstreamConfig],
+                 logs: tuple[Any, Any] = ({}, None)) -> ServerBlock:
     r = _Reader(source, table, f"server[{index}]")
+    logs = (logs[0], _access_log(r, logs))
     listen_raw = r.strings("listen")
     if not listen_raw:
         raise r.fail("listen", "is required (for example [\"127.0.0.1:8080\"])")
@@ -552,7 +566,7 @@ def _read_server(source: str, table: Any, index: int,
     locations = []
     seen: set[tuple[str, bool]] = set()
     for i, loc in enumerate(locs_raw):
-        lc = _read_location(source, loc, f"{r.key('location')}[{i}]", implicit)
+        lc = _read_location(source, loc, f"{r.key('location')}[{i}]", implicit, logs)
         if (lc.path, lc.exact) in seen:
             raise ConfigError(source, f"{r.key('location')}[{i}].path",
                               f"duplicate location {('= ' if lc.exact else '') + lc.path!r}")
@@ -568,7 +582,8 @@ def from_dict(data: Mapping[str, Any], source: str = "<config>") -> Config:
     r = _Reader(source, data, "")
     processes_raw = r.get("processes", (int, str), 1)
     if processes_raw == "auto":
-        processes = os.cpu_count() or 1
+        # the CPUs this process may run on (a container's or a taskset's share), as nginx
+        processes = len(os.sched_getaffinity(0)) or 1
     elif isinstance(processes_raw, int) and processes_raw >= 1:
         processes = processes_raw
     else:
@@ -579,6 +594,13 @@ def from_dict(data: Mapping[str, Any], source: str = "<config>") -> Config:
         raise r.fail("pipe_size", "must be between 4k and 1m")
     max_pipes = _positive_int(r, "max_pipes", 0)
     relay_thread = r.get("relay_thread", bool, False)
+    from . import accesslog
+    pid = r.get("pid", str, None)
+    shutdown_timeout = r.duration("shutdown_timeout", 0.0)
+    handover = r.get("handover", bool, True)
+    error_log = accesslog.read_error_log(source, r.get("error_log", (str, dict), None))
+    logs = (accesslog.read_formats(source, r.get("log_format", dict, None)), None)
+    logs = (logs[0], _access_log(r, logs))
 
     upstreams: list[UpstreamConfig] = []
     for i, table in enumerate(r.get("upstream", list, [])):
@@ -590,7 +612,7 @@ def from_dict(data: Mapping[str, Any], source: str = "<config>") -> Config:
     servers_raw = r.get("server", list, [])
     if not servers_raw:
         raise r.fail("server", "the configuration needs at least one [[server]]")
-    servers = tuple(_read_server(source, t, i, implicit) for i, t in enumerate(servers_raw))
+    servers = tuple(_read_server(source, t, i, implicit, logs) for i, t in enumerate(servers_raw))
     names = {u.name for u in upstreams}
     for si, server in enumerate(servers):
         for li, loc in enumerate(server.locations):
@@ -603,7 +625,8 @@ def from_dict(data: Mapping[str, Any], source: str = "<config>") -> Config:
     check_listeners(source, servers)
     r.finish()
     return Config(source, tuple(upstreams) + tuple(implicit.values()), servers, processes,
-                  worker_connections, pipe_size, max_pipes, relay_thread)
+                  worker_connections, pipe_size, max_pipes, relay_thread, pid, shutdown_timeout,
+                  handover, error_log)
 
 
 def _check_defaults(source: str, servers: tuple[ServerBlock, ...]) -> None:

@@ -54,7 +54,7 @@ class TunnelRecord:
     when it closes, and nothing more (no head, no buffers)."""
 
     __slots__ = ("upstream", "peer", "remote_addr", "request", "started", "connect_time",
-                 "header_time", "head_bytes_in", "head_bytes_out")
+                 "header_time", "head_bytes_in", "head_bytes_out", "log")
 
     def __init__(self, upstream: Any, peer: Any, remote_addr: str, request: bytes,
                  started: float, connect_time: float, header_time: float,
@@ -68,6 +68,7 @@ class TunnelRecord:
         self.header_time = header_time
         self.head_bytes_in = head_bytes_in
         self.head_bytes_out = head_bytes_out
+        self.log: Any = None   # (access log, the request's rendered variables), set by the worker
 
 
 class Variables:
@@ -139,7 +140,8 @@ class ClientConn:
                  "timer", "server", "location", "host", "head", "started", "upstream", "selection",
                  "peer", "usock", "ufd", "to_upstream", "rreader", "token", "key", "tries",
                  "t_connect", "t_connected", "deadline", "out", "closed", "state", "response",
-                 "upgrading", "remaining", "eof_delimited", "timed_out", "held", "record")
+                 "upgrading", "remaining", "eof_delimited", "timed_out", "held", "record",
+                 "number", "status", "sent", "head_sent")
 
     def __init__(self, worker: "Worker", listener: Any, sock: socket.socket, addr: Any) -> None:
         self.w = worker
@@ -169,6 +171,9 @@ class ClientConn:
         self.response: ResponseHead | None = None
         self.timed_out = False
         self.held = False          # the peer counts this connection (released when it ends)
+        self.number = 0            # $connection, set by the worker
+        self.status = 0            # the status answered, and bytes sent to the client (access log)
+        self.sent = self.head_sent = 0
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.reader = RequestReader(self.server.max_request_line, self.server.max_request_head)
@@ -363,8 +368,8 @@ class ClientConn:
         ufd = self.usock.detach()
         self.usock = None
         self.ufd = -1
-        self.state = "engine"
-        self.w.connection_closed(self)
+        self.state = "tunnel"       # the engine has it: no access log line from here
+        self.w.connection_closed(self, handshaking=True)
         self.w.engine.handshake(cfd, ufd, self.to_upstream, self.head.leftover,
                                 websocket_accept(self.key), self.token, loc.connect_timeout,
                                 loc.read_timeout, loc.read_timeout, loc.send_timeout, loc.relay,
@@ -377,9 +382,11 @@ class ClientConn:
         record.header_time = header_time
         record.head_bytes_out = head_len
         self.closed = True
-        self.w.tunnel_opened(record)
+        self.w.handshake_settled(self)
+        self.w.tunnel_opened(record, self)
 
     def engine_returned(self, cfd: int, ufd: int, reason: str, data: bytes, err: int) -> None:
+        self.w.handshake_settled(self)
         if reason == "shutdown":            # closed by the engine's stop()
             self.upstream.release(self.peer)
             self.closed = True
@@ -577,11 +584,12 @@ class ClientConn:
         ufd = self.usock.detach()
         self.usock = None
         self.closed = True
+        self.state = "tunnel"
         self.w.connection_closed(self)
         self.w.engine.add(cfd, ufd, self.head.leftover, to_client, loc.read_timeout,
                           loc.send_timeout, loc.relay, record, cssl, ussl)
         self.w.engine_kick()
-        self.w.tunnel_opened(record)
+        self.w.tunnel_opened(record, self)
 
     def _bad_gateway(self, why: str) -> None:
         log.error("%s, client: %s, upstream: %s", why, self.remote_addr,
@@ -595,6 +603,7 @@ class ClientConn:
         first_line = b"HTTP/1.1 %d %s" % (resp.status, resp.reason)
         drop = tuple(t for t in resp.tokens(b"connection"))
         head = _http.build_head(first_line, resp.headers, drop, [], [(b"Connection", b"close")])
+        self.status, self.head_sent = resp.status, len(head)
         body = resp.leftover
         if resp.status in (204, 304) or 100 <= resp.status < 200 or self.head.method == b"HEAD":
             self.remaining = 0
@@ -631,11 +640,12 @@ class ClientConn:
         ufd = self.usock.detach()
         self.usock = None
         self.closed = True
+        self.state = "tunnel"
         self.w.connection_closed(self)
         self.w.engine.add(cfd, ufd, b"", b"", self.location.read_timeout,
                           self.location.send_timeout, self.location.relay, record, cssl, ussl)
         self.w.engine_kick()
-        self.w.tunnel_opened(record)
+        self.w.tunnel_opened(record, self)
 
     def _on_upstream_body(self) -> None:
         try:
@@ -670,6 +680,7 @@ class ClientConn:
         except OSError:
             self._close()
             return
+        self.sent += n
         if n < len(data):
             self.out = data[n:]
             self.loop.add_writer(self.fd, self._client_write_more)
@@ -682,6 +693,7 @@ class ClientConn:
         except OSError:
             self._close()
             return
+        self.sent += n
         self.out = self.out[n:]
         if self.out:
             return
@@ -704,6 +716,7 @@ class ClientConn:
         reason = REASONS.get(status, "")
         head = (f"HTTP/1.1 {status} {reason}\r\nServer: fastws\r\nContent-Type: {ctype}\r\n"
                 f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+        self.status, self.head_sent = status, len(head)
         self.state = "linger-send"
         self._client_write(head + body)
         if not self.out and not self.closed:
@@ -720,7 +733,9 @@ class ClientConn:
             extra = b"Sec-WebSocket-Version: 13\r\n"
         self.state = "linger-send"
         self.out = b""
-        self._client_write(error_response(status, extra=extra))
+        answer = error_response(status, extra=extra)
+        self.status, self.head_sent = status, answer.index(b"\r\n\r\n") + 4
+        self._client_write(answer)
         if not self.out and not self.closed:
             self._linger()
 

@@ -26,6 +26,14 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.02)
+
+
 def wait_port(host: str, port: int, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -103,8 +111,20 @@ class Proxy:
         self._log_file.flush()
         return self.log.read_text(errors="replace")
 
+    def workers(self) -> list[int]:
+        """The pids of the master's worker processes."""
+        with open(f"/proc/{self.pid}/task/{self.pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+
     def fds(self) -> int:
-        return len(os.listdir(f"/proc/{self.pid}/fd"))
+        """Open fds of the master and its workers."""
+        total = 0
+        for pid in [self.pid, *self.workers()]:
+            try:
+                total += len(os.listdir(f"/proc/{pid}/fd"))
+            except FileNotFoundError:
+                pass
+        return total
 
     def get(self, path: str, port: int | None = None) -> tuple[int, bytes]:
         return http_get("127.0.0.1", port or self.port, path)  # type: ignore[arg-type]

@@ -13,15 +13,7 @@ from websockets.sync.client import connect
 
 from conftest import ws_config
 from support import (RawBackend, raw_echo_handler, read_all, read_head, upgrade_request,
-                     ws_accept, ws_key, ws_upgrade_handler)
-
-
-def wait_until(predicate, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.02)
+                     wait_until, ws_accept, ws_key, ws_upgrade_handler)
 
 
 def test_messages_arrive_intact(make_proxy, echo_backend, port, relay):

@@ -8,6 +8,7 @@ cdef enum:
     CLOSE_SEND_TIMEOUT = -6
     CLOSE_SHUTDOWN = -7
     CLOSE_ERROR = -8             # out of memory or epoll refused the fd
+    CLOSE_EXPORTED = -9          # taken out of the engine whole, to go on in another process
 
     RELAY_AUTO = 0
     RELAY_SPLICE = 1

@@ -1,0 +1,321 @@
+"""Passing live tunnels from an old worker to a new one on reload, so old workers exit at once.
+
+A worker of generation G and index I listens on the abstract Unix socket
+"\\0fastws-MASTERPID-G-I" (SOCK_SEQPACKET: message boundaries and SCM_RIGHTS).  On a reload the
+master sends the old workers SIGUSR2 instead of SIGQUIT: each stops accepting, asks its relay
+engine to take every tunnel out whole (fds still open, bytes in flight turned into plain
+memory, counters kept), and sends each tunnel to the new worker of the same index: one message
+with the two fds, a JSON header and the pending bytes (more of them, rarely, in further
+messages).  The new worker hands
+them to its own engine, which carries on where the old one stopped; the client and the upstream
+see nothing.  When the old worker holds nothing any more it exits.
+
+Only processes of the same user may connect (SO_PEERCRED), and the header is JSON, never a
+pickle.  If the new worker cannot be reached the old one falls back to draining its tunnels as
+on a graceful stop.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import logging
+import os
+import socket
+import struct
+import time
+from typing import TYPE_CHECKING, Any, Callable
+
+import orjson
+
+from . import accesslog
+from .proxy import TunnelRecord
+
+if TYPE_CHECKING:
+    from .worker import Worker
+
+log = logging.getLogger("fastws")
+
+CHUNK = 32768               # well under a Unix socket's send buffer: one message each
+CONNECT_PATIENCE = 5.0       # seconds an old worker waits for its successor to listen
+RECV_TIMEOUT = 5.0
+
+
+def address(master: int, generation: int, index: int) -> bytes:
+    return f"\0fastws-{master}-{generation}-{index}".encode()
+
+
+# --- the new worker's side -------------------------------------------------------------------
+
+class Receiver:
+    """Accepts old workers' connections and adopts the tunnels they send."""
+
+    def __init__(self, loop: Any, addr: bytes, adopt: Callable[..., None]) -> None:
+        self.loop = loop
+        self.adopt = adopt          # (client fd, upstream fd, header, to upstream, to client)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.sock.bind(addr)
+        self.sock.listen(64)
+        self.sock.setblocking(False)
+        loop.add_reader(self.sock.fileno(), self._on_accept)
+        self.conns: list[socket.socket] = []
+
+    def _on_accept(self) -> bool:
+        try:
+            conn, _ = self.sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return False
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        _, uid, _ = struct.unpack("3i", creds)
+        if uid != os.getuid():
+            log.error("tunnel handover refused: peer uid %d", uid)
+            conn.close()
+            return True
+        conn.setblocking(False)
+        self.conns.append(conn)
+        self.loop.add_reader(conn.fileno(), self._on_message, conn)
+        return True
+
+    def _drop(self, conn: socket.socket) -> None:
+        self.loop.remove_reader(conn.fileno())
+        conn.close()
+        self.conns.remove(conn)
+
+    def _on_message(self, conn: socket.socket) -> None:
+        fds = array.array("i")
+        try:
+            msg, anc, _, _ = conn.recvmsg(65536, socket.CMSG_SPACE(2 * fds.itemsize))
+        except BlockingIOError:
+            if self.sock.fileno() < 0:      # closing: nothing more is queued
+                self._drop(conn)
+            return
+        except InterruptedError:
+            return
+        except OSError:
+            self._drop(conn)
+            return
+        for level, kind, data in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
+        if not msg:
+            for fd in fds:
+                os.close(fd)
+            self._drop(conn)
+            return
+        if len(fds) != 2:
+            for fd in fds:
+                os.close(fd)
+            log.error("tunnel handover: a message without its two sockets")
+            return
+        try:
+            (size,) = struct.unpack_from("!I", msg)
+            head = orjson.loads(msg[4:4 + size])
+            pending = msg[4 + size:]
+            want = head["n0"] + head["n1"]
+            if len(pending) < want:
+                pending += self._read_pending(conn, want - len(pending))
+            self.adopt(fds[0], fds[1], head, pending[:head["n0"]], pending[head["n0"]:])
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+            log.error("tunnel handover failed: %s", exc)
+            os.close(fds[0])
+            os.close(fds[1])
+
+    def _read_pending(self, conn: socket.socket, n: int) -> bytes:
+        # The sender writes the pending bytes right after the header: read them at once.
+        out = bytearray()
+        conn.settimeout(RECV_TIMEOUT)
+        try:
+            while len(out) < n:
+                chunk = conn.recv(CHUNK)
+                if not chunk:
+                    raise ValueError("the sender went away mid-tunnel")
+                out += chunk
+        finally:
+            conn.setblocking(False)
+        return bytes(out)
+
+    def close(self) -> None:
+        """Take no more tunnels.  The senders' next send fails (so they keep their tunnels),
+        and the ones already queued are adopted before the connections close: closing a
+        socket with fds still in its queue would close those fds."""
+        if self.sock.fileno() < 0:
+            return
+        self.loop.remove_reader(self.sock.fileno())
+        # No new connection (connect() is refused from now on), then take the ones waiting in
+        # the backlog: closing the listener would drop them with what they carry.
+        try:
+            self.sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
+        while self._on_accept():
+            pass
+        self.sock.close()
+        for conn in list(self.conns):
+            try:
+                conn.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass
+            while conn in self.conns:
+                self._on_message(conn)
+
+
+# --- the old worker's side -------------------------------------------------------------------
+
+def connect_once(addr: bytes) -> socket.socket | None:
+    """A connection to the new worker, or None if it does not listen yet."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        sock.connect(addr)
+    except OSError:
+        sock.close()
+        return None
+    sock.settimeout(RECV_TIMEOUT)
+    return sock
+
+
+def header(record: TunnelRecord, to_up: bytes, to_client: bytes, up: int, down: int,
+           age: float, first_eof: int, read_timeout: float, send_timeout: float,
+           mode: str) -> bytes:
+    log_cfg = None
+    if record.log is not None:
+        cfg, early = record.log
+        fmt = cfg.format
+        log_cfg = {"path": cfg.path, "open": cfg.open, "name": fmt.name, "json": fmt.json,
+                   "parts": fmt.parts, "early": fmt.early, "values": early}
+    return orjson.dumps({
+        "n0": len(to_up), "n1": len(to_client), "up": up, "down": down, "age": age,
+        "first_eof": first_eof, "read_timeout": read_timeout, "send_timeout": send_timeout,
+        "mode": mode, "upstream": record.upstream.name, "peer": record.peer.name,
+        "remote_addr": record.remote_addr, "request": record.request.decode("latin-1"),
+        "life": time.monotonic() - record.started,
+        "connect_time": record.connect_time, "header_time": record.header_time,
+        "head_in": record.head_bytes_in, "head_out": record.head_bytes_out, "log": log_cfg,
+    })
+
+
+def send(sock: socket.socket, exported: tuple[Any, ...]) -> None:
+    """Send one exported tunnel; raises OSError if it could not go (the fds stay ours)."""
+    record, cfd, ufd, to_up, to_client, up, down, age, first_eof, rt, st, mode = exported
+    head = header(record, to_up, to_client, up, down, age, first_eof, rt, st, mode)
+    data = to_up + to_client
+    # One message carries the fds, the header and (nearly always all of) the pending bytes, so
+    # that a tunnel goes whole or not at all; more than CHUNK bytes in flight follow in chunks.
+    first = CHUNK - len(head)
+    msg = struct.pack("!I", len(head)) + head + data[:max(first, 0)]
+    sock.sendmsg([msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [cfd, ufd]))])
+    for i in range(max(first, 0), len(data), CHUNK):
+        sock.sendall(data[i:i + CHUNK])
+
+
+async def hand_over(w: "Worker") -> None:
+    """The old worker's part of a reload: pass every tunnel, then end the worker."""
+    top = w.board.slots[0]
+    addr = address(w.master, top.generation, w.index % max(1, top.processes))
+    sock = None
+    deadline = time.monotonic() + CONNECT_PATIENCE
+    while sock is None and time.monotonic() < deadline:
+        sock = connect_once(addr)
+        if sock is None:
+            await asyncio.sleep(0.05)
+    if sock is None:
+        log.error("the new worker cannot take the tunnels; draining them here")
+        await w.drain_then_stop()
+        return
+    moved = in_flight = 0
+    broken = False
+    try:
+        while (w.conns or w.engine.active) and not w.stopped:
+            if not w.engine.active:
+                await asyncio.sleep(0.02)      # handshakes still in progress
+                continue
+            w.engine.export()
+            exported = None
+            while exported is None:
+                await asyncio.sleep(0.005)
+                exported = w.engine.take_exported()
+            for item in exported:
+                if broken or not _send_tunnel(w, sock, item):
+                    broken = True
+                    _keep(w, item)
+                else:
+                    moved += 1
+                    in_flight += len(item[3]) + len(item[4])
+            if broken or not exported and not w.conns:
+                break       # what is left cannot move, or could not be sent: drained below
+    finally:
+        sock.close()
+    log.info("%d tunnels handed to the new workers (%d bytes in flight)", moved, in_flight)
+    if w.engine.active:
+        await w.drain_then_stop()
+    else:
+        w.finish()
+
+
+def _keep(w: "Worker", item: tuple[Any, ...]) -> None:
+    # A tunnel that could not be sent goes back into this worker's engine, which relays it to
+    # its end (the drain that follows waits for it).
+    record, cfd, ufd, to_up, to_client, up, down, age, first_eof, rt, st, mode = item
+    w.engine.add(cfd, ufd, to_up, to_client, rt, st, mode, record, up=up, down=down, age=age,
+                 first_eof=first_eof)
+    w.engine_kick()
+
+
+def _send_tunnel(w: "Worker", sock: socket.socket, item: tuple[Any, ...]) -> bool:
+    record, cfd, ufd = item[:3]
+    try:
+        send(sock, item)
+    except OSError as exc:
+        log.error("handing a tunnel over failed (%s); the rest stay in this worker", exc)
+        return False
+    os.close(cfd)
+    os.close(ufd)
+    w.stats.tunnels -= 1
+    record.upstream.release(record.peer)
+    w.peer_figures(record.peer).active -= 1
+    return True
+
+
+def adopt(w: "Worker", cfd: int, ufd: int, head: dict[str, Any], to_up: bytes,
+          to_client: bytes) -> None:
+    """The new worker's part: carry on a tunnel an old worker handed over."""
+    upstream: Any = w.upstreams.get(head["upstream"])
+    peer: Any = None
+    if upstream is not None:
+        peer = next((p for p in upstream.peers if p.name == head["peer"]), None)
+    if upstream is None or peer is None:
+        upstream = peer = GoneUpstream(head["upstream"], head["peer"])
+    else:
+        peer.conns += 1
+    record = record_from(head, upstream, peer)
+    w.engine.add(cfd, ufd, to_up, to_client, head["read_timeout"], head["send_timeout"],
+                 head["mode"], record, up=head["up"], down=head["down"], age=head["age"],
+                 first_eof=head["first_eof"])
+    w.engine_kick()
+    w.stats.tunnels += 1
+    w.peer_figures(peer).active += 1
+
+
+def record_from(head: dict[str, Any], upstream: Any, peer: Any) -> TunnelRecord:
+    record = TunnelRecord(upstream, peer, head["remote_addr"], head["request"].encode("latin-1"),
+                          time.monotonic() - head["life"], head["connect_time"],
+                          head["header_time"], head["head_in"], head["head_out"])
+    lc = head["log"]
+    if lc is not None:
+        fmt = accesslog.LogFormat(lc["name"], tuple((k, t) for k, t in lc["parts"]),
+                                  tuple(lc["early"]), lc["json"])
+        record.log = (accesslog.AccessLogConfig(lc["path"], fmt, lc["open"]),
+                      tuple(lc["values"]))
+    return record
+
+
+class GoneUpstream:
+    """Stands for an upstream (or server) a reload removed while a tunnel to it lives on."""
+
+    def __init__(self, upstream: str, name: str) -> None:
+        self.upstream = upstream
+        self.name = name
+
+    def release(self, peer: Any) -> None:
+        pass

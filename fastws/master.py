@@ -1,0 +1,379 @@
+"""The master process: listeners, workers, signals, reloads (nginx's master process).
+
+The master binds the listening sockets, forks the workers and then only watches: it never
+accepts a connection.  For each listen address it holds one SO_REUSEPORT socket per worker
+index, so that the kernel spreads connections over the workers, and since the master keeps every
+socket open, a worker that dies or a reload that replaces it leaves the socket's accept queue in
+place for its successor: no connection waiting in a queue is lost.
+
+Signals (as nginx): SIGHUP reload, SIGQUIT graceful stop, SIGTERM/SIGINT fast stop, SIGUSR1
+reopen the log files.  All are blocked and read synchronously with sigtimedwait(), SIGCHLD too,
+so that no handler ever runs in the middle of a fork.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+
+from . import accesslog, balancer, config as config_mod, metrics
+from .config import Address, Config
+from .errors import ConfigError
+
+log = logging.getLogger("fastws")
+
+SIGNALS = {signal.SIGHUP, signal.SIGQUIT, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1,
+           signal.SIGCHLD}
+COMMANDS = {"reload": signal.SIGHUP, "quit": signal.SIGQUIT, "stop": signal.SIGTERM,
+            "reopen": signal.SIGUSR1}
+FAST_STOP_GRACE = 5.0          # after SIGTERM, workers still alive then are killed
+RESTART_MAX_DELAY = 5.0
+STABLE_AFTER = 10.0            # a worker that lived this long resets its index's backoff
+
+
+@dataclass
+class WorkerProc:
+    pid: int
+    index: int
+    generation: int
+    slot: metrics.Slot
+    started: float
+    stopping: bool = False
+
+
+@dataclass
+class _Index:
+    failures: int = 0
+    restart_at: float = 0.0
+
+
+@dataclass
+class Master:
+    path: str
+    config: Config
+    default_level: str = "info"
+    generation: int = 0
+    workers: dict[int, WorkerProc] = field(default_factory=dict)
+    sockets: dict[tuple[str, int], list[socket.socket]] = field(default_factory=dict)
+    indexes: dict[int, _Index] = field(default_factory=dict)
+    stopping: str = ""           # "", "graceful" or "fast"
+    stop_deadline: float = 0.0
+
+    # --- start -------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Serve until stopped; the exit status of the fastws command."""
+        if self.config.pid:
+            other = _running(self.config.pid)
+            if other:
+                # SO_REUSEPORT would let a second master bind the same ports and share them
+                print(f"fastws: {self.config.pid}: fastws is already running as pid {other}",
+                      file=sys.stderr)
+                return 1
+        signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+        try:
+            self._listen(self.config)
+        except OSError as exc:
+            print(f"fastws: cannot listen: {exc.strerror or exc}", file=sys.stderr)
+            return 1
+        if self.config.pid:
+            try:
+                _write_pid(self.config.pid)
+            except OSError as exc:
+                print(f"fastws: cannot write the pid file {self.config.pid}: {exc.strerror}",
+                      file=sys.stderr)
+                return 1
+        slots = max(8, 4 * max(self.config.processes, os.cpu_count() or 1))
+        self.board = metrics.Board(slots)
+        self._generation(1)
+        for i in range(self.config.processes):
+            self._spawn(i)
+        log.info("fastws master %d: %d worker processes", os.getpid(), self.config.processes)
+        try:
+            self._loop()
+        finally:
+            if self.config.pid:
+                _remove_pid(self.config.pid)
+        return 0
+
+    def _listen(self, cfg: Config) -> None:
+        """Make sure every listen address of cfg has one socket per worker index; close the
+        sockets of addresses cfg no longer has (and of indexes it no longer uses)."""
+        wanted: dict[tuple[str, int], Address] = {}
+        for server in cfg.servers:
+            for addr in server.listen:
+                wanted.setdefault((addr.host, addr.port), addr)
+        from .worker import bind_listener
+        opened: list[socket.socket] = []
+        try:
+            for key, addr in wanted.items():
+                socks = self.sockets.get(key, [])
+                while len(socks) < cfg.processes:
+                    sock = bind_listener(addr)
+                    opened.append(sock)
+                    socks.append(sock)
+                self.sockets[key] = socks
+        except OSError:
+            for sock in opened:
+                sock.close()
+            for key in list(self.sockets):
+                self.sockets[key] = [s for s in self.sockets[key] if s.fileno() >= 0]
+            raise
+        for key in list(self.sockets):
+            if key not in wanted:
+                for sock in self.sockets.pop(key):
+                    sock.close()
+            else:
+                for sock in self.sockets[key][cfg.processes:]:
+                    sock.close()
+                del self.sockets[key][cfg.processes:]
+
+    def _generation(self, generation: int) -> None:
+        # Slot 0 tells old workers where their tunnels go: the generation and its size.
+        self.generation = generation
+        self.board.slots[0].generation = generation
+        self.board.slots[0].processes = self.config.processes
+
+    def _spawn(self, index: int) -> None:
+        slot = self.board.take()
+        if slot is None:
+            log.error("no status slot left for a new worker; its figures are not shown")
+            slot = metrics.private_board().take()
+            assert slot is not None
+        cfg = self.config
+        socks = [socks[index] for socks in self.sockets.values()]
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                self._in_worker(cfg, socks, slot, index)
+            except BaseException:                                     # noqa: BLE001
+                log.exception("worker failed")
+                code = 1
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        self.workers[pid] = WorkerProc(pid, index, self.generation, slot, time.monotonic())
+
+    def _in_worker(self, cfg: Config, socks: list[socket.socket], slot: metrics.Slot,
+                   index: int) -> None:
+        master = os.getppid()
+        keep = {s.fileno() for s in socks}
+        for others in self.sockets.values():
+            for s in others:
+                if s.fileno() not in keep:
+                    s.close()
+        for sig in SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+        from .worker import Worker
+        # The event loop is created here, after the fork (uvloop cannot cross one).
+        Worker(cfg, socks, board=self.board, slot=slot, generation=self.generation,
+               master=master, index=index).run()
+
+    # --- watch -------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            self._reap()
+            if self.stopping and not self.workers:
+                log.info("fastws master %d: exiting", os.getpid())
+                return
+            now = time.monotonic()
+            if self.stopping == "fast" and now >= self.stop_deadline:
+                for w in self.workers.values():
+                    _kill(w.pid, signal.SIGKILL)
+                self.stop_deadline = now + 60
+            if not self.stopping:
+                self._restart_due(now)
+            info = signal.sigtimedwait(SIGNALS, 0.2)
+            if info is None or info.si_signo == signal.SIGCHLD:
+                continue
+            sig = info.si_signo
+            if sig == signal.SIGHUP and not self.stopping:
+                self.reload()
+            elif sig == signal.SIGUSR1:
+                accesslog.reopen_error_log()
+                log.info("log files reopened")
+                self._signal_all(signal.SIGUSR1)
+            elif sig == signal.SIGQUIT and not self.stopping:
+                self._stop("graceful", signal.SIGQUIT)
+            elif sig in (signal.SIGTERM, signal.SIGINT) and self.stopping != "fast":
+                self.stop_deadline = time.monotonic() + FAST_STOP_GRACE
+                self._stop("fast", signal.SIGTERM)
+
+    def _stop(self, how: str, sig: int) -> None:
+        # nginx's master closes its listening sockets as it stops: new connections are refused
+        # at once instead of waiting in a queue that no worker will read again.
+        log.info("%s stop", how)
+        self.stopping = how
+        for socks in self.sockets.values():
+            for sock in socks:
+                sock.close()
+        self.sockets.clear()
+        self._signal_all(sig)
+
+    def _signal_all(self, sig: int) -> None:
+        for w in self.workers.values():
+            _kill(w.pid, sig)
+
+    def _reap(self) -> None:
+        while self.workers:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            w = self.workers.pop(pid, None)
+            if w is None:
+                continue
+            self.board.retire(w.slot)
+            if os.WIFSIGNALED(status):
+                how = f"on signal {os.WTERMSIG(status)}"
+            else:
+                how = f"with code {os.WEXITSTATUS(status)}"
+            if w.generation != self.generation or self.stopping:
+                log.info("worker process %d exited %s", pid, how)
+                continue
+            idx = self.indexes.setdefault(w.index, _Index())
+            now = time.monotonic()
+            if now - w.started >= STABLE_AFTER:
+                idx.failures = 0
+            delay = 0.0 if idx.failures == 0 else min(RESTART_MAX_DELAY,
+                                                      0.1 * 2 ** (idx.failures - 1))
+            idx.failures += 1
+            idx.restart_at = now + delay
+            log.error("worker process %d exited %s; restarting it in %.1fs", pid, how, delay)
+
+    def _restart_due(self, now: float) -> None:
+        running = {w.index for w in self.workers.values()
+                   if w.generation == self.generation}
+        for index, idx in self.indexes.items():
+            if index not in running and index < self.config.processes and idx.restart_at \
+                    and now >= idx.restart_at:
+                idx.restart_at = 0.0
+                self._spawn(index)
+
+    # --- reload ------------------------------------------------------------------------------
+
+    def reload(self) -> None:
+        """SIGHUP: check the new configuration; if good, start a new generation of workers on
+        it and ask the old ones to stop gracefully (their tunnels keep relaying until they
+        end or shutdown_timeout passes); if bad, keep serving with the old one."""
+        log.info("reloading %s", self.path)
+        try:
+            cfg = config_mod.load(self.path)
+            balancer.build_upstreams(cfg)
+        except ConfigError as exc:
+            log.error("reload failed, the old configuration stays: %s", exc)
+            return
+        try:
+            self._listen(cfg)
+        except OSError as exc:
+            log.error("reload failed, the old configuration stays: cannot listen: %s",
+                      exc.strerror or exc)
+            return
+        old = self.config
+        self.config = cfg
+        accesslog.setup_error_log(cfg.error_log, self.default_level)
+        if cfg.pid != old.pid:
+            if old.pid:
+                _remove_pid(old.pid)
+            if cfg.pid:
+                try:
+                    _write_pid(cfg.pid)
+                except OSError as exc:
+                    log.error("cannot write the pid file %s: %s", cfg.pid, exc.strerror)
+        self._generation(self.generation + 1)
+        olds = list(self.workers.values())
+        self.indexes.clear()
+        for i in range(cfg.processes):
+            self._spawn(i)
+        for w in olds:
+            # SIGUSR2: hand the tunnels to the new worker of the same index, then exit (a
+            # worker that cannot falls back to SIGQUIT's graceful drain)
+            w.stopping = True
+            _kill(w.pid, signal.SIGUSR2 if cfg.handover else signal.SIGQUIT)
+        log.info("reloaded: generation %d, %d worker processes", self.generation, cfg.processes)
+
+
+def _kill(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _running(path: str) -> int:
+    """The pid in a pid file if that process is alive, else 0."""
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return 0
+    if not text.isdigit() or int(text) in (0, os.getpid()):
+        return 0
+    try:
+        os.kill(int(text), 0)
+        with open(f"/proc/{text}/cmdline", "rb") as f:
+            if b"fastws" not in f.read():
+                return 0        # a stale file whose pid went to another program
+    except ProcessLookupError:
+        return 0
+    except OSError:
+        pass
+    return int(text)
+
+
+def _write_pid(path: str) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    os.replace(tmp, path)
+
+
+def _remove_pid(path: str) -> None:
+    try:
+        with open(path) as f:
+            if f.read().strip() != str(os.getpid()):
+                return
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def send_signal(cfg: Config, command: str) -> int:
+    """`fastws -s reload|quit|stop|reopen`: signal the master whose pid is in the pid file."""
+    if not cfg.pid:
+        print(f"fastws: {cfg.source}: pid: is not set, so there is no master to signal",
+              file=sys.stderr)
+        return 1
+    try:
+        with open(cfg.pid) as f:
+            text = f.read().strip()
+    except FileNotFoundError:
+        print(f"fastws: {cfg.pid}: no pid file (is fastws running?)", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"fastws: {cfg.pid}: cannot read the pid file: {exc.strerror}", file=sys.stderr)
+        return 1
+    if not text.isdigit() or int(text) <= 1:
+        print(f"fastws: {cfg.pid}: invalid pid {text!r}", file=sys.stderr)
+        return 1
+    pid = int(text)
+    try:
+        os.kill(pid, COMMANDS[command])
+    except ProcessLookupError:
+        print(f"fastws: {cfg.pid}: no process {pid} (stale pid file)", file=sys.stderr)
+        return 1
+    except PermissionError:
+        print(f"fastws: {cfg.pid}: not allowed to signal process {pid}", file=sys.stderr)
+        return 1
+    return 0
+

@@ -1,0 +1,341 @@
+"""Counters shared by all workers, and the status pages drawn from them.
+
+The master maps one anonymous shared memory area before it forks (MAP_SHARED, so every worker
+and every later generation sees the same pages).  Each worker owns one slot and is its only
+writer; a status request sums every slot.  Slot 0 keeps what exited workers counted: when the
+master reaps a worker it adds the slot's monotonic counters to slot 0 and clears the slot, so
+"accepts" and the byte counts never go back (nginx keeps its stub_status counters in a shared
+zone for the same reason).  Values are aligned 64-bit words; a reader may see a value a moment
+old, never a torn one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+from typing import TYPE_CHECKING, Any, Iterator
+
+import orjson
+
+from . import _splice
+
+if TYPE_CHECKING:
+    from .worker import Worker
+
+
+
+def _flat(stats: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, int]]:
+    # Engine.stats() may nest one level ({"closes": {"client": 3, ...}}): "closes.client".
+    for k, v in stats.items():
+        if isinstance(v, dict):
+            yield from _flat(v, f"{prefix}{k}.")
+        else:
+            yield prefix + k, v
+
+
+# Whatever counters the relay engine has, in its order (read once from an engine that never
+# starts), so that the status pages show them all, summed.
+ENGINE_KEYS = tuple(k for k, _ in _flat(_splice.Engine(max_pipes=0).stats()))
+ENGINE_GAUGES = frozenset(k for k in ENGINE_KEYS
+                          if "active" in k or k in ("pipes_total", "pipes_free"))
+
+# Per-worker header words.  Gauges are cleared when a worker exits, counters move to slot 0.
+HEADER = ("pid", "generation", "processes", "serial", "accepts", "handled", "requests", "active",
+          "reading", "tunnels", "tunnels_total", "paused", "retiring") \
+    + tuple("engine_" + k for k in ENGINE_KEYS)
+GAUGES = frozenset({"pid", "generation", "processes", "active", "reading", "tunnels", "paused",
+                    "retiring"}
+                   | {"engine_" + k for k in ENGINE_GAUGES})
+KEPT = frozenset(("serial",))   # never moved nor cleared: connection numbers stay unique
+HEADER_WORDS = len(HEADER)
+
+# Per-peer words: the peer's key, then its figures.
+PEER = ("key", "active", "tunnels_total", "bytes_up", "bytes_down", "fails", "selected", "down")
+PEER_GAUGES = frozenset(("active", "down"))
+PEER_CAP = 256
+SLOT_WORDS = HEADER_WORDS + PEER_CAP * len(PEER)
+
+_H = {name: i for i, name in enumerate(HEADER)}
+
+
+def peer_key(upstream: str, server: str) -> int:
+    digest = hashlib.blake2b(f"{upstream}\0{server}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True) or 1
+
+
+def _field(name: str) -> Any:
+    i = _H[name]
+
+    def get(self: "Slot") -> int:
+        return self.v[i]
+
+    def put(self: "Slot", value: int) -> None:
+        self.v[i] = value
+
+    return property(get, put)
+
+
+class Slot:
+    """One worker's words in the board: header fields as attributes, and its peer table."""
+
+    __slots__ = ("v", "index", "_peers")
+
+    # the header words
+    pid = _field("pid")
+    generation = _field("generation")
+    processes = _field("processes")
+    serial = _field("serial")
+    accepts = _field("accepts")
+    handled = _field("handled")
+    requests = _field("requests")
+    active = _field("active")
+    reading = _field("reading")
+    tunnels = _field("tunnels")
+    tunnels_total = _field("tunnels_total")
+    paused = _field("paused")
+    retiring = _field("retiring")
+
+    def __init__(self, view: memoryview, index: int) -> None:
+        self.v = view
+        self.index = index
+        self._peers: dict[int, int] = {}   # peer key -> word offset (writer side)
+
+    def clear(self) -> None:
+        for i in range(len(self.v)):
+            if i != _H["serial"]:
+                self.v[i] = 0
+        self._peers.clear()
+
+    def peer_offset(self, key: int) -> int:
+        """The offset of a peer's words in this slot (a free entry is taken for a new key), or
+        -1 when the table is full."""
+        off = self._peers.get(key)
+        if off is not None:
+            return off
+        for i in range(PEER_CAP):
+            off = HEADER_WORDS + i * len(PEER)
+            if self.v[off] in (0, key):
+                self.v[off] = key
+                self._peers[key] = off
+                return off
+        return -1
+
+    def peers(self) -> Iterator[tuple[int, int]]:
+        for i in range(PEER_CAP):
+            off = HEADER_WORDS + i * len(PEER)
+            key = self.v[off]
+            if key == 0:
+                return
+            yield key, off
+
+
+class Board:
+    """The shared area: slot 0 for exited workers, then one slot per live worker."""
+
+    def __init__(self, slots: int) -> None:
+        self.count = slots + 1
+        self.mem = mmap.mmap(-1, self.count * SLOT_WORDS * 8,
+                             flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+        words = memoryview(self.mem).cast("q")
+        self.slots = [Slot(words[i * SLOT_WORDS:(i + 1) * SLOT_WORDS], i)
+                      for i in range(self.count)]
+        self.used: set[int] = set()
+
+    def take(self) -> Slot | None:
+        for slot in self.slots[1:]:
+            if slot.index not in self.used:
+                self.used.add(slot.index)
+                slot.clear()
+                return slot
+        return None
+
+    def retire(self, slot: Slot) -> None:
+        """A worker exited: keep its counters in slot 0 and free its slot (master side)."""
+        total = self.slots[0]
+        for i, name in enumerate(HEADER):
+            if name not in GAUGES and name not in KEPT:
+                total.v[i] += slot.v[i]
+        for key, off in slot.peers():
+            toff = total.peer_offset(key)
+            if toff < 0:
+                continue
+            for j, name in enumerate(PEER[1:], 1):
+                if name not in PEER_GAUGES:
+                    total.v[toff + j] += slot.v[off + j]
+        slot.clear()
+        self.used.discard(slot.index)
+
+    def live(self) -> list[Slot]:
+        """Slot 0 and every slot a worker holds (pid set)."""
+        return [self.slots[0]] + [s for s in self.slots[1:] if s.pid]
+
+
+def private_board() -> Board:
+    """A board for a worker that runs without a master."""
+    return Board(1)
+
+
+# --- the worker's side -------------------------------------------------------------------------
+
+class PeerFigures:
+    """A worker's live figures for one upstream server (bytes are counted when tunnels close)."""
+
+    __slots__ = ("key", "active", "tunnels_total", "bytes_up", "bytes_down")
+
+    def __init__(self, key: int) -> None:
+        self.key = key
+        self.active = 0
+        self.tunnels_total = 0
+        self.bytes_up = 0
+        self.bytes_down = 0
+
+
+def publish(w: "Worker") -> None:
+    """Write the worker's figures that are not counted live into its slot."""
+    slot = w.stats
+    # reading: no complete head yet (nginx counts a request whose head is read as writing)
+    slot.reading = sum(1 for c in w.conns if c.state == "head" and not hasattr(c, "head"))
+    if w.engine is not None:
+        for k, v in _flat(w.engine.stats()):
+            if k in _H_ENGINE:
+                slot.v[_H_ENGINE[k]] = v
+    words = slot.v
+    for up in w.upstreams.values():
+        for p in up.peers:
+            fig = w.peer_figures(p)
+            off = slot.peer_offset(fig.key)
+            if off < 0:
+                continue
+            words[off + 1] = fig.active
+            words[off + 2] = fig.tunnels_total
+            words[off + 3] = fig.bytes_up
+            words[off + 4] = fig.bytes_down
+            words[off + 5] = p.fails_total
+            words[off + 6] = p.selected_total
+            words[off + 7] = 1 if p.state == "down" else 0
+
+
+_H_ENGINE = {k: _H["engine_" + k] for k in ENGINE_KEYS}
+
+
+def totals(w: "Worker") -> dict[str, Any]:
+    """Everything summed over the workers: the data of every status format."""
+    publish(w)
+    slots = w.board.live()
+    head = {name: sum(s.v[i] for s in slots) for i, name in enumerate(HEADER)}
+    peers: dict[int, list[int]] = {}
+    for s in slots:
+        for key, off in s.peers():
+            acc = peers.setdefault(key, [0] * len(PEER))
+            for j in range(1, len(PEER)):
+                acc[j] += s.v[off + j]
+    workers = [s for s in slots[1:]]
+    upstreams = {}
+    for name, up in w.upstreams.items():
+        servers = []
+        for p in up.peers:
+            acc = peers.get(peer_key(name, p.name), [0] * len(PEER))
+            # A server is "down" when the worker answering sees it down (each worker keeps its
+            # own failure accounting, as nginx's workers do without a shared zone).
+            servers.append({"server": p.name, "state": p.state, "active": acc[1],
+                            "tunnels": acc[2], "bytes_up": acc[3], "bytes_down": acc[4],
+                            "fails": acc[5], "selected": acc[6], "backup": p.backup})
+        upstreams[name] = servers
+    active = head["active"] + head["tunnels"]
+    # other workers' reading counts are up to PUBLISH_INTERVAL old; active ones are live
+    reading = min(head["reading"], active)
+    return {
+        "connections": {"active": active, "reading": reading, "writing": active - reading,
+                        "waiting": 0, "accepted": head["accepts"], "handled": head["handled"]},
+        "requests": head["requests"],
+        "tunnels": {"active": head["tunnels"], "total": head["tunnels_total"]},
+        "engine": _nest({k: head["engine_" + k] for k in ENGINE_KEYS}),
+        "workers": [{"pid": s.pid, "generation": s.generation, "accepts": s.accepts,
+                     "active": s.active + s.tunnels, "tunnels": s.tunnels,
+                     "paused": bool(s.paused), "retiring": bool(s.retiring)}
+                    for s in workers],
+        "upstreams": upstreams,
+    }
+
+
+def _nest(flat: dict[str, int]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in flat.items():
+        group, dot, name = k.partition(".")
+        if dot:
+            out.setdefault(group, {})[name] = v
+        else:
+            out[k] = v
+    return out
+
+
+def render(w: "Worker", fmt: str) -> tuple[str, bytes]:
+    """A status location's answer: (content type, body)."""
+    data = totals(w)
+    c = data["connections"]
+    if fmt == "stub":
+        # ngx_http_stub_status_module.c, byte for byte (the trailing spaces included).
+        text = (f"Active connections: {c['active']} \n"
+                "server accepts handled requests\n"
+                f" {c['accepted']} {c['handled']} {data['requests']} \n"
+                f"Reading: {c['reading']} Writing: {c['writing']} Waiting: {c['waiting']} \n")
+        return "text/plain", text.encode()
+    if fmt == "prometheus":
+        return "text/plain; version=0.0.4; charset=utf-8", prometheus(data).encode()
+    return "application/json", orjson.dumps(data, option=orjson.OPT_INDENT_2)
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\"", "\\\"").replace("\n", "\\n")
+
+
+def prometheus(data: dict[str, Any]) -> str:
+    """The Prometheus text exposition format (version 0.0.4)."""
+    out: list[str] = []
+
+    def metric(name: str, kind: str, help_: str, samples: list[tuple[str, int | float]]) -> None:
+        out.append(f"# HELP fastws_{name} {help_}")
+        out.append(f"# TYPE fastws_{name} {kind}")
+        for labels, value in samples:
+            out.append(f"fastws_{name}{labels} {value}")
+
+    c = data["connections"]
+    metric("connections_active", "gauge", "Client connections open, tunnels included.",
+           [("", c["active"])])
+    metric("connections_reading", "gauge", "Connections reading a request head.",
+           [("", c["reading"])])
+    metric("connections_writing", "gauge", "Connections being answered or tunnelled.",
+           [("", c["writing"])])
+    metric("connections_waiting", "gauge", "Idle keep-alive connections.", [("", c["waiting"])])
+    metric("connections_accepted_total", "counter", "Client connections accepted.",
+           [("", c["accepted"])])
+    metric("connections_handled_total", "counter", "Client connections handled.",
+           [("", c["handled"])])
+    metric("http_requests_total", "counter", "Request heads read.", [("", data["requests"])])
+    metric("tunnels_active", "gauge", "Tunnels relaying now.", [("", data["tunnels"]["active"])])
+    metric("tunnels_total", "counter", "Tunnels opened.", [("", data["tunnels"]["total"])])
+    metric("workers", "gauge", "Worker processes running (draining ones included).",
+           [("", len(data["workers"]))])
+    e = data["engine"]
+    metric("relay_bytes_total", "counter", "Bytes relayed by the core, by method.",
+           [('{method="splice"}', e["bytes_spliced"]), ('{method="copy"}', e["bytes_copied"])])
+    metric("relay_timeouts_total", "counter", "Tunnels closed by a timeout.",
+           [('{kind="read"}', e["read_timeouts"]), ('{kind="send"}', e["send_timeouts"])])
+    metric("relay_pipes", "gauge", "Pipes in the pools.", [("", e["pipes_total"])])
+    ups = [(f'{{upstream="{_label(u)}",server="{_label(s["server"])}"}}', s)
+           for u, servers in data["upstreams"].items() for s in servers]
+    metric("upstream_up", "gauge", "1 if the server is up, 0 if down.",
+           [(lbl, 1 if s["state"] == "up" else 0) for lbl, s in ups])
+    metric("upstream_tunnels_active", "gauge", "Tunnels open to the server.",
+           [(lbl, s["active"]) for lbl, s in ups])
+    metric("upstream_tunnels_total", "counter", "Tunnels opened to the server.",
+           [(lbl, s["tunnels"]) for lbl, s in ups])
+    metric("upstream_bytes_total", "counter",
+           "Bytes carried by closed tunnels, to (up) and from (down) the server.",
+           [(lbl[:-1] + ',direction="up"}', s["bytes_up"]) for lbl, s in ups]
+           + [(lbl[:-1] + ',direction="down"}', s["bytes_down"]) for lbl, s in ups])
+    metric("upstream_connect_failures_total", "counter", "Failed attempts on the server.",
+           [(lbl, s["fails"]) for lbl, s in ups])
+    metric("upstream_selected_total", "counter", "Times the balancer chose the server.",
+           [(lbl, s["selected"]) for lbl, s in ups])
+    return "\n".join(out) + "\n"
