@@ -187,6 +187,8 @@ class UpstreamConfig:
     balancer: str | None = None
     keepalive: int = 0
     implicit: bool = False  # made from a proxy_pass URL, not an [[upstream]] table
+    keepalive_timeout: float = 60.0  # idle upstream connections kept this long
+    keepalive_requests: int = 1000  # requests one upstream connection serves
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,6 +210,11 @@ class LocationConfig:
     return_status: int | None = None
     return_body: str = ""
     status: str | None = None  # "stub" (nginx's stub_status text), "json" or "prometheus"
+    # plain HTTP/1.1 requests (set at server level, inherited by locations, as in nginx)
+    keepalive_timeout: float = 75.0
+    keepalive_requests: int = 1000
+    client_max_body_size: int = 1 << 20  # 0: no limit
+    client_body_timeout: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -370,9 +377,28 @@ def _read_upstream(source: str, table: Any, index: int) -> UpstreamConfig:
     if balancer is not None and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", balancer):
         raise r.fail("balancer", f"{balancer!r} is not an import path \"package.module:Class\"")
     keepalive = _positive_int(r, "keepalive", 0)
+    keepalive_timeout = r.duration("keepalive_timeout", 60.0)
+    keepalive_requests = _positive_int(r, "keepalive_requests", 1000, minimum=1)
     r.finish()
     return UpstreamConfig(name, servers, balance, hash_key, consistent, float(factor), balancer,
-                          keepalive)
+                          keepalive, keepalive_timeout=keepalive_timeout,
+                          keepalive_requests=keepalive_requests)
+
+
+def _read_http_limits(r: _Reader, inherited: Mapping[str, Any]) -> dict[str, Any]:
+    """The keep-alive and request body settings, at server or location level."""
+    out = dict(inherited)
+    out["keepalive_timeout"] = r.duration("keepalive_timeout", out["keepalive_timeout"])
+    out["keepalive_requests"] = _positive_int(r, "keepalive_requests", out["keepalive_requests"])
+    out["client_max_body_size"] = r.size("client_max_body_size", out["client_max_body_size"])
+    out["client_body_timeout"] = r.duration("client_body_timeout", out["client_body_timeout"])
+    if out["client_body_timeout"] <= 0:
+        raise r.fail("client_body_timeout", "must be greater than zero")
+    return out
+
+
+_HTTP_DEFAULTS = {"keepalive_timeout": 75.0, "keepalive_requests": 1000,
+                  "client_max_body_size": 1 << 20, "client_body_timeout": 60.0}
 
 
 def _template_value(value: Any) -> Template:
@@ -407,7 +433,8 @@ def _read_set_headers(r: _Reader) -> tuple[tuple[str, Template | None], ...]:
 
 
 def _read_location(source: str, table: Any, where: str,
-                   implicit: dict[str, UpstreamConfig]) -> LocationConfig:
+                   implicit: dict[str, UpstreamConfig],
+                   http: Mapping[str, Any] = _HTTP_DEFAULTS) -> LocationConfig:
     r = _Reader(source, table, where)
     raw_path = r.get("path", str, required=True)
     exact = raw_path.startswith("=")
@@ -476,11 +503,12 @@ def _read_location(source: str, table: Any, where: str,
     if handlers != 1:
         raise r.fail("proxy_pass", "a location needs exactly one of proxy_pass, return or "
                      "stub_status/status")
+    http = _read_http_limits(r, http)
     r.finish()
     return LocationConfig(path, exact, upstream_name, proxy_uri, websocket, tokens,
                           connect_timeout, send_timeout, read_timeout, tries, next_timeout,
                           set_headers, relay, socket_keepalive, return_status, return_body,
-                          status)
+                          status, **http)
 
 
 def _read_server(source: str, table: Any, index: int,
@@ -506,13 +534,14 @@ def _read_server(source: str, table: Any, index: int,
     max_head = r.size("max_request_head", 32768)
     if max_line < 256 or max_head < max_line:
         raise r.fail("max_request_head", "must be at least max_request_line (at least 256)")
+    http = _read_http_limits(r, _HTTP_DEFAULTS)
     locs_raw = r.get("location", list, [])
     if not locs_raw:
         raise r.fail("location", "a server needs at least one [[server.location]]")
     locations = []
     seen: set[tuple[str, bool]] = set()
     for i, loc in enumerate(locs_raw):
-        lc = _read_location(source, loc, f"{r.key('location')}[{i}]", implicit)
+        lc = _read_location(source, loc, f"{r.key('location')}[{i}]", implicit, http)
         if (lc.path, lc.exact) in seen:
             raise ConfigError(source, f"{r.key('location')}[{i}].path",
                               f"duplicate location {('= ' if lc.exact else '') + lc.path!r}")

@@ -15,7 +15,7 @@ import time
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, unquote
 
-from . import _http
+from . import _http, http1
 from .config import LocationConfig, ServerBlock, Template
 from .handshake import (HeadError, RequestHead, RequestReader, ResponseHead, ResponseReader,
                         check_websocket_request, check_websocket_response)
@@ -138,7 +138,8 @@ class ClientConn:
                  "timer", "server", "location", "host", "head", "started", "upstream", "selection",
                  "peer", "usock", "ufd", "to_upstream", "rreader", "token", "key", "tries",
                  "t_connect", "t_connected", "deadline", "out", "closed", "state", "response",
-                 "upgrading", "remaining", "eof_delimited", "timed_out", "held")
+                 "upgrading", "remaining", "eof_delimited", "timed_out", "held", "exchange",
+                 "nreq")
 
     def __init__(self, worker: "Worker", listener: Any, sock: socket.socket, addr: Any) -> None:
         self.w = worker
@@ -168,6 +169,8 @@ class ClientConn:
         self.response: ResponseHead | None = None
         self.timed_out = False
         self.held = False          # the peer counts this connection (released when it ends)
+        self.exchange: http1.Exchange | None = None   # a plain request in progress
+        self.nreq = 0
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.reader = RequestReader(self.server.max_request_line, self.server.max_request_head)
@@ -187,6 +190,15 @@ class ClientConn:
         if not data:
             self._close()
             return
+        if self.state == "idle":
+            # the next request on a kept-alive connection begins: its head is timed from now
+            self.state = "head"
+            self.timer.cancel()
+            self.timer = self.loop.call_later(self.server.client_header_timeout,
+                                              self._on_header_timeout)
+        self._feed_head(data)
+
+    def _feed_head(self, data: bytes) -> None:
         try:
             head = self.reader.feed(data)
         except HeadError as exc:
@@ -198,6 +210,7 @@ class ClientConn:
         self.timer.cancel()
         self.timer = None
         self.head = head
+        self.nreq += 1
         self.w.stats.requests += 1
         try:
             self._dispatch(head)
@@ -235,8 +248,12 @@ class ClientConn:
                 self.upgrading = True
             # Any other token (h2c, or websocket where the location forbids it) is served as a
             # plain request: the Upgrade header is hop-by-hop and is not passed on.
-        self.to_upstream = self._build_request(head)
         self.upstream = self.w.upstreams[loc.proxy_pass]
+        if not self.upgrading:
+            ex = self.exchange = http1.Exchange(self, head, loc)
+            ex.upstream = self.upstream
+            ex.pool = http1.pool_for(self.w, self.upstream)
+        self.to_upstream = self._build_request(head)
         self.selection = self.upstream.select(Variables(self, head))
         self.tries = 0
         self.deadline = (time.monotonic() + loc.next_upstream_timeout
@@ -278,9 +295,16 @@ class ClientConn:
             last.append((b"Upgrade", head.get(b"upgrade") or b"websocket"))
             last.append((b"Connection", b"upgrade"))
         else:
-            last.append((b"Connection", b"close"))
+            # the proxy answers Expect itself; no Connection header at all toward a keep-alive
+            # pool (the recipe's proxy_set_header Connection "")
+            drop.append(b"expect")
+            if self.exchange is None or self.exchange.pool is None:
+                last.append((b"Connection", b"close"))
         line = b"%s %s HTTP/1.1" % (head.method, target)
-        return _http.build_head(line, head.headers, tuple(drop), first, last)
+        out = _http.build_head(line, head.headers, tuple(drop), first, last)
+        if self.exchange is not None:
+            self.exchange.req_head = out
+        return out
 
     # --- connecting to the upstream --------------------------------------------------------
 
@@ -301,6 +325,8 @@ class ClientConn:
         self.tries += 1
         self.peer = peer
         self.t_connect = now
+        if self.exchange is not None and self.exchange.reuse(peer):
+            return
         try:
             usock = socket.socket(peer.family, socket.SOCK_STREAM)
         except OSError as exc:
@@ -327,6 +353,8 @@ class ClientConn:
         return 504 if self.timed_out else 502
 
     def _drop_upstream(self) -> None:
+        if self.exchange is not None:
+            self.exchange.abort()
         if self.held:
             self.held = False
             self.upstream.release(self.peer)
@@ -364,6 +392,10 @@ class ClientConn:
         self.timer.cancel()
         self.t_connected = time.monotonic()
         self.selection.connected(self.peer)
+        if self.exchange is not None:
+            usock, self.usock, self.ufd, self.timer = self.usock, None, -1, None
+            self.exchange.connected(usock, self.peer)
+            return
         self.held = True
         self.state = "send"
         self.out = self.to_upstream
@@ -623,6 +655,42 @@ class ClientConn:
             data = b""
         if not data:
             self._close()
+
+    # --- keep-alive ---------------------------------------------------------------------------
+
+    def keepalive_ok(self, loc: LocationConfig) -> bool:
+        """May the connection stay open after this request's response?"""
+        return (loc.keepalive_timeout > 0 and self.nreq < loc.keepalive_requests
+                and not self.w.stopping)
+
+    def next_request(self, data: bytes, idle_timeout: float) -> None:
+        """The exchange is over and the connection stays: wait for the next request (or read
+        the one already received, pipelined)."""
+        self.state = "idle"
+        self.head = None
+        self.location = None
+        self.peer = None
+        self.selection = None
+        self.server = self.listener.default_server
+        self.reader = RequestReader(self.server.max_request_line, self.server.max_request_head)
+        if data:
+            self.state = "head"
+            self.timer = self.loop.call_later(self.server.client_header_timeout,
+                                              self._on_header_timeout)
+            self.loop.add_reader(self.fd, self._on_client_head)
+            self._feed_head(data)
+            return
+        self.loop.add_reader(self.fd, self._on_client_head)
+        self.timer = self.loop.call_later(idle_timeout, self._close)
+
+    def close_after_answer(self, data: bytes = b"") -> None:
+        """The last answer is written (or `data` still is): close gracefully."""
+        self.state = "linger-send"
+        self.out = b""
+        if data:
+            self._client_write(data)
+        if not self.out and not self.closed:
+            self._linger()
 
     def _close(self) -> None:
         if self.closed:

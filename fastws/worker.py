@@ -92,6 +92,8 @@ class Worker:
         self.listeners: list[Listener] = []
         self._stopped: asyncio.Future[None] | None = None
         self.ready: Any = None     # called with the worker once it is serving
+        self.stopping = False      # a graceful stop is under way: no more keep-alive
+        self.http_pools: dict[str, Any] = {}   # upstream name -> http1.Pool (or None)
 
     # --- life cycle ------------------------------------------------------------------------
 
@@ -133,11 +135,14 @@ class Worker:
         if not graceful:
             self._stopped.set_result(None)
             return
+        self.stopping = True
         self._close_listeners()
         self.loop.create_task(self._drain_then_stop())
 
     async def _drain_then_stop(self) -> None:
         while (self.conns or self.engine.active) and self._stopped and not self._stopped.done():
+            for conn in [c for c in self.conns if c.state == "idle"]:
+                conn.abort()       # kept-alive connections waiting for a request close now
             await asyncio.sleep(0.05)
         if self._stopped is not None and not self._stopped.done():
             self._stopped.set_result(None)
