@@ -26,9 +26,12 @@ class HeadError(Exception):
         self.reason = reason
 
 
+_NONE: list[bytes] = []
+
+
 class RequestHead:
     __slots__ = ("method", "target", "version", "headers", "leftover", "upgrade_offer",
-                 "size", "keep_alive")
+                 "size", "keep_alive", "_index")
 
     def __init__(self) -> None:
         self.method = b""
@@ -40,15 +43,26 @@ class RequestHead:
         self.size = 0
         self.keep_alive = False
 
+    def values(self, lname: bytes) -> list[bytes]:
+        """Every value of the header named `lname` (lower case), in order."""
+        try:
+            index = self._index
+        except AttributeError:
+            # built once per head: a request is asked about a dozen names on its way through
+            index = self._index = {}
+            for n, v in self.headers:
+                index.setdefault(n.lower(), []).append(v)
+        return index.get(lname, _NONE)
+
     def get(self, lname: bytes) -> bytes | None:
         """The value of the header named `lname` (lower case); several are joined by ", "."""
-        found = [v for n, v in self.headers if n.lower() == lname]
+        found = self.values(lname)
         if not found:
             return None
         return found[0] if len(found) == 1 else b", ".join(found)
 
     def count(self, lname: bytes) -> int:
-        return sum(1 for n, _ in self.headers if n.lower() == lname)
+        return len(self.values(lname))
 
     def tokens(self, lname: bytes) -> list[bytes]:
         """The comma-separated tokens of a header such as Connection, lower-cased."""
@@ -154,7 +168,7 @@ def _check_request(head: RequestHead) -> None:
         raise HeadError(400, "several Host headers")
     if hosts == 0 and head.version == "1.1":
         raise HeadError(400, "no Host header")
-    cl = [v for n, v in head.headers if n.lower() == b"content-length"]
+    cl = head.values(b"content-length")
     te = head.get(b"transfer-encoding")
     if cl and te is not None:
         raise HeadError(400, "both Content-Length and Transfer-Encoding")
@@ -167,7 +181,7 @@ def _check_request(head: RequestHead) -> None:
 
 class ResponseHead:
     __slots__ = ("status", "reason", "version", "headers", "leftover", "raw", "keep_alive",
-                 "chunked", "content_length")
+                 "chunked", "content_length", "_index")
 
     def __init__(self) -> None:
         self.status = 0
@@ -180,6 +194,7 @@ class ResponseHead:
         self.chunked = False
         self.content_length: int | None = None
 
+    values = RequestHead.values
     get = RequestHead.get
     count = RequestHead.count
     tokens = RequestHead.tokens

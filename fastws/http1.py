@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fastws")
 
-RECV_SIZE = 262144
+RECV_SIZE = 65536   # larger reads make CPython mmap and munmap a buffer per call
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 # RFC 9110 section 9.2.2: a request that may be sent twice.
 IDEMPOTENT = frozenset((b"GET", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"TRACE"))
@@ -140,15 +140,26 @@ class Chunked:
 class UpstreamConn:
     """An open connection to one upstream server, in use by an exchange or idle in a pool."""
 
-    __slots__ = ("sock", "fd", "peer", "requests", "idle_since", "reused")
+    __slots__ = ("sock", "fd", "peer", "requests", "idle_since", "reused", "owner", "pool")
 
-    def __init__(self, sock: socket.socket, peer: "Peer") -> None:
+    def __init__(self, sock: socket.socket, peer: "Peer", pool: "Pool | None") -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.peer = peer
+        self.pool = pool
         self.requests = 0
         self.idle_since = 0.0
         self.reused = False
+        self.owner: Exchange | None = None
+
+    def on_readable(self) -> None:
+        # One reader stays registered for the connection's whole life, in use or idle: no
+        # epoll change per request.
+        owner = self.owner
+        if owner is not None:
+            owner._on_up_read()
+        elif self.pool is not None:
+            self.pool.idle_event(self)
 
     def close(self) -> None:
         self.sock.close()
@@ -191,8 +202,6 @@ class Pool:
             self._drop(idle.pop(0))
         uc.idle_since = self.loop.time()
         idle.append(uc)
-        # An idle connection is only read to notice that the upstream closed it.
-        self.loop.add_reader(uc.fd, self._on_idle_event, uc)
         if self.timer is None:
             self.timer = self.loop.call_later(self.timeout, self._sweep)
 
@@ -200,7 +209,8 @@ class Pool:
         self.loop.remove_reader(uc.fd)
         uc.close()
 
-    def _on_idle_event(self, uc: UpstreamConn) -> None:
+    def idle_event(self, uc: UpstreamConn) -> None:
+        """An idle connection became readable: the upstream closed it (or misbehaves)."""
         if uc in self.idle:
             self.idle.remove(uc)
         self._drop(uc)
@@ -244,7 +254,7 @@ def wants_keepalive(head: RequestHead | ResponseHead) -> bool:
 
 
 def _content_length(head: RequestHead | ResponseHead) -> int | None:
-    values = [v for n, v in head.headers if len(n) == 14 and n.lower() == b"content-length"]
+    values = head.values(b"content-length")
     if not values:
         return None
     first = values[0].strip()
@@ -337,6 +347,9 @@ class Exchange:
             self.req_first = b""
             self.stash = leftover
         self.body_done = self.req_left == 0
+        if not self.body_done:
+            # the body is read once the upstream can take it, not into the next request's head
+            self.loop.remove_reader(self.cfd)
         now = self.loop.time()
         self.t_up = now
         self.t_cl = now
@@ -373,7 +386,9 @@ class Exchange:
         """A new connection to `peer` is established (the ClientConn connected it)."""
         if self.pool is not None:
             self.pool.opened += 1
-        self._start(UpstreamConn(sock, peer))
+        uc = UpstreamConn(sock, peer, self.pool)
+        self.loop.add_reader(uc.fd, uc.on_readable)
+        self._start(uc)
 
     def _start(self, uc: UpstreamConn) -> None:
         self.up = uc
@@ -381,7 +396,7 @@ class Exchange:
         self.held = True
         self.started = True
         uc.requests += 1
-        self.loop.add_reader(uc.fd, self._on_up_read)
+        uc.owner = self
         self.rreader = ResponseReader()
         self.t_up = self.loop.time()
         self._arm(self.t_up + (self.loc.read_timeout if self.body_done
@@ -418,7 +433,7 @@ class Exchange:
             sock.close()
             self._fail(502, f"connect() to {peer.name} failed on retry")
             return
-        self.up = UpstreamConn(sock, peer)
+        self.up = UpstreamConn(sock, peer, self.pool)
         self.connecting = True
         self.t_up = self.loop.time()
         self.loop.add_writer(self.up.fd, self._on_retry_connected)
@@ -436,6 +451,7 @@ class Exchange:
         if self.pool is not None:
             self.pool.opened += 1
         self.up = None
+        self.loop.add_reader(uc.fd, uc.on_readable)
         self._start(uc)
 
     # --- the request ------------------------------------------------------------------------
@@ -490,7 +506,7 @@ class Exchange:
         if self.body_done:
             if self.reading_body:
                 self.reading_body = False
-                self.loop.remove_reader(self.cfd)
+                self.loop.add_reader(self.cfd, self.conn._on_client_head)
             self.t_up = self.loop.time()
         elif not self.reading_body and not self.resp_done:
             self.reading_body = True
@@ -617,6 +633,7 @@ class Exchange:
         if self.reading_body and not self.body_done:
             # The upstream answered before the body ended: the rest is not passed on.
             self.reading_body = False
+            self.conn.peer_closed = True
             self.loop.remove_reader(self.cfd)
         out = _http.build_head(b"HTTP/1.1 %d %s" % (status, resp.reason), resp.headers, drop, [],
                                [(b"Connection", b"keep-alive" if keep else b"close")])
@@ -675,12 +692,16 @@ class Exchange:
         uc = self.up
         self.up = None
         if uc is not None:
-            self.loop.remove_reader(uc.fd)
+            uc.owner = None
             resp = self.resp
             if (self.pool is not None and not broken and self.body_done and not self.up_out
                     and resp is not None and wants_keepalive(resp) and self.mode != UNTIL_CLOSE):
+                if self.up_paused:
+                    self.up_paused = False
+                    self.loop.add_reader(uc.fd, uc.on_readable)
                 self.pool.put(uc)
             else:
+                self.loop.remove_reader(uc.fd)
                 self.loop.remove_writer(uc.fd)
                 uc.close()
         self._release()
@@ -735,7 +756,7 @@ class Exchange:
         elif self.up is not None and self.up_paused:
             self.up_paused = False
             self.t_up = self.loop.time()
-            self.loop.add_reader(self.up.fd, self._on_up_read)
+            self.loop.add_reader(self.up.fd, self.up.on_readable)
 
     # --- timers -----------------------------------------------------------------------------
 

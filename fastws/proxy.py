@@ -139,7 +139,7 @@ class ClientConn:
                  "peer", "usock", "ufd", "to_upstream", "rreader", "token", "key", "tries",
                  "t_connect", "t_connected", "deadline", "out", "closed", "state", "response",
                  "upgrading", "remaining", "eof_delimited", "timed_out", "held", "exchange",
-                 "nreq")
+                 "nreq", "ktimer", "ktimer_at", "t_state", "ka_timeout", "pipelined", "peer_closed")
 
     def __init__(self, worker: "Worker", listener: Any, sock: socket.socket, addr: Any) -> None:
         self.w = worker
@@ -171,11 +171,18 @@ class ClientConn:
         self.held = False          # the peer counts this connection (released when it ends)
         self.exchange: http1.Exchange | None = None   # a plain request in progress
         self.nreq = 0
+        self.pipelined = b""       # read while an exchange was in progress
+        self.peer_closed = False
+        self.ka_timeout = 0.0
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.reader = RequestReader(self.server.max_request_line, self.server.max_request_head)
         self.loop.add_reader(self.fd, self._on_client_head)
-        self.timer = self.loop.call_later(self.server.client_header_timeout, self._on_header_timeout)
+        # The head and keep-alive timer is not re-made per request: it is armed once and, when
+        # it fires, checks the deadline of the state the connection is in then.
+        self.t_state = self.loop.time()
+        self.ktimer_at = self.t_state + self.server.client_header_timeout
+        self.ktimer: Any = self.loop.call_at(self.ktimer_at, self._on_ktimer)
 
     # --- reading the request ---------------------------------------------------------------
 
@@ -187,16 +194,55 @@ class ClientConn:
         except OSError:
             self._close()
             return
+        state = self.state
+        if state == "exchange":
+            # The client reader stays registered while an exchange runs (no epoll change per
+            # request): what comes meanwhile is the next request, kept for later.
+            if not data:
+                self.peer_closed = True
+                self.loop.remove_reader(self.fd)
+                return
+            self.pipelined += data
+            if len(self.pipelined) > self.server.max_request_head:
+                self.loop.remove_reader(self.fd)
+            return
         if not data:
             self._close()
             return
-        if self.state == "idle":
+        if state == "idle":
             # the next request on a kept-alive connection begins: its head is timed from now
             self.state = "head"
-            self.timer.cancel()
-            self.timer = self.loop.call_later(self.server.client_header_timeout,
-                                              self._on_header_timeout)
+            self._time_state(self.server.client_header_timeout)
         self._feed_head(data)
+
+    def _time_state(self, timeout: float) -> None:
+        now = self.t_state = self.loop.time()
+        at = now + timeout
+        if self.ktimer is None:
+            self.ktimer_at = at
+            self.ktimer = self.loop.call_at(at, self._on_ktimer)
+        elif at < self.ktimer_at:
+            self.ktimer.cancel()
+            self.ktimer_at = at
+            self.ktimer = self.loop.call_at(at, self._on_ktimer)
+
+    def _on_ktimer(self) -> None:
+        self.ktimer = None
+        state = self.state
+        if state == "idle":
+            limit = self.t_state + self.ka_timeout
+        elif state == "head":
+            limit = self.t_state + self.server.client_header_timeout
+        else:
+            return
+        if self.loop.time() >= limit:
+            if state == "idle":
+                self._close()
+            else:
+                self._fail(408, "client sent no complete head in time")
+            return
+        self.ktimer_at = limit
+        self.ktimer = self.loop.call_at(limit, self._on_ktimer)
 
     def _feed_head(self, data: bytes) -> None:
         try:
@@ -206,9 +252,7 @@ class ClientConn:
             return
         if head is None:
             return
-        self.loop.remove_reader(self.fd)
-        self.timer.cancel()
-        self.timer = None
+        self.state = "dispatch"
         self.head = head
         self.nreq += 1
         self.w.stats.requests += 1
@@ -216,10 +260,6 @@ class ClientConn:
             self._dispatch(head)
         except HeadError as exc:
             self._fail(exc.status, exc.reason)
-
-    def _on_header_timeout(self) -> None:
-        self.timer = None
-        self._fail(408, "client sent no complete head in time")
 
     def _dispatch(self, head: RequestHead) -> None:
         self.host = host_name(head.get(b"host"))
@@ -231,6 +271,9 @@ class ClientConn:
         if loc is None:
             raise HeadError(404, "no location matches")
         self.location = loc
+        if loc.proxy_pass is None or loc.websocket and head.get(b"upgrade") is not None:
+            # only a plain exchange keeps reading the client while the upstream answers
+            self.loop.remove_reader(self.fd)
         if loc.return_status is not None:
             self._answer(loc.return_status, loc.return_body.encode())
             return
@@ -250,6 +293,9 @@ class ClientConn:
             # plain request: the Upgrade header is hop-by-hop and is not passed on.
         self.upstream = self.w.upstreams[loc.proxy_pass]
         if not self.upgrading:
+            if head.get(b"upgrade") is not None:
+                self.loop.add_reader(self.fd, self._on_client_head)
+            self.state = "exchange"
             ex = self.exchange = http1.Exchange(self, head, loc)
             ex.upstream = self.upstream
             ex.pool = http1.pool_for(self.w, self.upstream)
@@ -666,22 +712,28 @@ class ClientConn:
     def next_request(self, data: bytes, idle_timeout: float) -> None:
         """The exchange is over and the connection stays: wait for the next request (or read
         the one already received, pipelined)."""
-        self.state = "idle"
+        if self.peer_closed and not data and not self.pipelined:
+            self._close()
+            return
         self.head = None
         self.location = None
         self.peer = None
         self.selection = None
         self.server = self.listener.default_server
         self.reader = RequestReader(self.server.max_request_line, self.server.max_request_head)
+        self.ka_timeout = idle_timeout
+        if not self.peer_closed:
+            self.loop.add_reader(self.fd, self._on_client_head)   # cheap when still registered
+        if self.pipelined:
+            data += self.pipelined
+            self.pipelined = b""
         if data:
             self.state = "head"
-            self.timer = self.loop.call_later(self.server.client_header_timeout,
-                                              self._on_header_timeout)
-            self.loop.add_reader(self.fd, self._on_client_head)
+            self._time_state(self.server.client_header_timeout)
             self._feed_head(data)
             return
-        self.loop.add_reader(self.fd, self._on_client_head)
-        self.timer = self.loop.call_later(idle_timeout, self._close)
+        self.state = "idle"
+        self._time_state(idle_timeout)
 
     def close_after_answer(self, data: bytes = b"") -> None:
         """The last answer is written (or `data` still is): close gracefully."""
@@ -696,6 +748,9 @@ class ClientConn:
         if self.closed:
             return
         self.closed = True
+        if self.ktimer is not None:
+            self.ktimer.cancel()
+            self.ktimer = None
         self._drop_upstream()
         if self.sock.fileno() >= 0:
             self.loop.remove_reader(self.fd)
