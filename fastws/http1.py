@@ -269,8 +269,7 @@ class Exchange:
     __slots__ = ("conn", "loop", "head", "loc", "csock", "cfd", "pool", "up", "held", "upstream",
                  "req_head", "req_first", "req_left", "req_dec", "body_done", "reading_body",
                  "stash", "up_out", "resp", "rreader", "mode", "left", "dec", "keep_client",
-                 "resp_done", "cout", "t_up", "t_cl", "up_wsince", "cl_wsince", "timer",
-                 "timer_at", "retried", "max_body", "up_paused", "finished", "started", "peer",
+                 "resp_done", "cout", "t_up", "t_cl", "up_wsince", "cl_wsince", "retried", "max_body", "up_paused", "finished", "started", "peer",
                  "connecting")
 
     def __init__(self, conn: "ClientConn", head: RequestHead, loc: "LocationConfig") -> None:
@@ -299,8 +298,6 @@ class Exchange:
         self.up_wsince = 0.0
         self.cl_wsince = 0.0
         self.up_paused = False
-        self.timer: Any = None
-        self.timer_at = 0.0
         self.retried = False
         self.reading_body = False
         self.req_head = b""
@@ -761,15 +758,12 @@ class Exchange:
     # --- timers -----------------------------------------------------------------------------
 
     def _arm(self, at: float) -> None:
-        if self.timer is not None:
-            if at >= self.timer_at:
-                return
-            self.timer.cancel()
-        self.timer_at = at
-        self.timer = self.loop.call_at(at, self._on_timer)
+        # The client connection's one timer serves the exchange too (see ClientConn.arm_at).
+        self.conn.arm_at(at)
 
-    def _on_timer(self) -> None:
-        self.timer = None
+    def on_timer(self) -> float | None:
+        """The connection's timer fired: act on an expired deadline (and return None), or return
+        the next deadline."""
         now = self.loop.time()
         loc = self.loc
         deadline, what = float("inf"), ""
@@ -784,9 +778,7 @@ class Exchange:
         if self.connecting:
             deadline, what = self.t_up + loc.connect_timeout, "upstream connect"
         if deadline > now:
-            if deadline != float("inf"):
-                self._arm(deadline)
-            return
+            return deadline if deadline != float("inf") else None
         if what == "client body":
             self._fail(408, "client timed out (110: Connection timed out) while reading the "
                        "request body")
@@ -798,6 +790,7 @@ class Exchange:
                            status=504)
         else:
             self._truncate(f"upstream timed out (110: Connection timed out) ({what})")
+        return None
 
     # --- endings ----------------------------------------------------------------------------
 
@@ -805,9 +798,6 @@ class Exchange:
         if self.finished:
             return
         self.finished = True
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
         conn = self.conn
         conn.exchange = None
         if self.keep_client:
@@ -831,9 +821,6 @@ class Exchange:
         if self.finished:
             return
         self.finished = True
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
         self._drop_up()
         if self.reading_body:
             self.loop.remove_reader(self.cfd)

@@ -195,7 +195,7 @@ class ClientConn:
             self._close()
             return
         state = self.state
-        if state == "exchange":
+        if self.exchange is not None:
             # The client reader stays registered while an exchange runs (no epoll change per
             # request): what comes meanwhile is the next request, kept for later.
             if not data:
@@ -217,7 +217,11 @@ class ClientConn:
 
     def _time_state(self, timeout: float) -> None:
         now = self.t_state = self.loop.time()
-        at = now + timeout
+        self.arm_at(now + timeout)
+
+    def arm_at(self, at: float) -> None:
+        """Make sure the connection's timer fires by `at` (it may fire earlier: whoever it
+        serves then checks its own deadline)."""
         if self.ktimer is None:
             self.ktimer_at = at
             self.ktimer = self.loop.call_at(at, self._on_ktimer)
@@ -229,7 +233,11 @@ class ClientConn:
     def _on_ktimer(self) -> None:
         self.ktimer = None
         state = self.state
-        if state == "idle":
+        if self.exchange is not None:
+            limit = self.exchange.on_timer()
+            if limit is None:
+                return
+        elif state == "idle":
             limit = self.t_state + self.ka_timeout
         elif state == "head":
             limit = self.t_state + self.server.client_header_timeout
@@ -267,7 +275,9 @@ class ClientConn:
         path = head.target.split(b"?", 1)[0]
         if not path.startswith(b"/"):
             raise HeadError(400, "the request target is not an absolute path")
-        loc = self.w.router.location(self.server, unquote(path.decode("latin-1")))
+        path_text = path.decode("latin-1")
+        loc = self.w.router.location(self.server,
+                                     unquote(path_text) if "%" in path_text else path_text)
         if loc is None:
             raise HeadError(404, "no location matches")
         self.location = loc
@@ -440,6 +450,7 @@ class ClientConn:
         self.selection.connected(self.peer)
         if self.exchange is not None:
             usock, self.usock, self.ufd, self.timer = self.usock, None, -1, None
+            self.state = "exchange"
             self.exchange.connected(usock, self.peer)
             return
         self.held = True
@@ -468,9 +479,6 @@ class ClientConn:
             self.loop.add_writer(self.ufd, self._send_upstream_more)
             return
         self.state = "response"
-        if not self.upgrading:
-            self._relay_plain()
-            return
         self.loop.add_reader(self.ufd, self._on_upstream_head)
 
     def _send_upstream_more(self) -> None:
@@ -530,6 +538,9 @@ class ClientConn:
                               self.head.size, len(resp.raw))
         to_client = resp.raw + resp.leftover
         self.held = False          # released by the worker when the tunnel closes
+        if self.ktimer is not None:
+            self.ktimer.cancel()
+            self.ktimer = None
         cfd = self.sock.detach()
         ufd = self.usock.detach()
         self.usock = None
@@ -568,28 +579,6 @@ class ClientConn:
             self._finish_relay()
         else:
             self.loop.add_reader(self.ufd, self._on_upstream_body)
-
-    def _relay_plain(self) -> None:
-        # A plain request: the upstream was asked for Connection: close, so its answer ends when
-        # it closes; the bytes are relayed as they come, both ways, by the core.
-        assert self.usock is not None and self.location is not None
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        now = time.monotonic()
-        record = TunnelRecord(self.upstream, self.peer, self.remote_addr,
-                              self.head.request_line, self.started,
-                              self.t_connected - self.t_connect, now - self.t_connect,
-                              self.head.size, 0)
-        self.held = False
-        cfd = self.sock.detach()
-        ufd = self.usock.detach()
-        self.usock = None
-        self.closed = True
-        self.w.connection_closed(self)
-        self.w.engine.add(cfd, ufd, b"", b"", self.location.read_timeout,
-                          self.location.send_timeout, self.location.relay, record)
-        self.w.tunnel_opened(record)
 
     def _on_upstream_body(self) -> None:
         try:
