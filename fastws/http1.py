@@ -244,10 +244,11 @@ def pool_for(worker: Any, upstream: "Upstream") -> Pool | None:
         return pool
 
 
-def wants_keepalive(head: RequestHead | ResponseHead) -> bool:
+def wants_keepalive(head: RequestHead | ResponseHead, tokens: Any = None) -> bool:
     """RFC 9112 section 9.3: HTTP/1.1 stays open unless "close"; HTTP/1.0 closes unless
     "keep-alive" (httptools' own answer is not settled until the whole message is read)."""
-    tokens = head.tokens(b"connection") if head.count(b"connection") else ()
+    if tokens is None:
+        tokens = head.tokens(b"connection")
     if head.version == "1.1":
         return b"close" not in tokens
     return b"keep-alive" in tokens
@@ -269,7 +270,7 @@ class Exchange:
     __slots__ = ("conn", "loop", "head", "loc", "csock", "cfd", "pool", "up", "held", "upstream",
                  "req_head", "req_first", "req_left", "req_dec", "body_done", "reading_body",
                  "stash", "up_out", "resp", "rreader", "mode", "left", "dec", "keep_client",
-                 "resp_done", "cout", "t_up", "t_cl", "up_wsince", "cl_wsince", "retried", "max_body", "up_paused", "finished", "started", "peer",
+                 "resp_done", "cout", "t_up", "t_cl", "up_wsince", "cl_wsince", "retried", "max_body", "up_paused", "finished", "started", "peer", "up_keep",
                  "connecting")
 
     def __init__(self, conn: "ClientConn", head: RequestHead, loc: "LocationConfig") -> None:
@@ -286,6 +287,7 @@ class Exchange:
         self.upstream: Any = None
         self.pool: Pool | None = None
         self.resp: ResponseHead | None = None
+        self.up_keep = False
         self.rreader: ResponseReader | None = None
         self.mode = NO_BODY
         self.left = 0
@@ -599,7 +601,9 @@ class Exchange:
         head = self.head
         conn = self.conn
         status = resp.status
-        drop: tuple[bytes, ...] = tuple(resp.tokens(b"connection"))
+        tokens = resp.tokens(b"connection")
+        self.up_keep = wants_keepalive(resp, tokens)
+        drop: tuple[bytes, ...] = tuple(tokens)
         try:
             length = _content_length(resp)
         except ValueError:
@@ -692,7 +696,7 @@ class Exchange:
             uc.owner = None
             resp = self.resp
             if (self.pool is not None and not broken and self.body_done and not self.up_out
-                    and resp is not None and wants_keepalive(resp) and self.mode != UNTIL_CLOSE):
+                    and self.up_keep and self.mode != UNTIL_CLOSE):
                 if self.up_paused:
                     self.up_paused = False
                     self.loop.add_reader(uc.fd, uc.on_readable)

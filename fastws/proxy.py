@@ -281,7 +281,8 @@ class ClientConn:
         if loc is None:
             raise HeadError(404, "no location matches")
         self.location = loc
-        if loc.proxy_pass is None or loc.websocket and head.get(b"upgrade") is not None:
+        upgrade = head.get(b"upgrade")
+        if loc.proxy_pass is None or loc.websocket and upgrade is not None:
             # only a plain exchange keeps reading the client while the upstream answers
             self.loop.remove_reader(self.fd)
         if loc.return_status is not None:
@@ -292,7 +293,6 @@ class ClientConn:
             self._answer(200, body, ctype)
             return
         self.upgrading = False
-        upgrade = head.get(b"upgrade")
         if upgrade is not None and b"upgrade" in head.tokens(b"connection"):
             token = upgrade.strip().lower()
             if loc.websocket and token.decode("latin-1") in loc.upgrade_tokens:
@@ -303,7 +303,7 @@ class ClientConn:
             # plain request: the Upgrade header is hop-by-hop and is not passed on.
         self.upstream = self.w.upstreams[loc.proxy_pass]
         if not self.upgrading:
-            if head.get(b"upgrade") is not None:
+            if upgrade is not None and loc.websocket:
                 self.loop.add_reader(self.fd, self._on_client_head)
             self.state = "exchange"
             ex = self.exchange = http1.Exchange(self, head, loc)
