@@ -197,16 +197,18 @@ class Worker:
         """The body of a status location: nginx's stub_status text, or JSON."""
         s = self.stats
         reading = sum(1 for c in self.conns if c.state == "head")
+        waiting = sum(1 for c in self.conns if c.state == "idle")   # kept alive, between requests
         active = s.active + self.engine.active
+        writing = active - reading - waiting
         if fmt == "stub":
             text = (f"Active connections: {active} \n"
                     "server accepts handled requests\n"
                     f" {s.accepts} {s.handled} {s.requests} \n"
-                    f"Reading: {reading} Writing: {active - reading} Waiting: 0 \n")
+                    f"Reading: {reading} Writing: {writing} Waiting: {waiting} \n")
             return "text/plain", text.encode()
         data = {
-            "connections": {"active": active, "reading": reading, "writing": active - reading,
-                            "waiting": 0, "accepted": s.accepts, "handled": s.handled},
+            "connections": {"active": active, "reading": reading, "writing": writing,
+                            "waiting": waiting, "accepted": s.accepts, "handled": s.handled},
             "requests": s.requests,
             "tunnels": {"active": self.engine.active, "total": s.tunnels_total},
             "engine": self.engine.stats(),
@@ -215,6 +217,10 @@ class Worker:
                         "selected": p.selected_total, "fails": p.fails_total}
                        for p in up.peers]
                 for name, up in self.upstreams.items()
+            },
+            "keepalive_pools": {
+                name: {"idle": len(pool.idle), "opened": pool.opened, "reused": pool.reused}
+                for name, pool in self.http_pools.items() if pool is not None
             },
         }
         return "application/json", orjson.dumps(data, option=orjson.OPT_INDENT_2)

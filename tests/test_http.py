@@ -55,7 +55,7 @@ def upstream_count(backend: HttpBackend) -> int:
 # --- keep-alive -----------------------------------------------------------------------------
 
 def test_keepalive_reuses_client_and_upstream_connections(make_proxy, backend, port):
-    make_proxy(http_config(port, backend.address, keepalive=4), port=port)
+    proxy = make_proxy(http_config(port, backend.address, keepalive=4), port=port)
     before = upstream_count(backend)
     conn = client(port)
     sock = None
@@ -66,6 +66,9 @@ def test_keepalive_reuses_client_and_upstream_connections(make_proxy, backend, p
         assert resp.getheader("Connection") == "keep-alive"
         sock = sock or conn.sock
         assert conn.sock is sock           # never reconnected: the proxy kept it open
+    status = proxy.status()
+    assert status["connections"]["waiting"] == 1          # ours, kept alive between requests
+    assert status["keepalive_pools"]["backend"] == {"idle": 1, "opened": 1, "reused": 49}
     conn.close()
     assert upstream_count(backend) - before == 1
     head = backend.requests[-1].raw.lower()
