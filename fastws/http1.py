@@ -313,7 +313,7 @@ class Exchange:
             if head.version == "1.0":
                 raise HeadError(400, "Transfer-Encoding in an HTTP/1.0 request")
             if te.strip().lower() != b"chunked":
-                raise HeadError(501, f"unsupported Transfer-Encoding {te[:40]!r}")
+                raise HeadError(400, f"unsupported Transfer-Encoding {te[:40]!r}")
             self.req_dec = Chunked(True)
             self.req_left = -1
         else:

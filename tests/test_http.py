@@ -432,6 +432,7 @@ SMUGGLING = {
                 b"Transfer-Encoding: identity\r\n\r\n0\r\n\r\n",
     "te-list": b"POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, identity\r\n\r\n"
                b"0\r\n\r\n",
+    "te-gzip": b"POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n",
     "te-space-colon": b"POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding : chunked\r\n\r\n"
                       b"0\r\n\r\n",
     "te-http10": b"POST /echo HTTP/1.0\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
@@ -486,6 +487,28 @@ def test_smuggling_attempts_are_refused_with_400(smuggling_proxy, name):
     conn.request("POST", "/echo", body=b"fine")
     assert conn.getresponse().read() == b"fine"
     conn.close()
+
+
+@pytest.mark.parametrize("request_bytes, status", [
+    (b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nExpect: 200-ok\r\n\r\nx", 417),
+    (b"GET http://a/ HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+], ids=["expect-other", "absolute-form"])
+def test_unsupported_requests(smuggling_proxy, request_bytes, status):
+    proxy, _ = smuggling_proxy
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
+        s.sendall(request_bytes)
+        assert read_all(s).startswith(b"HTTP/1.1 %d " % status)
+
+
+def test_graceful_stop_closes_idle_kept_alive_connections(make_proxy, backend, port):
+    import signal
+    proxy = make_proxy(http_config(port, backend.address, keepalive=2), port=port)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"GET /small HTTP/1.1\r\nHost: a\r\n\r\n")
+        read_response(s)
+        proxy.proc.send_signal(signal.SIGQUIT)
+        assert s.recv(10) == b""             # closed by the proxy, not after keepalive_timeout
+    assert proxy.proc.wait(10) == 0
 
 
 def test_config_errors_are_one_line(tmp_path):
