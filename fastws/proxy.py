@@ -328,7 +328,9 @@ class ClientConn:
             target = loc.proxy_uri.encode() + tail + q + query
         xff = head.get(b"x-forwarded-for")
         remote = self.remote_addr.encode()
-        first = [(b"Host", head.get(b"host") or self.host.encode())]
+        first = [(b"Host", head.get(b"host") or self.host.encode() or (
+            self.server.server_name[0] if self.server.server_name
+            else self.listener.address.host).encode())]
         last = [
             (b"X-Real-IP", remote),
             (b"X-Forwarded-For", xff + b", " + remote if xff else remote),

@@ -511,6 +511,30 @@ def test_graceful_stop_closes_idle_kept_alive_connections(make_proxy, backend, p
     assert proxy.proc.wait(10) == 0
 
 
+def test_no_fd_left_behind(make_proxy, backend, port):
+    proxy = make_proxy(http_config(port, backend.address, keepalive=4), port=port)
+    proxy.status()
+    time.sleep(0.3)
+    before = proxy.fds()
+    for i in range(100):
+        conn = client(port)
+        for path in ("/small", "/chunked", "/close", "/cut-length", "/204"):
+            try:
+                conn.request("GET", path)
+                conn.getresponse().read()
+            except http.client.HTTPException:
+                conn.close()
+        conn.close()
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(SMUGGLING["two-cl"] if i % 2 else b"POST /echo HTTP/1.1\r\nHost: a\r\n"
+                      b"Content-Length: 10\r\n\r\nabc")       # the second one is cut short
+    deadline = time.monotonic() + 10
+    while proxy.fds() > before + 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proxy.fds() <= before + 4           # at most the pool's idle upstream connections
+    assert proxy.status()["keepalive_pools"]["backend"]["idle"] <= 4
+
+
 def test_config_errors_are_one_line(tmp_path):
     import subprocess
     import sys
