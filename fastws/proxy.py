@@ -139,7 +139,8 @@ class ClientConn:
                  "peer", "usock", "ufd", "to_upstream", "rreader", "token", "key", "tries",
                  "t_connect", "t_connected", "deadline", "out", "closed", "state", "response",
                  "upgrading", "remaining", "eof_delimited", "timed_out", "held", "exchange",
-                 "nreq", "ktimer", "ktimer_at", "t_state", "ka_timeout", "pipelined", "peer_closed")
+                 "nreq", "ktimer", "ktimer_at", "t_state", "ka_timeout", "pipelined", "peer_closed",
+                 "reader_off")
 
     def __init__(self, worker: "Worker", listener: Any, sock: socket.socket, addr: Any) -> None:
         self.w = worker
@@ -173,6 +174,7 @@ class ClientConn:
         self.nreq = 0
         self.pipelined = b""       # read while an exchange was in progress
         self.peer_closed = False
+        self.reader_off = False
         self.ka_timeout = 0.0
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -205,6 +207,7 @@ class ClientConn:
             self.pipelined += data
             if len(self.pipelined) > self.server.max_request_head:
                 self.loop.remove_reader(self.fd)
+                self.reader_off = True
             return
         if not data:
             self._close()
@@ -234,10 +237,13 @@ class ClientConn:
         self.ktimer = None
         state = self.state
         if self.exchange is not None:
+            # the exchange acts on its own deadlines, or says when to look again
             limit = self.exchange.on_timer()
-            if limit is None:
-                return
-        elif state == "idle":
+            if limit is not None:
+                self.ktimer_at = limit
+                self.ktimer = self.loop.call_at(limit, self._on_ktimer)
+            return
+        if state == "idle":
             limit = self.t_state + self.ka_timeout
         elif state == "head":
             limit = self.t_state + self.server.client_header_timeout
@@ -713,8 +719,10 @@ class ClientConn:
         self.server = self.listener.default_server
         self.reader = RequestReader(self.server.max_request_line, self.server.max_request_head)
         self.ka_timeout = idle_timeout
-        if not self.peer_closed:
-            self.loop.add_reader(self.fd, self._on_client_head)   # cheap when still registered
+        if self.reader_off and not self.peer_closed:
+            # (an exchange that read a body gave the reader back; only this case took it away)
+            self.reader_off = False
+            self.loop.add_reader(self.fd, self._on_client_head)
         if self.pipelined:
             data += self.pipelined
             self.pipelined = b""
