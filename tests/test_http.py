@@ -535,6 +535,32 @@ def test_no_fd_left_behind(make_proxy, backend, port):
     assert proxy.status()["keepalive_pools"]["backend"]["idle"] <= 4
 
 
+def test_client_leaving_mid_transfer_frees_everything(make_proxy, backend, port):
+    proxy = make_proxy(http_config(port, backend.address, keepalive=4, client_max_body_size=0),
+                       port=port)
+    proxy.status()
+    time.sleep(0.3)
+    before = proxy.fds()
+    for _ in range(5):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+            s.sendall(b"GET /bytes/104857600 HTTP/1.1\r\nHost: a\r\n\r\n")
+            got = 0
+            while got < 1 << 20:
+                got += len(s.recv(65536))
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"POST /sink HTTP/1.1\r\nHost: a\r\nContent-Length: 104857600\r\n\r\n")
+            s.sendall(b"x" * (1 << 20))
+    deadline = time.monotonic() + 10
+    while proxy.fds() > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # the upstream connections of cut transfers are closed, never pooled half-way
+    assert proxy.fds() == before
+    conn = client(port)
+    conn.request("GET", "/small")
+    assert conn.getresponse().read() == b"hello"
+
+
 def test_config_errors_are_one_line(tmp_path):
     import subprocess
     import sys
