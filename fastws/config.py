@@ -10,7 +10,7 @@ import ipaddress
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Mapping
 
 from .errors import ConfigError
@@ -580,6 +580,7 @@ def from_dict(data: Mapping[str, Any], source: str = "<config>") -> Config:
         raise r.fail("server", "the configuration needs at least one [[server]]")
     servers = tuple(_read_server(source, t, i, implicit) for i, t in enumerate(servers_raw))
     names = {u.name for u in upstreams}
+    servers, implicit = _name_upstreams(servers, implicit, names)
     for si, server in enumerate(servers):
         for li, loc in enumerate(server.locations):
             if loc.proxy_pass is not None and loc.proxy_pass not in names \
@@ -590,6 +591,20 @@ def from_dict(data: Mapping[str, Any], source: str = "<config>") -> Config:
     r.finish()
     return Config(source, tuple(upstreams) + tuple(implicit.values()), servers, processes,
                   worker_connections, pipe_size, max_pipes)
+
+
+def _name_upstreams(servers: tuple[ServerBlock, ...], implicit: dict[str, UpstreamConfig],
+                    names: set[str]) -> tuple[tuple[ServerBlock, ...], dict[str, UpstreamConfig]]:
+    """nginx: `proxy_pass http://NAME` means the upstream block NAME when there is one (the
+    recipe's `proxy_pass http://backend;`), and only otherwise a host to resolve."""
+    def named(loc: LocationConfig) -> LocationConfig:
+        if loc.proxy_pass in implicit and loc.proxy_pass[7:] in names:
+            return replace(loc, proxy_pass=loc.proxy_pass[7:])
+        return loc
+    servers = tuple(replace(s, locations=tuple(named(loc) for loc in s.locations))
+                    for s in servers)
+    used = {loc.proxy_pass for s in servers for loc in s.locations}
+    return servers, {k: v for k, v in implicit.items() if k in used}
 
 
 def _check_defaults(source: str, servers: tuple[ServerBlock, ...]) -> None:

@@ -32,6 +32,7 @@ _NONE: list[bytes] = []
 class RequestHead:
     __slots__ = ("method", "target", "version", "headers", "leftover", "upgrade_offer",
                  "size", "keep_alive", "_index")
+    _index: dict[bytes, list[bytes]]
 
     def __init__(self) -> None:
         self.method = b""
@@ -182,6 +183,7 @@ def _check_request(head: RequestHead) -> None:
 class ResponseHead:
     __slots__ = ("status", "reason", "version", "headers", "leftover", "raw", "keep_alive",
                  "chunked", "content_length", "_index")
+    _index: dict[bytes, list[bytes]]
 
     def __init__(self) -> None:
         self.status = 0

@@ -221,7 +221,7 @@ def http_config(port: int, upstream: str, *, keepalive: int = 0, server: dict[st
     if keepalive:
         up["keepalive"] = keepalive
     up.update(upstream_extra or {})
-    loc = {"path": "/", "proxy_pass": "backend",
+    loc = {"path": "/", "proxy_pass": "http://backend",      # the recipe's location /
            "set_headers": {"Host": "$host", "X-Real-IP": "$remote_addr",
                            "X-Forwarded-For": "$proxy_add_x_forwarded_for"}}
     loc.update(location)
