@@ -195,7 +195,7 @@ class Pool:
 
     def put(self, uc: UpstreamConn) -> None:
         if uc.requests >= self.max_requests or self.timeout <= 0:
-            uc.close()
+            self._drop(uc)
             return
         idle = self.idle
         if len(idle) >= self.size:

@@ -76,6 +76,21 @@ def test_keepalive_reuses_client_and_upstream_connections(make_proxy, backend, p
     assert backend.requests[-1].target == b"/small?49"
 
 
+def test_upstream_keepalive_requests_limit(make_proxy, backend, port):
+    # Upstream connections retired after 3 requests; their fd numbers come back for new client
+    # and upstream sockets, which must each be watched afresh.
+    make_proxy(http_config(port, backend.address, keepalive=2,
+                           upstream_extra={"keepalive_requests": 3}), port=port)
+    before = upstream_count(backend)
+    for _ in range(15):
+        conn = client(port, timeout=5)
+        for _ in range(2):
+            conn.request("GET", "/small")
+            assert conn.getresponse().read() == b"hello"
+        conn.close()
+    assert upstream_count(backend) - before == 10
+
+
 def test_without_upstream_keepalive_each_request_has_its_own_connection(make_proxy, backend, port):
     make_proxy(http_config(port, backend.address), port=port)
     before = upstream_count(backend)
