@@ -103,6 +103,21 @@ class _Reader:
         Only the head itself reaches the parser: what follows it (a body, a pipelined request,
         WebSocket frames) is left in the buffer untouched.
         """
+        if not self._buf:
+            # the usual case, a whole head in one read: no copy into the buffer
+            end = data.find(b"\r\n\r\n")
+            if 0 <= end <= self._max_head - 4:
+                end += 4
+                self._buf = data      # type: ignore[assignment]
+                try:
+                    self._parser.feed_data(data if end == len(data) else data[:end])
+                except httptools.HttpParserUpgrade:
+                    pass
+                except httptools.HttpParserError as exc:
+                    raise HeadError(400, f"malformed head: {exc}") from None
+                if not self._done:
+                    raise HeadError(400, "malformed head")
+                return end
         start = len(self._buf)
         self._buf += data
         end = self._buf.find(b"\r\n\r\n", max(0, start - 3))
