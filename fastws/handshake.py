@@ -32,7 +32,7 @@ _NONE: list[bytes] = []
 class RequestHead:
     __slots__ = ("method", "target", "version", "headers", "leftover", "upgrade_offer",
                  "size", "keep_alive", "_index")
-    _index: dict[bytes, list[bytes]]
+    _index: dict[bytes, list[bytes]] | None
 
     def __init__(self) -> None:
         self.method = b""
@@ -43,16 +43,20 @@ class RequestHead:
         self.upgrade_offer = False
         self.size = 0
         self.keep_alive = False
+        self._index = None
 
     def values(self, lname: bytes) -> list[bytes]:
         """Every value of the header named `lname` (lower case), in order."""
-        try:
-            index = self._index
-        except AttributeError:
+        index = self._index
+        if index is None:
             # built once per head: a request is asked about a dozen names on its way through
             index = self._index = {}
             for n, v in self.headers:
-                index.setdefault(n.lower(), []).append(v)
+                n = n.lower()
+                if n in index:
+                    index[n].append(v)
+                else:
+                    index[n] = [v]
         return index.get(lname, _NONE)
 
     def get(self, lname: bytes) -> bytes | None:
@@ -198,7 +202,7 @@ def _check_request(head: RequestHead) -> None:
 class ResponseHead:
     __slots__ = ("status", "reason", "version", "headers", "leftover", "raw", "keep_alive",
                  "chunked", "content_length", "_index")
-    _index: dict[bytes, list[bytes]]
+    _index: dict[bytes, list[bytes]] | None
 
     def __init__(self) -> None:
         self.status = 0
@@ -210,6 +214,7 @@ class ResponseHead:
         self.keep_alive = False
         self.chunked = False
         self.content_length: int | None = None
+        self._index = None
 
     values = RequestHead.values
     get = RequestHead.get
