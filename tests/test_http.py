@@ -129,6 +129,26 @@ def test_pipelined_requests_are_answered_in_order(make_proxy, backend, port):
     assert rest.endswith(b"hello")
 
 
+def test_a_burst_of_pipelined_requests_larger_than_a_head(make_proxy, backend, port):
+    # 3000 requests (100 KB) sent while the first answer is awaited: a head's worth is read
+    # ahead, the rest waits in the socket until the proxy reads on
+    make_proxy(http_config(port, backend.address, keepalive=2, keepalive_requests=5000),
+               port=port)
+    n = 3000
+    burst = b"".join(b"GET /small?%d HTTP/1.1\r\nHost: a\r\n\r\n" % i for i in range(n))
+    assert len(burst) > 65536 + 32768
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+        s.sendall(b"GET /slow?0.3 HTTP/1.1\r\nHost: a\r\n\r\n")
+        time.sleep(0.1)
+        s.sendall(burst + b"GET /small HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        answer = read_all(s)
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n")
+    assert answer.count(b"HTTP/1.1 200 OK\r\n") == n + 2
+    assert answer.count(b"Connection: close") == 1 and answer.endswith(b"close\r\n\r\nhello")
+    targets = [r.target for r in backend.requests[-(n + 2):]]
+    assert targets == [b"/slow?0.3"] + [b"/small?%d" % i for i in range(n)] + [b"/small"]
+
+
 def test_keepalive_requests_and_timeout(make_proxy, backend, port):
     make_proxy(http_config(port, backend.address, keepalive_requests=3,
                            keepalive_timeout="400ms"), port=port)
