@@ -10,7 +10,7 @@ import ipaddress
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Mapping
 
 from .errors import ConfigError
@@ -209,6 +209,8 @@ class UpstreamConfig:
     keepalive: int = 0
     implicit: bool = False  # made from a proxy_pass URL, not an [[upstream]] table
     tls: UpstreamTLS | None = None
+    keepalive_timeout: float = 60.0  # idle upstream connections kept this long
+    keepalive_requests: int = 1000  # requests one upstream connection serves
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +234,11 @@ class LocationConfig:
     status: str | None = None  # "stub" (nginx's stub_status text), "json" or "prometheus"
     proxy_tls: bool = False  # proxy_pass = "https://..."
     access_log: Any = None  # accesslog.AccessLogConfig, or None when off
+    # plain HTTP/1.1 requests (set at server level, inherited by locations, as in nginx)
+    keepalive_timeout: float = 75.0
+    keepalive_requests: int = 1000
+    client_max_body_size: int = 1 << 20  # 0: no limit
+    client_body_timeout: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -403,9 +410,28 @@ def _read_upstream(source: str, table: Any, index: int) -> UpstreamConfig:
     keepalive = _positive_int(r, "keepalive", 0)
     from .tls import read_upstream_tls
     tls = read_upstream_tls(r)
+    keepalive_timeout = r.duration("keepalive_timeout", 60.0)
+    keepalive_requests = _positive_int(r, "keepalive_requests", 1000, minimum=1)
     r.finish()
     return UpstreamConfig(name, servers, balance, hash_key, consistent, float(factor), balancer,
-                          keepalive, tls=tls)
+                          keepalive, tls=tls, keepalive_timeout=keepalive_timeout,
+                          keepalive_requests=keepalive_requests)
+
+
+def _read_http_limits(r: _Reader, inherited: Mapping[str, Any]) -> dict[str, Any]:
+    """The keep-alive and request body settings, at server or location level."""
+    out = dict(inherited)
+    out["keepalive_timeout"] = r.duration("keepalive_timeout", out["keepalive_timeout"])
+    out["keepalive_requests"] = _positive_int(r, "keepalive_requests", out["keepalive_requests"])
+    out["client_max_body_size"] = r.size("client_max_body_size", out["client_max_body_size"])
+    out["client_body_timeout"] = r.duration("client_body_timeout", out["client_body_timeout"])
+    if out["client_body_timeout"] <= 0:
+        raise r.fail("client_body_timeout", "must be greater than zero")
+    return out
+
+
+_HTTP_DEFAULTS = {"keepalive_timeout": 75.0, "keepalive_requests": 1000,
+                  "client_max_body_size": 1 << 20, "client_body_timeout": 60.0}
 
 
 def _template_value(value: Any) -> Template:
@@ -440,7 +466,8 @@ def _read_set_headers(r: _Reader) -> tuple[tuple[str, Template | None], ...]:
 
 
 def _read_location(source: str, table: Any, where: str, implicit: dict[str, UpstreamConfig],
-                   logs: tuple[Any, Any] = ({}, None)) -> LocationConfig:
+                   logs: tuple[Any, Any] = ({}, None),
+                   http: Mapping[str, Any] | None = None) -> LocationConfig:
     r = _Reader(source, table, where)
     raw_path = r.get("path", str, required=True)
     exact = raw_path.startswith("=")
@@ -514,11 +541,12 @@ def _read_location(source: str, table: Any, where: str, implicit: dict[str, Upst
         raise r.fail("proxy_pass", "a location needs exactly one of proxy_pass, return or "
                      "stub_status/status")
     access_log = _access_log(r, logs)
+    http = _read_http_limits(r, http if http is not None else _HTTP_DEFAULTS)
     r.finish()
     return LocationConfig(path, exact, upstream_name, proxy_uri, websocket, tokens,
                           connect_timeout, send_timeout, read_timeout, tries, next_timeout,
                           set_headers, relay, socket_keepalive, return_status, return_body,
-                          status, proxy_tls, access_log)
+                          status, proxy_tls, access_log, **http)
 
 
 def _access_log(r: _Reader, logs: tuple[Any, Any]) -> Any:
@@ -560,13 +588,14 @@ def _read_server(source: str, table: Any, index: int, implicit: dict[str, Upstre
         raise r.fail("redirect_https", "expected true or the HTTPS port (1-65535)")
     if redirect_https and tls is not None:
         raise r.fail("redirect_https", "applies to a plain-HTTP server, and this one has tls")
+    http = _read_http_limits(r, _HTTP_DEFAULTS)
     locs_raw = r.get("location", list, [])
     if not locs_raw and not redirect_https:
         raise r.fail("location", "a server needs at least one [[server.location]]")
     locations = []
     seen: set[tuple[str, bool]] = set()
     for i, loc in enumerate(locs_raw):
-        lc = _read_location(source, loc, f"{r.key('location')}[{i}]", implicit, logs)
+        lc = _read_location(source, loc, f"{r.key('location')}[{i}]", implicit, logs, http)
         if (lc.path, lc.exact) in seen:
             raise ConfigError(source, f"{r.key('location')}[{i}].path",
                               f"duplicate location {('= ' if lc.exact else '') + lc.path!r}")
@@ -614,6 +643,7 @@ def from_dict(data: Mapping[str, Any], source: str = "<config>") -> Config:
         raise r.fail("server", "the configuration needs at least one [[server]]")
     servers = tuple(_read_server(source, t, i, implicit, logs) for i, t in enumerate(servers_raw))
     names = {u.name for u in upstreams}
+    servers, implicit = _name_upstreams(servers, implicit, names)
     for si, server in enumerate(servers):
         for li, loc in enumerate(server.locations):
             if loc.proxy_pass is not None and loc.proxy_pass not in names \
@@ -627,6 +657,20 @@ def from_dict(data: Mapping[str, Any], source: str = "<config>") -> Config:
     return Config(source, tuple(upstreams) + tuple(implicit.values()), servers, processes,
                   worker_connections, pipe_size, max_pipes, relay_thread, pid, shutdown_timeout,
                   handover, error_log)
+
+
+def _name_upstreams(servers: tuple[ServerBlock, ...], implicit: dict[str, UpstreamConfig],
+                    names: set[str]) -> tuple[tuple[ServerBlock, ...], dict[str, UpstreamConfig]]:
+    """nginx: `proxy_pass http://NAME` means the upstream block NAME when there is one (the
+    recipe's `proxy_pass http://backend;`), and only otherwise a host to resolve."""
+    def named(loc: LocationConfig) -> LocationConfig:
+        if loc.proxy_pass in implicit and loc.proxy_pass[7:] in names:
+            return replace(loc, proxy_pass=loc.proxy_pass[7:])
+        return loc
+    servers = tuple(replace(s, locations=tuple(named(loc) for loc in s.locations))
+                    for s in servers)
+    used = {loc.proxy_pass for s in servers for loc in s.locations}
+    return servers, {k: v for k, v in implicit.items() if k in used}
 
 
 def _check_defaults(source: str, servers: tuple[ServerBlock, ...]) -> None:

@@ -41,9 +41,10 @@ ENGINE_GAUGES = frozenset(k for k in ENGINE_KEYS
 
 # Per-worker header words.  Gauges are cleared when a worker exits, counters move to slot 0.
 HEADER = ("pid", "generation", "processes", "serial", "accepts", "handled", "requests", "active",
-          "reading", "tunnels", "tunnels_total", "paused", "retiring") \
+          "reading", "waiting", "tunnels", "tunnels_total", "paused", "retiring") \
     + tuple("engine_" + k for k in ENGINE_KEYS)
-GAUGES = frozenset({"pid", "generation", "processes", "active", "reading", "tunnels", "paused",
+GAUGES = frozenset({"pid", "generation", "processes", "active", "reading", "waiting", "tunnels",
+                    "paused",
                     "retiring"}
                    | {"engine_" + k for k in ENGINE_GAUGES})
 KEPT = frozenset(("serial",))   # never moved nor cleared: connection numbers stay unique
@@ -90,6 +91,7 @@ class Slot:
     requests = _field("requests")
     active = _field("active")
     reading = _field("reading")
+    waiting = _field("waiting")
     tunnels = _field("tunnels")
     tunnels_total = _field("tunnels_total")
     paused = _field("paused")
@@ -193,8 +195,10 @@ class PeerFigures:
 def publish(w: "Worker") -> None:
     """Write the worker's figures that are not counted live into its slot."""
     slot = w.stats
-    # reading: no complete head yet (nginx counts a request whose head is read as writing)
-    slot.reading = sum(1 for c in w.conns if c.state == "head" and not hasattr(c, "head"))
+    # reading: no complete head yet (nginx counts a request whose head is read as writing);
+    # waiting: kept alive between two requests
+    slot.reading = sum(1 for c in w.conns if c.state == "head")
+    slot.waiting = sum(1 for c in w.conns if c.state == "idle")
     if w.engine is not None:
         for k, v in _flat(w.engine.stats()):
             if k in _H_ENGINE:
@@ -244,9 +248,11 @@ def totals(w: "Worker") -> dict[str, Any]:
     active = head["active"] + head["tunnels"]
     # other workers' reading counts are up to PUBLISH_INTERVAL old; active ones are live
     reading = min(head["reading"], active)
+    waiting = min(head["waiting"], active - reading)
     return {
-        "connections": {"active": active, "reading": reading, "writing": active - reading,
-                        "waiting": 0, "accepted": head["accepts"], "handled": head["handled"]},
+        "connections": {"active": active, "reading": reading,
+                        "writing": active - reading - waiting, "waiting": waiting,
+                        "accepted": head["accepts"], "handled": head["handled"]},
         "requests": head["requests"],
         "tunnels": {"active": head["tunnels"], "total": head["tunnels_total"]},
         "engine": _nest({k: head["engine_" + k] for k in ENGINE_KEYS}),
@@ -255,6 +261,11 @@ def totals(w: "Worker") -> dict[str, Any]:
                      "paused": bool(s.paused), "retiring": bool(s.retiring)}
                     for s in workers],
         "upstreams": upstreams,
+        # upstream keep-alive pools are per worker: these are the answering worker's
+        "keepalive_pools": {
+            name: {"idle": len(pool.idle), "opened": pool.opened, "reused": pool.reused}
+            for name, pool in getattr(w, "http_pools", {}).items() if pool is not None
+        },
     }
 
 

@@ -16,7 +16,7 @@ import time
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, unquote
 
-from . import _http, tls
+from . import _http, http1, tls
 from .config import LocationConfig, ServerBlock, Template
 from .handshake import (HeadError, RequestHead, RequestReader, ResponseHead, ResponseReader,
                         check_websocket_request, check_websocket_response, websocket_accept)
@@ -141,7 +141,8 @@ class ClientConn:
                  "peer", "usock", "ufd", "to_upstream", "rreader", "token", "key", "tries",
                  "t_connect", "t_connected", "deadline", "out", "closed", "state", "response",
                  "upgrading", "remaining", "eof_delimited", "timed_out", "held", "record",
-                 "number", "status", "sent", "head_sent")
+                 "number", "status", "sent", "head_sent", "exchange", "nreq", "ktimer",
+                 "ktimer_at", "t_state", "ka_timeout", "pipelined", "peer_closed", "reader_off")
 
     def __init__(self, worker: "Worker", listener: Any, sock: socket.socket, addr: Any) -> None:
         self.w = worker
@@ -174,6 +175,13 @@ class ClientConn:
         self.number = 0            # $connection, set by the worker
         self.status = 0            # the status answered, and bytes sent to the client (access log)
         self.sent = self.head_sent = 0
+        self.exchange: http1.Exchange | None = None   # a plain request in progress
+        self.nreq = 0
+        self.pipelined = b""       # read while an exchange was in progress
+        self.peer_closed = False
+        self.reader_off = False
+        self.ka_timeout = 0.0
+        self.ktimer: Any = None
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.reader = RequestReader(self.server.max_request_line, self.server.max_request_head)
@@ -185,12 +193,15 @@ class ClientConn:
             self._start_reading()
 
     def _start_reading(self) -> None:
-        self.timer = self.loop.call_later(self.server.client_header_timeout, self._on_header_timeout)
+        self.loop.add_reader(self.fd, self._on_client_head)
+        # The head and keep-alive timer is not re-made per request: it is armed once and, when
+        # it fires, checks the deadline of the state the connection is in then.
+        self.t_state = self.loop.time()
+        self.ktimer_at = self.t_state + self.server.client_header_timeout
+        self.ktimer = self.loop.call_at(self.ktimer_at, self._on_ktimer)
         # The listener defers accept until the client has sent something (TCP_DEFER_ACCEPT), so
-        # the head is usually here already: read it now, and poll only when it is not complete.
+        # the head is usually here already: read it now rather than after a poll.
         self._on_client_head()
-        if self.state == "head" and not self.closed:
-            self.loop.add_reader(self.fd, self._on_client_head)
 
     # --- reading the request ---------------------------------------------------------------
 
@@ -202,9 +213,69 @@ class ClientConn:
         except OSError:
             self._close()
             return
+        state = self.state
+        if self.exchange is not None:
+            # The client reader stays registered while an exchange runs (no epoll change per
+            # request): what comes meanwhile is the next request, kept for later.
+            if not data:
+                self.peer_closed = True
+                self.loop.remove_reader(self.fd)
+                return
+            self.pipelined += data
+            if len(self.pipelined) > self.server.max_request_head:
+                self.loop.remove_reader(self.fd)
+                self.reader_off = True
+            return
         if not data:
             self._close()
             return
+        if state == "idle":
+            # the next request on a kept-alive connection begins: its head is timed from now
+            self.state = "head"
+            self._time_state(self.server.client_header_timeout)
+        self._feed_head(data)
+
+    def _time_state(self, timeout: float) -> None:
+        now = self.t_state = self.loop.time()
+        self.arm_at(now + timeout)
+
+    def arm_at(self, at: float) -> None:
+        """Make sure the connection's timer fires by `at` (it may fire earlier: whoever it
+        serves then checks its own deadline)."""
+        if self.ktimer is None:
+            self.ktimer_at = at
+            self.ktimer = self.loop.call_at(at, self._on_ktimer)
+        elif at < self.ktimer_at:
+            self.ktimer.cancel()
+            self.ktimer_at = at
+            self.ktimer = self.loop.call_at(at, self._on_ktimer)
+
+    def _on_ktimer(self) -> None:
+        self.ktimer = None
+        state = self.state
+        if self.exchange is not None:
+            # the exchange acts on its own deadlines, or says when to look again
+            limit = self.exchange.on_timer()
+            if limit is not None:
+                self.ktimer_at = limit
+                self.ktimer = self.loop.call_at(limit, self._on_ktimer)
+            return
+        if state == "idle":
+            limit = self.t_state + self.ka_timeout
+        elif state == "head":
+            limit = self.t_state + self.server.client_header_timeout
+        else:
+            return
+        if self.loop.time() >= limit:
+            if state == "idle":
+                self._close()
+            else:
+                self._fail(408, "client sent no complete head in time")
+            return
+        self.ktimer_at = limit
+        self.ktimer = self.loop.call_at(limit, self._on_ktimer)
+
+    def _feed_head(self, data: bytes) -> None:
         try:
             head = self.reader.feed(data)
         except HeadError as exc:
@@ -212,19 +283,14 @@ class ClientConn:
             return
         if head is None:
             return
-        self.loop.remove_reader(self.fd)
-        self.timer.cancel()
-        self.timer = None
+        self.state = "dispatch"
         self.head = head
+        self.nreq += 1
         self.w.stats.requests += 1
         try:
             self._dispatch(head)
         except HeadError as exc:
             self._fail(exc.status, exc.reason)
-
-    def _on_header_timeout(self) -> None:
-        self.timer = None
-        self._fail(408, "client sent no complete head in time")
 
     def _dispatch(self, head: RequestHead) -> None:
         self.host = host_name(head.get(b"host"))
@@ -238,10 +304,16 @@ class ClientConn:
         path = head.target.split(b"?", 1)[0]
         if not path.startswith(b"/"):
             raise HeadError(400, "the request target is not an absolute path")
-        loc = self.w.router.location(self.server, unquote(path.decode("latin-1")))
+        path_text = path.decode("latin-1")
+        loc = self.w.router.location(self.server,
+                                     unquote(path_text) if "%" in path_text else path_text)
         if loc is None:
             raise HeadError(404, "no location matches")
         self.location = loc
+        upgrade = head.get(b"upgrade")
+        if loc.proxy_pass is None or loc.websocket and upgrade is not None:
+            # only a plain exchange keeps reading the client while the upstream answers
+            self.loop.remove_reader(self.fd)
         if loc.return_status is not None:
             self._answer(loc.return_status, loc.return_body.encode())
             return
@@ -250,7 +322,6 @@ class ClientConn:
             self._answer(200, body, ctype)
             return
         self.upgrading = False
-        upgrade = head.get(b"upgrade")
         if upgrade is not None and b"upgrade" in head.tokens(b"connection"):
             token = upgrade.strip().lower()
             if loc.websocket and token.decode("latin-1") in loc.upgrade_tokens:
@@ -259,8 +330,15 @@ class ClientConn:
                 self.upgrading = True
             # Any other token (h2c, or websocket where the location forbids it) is served as a
             # plain request: the Upgrade header is hop-by-hop and is not passed on.
-        self.to_upstream = self._build_request(head)
         self.upstream = self.w.upstreams[loc.proxy_pass]
+        if not self.upgrading:
+            if upgrade is not None and loc.websocket:
+                self.loop.add_reader(self.fd, self._on_client_head)
+            self.state = "exchange"
+            ex = self.exchange = http1.Exchange(self, head, loc)
+            ex.upstream = self.upstream
+            ex.pool = http1.pool_for(self.w, self.upstream)
+        self.to_upstream = self._build_request(head)
         self.selection = self.upstream.select(Variables(self, head))
         self.tries = 0
         self.deadline = (time.monotonic() + loc.next_upstream_timeout
@@ -279,7 +357,9 @@ class ClientConn:
             target = loc.proxy_uri.encode() + tail + q + query
         xff = head.get(b"x-forwarded-for")
         remote = self.remote_addr.encode()
-        first = [(b"Host", head.get(b"host") or self.host.encode())]
+        first = [(b"Host", head.get(b"host") or self.host.encode() or (
+            self.server.server_name[0] if self.server.server_name
+            else self.listener.address.host).encode())]
         last = [
             (b"X-Real-IP", remote),
             (b"X-Forwarded-For", xff + b", " + remote if xff else remote),
@@ -302,9 +382,16 @@ class ClientConn:
             last.append((b"Upgrade", head.get(b"upgrade") or b"websocket"))
             last.append((b"Connection", b"upgrade"))
         else:
-            last.append((b"Connection", b"close"))
+            # the proxy answers Expect itself; no Connection header at all toward a keep-alive
+            # pool (the recipe's proxy_set_header Connection "")
+            drop.append(b"expect")
+            if self.exchange is None or self.exchange.pool is None:
+                last.append((b"Connection", b"close"))
         line = b"%s %s HTTP/1.1" % (head.method, target)
-        return _http.build_head(line, head.headers, tuple(drop), first, last)
+        out = _http.build_head(line, head.headers, tuple(drop), first, last)
+        if self.exchange is not None:
+            self.exchange.req_head = out
+        return out
 
     # --- connecting to the upstream --------------------------------------------------------
 
@@ -325,6 +412,8 @@ class ClientConn:
         self.tries += 1
         self.peer = peer
         self.t_connect = now
+        if self.exchange is not None and self.exchange.reuse(peer):
+            return
         try:
             usock = socket.socket(peer.family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         except OSError as exc:
@@ -424,6 +513,8 @@ class ClientConn:
         return 504 if self.timed_out else 502
 
     def _drop_upstream(self) -> None:
+        if self.exchange is not None:
+            self.exchange.abort()
         if self.held:
             self.held = False
             self.upstream.release(self.peer)
@@ -482,6 +573,12 @@ class ClientConn:
     def _upstream_ready(self) -> None:
         self.t_connected = time.monotonic()
         self.selection.connected(self.peer)
+        if self.exchange is not None:
+            self.loop.remove_writer(self.ufd)      # kept registered by _on_connected
+            usock, self.usock, self.ufd, self.timer = self.usock, None, -1, None
+            self.state = "exchange"
+            self.exchange.connected(usock, self.peer)
+            return
         self.held = True
         self.state = "send"
         # The head is kept in to_upstream for a retry on the next server.  Not a tunnel: what
@@ -504,10 +601,6 @@ class ClientConn:
             self.loop.add_writer(self.ufd, self._send_upstream_more)
             return
         self.state = "response"
-        if not self.upgrading:
-            self.loop.remove_writer(self.ufd)
-            self._relay_plain()
-            return
         self.loop.add_reader(self.ufd, self._on_upstream_head)
         self.loop.remove_writer(self.ufd)
 
@@ -580,6 +673,9 @@ class ClientConn:
         to_client = resp.raw + resp.leftover
         self.held = False          # released by the worker when the tunnel closes
         cssl, ussl = tls.sslobj(self.sock), tls.sslobj(self.usock)
+        if self.ktimer is not None:
+            self.ktimer.cancel()
+            self.ktimer = None
         cfd = self.sock.detach()
         ufd = self.usock.detach()
         self.usock = None
@@ -621,31 +717,6 @@ class ClientConn:
             self._finish_relay()
         else:
             self.loop.add_reader(self.ufd, self._on_upstream_body)
-
-    def _relay_plain(self) -> None:
-        # A plain request: the upstream was asked for Connection: close, so its answer ends when
-        # it closes; the bytes are relayed as they come, both ways, by the core.
-        assert self.usock is not None and self.location is not None
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        now = time.monotonic()
-        record = TunnelRecord(self.upstream, self.peer, self.remote_addr,
-                              self.head.request_line, self.started,
-                              self.t_connected - self.t_connect, now - self.t_connect,
-                              self.head.size, 0)
-        self.held = False
-        cssl, ussl = tls.sslobj(self.sock), tls.sslobj(self.usock)
-        cfd = self.sock.detach()
-        ufd = self.usock.detach()
-        self.usock = None
-        self.closed = True
-        self.state = "tunnel"
-        self.w.connection_closed(self)
-        self.w.engine.add(cfd, ufd, b"", b"", self.location.read_timeout,
-                          self.location.send_timeout, self.location.relay, record, cssl, ussl)
-        self.w.engine_kick()
-        self.w.tunnel_opened(record, self)
 
     def _on_upstream_body(self) -> None:
         try:
@@ -764,10 +835,57 @@ class ClientConn:
         if not data:
             self._close()
 
+    # --- keep-alive ---------------------------------------------------------------------------
+
+    def keepalive_ok(self, loc: LocationConfig) -> bool:
+        """May the connection stay open after this request's response?"""
+        return (loc.keepalive_timeout > 0 and self.nreq < loc.keepalive_requests
+                and not self.w.stopping)
+
+    def next_request(self, data: bytes, idle_timeout: float) -> None:
+        """The exchange is over and the connection stays: wait for the next request (or read
+        the one already received, pipelined)."""
+        if self.peer_closed and not data and not self.pipelined:
+            self._close()
+            return
+        self.head = None
+        self.location = None
+        self.peer = None
+        self.selection = None
+        self.server = self.listener.default_server
+        self.reader = RequestReader(self.server.max_request_line, self.server.max_request_head)
+        self.ka_timeout = idle_timeout
+        if self.reader_off and not self.peer_closed:
+            # (an exchange that read a body gave the reader back; only this case took it away)
+            self.reader_off = False
+            self.loop.add_reader(self.fd, self._on_client_head)
+        if self.pipelined:
+            data += self.pipelined
+            self.pipelined = b""
+        if data:
+            self.state = "head"
+            self._time_state(self.server.client_header_timeout)
+            self._feed_head(data)
+            return
+        self.state = "idle"
+        self._time_state(idle_timeout)
+
+    def close_after_answer(self, data: bytes = b"") -> None:
+        """The last answer is written (or `data` still is): close gracefully."""
+        self.state = "linger-send"
+        self.out = b""
+        if data:
+            self._client_write(data)
+        if not self.out and not self.closed:
+            self._linger()
+
     def _close(self) -> None:
         if self.closed:
             return
         self.closed = True
+        if self.ktimer is not None:
+            self.ktimer.cancel()
+            self.ktimer = None
         self._drop_upstream()
         if self.sock.fileno() >= 0:
             self.loop.remove_reader(self.fd)

@@ -108,6 +108,8 @@ class Worker:
         self.handshaking = 0            # connections whose handshake the engine finishes
         self._engine_timer: asyncio.TimerHandle | None = None
         self._engine_deadline: float | None = None
+        self.stopping = False      # a graceful stop is under way: no more keep-alive
+        self.http_pools: dict[str, Any] = {}   # upstream name -> http1.Pool (or None)
 
     # --- life cycle ------------------------------------------------------------------------
 
@@ -172,6 +174,9 @@ class Worker:
             return
         self._retiring = True
         self.stats.retiring = 1
+        self.stopping = True       # no more keep-alive: answered connections close
+        for conn in [c for c in self.conns if c.state == "idle"]:
+            conn.abort()           # kept-alive connections waiting for a request close now
         self._close_listeners()
         if self.receiver is not None:
             self.receiver.close()
@@ -192,6 +197,8 @@ class Worker:
         timeout = self.config.shutdown_timeout
         deadline = time.monotonic() + timeout if timeout else float("inf")
         while (self.conns or self.engine.active) and self._stopped and not self._stopped.done():
+            for conn in [c for c in self.conns if c.state == "idle"]:
+                conn.abort()       # kept-alive connections waiting for a request close now
             if time.monotonic() >= deadline:
                 log.info("shutdown_timeout: closing %d connections and %d tunnels",
                          len(self.conns), self.engine.active)
