@@ -184,6 +184,7 @@ def main(argv=None) -> int:
     runner = Runner(exes, targets, scenarios, rounds=rounds, duration=duration, warmup=warmup,
                     load_cpus=load_cpus, proxy_cpus=proxy_cpus, log=log, keep_tmp=args.keep_tmp)
     started = dt.datetime.now(dt.timezone.utc)
+    commit_at_start = git_commit()
     done = {"n": 0}
 
     def on_record(rec, sc, t):
@@ -229,7 +230,8 @@ def main(argv=None) -> int:
         "machine": info, "pinning": pin_note, "notes": notes, "interrupted": interrupted,
         "haproxy_splice": args.haproxy_splice,
         "fastws": fastws_version,
-        "git_commit": git_commit(),
+        "git_commit": commit_at_start,
+        "git_commit_at_end": git_commit(),
     }
     if args.keep_tmp:
         log(f"generated configs and logs kept in {runner.tmp}")
@@ -314,7 +316,9 @@ def render_markdown(meta: dict, tables: str, pngs: list[Path], base: Path, faile
         f"open files hard limit {m['nofile_hard_limit']:,}",
         f"- peers: " + "; ".join(f"{v}" for v in m["versions"].values()),
         f"- fastws: {meta.get('fastws') or 'not run'}"
-        + (f"; repository at commit {meta['git_commit']}" if meta.get("git_commit") else ""),
+        + (f"; repository at commit {meta['git_commit']}" if meta.get("git_commit") else "")
+        + (f" at the start and {meta['git_commit_at_end']} at the end (the checkout changed during the run)"
+           if meta.get("git_commit_at_end") and meta.get("git_commit_at_end") != meta.get("git_commit") else ""),
         f"- {meta['rounds']} round(s), {meta['warmup_s']:g} s warm-up + {meta['duration_s']:g} s measured per run"
         + (" (--quick smoke run)" if meta["quick"] else ""),
         f"- pinning: {meta['pinning']}",
