@@ -152,6 +152,7 @@ cdef void hs_promote(EngineState *e, Tunnel *t, Py_ssize_t end, Tunnel **closed)
     notice.head_len = end
     t.hctx = NULL
     t.phase = PHASE_TUNNEL
+    t.started = e.now          # a tunnel's duration counts from its 101, as for Engine.add
     # the 101 and what followed it go to the client, the client's early bytes to the upstream
     t.flow[1].held = t.rbuf
     t.flow[1].held_len = t.rlen
