@@ -312,6 +312,16 @@ def _client_addr_bytes(remote_addr: Any) -> bytes:
     return ip.packed[:3] if ip.version == 4 else ip.packed
 
 
+def _weight_walk(peers: list[Peer], w: int) -> int:
+    """The index of the peer whose share of the total weight holds `w` (nginx's walk in
+    ngx_http_upstream_get_ip_hash_peer and ngx_http_upstream_get_hash_peer)."""
+    p = 0
+    while w >= peers[p].weight:
+        w -= peers[p].weight
+        p += 1
+    return p
+
+
 class Selection:
     """The choice of a server for one client connection: nginx's per-request peer data.
 
@@ -547,11 +557,7 @@ class Selection:
         while True:
             for byte in addr:
                 hash_ = (hash_ * 113 + byte) % 6271
-            w = hash_ % total_weight
-            p = 0
-            while w >= peers[p].weight:
-                w -= peers[p].weight
-                p += 1
+            p = _weight_walk(peers, hash_ % total_weight)
             peer = peers[p]
             if not (self._tried >> p & 1) and not self._unusable(peer, now):
                 break
@@ -576,11 +582,7 @@ class Selection:
             value = (zlib.crc32(prefix + key) >> 16) & 0x7FFF
             self._hash = (self._hash + value) & 0xFFFFFFFF
             self._rehash += 1
-            w = self._hash % total_weight
-            p = 0
-            while w >= peers[p].weight:
-                w -= peers[p].weight
-                p += 1
+            p = _weight_walk(peers, self._hash % total_weight)
             peer = peers[p]
             if not (self._tried >> p & 1) and not self._unusable(peer, now):
                 break
