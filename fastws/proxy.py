@@ -458,6 +458,9 @@ class ClientConn:
         self.usock = None
         self.ufd = -1
         self.state = "tunnel"       # the engine has it: no access log line from here
+        if self.ktimer is not None:
+            self.ktimer.cancel()
+            self.ktimer = None
         self.w.connection_closed(self, handshaking=True)
         self.w.engine.handshake(cfd, ufd, self.to_upstream, self.head.leftover,
                                 websocket_accept(self.key), self.token, loc.connect_timeout,
@@ -471,6 +474,7 @@ class ClientConn:
         record.header_time = header_time
         record.head_bytes_out = head_len
         self.closed = True
+        self.selection = None      # its context refers back to this object: let both go now
         self.w.handshake_settled(self)
         self.w.tunnel_opened(record, self)
 
