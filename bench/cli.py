@@ -284,7 +284,8 @@ def write_outputs(meta: dict, runs: list[dict], out: Path, write_md: bool, plots
             notes.append(f"plotting failed: {e!r}")
     (out / "report.md").write_text(_scrub(render_markdown(meta, tables, pngs, out, failed_runs, runs), scrub))
     if write_md:
-        (HERE / "RESULTS.md").write_text(_scrub(render_markdown(meta, tables, pngs, HERE, failed_runs, runs), scrub))
+        text = _scrub(render_markdown(meta, tables, pngs, HERE, failed_runs, runs), scrub)
+        (HERE / "RESULTS.md").write_text(text + _kept_sections(HERE / "RESULTS.md"))
         log("wrote bench/RESULTS.md")
     log(f"wrote {out / 'results.json'}, {out / 'report.md'}" + "".join(f", {p.name}" for p in pngs))
     print()
@@ -346,3 +347,16 @@ def render_markdown(meta: dict, tables: str, pngs: list[Path], base: Path, faile
             lines.append(f"![{p.stem}]({rel})")
         lines.append("")
     return "\n".join(lines)
+
+
+KEPT_MARK = "<!-- kept: written by python -m bench.tls, kept by full runs -->"
+
+
+def _kept_sections(path: Path) -> str:
+    """The part of RESULTS.md below KEPT_MARK (the TLS figures), which a full run keeps."""
+    try:
+        old = path.read_text()
+    except OSError:
+        return ""
+    at = old.find(KEPT_MARK)
+    return "\n" + old[at:] if at >= 0 else ""

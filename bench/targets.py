@@ -317,9 +317,13 @@ class FastWS(Target):
 {top}[[upstream]]
 name = "backend"
 servers = ["{backend[0]}:{backend[1]}"]
+# as nginx's upstream block: a pool of kept-alive connections for plain requests
+keepalive = 64
+keepalive_requests = 1000000
 
 [[server]]
 listen = ["127.0.0.1:{self.port}"]
+keepalive_requests = 1000000
 
 [[server.location]]
 path = "/"

@@ -1,6 +1,6 @@
 """What TLS costs the proxy: wss echo and bulk through fastws and nginx with the same certificate.
 
-    python tools/tlsbench.py [--conns 50] [--messages 1000] [--size 64] [--bulk-mb 256]
+    python -m bench.tls [--conns 50] [--messages 1000] [--size 64] [--bulk-mb 256]
 
 Runs, one after the other in one process, fastws and nginx (one worker each) in front of the
 bench's C WebSocket backend (bench/wsbackend.c, compiled into a temporary directory), each with
@@ -259,7 +259,7 @@ def main() -> int:
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4 * args.idle + 1024)), hard))
     import trustme
 
-    work = Path(tempfile.mkdtemp(prefix="tlsbench-"))
+    work = Path(tempfile.mkdtemp(prefix="fastws-bench-tls-"))
     procs: list[subprocess.Popen[bytes]] = []
     try:
         ca = trustme.CA()
