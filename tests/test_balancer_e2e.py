@@ -7,7 +7,6 @@ its tunnel reached.  Clients bind 127.a.b.c source addresses, as ip_hash sees th
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import socket
 import subprocess
@@ -26,6 +25,7 @@ websockets_server = pytest.importorskip("websockets.asyncio.server")
 
 from fastws.balancer import build_upstreams  # noqa: E402
 from fastws.config import load  # noqa: E402
+from support import to_toml  # noqa: E402
 from test_balancer_support import Ctx  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,24 +80,13 @@ class Backends:
         self.thread.join(10)
 
 
-def _value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_value(v) for v in value) + "]"
-    return "{" + ", ".join(f"{k} = {_value(v)}" for k, v in value.items()) + "}"
-
-
 def _toml(upstream: dict[str, Any], port: int) -> str:
-    lines = ["[[upstream]]"] + [f"{k} = {_value(v)}" for k, v in upstream.items()]
-    lines += ["", "[[server]]", f'listen = ["127.0.0.1:{port}"]', "",
-              "[[server.location]]", 'path = "/ws"', f"proxy_pass = {_value(upstream['name'])}",
-              'connect_timeout = "5s"']
-    return "\n".join(lines) + "\n"
+    return to_toml({
+        "upstream": [upstream],
+        "server": [{"listen": [f"127.0.0.1:{port}"],
+                    "location": [{"path": "/ws", "proxy_pass": upstream["name"],
+                                  "connect_timeout": "5s"}]}],
+    })
 
 
 class Fastws:
