@@ -312,6 +312,17 @@ def _client_addr_bytes(remote_addr: Any) -> bytes:
     return ip.packed[:3] if ip.version == 4 else ip.packed
 
 
+def _credit(peer: Peer) -> int:
+    """One round of smooth weighted round robin for a candidate (ngx_http_upstream_get_peer):
+    its current weight grows by its effective weight, which recovers one unit after failures.
+    Returns what it added, for the round's total."""
+    w = peer.effective_weight
+    peer.current_weight += w
+    if w < peer.weight:
+        peer.effective_weight = w + 1
+    return w
+
+
 def _weight_walk(peers: list[Peer], w: int) -> int:
     """The index of the peer whose share of the total weight holds `w` (nginx's walk in
     ngx_http_upstream_get_ip_hash_peer and ngx_http_upstream_get_hash_peer)."""
@@ -482,10 +493,7 @@ class Selection:
                 continue
             if peer.max_conns and peer.conns >= peer.max_conns:
                 continue
-            peer.current_weight += peer.effective_weight
-            total += peer.effective_weight
-            if peer.effective_weight < peer.weight:
-                peer.effective_weight += 1
+            total += _credit(peer)
             if best is None or peer.current_weight > best.current_weight:
                 best, best_i = peer, i
         if best is None:
@@ -535,10 +543,7 @@ class Selection:
                     continue
                 if peer.max_conns and peer.conns >= peer.max_conns:
                     continue
-                peer.current_weight += peer.effective_weight
-                total += peer.effective_weight
-                if peer.effective_weight < peer.weight:
-                    peer.effective_weight += 1
+                total += _credit(peer)
                 if peer.current_weight > best.current_weight:
                     best, best_i = peer, i
             best.current_weight -= total
@@ -611,10 +616,7 @@ class Selection:
                 if peer.server != server or self._unusable(peer, now):
                     continue
                 # Several addresses of one host name share its points: smooth round robin.
-                peer.current_weight += peer.effective_weight
-                total += peer.effective_weight
-                if peer.effective_weight < peer.weight:
-                    peer.effective_weight += 1
+                total += _credit(peer)
                 if best is None or peer.current_weight > best.current_weight:
                     best, best_i = peer, i
             if best is not None:
