@@ -11,7 +11,7 @@ args = ["-O2", "-Wall", "-Wno-unused-function", "-Wno-unreachable-code"]
 extensions = [
     Extension(f"fastws.{name}", [f"fastws/{name}.pyx"], include_dirs=["fastws/includes"],
               define_macros=macros, extra_compile_args=args)
-    for name in ("_splice", "_http")
+    for name in ("_engine", "_splice", "_http")
 ]
 
 setup(ext_modules=cythonize(extensions, annotate=DEBUG, compiler_directives={

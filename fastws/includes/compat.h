@@ -14,6 +14,10 @@
 #include <sys/socket.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <arpa/inet.h>
+#include <sys/un.h>
+#include <sys/uio.h>
+#include <sys/timerfd.h>
 
 #ifndef FASTWS_DEBUG
 #define FASTWS_DEBUG 0

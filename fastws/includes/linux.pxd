@@ -49,6 +49,70 @@ cdef extern from "compat.h" nogil:
         EFD_CLOEXEC
 
     # sockets
+    ctypedef unsigned int socklen_t
+    ctypedef unsigned short sa_family_t
+    struct sockaddr:
+        sa_family_t sa_family
+    struct in_addr:
+        unsigned int s_addr
+    struct sockaddr_in:
+        sa_family_t sin_family
+        unsigned short sin_port
+        in_addr sin_addr
+    struct in6_addr:
+        unsigned char s6_addr[16]
+    struct sockaddr_in6:
+        sa_family_t sin6_family
+        unsigned short sin6_port
+        unsigned int sin6_flowinfo
+        in6_addr sin6_addr
+        unsigned int sin6_scope_id
+    struct sockaddr_un:
+        sa_family_t sun_family
+        char sun_path[108]
+    struct sockaddr_storage:
+        sa_family_t ss_family
+    struct iovec:
+        void *iov_base
+        size_t iov_len
+    int socket(int domain, int type, int protocol)
+    int connect(int sockfd, const sockaddr *addr, socklen_t addrlen)
+    int accept4(int sockfd, sockaddr *addr, socklen_t *addrlen, int flags)
+    int setsockopt(int sockfd, int level, int optname, const void *optval, socklen_t optlen)
+    int getsockname(int sockfd, sockaddr *addr, socklen_t *addrlen)
+    ssize_t writev(int fd, const iovec *iov, int iovcnt)
+    int inet_pton(int af, const char *src, void *dst)
+    const char *inet_ntop(int af, const void *src, char *dst, socklen_t size)
+    unsigned short htons(unsigned short)
+    unsigned short ntohs(unsigned short)
+    enum:
+        AF_UNIX
+        AF_INET
+        AF_INET6
+        SOCK_STREAM
+        SOCK_NONBLOCK
+        SOCK_CLOEXEC
+        IPPROTO_TCP
+        TCP_NODELAY
+        SO_KEEPALIVE
+        INET6_ADDRSTRLEN
+
+    # timerfd(2)
+    struct timespec:
+        long tv_sec
+        long tv_nsec
+    struct itimerspec:
+        timespec it_interval
+        timespec it_value
+    int timerfd_create(int clockid, int flags)
+    int timerfd_settime(int fd, int flags, const itimerspec *new_value, itimerspec *old_value)
+    enum:
+        CLOCK_MONOTONIC
+        TFD_NONBLOCK
+        TFD_CLOEXEC
+        TFD_TIMER_ABSTIME
+        EPOLLET
+
     ssize_t recv(int sockfd, void *buf, size_t length, int flags)
     ssize_t send(int sockfd, const void *buf, size_t length, int flags)
     int shutdown(int sockfd, int how)

@@ -1,0 +1,1 @@
+# Upstream groups: nginx's peer selection.
