@@ -104,3 +104,63 @@ def test_idle_holds_and_releases(exes):
     finally:
         p.terminate()
         p.wait(5)
+
+
+def test_burst_against_a_rejecting_backend(exes):
+    # -l: the backend answers a head over 32 KiB with 431 and closes, as a proxy does
+    p, port = _backend(exes, "-l", "32768")
+    try:
+        rc, res, out = _load(exes, port, "--mode", "burst", "--conns", "50", "--count", "500", "--size", "40960",
+                             "--duration", "60")
+    finally:
+        p.terminate()
+        p.wait(5)
+    assert rc == 0 and res["errors"] == 0, res
+    assert res["count"] == res["total_count"] == 500 and res["opened"] == 500
+    assert res["statuses"] == {"431": 500} and res["head_bytes"] == 40960
+    assert "MARK start" in out and "MARK end" in out
+
+
+def test_burst_reset_after_the_answer_is_not_an_error(exes):
+    # a 300 KB head: the backend answers and closes with most of it unread, so the kernel resets
+    p, port = _backend(exes, "-l", "32768")
+    try:
+        rc, res, _ = _load(exes, port, "--mode", "burst", "--conns", "20", "--count", "100", "--size", "300000",
+                           "--duration", "60")
+    finally:
+        p.terminate()
+        p.wait(5)
+    assert rc == 0 and res["errors"] == 0, res
+    assert res["statuses"] == {"431": 100}
+
+
+def test_burst_fails_when_the_head_is_accepted(exes):
+    p, port = _backend(exes)   # no limit: the backend answers 200
+    try:
+        rc, res, _ = _load(exes, port, "--mode", "burst", "--conns", "10", "--count", "50", "--size", "40960",
+                           "--duration", "60")
+    finally:
+        p.terminate()
+        p.wait(5)
+    assert rc != 0 and res["errors"] > 0
+    assert any("accepted: status 200" in e for e in res["error_samples"])
+
+
+def test_burst_fails_when_nobody_answers(exes):
+    port = _free_port()   # nothing listens there
+    rc, res, _ = _load(exes, port, "--mode", "burst", "--conns", "5", "--count", "10", "--size", "40960",
+                       "--duration", "20")
+    assert rc != 0 and res["errors"] > 0 and res["connect_errors"] > 0
+
+
+@pytest.mark.parametrize("mode", ["handshake", "http"])
+def test_count_is_a_fixed_amount_of_work(exes, mode):
+    p, port = _backend(exes)
+    try:
+        rc, res, _ = _load(exes, port, "--mode", mode, "--conns", "16", "--count", "300", "--warmup", "0",
+                           "--duration", "60")
+    finally:
+        p.terminate()
+        p.wait(5)
+    assert rc == 0 and res["errors"] == 0, res
+    assert res["total_count"] == 300 and res["started"] == 300

@@ -6,8 +6,10 @@
  * Close frames are answered with a close frame and the server closes first,
  * so TIME_WAIT stays on the server side of each hop.
  *
- * usage: wsbackend [-a ADDR] [-p PORT] [-f FRAME_BYTES] [-t MAX_SECONDS] [-x N]
+ * usage: wsbackend [-a ADDR] [-p PORT] [-f FRAME_BYTES] [-t MAX_SECONDS] [-x N] [-l BYTES]
  * -x N flips one bit in every Nth echoed message: only to test that wsload catches it.
+ * -l BYTES answers a request head larger than BYTES with 431 and closes, as a proxy
+ *    does: only to test wsload's burst mode against a correct server.
  * Prints one JSON line on SIGTERM/SIGINT or when MAX_SECONDS have passed. */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -43,6 +45,7 @@ static conn_t **conns;
 static int maxfd;
 static uint8_t *fire_frame; static size_t fire_len;
 static unsigned long corrupt_every, echo_count;
+static size_t head_limit;   /* -l: 0 = no limit below the 64 KiB buffer */
 static unsigned long long st_conns, st_upgrades, st_http, st_frames, st_bytes_in, st_bytes_out, st_errors;
 
 static const char HTTP_BODY[] = "hello from fastws bench\n";
@@ -118,6 +121,15 @@ static void bad(conn_t *c, const char *why) {
 /* Handle HTTP request heads. returns -1 if closed, 0 if need more, 1 if consumed something */
 static int handle_http(conn_t *c) {
     uint8_t *end = memmem(c->rb, c->rlen, "\r\n\r\n", 4);
+    if (head_limit && (end ? (size_t)(end - c->rb) + 4 : c->rlen) > head_limit) {
+        static const char r431[] = "HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Type: text/plain\r\n"
+                                   "Content-Length: 16\r\nConnection: close\r\n\r\nhead too large\r\n";
+        c->rlen = 0;
+        wbuf_add(c, r431, sizeof r431 - 1);
+        c->closing = 1;
+        flush_out(c);
+        return -1;   /* closed, or closing once the answer is out: read nothing more */
+    }
     if (!end) {
         if (c->rlen > 65536) { bad(c, "head too large"); return -1; }
         return 0;
@@ -266,13 +278,14 @@ static void on_readable(conn_t *c) {
 int main(int argc, char **argv) {
     const char *addr = "127.0.0.1"; int port = 9001; size_t fsz = 65536; int maxsec = 7200;
     int opt;
-    while ((opt = getopt(argc, argv, "a:p:f:t:x:")) != -1) {
+    while ((opt = getopt(argc, argv, "a:p:f:t:x:l:")) != -1) {
         if (opt == 'a') addr = optarg;
         else if (opt == 'p') port = atoi(optarg);
         else if (opt == 'f') fsz = strtoul(optarg, NULL, 10);
         else if (opt == 't') maxsec = atoi(optarg);
         else if (opt == 'x') corrupt_every = strtoul(optarg, NULL, 10);
-        else { fprintf(stderr, "usage: %s [-a addr] [-p port] [-f frame] [-t maxsec] [-x N]\n", argv[0]); return 2; }
+        else if (opt == 'l') head_limit = strtoul(optarg, NULL, 10);
+        else { fprintf(stderr, "usage: %s [-a addr] [-p port] [-f frame] [-t maxsec] [-x N] [-l head_bytes]\n", argv[0]); return 2; }
     }
     raise_nofile();
     struct rlimit rl; getrlimit(RLIMIT_NOFILE, &rl);

@@ -15,9 +15,20 @@
  *              --hold seconds pass, then closes them.
  *   http       --conns N keep-alive connections sending GET requests one at a time,
  *              checking status and body. Reports requests/s and latency.
+ *   burst      --count N connections, --conns C at a time, each sending one request
+ *              whose head is --size bytes (filler header lines of about 1 KiB, and
+ *              Connection: close) and reading the answer until the peer closes. The
+ *              answer must carry a status line and be a rejection (4xx or 5xx); the
+ *              statuses are counted. A reset after the status line is counted, not an
+ *              error (a proxy that closes with unread input resets). Reports heads/s
+ *              and the time from connect to close.
  *
  * Timing: after every connection is set up, --warmup seconds run unmeasured, then
  * "MARK start" is printed, --duration seconds are measured, "MARK end" is printed.
+ * With --count N (handshake, http), the run also ends once N cycles or requests are
+ * done (no new ones start after the Nth; those in flight finish). In burst mode
+ * "MARK start" comes before the first connect, "MARK end" after the last close, and
+ * --duration bounds the whole burst (not finishing in time is an error).
  * The last line is "RESULT {json}". Everything is bounded by --duration, --timeout
  * and --hold; the program always stops by itself.
  */
@@ -41,7 +52,7 @@
 #define IP_BIND_ADDRESS_NO_PORT 24
 #endif
 
-enum { MODE_ECHO, MODE_SEND, MODE_RECV, MODE_HS, MODE_IDLE, MODE_HTTP };
+enum { MODE_ECHO, MODE_SEND, MODE_RECV, MODE_HS, MODE_IDLE, MODE_HTTP, MODE_BURST };
 enum { ST_FREE, ST_CONNECTING, ST_UPGRADING, ST_OPEN, ST_WAIT_ECHO, ST_CLOSE_SENT, ST_WAIT_EOF, ST_IDLE, ST_DEAD };
 
 typedef struct {
@@ -55,6 +66,8 @@ typedef struct {
     /* recv-mode frame parser */
     uint8_t hdr[14]; size_t hdrlen; uint64_t remain, flen;
     size_t send_off;
+    int send_cut;                  /* burst: the peer stopped reading before the head was sent */
+    size_t got;                    /* burst: answer bytes read */
 } conn_t;
 
 /* ---- options ---- */
@@ -65,6 +78,7 @@ static const char *host = "127.0.0.1", *path = NULL;
 static int port = 8080;
 static struct sockaddr_in dst;
 static struct in_addr srcs[64]; static int nsrc;
+static unsigned long long max_count;   /* --count: 0 = bounded by time only */
 
 /* ---- state ---- */
 static int ep;
@@ -78,6 +92,10 @@ static uint8_t *send_frame; static size_t send_frame_len;
 static uint8_t *fire_pat;
 static uint64_t rng = 0x9E3779B97F4A7C15ull;
 static int active;   /* connections not yet finished */
+static unsigned long long started;   /* handshake cycles / http requests / burst connections started */
+/* burst mode */
+static char *burst_req; static size_t burst_len;
+static unsigned long long statuses[600], resets, send_cuts, answer_bytes;
 
 static void conn_ready(conn_t *c);
 static uint64_t xrand(void) { rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17; return rng; }
@@ -199,6 +217,10 @@ static void send_echo(conn_t *c) {
 }
 
 static void send_http(conn_t *c) {
+    if (max_count && started >= max_count) {   /* --count reached: this connection is done */
+        conn_drop(c, ST_FREE); active--; return;
+    }
+    started++;
     char req[256];
     int n = snprintf(req, sizeof req, "GET /hello HTTP/1.1\r\nHost: %s:%d\r\nUser-Agent: fastws-bench\r\n\r\n", host, port);
     wadd(c, req, n);
@@ -374,6 +396,7 @@ static void on_readable(conn_t *c) {
                     return;
                 }
                 send_http(c);
+                if (c->fd < 0) return;   /* --count reached */
                 continue;
             }
             if (c->state == ST_WAIT_ECHO || c->state == ST_CLOSE_SENT || c->state == ST_OPEN || c->state == ST_IDLE) {
@@ -432,7 +455,7 @@ static void conn_ready(conn_t *c) {
 static int next_id;   /* handshake / idle: next slot to start */
 static void next_cycle(conn_t *c) {
     if (mode == MODE_HS) {
-        if (phase < 3) start_connect(c); else active--;
+        if (phase < 3 && (!max_count || started < max_count)) { started++; start_connect(c); } else active--;
     } else if (mode == MODE_IDLE) {
         if (next_id < nconns) start_connect(&C[next_id++]);
     }
@@ -450,8 +473,94 @@ static void do_send(conn_t *c) {
     }
 }
 
+/* ---- burst mode: one oversized head per connection, the answer read until close ---- */
+static void burst_next(conn_t *c);
+
+static void burst_finish(conn_t *c, int reset) {
+    /* the peer closed (or reset): judge the answer */
+    const char *r = (const char *)c->rb;
+    int st = 0;
+    if (c->rlen >= 12 && memcmp(r, "HTTP/1.", 7) == 0 && r[8] == ' ' &&
+        r[9] >= '1' && r[9] <= '5' && r[10] >= '0' && r[10] <= '9' && r[11] >= '0' && r[11] <= '9')
+        st = (r[9] - '0') * 100 + (r[10] - '0') * 10 + (r[11] - '0');
+    uint64_t t = now_ns();
+    if (!st) {
+        if (c->rlen) err(c, "no status line in the answer: %.40s", r);
+        else err(c, "%s without an answer%s", reset ? "reset" : "closed", c->send_cut ? " (head cut short)" : "");
+        conn_drop(c, ST_DEAD); active--; return;
+    }
+    if (st < 400) {
+        err(c, "the oversized head was accepted: status %d", st);
+        conn_drop(c, ST_DEAD); active--; return;
+    }
+    statuses[st]++;
+    if (reset) resets++;
+    if (c->send_cut) send_cuts++;
+    answer_bytes += c->got;
+    conn_drop(c, ST_FREE);
+    count_unit(t - c->t0, 0);
+    burst_next(c);
+}
+
+static void burst_send(conn_t *c) {
+    while (c->send_off < burst_len) {
+        ssize_t n = send(c->fd, burst_req + c->send_off, burst_len - c->send_off, MSG_NOSIGNAL);
+        if (n < 0) {
+            if (errno == EAGAIN) { set_ev(c, 1); return; }
+            if (errno == EPIPE || errno == ECONNRESET) {
+                /* the proxy answered and closed before reading all of it: read what it said */
+                c->send_cut = 1; c->send_off = burst_len; break;
+            }
+            err(c, "send: %s", strerror(errno)); conn_drop(c, ST_DEAD); active--; return;
+        }
+        c->send_off += n;
+    }
+    c->state = ST_WAIT_EOF;
+    set_ev(c, 0);
+}
+
+static void burst_read(conn_t *c) {
+    for (;;) {
+        static uint8_t scratch[65536];
+        uint8_t *buf = scratch; size_t cap = sizeof scratch;
+        if (c->rlen < c->rcap) { buf = c->rb + c->rlen; cap = c->rcap - c->rlen; }   /* keep the first bytes */
+        ssize_t n = recv(c->fd, buf, cap, 0);
+        if (n == 0) { burst_finish(c, 0); return; }
+        if (n < 0) {
+            if (errno == EAGAIN) return;
+            if (errno == ECONNRESET) { burst_finish(c, 1); return; }
+            err(c, "recv: %s", strerror(errno)); conn_drop(c, ST_DEAD); active--; return;
+        }
+        if (buf != scratch) c->rlen += n;
+        c->got += n;
+    }
+}
+
+static void burst_event(conn_t *c, uint32_t evs) {
+    if (c->state == ST_CONNECTING) {
+        if (!(evs & (EPOLLOUT | EPOLLERR | EPOLLHUP))) return;
+        int e = 0; socklen_t l = sizeof e;
+        getsockopt(c->fd, SOL_SOCKET, SO_ERROR, &e, &l);
+        if (e) { connect_errors++; err(c, "connect: %s", strerror(e)); conn_drop(c, ST_DEAD); active--; return; }
+        opened++;
+        c->state = ST_OPEN; c->send_off = 0; c->send_cut = 0; c->got = 0;
+        burst_send(c);
+        if (c->fd < 0) return;
+    } else if ((evs & EPOLLOUT) && c->state == ST_OPEN) {
+        burst_send(c);
+        if (c->fd < 0) return;
+    }
+    if (evs & (EPOLLIN | EPOLLHUP | EPOLLERR)) burst_read(c);
+}
+
+static void burst_next(conn_t *c) {
+    if (phase < 3 && started < max_count) { started++; start_connect(c); }
+    else active--;
+}
+
 static void on_event(conn_t *c, uint32_t evs) {
     if (c->fd < 0) return;
+    if (mode == MODE_BURST) { burst_event(c, evs); return; }
     if (c->state == ST_CONNECTING) {
         if (evs & (EPOLLOUT | EPOLLERR | EPOLLHUP)) on_connected(c);
         return;
@@ -465,9 +574,9 @@ static void on_event(conn_t *c, uint32_t evs) {
 }
 
 static void usage(void) {
-    fprintf(stderr, "usage: wsload --mode echo|send|recv|handshake|idle|http [--host H] [--port P] [--path P]\n"
+    fprintf(stderr, "usage: wsload --mode echo|send|recv|handshake|idle|http|burst [--host H] [--port P] [--path P]\n"
                     "  [--conns N] [--size B] [--duration S] [--warmup S] [--timeout S] [--hold S]\n"
-                    "  [--inflight N] [--src A,B,...]\n");
+                    "  [--inflight N] [--src A,B,...] [--count N]\n");
     exit(2);
 }
 
@@ -477,7 +586,8 @@ int main(int argc, char **argv) {
     static struct option lo[] = {
         {"mode", 1, 0, 'm'}, {"host", 1, 0, 'H'}, {"port", 1, 0, 'p'}, {"path", 1, 0, 'P'},
         {"conns", 1, 0, 'c'}, {"size", 1, 0, 's'}, {"duration", 1, 0, 'd'}, {"warmup", 1, 0, 'w'},
-        {"timeout", 1, 0, 't'}, {"hold", 1, 0, 'h'}, {"inflight", 1, 0, 'i'}, {"src", 1, 0, 'S'}, {0, 0, 0, 0}};
+        {"timeout", 1, 0, 't'}, {"hold", 1, 0, 'h'}, {"inflight", 1, 0, 'i'}, {"src", 1, 0, 'S'},
+        {"count", 1, 0, 'n'}, {0, 0, 0, 0}};
     int o;
     const char *mname = "echo";
     while ((o = getopt_long(argc, argv, "", lo, NULL)) != -1) {
@@ -493,6 +603,7 @@ int main(int argc, char **argv) {
         case 't': timeout_s = atof(optarg); break;
         case 'h': hold_s = atof(optarg); break;
         case 'i': inflight = atoi(optarg); break;
+        case 'n': max_count = strtoull(optarg, NULL, 10); break;
         case 'S': {
             char *s = strdup(optarg), *tok, *save;
             for (tok = strtok_r(s, ",", &save); tok && nsrc < 64; tok = strtok_r(NULL, ",", &save))
@@ -508,8 +619,13 @@ int main(int argc, char **argv) {
     else if (!strcmp(mname, "handshake")) mode = MODE_HS;
     else if (!strcmp(mname, "idle")) mode = MODE_IDLE;
     else if (!strcmp(mname, "http")) mode = MODE_HTTP;
+    else if (!strcmp(mname, "burst")) mode = MODE_BURST;
     else usage();
-    if (!path) path = mode == MODE_SEND ? "/sink" : mode == MODE_RECV ? "/firehose" : "/echo";
+    if (!path) path = mode == MODE_SEND ? "/sink" : mode == MODE_RECV ? "/firehose" : mode == MODE_BURST ? "/burst" : "/echo";
+    if (mode == MODE_BURST) {
+        if (!max_count) max_count = 10000;
+        if (msize < 256 || msize > (64u << 20)) usage();
+    }
     if (mode == MODE_HS || mode == MODE_IDLE) { if (msize > 125 || mode == MODE_IDLE) msize = mode == MODE_IDLE ? 16 : msize; }
     if (nconns < 1 || duration <= 0 || duration > 3600 || hold_s > 3600 || timeout_s > 600) usage();
 
@@ -536,6 +652,27 @@ int main(int argc, char **argv) {
         send_frame = tmp.wb; send_frame_len = tmp.wlen; free(pl);
     }
     if (mode == MODE_RECV) { fire_pat = malloc(msize); for (size_t j = 0; j < msize; j++) fire_pat[j] = (uint8_t)(j * 31 + 7); }
+    if (mode == MODE_BURST) {
+        /* one request head of exactly --size bytes: filler lines of about 1 KiB, like
+         * big cookies; the same bytes for every connection */
+        burst_req = malloc(msize + 1);
+        int n = snprintf(burst_req, msize + 1, "GET %s HTTP/1.1\r\nHost: %s:%d\r\nUser-Agent: fastws-bench\r\n"
+                         "Connection: close\r\n", path, host, port);
+        size_t len = (size_t)n;
+        for (int k = 0; len + 2 < msize; k++) {
+            size_t room = msize - 2 - len;         /* what is left before the final CRLF */
+            size_t line = room > 1024 ? 1024 : room;
+            if (room > 1024 && room - 1024 < 32) line = room - 32;   /* keep the last line long enough */
+            int h = snprintf(burst_req + len, msize + 1 - len, "X-Fill-%05d: ", k);
+            if ((size_t)h + 2 > line) { fprintf(stderr, "--size does not fit\n"); return 2; }
+            memset(burst_req + len + h, 'a' + k % 26, line - h - 2);
+            memcpy(burst_req + len + line - 2, "\r\n", 2);
+            len += line;
+        }
+        memcpy(burst_req + len, "\r\n", 2);
+        burst_len = len + 2;
+        for (int i = 0; i < nconns; i++) { C[i].rcap = 4096; C[i].rb = malloc(C[i].rcap); }
+    }
 
     t_setup0 = now_ns();
     uint64_t setup_deadline = t_setup0 + (uint64_t)(timeout_s * 1e9);
@@ -547,7 +684,19 @@ int main(int argc, char **argv) {
         phase = 1;   /* every cycle is work: start the clock now */
         t_mstart = now_ns() + (uint64_t)(warmup * 1e9);
         t_mend = t_mstart + (uint64_t)(duration * 1e9);
-        for (int i = 0; i < nconns; i++) start_connect(&C[i]);
+        for (int i = 0; i < nconns; i++) {
+            if (max_count && started >= max_count) { active--; continue; }
+            started++; start_connect(&C[i]);
+        }
+    } else if (mode == MODE_BURST) {
+        phase = 2;   /* the whole burst is measured */
+        t_mstart = now_ns();
+        t_mend = t_mstart + (uint64_t)(duration * 1e9);
+        mark("start");
+        for (int i = 0; i < nconns; i++) {
+            if (started >= max_count) { active--; continue; }
+            started++; start_connect(&C[i]);
+        }
     } else {
         for (int i = 0; i < nconns; i++) start_connect(&C[i]);
     }
@@ -576,7 +725,21 @@ int main(int argc, char **argv) {
                 }
             } else if (t > setup_deadline) { err(NULL, "setup timed out: %llu of %d open", opened, nconns); phase = 3; drain_deadline = t; }
         }
+        if (mode == MODE_BURST && phase == 2) {
+            if (t_measured0 == 0) t_measured0 = t_mstart;
+            if (active <= 0 || t >= t_mend) {
+                if (active > 0) err(NULL, "burst not finished in %g s: %llu of %llu answered", duration, cnt_total, max_count);
+                phase = 3; t_measured1 = now_ns(); mark("end");
+                break;
+            }
+        }
         if (phase == 1 && t >= t_mstart) { phase = 2; t_measured0 = t; mark("start"); }
+        if (max_count && (mode == MODE_HS || mode == MODE_HTTP) && (phase == 1 || phase == 2) && active <= 0) {
+            /* --count reached and everything in flight is done */
+            if (phase == 1) { t_measured0 = t; mark("start"); }
+            phase = 3; t_measured1 = t; mark("end");
+            break;
+        }
         if (phase == 2 && t >= t_mend) {
             phase = 3; t_measured1 = t; mark("end");
             drain_deadline = t + 2000000000ull;
@@ -598,14 +761,15 @@ int main(int argc, char **argv) {
         if (mode == MODE_HS && phase == 3 && active <= 0) break;
 
         /* per-connection timeouts (handshake / idle setup) */
-        if ((mode == MODE_HS || (mode == MODE_IDLE && !ready_printed))) {
+        if ((mode == MODE_HS || mode == MODE_BURST || (mode == MODE_IDLE && !ready_printed))) {
             static uint64_t last_check;
             if (t - last_check > 100000000ull) {
                 last_check = t;
                 for (int i = 0; i < nconns; i++) {
                     conn_t *c = &C[i];
                     if (c->fd >= 0 && c->state != ST_IDLE && t > c->deadline) {
-                        err(c, "timed out in state %d", c->state);
+                        err(c, "timed out in state %d%s", c->state,
+                            mode == MODE_BURST && c->state == ST_WAIT_EOF ? " (the answer never ended with a close)" : "");
                         conn_drop(c, ST_DEAD); active--;
                         if (mode == MODE_IDLE) next_cycle(c);
                     }
@@ -627,7 +791,7 @@ int main(int argc, char **argv) {
         /* cycles still in flight at the drain deadline are not errors, just not counted */
     }
     for (int i = 0; i < nconns; i++) if (C[i].fd >= 0) close(C[i].fd);
-    static const char *mnames[] = {"echo", "send", "recv", "handshake", "idle", "http"};
+    static const char *mnames[] = {"echo", "send", "recv", "handshake", "idle", "http", "burst"};
     printf("RESULT {\"mode\": \"%s\", \"conns\": %d, \"size\": %zu, \"seconds\": %.6f, "
            "\"count\": %llu, \"total_count\": %llu, \"rate\": %.3f, \"bytes\": %llu, \"mb_per_s\": %.3f, "
            "\"opened\": %llu, \"reconnects\": %llu, \"errors\": %llu, \"connect_errors\": %llu, "
@@ -638,7 +802,16 @@ int main(int argc, char **argv) {
            secs > 0 ? bytes_measured / secs / 1e6 : 0.0, opened, reconnects, errors, connect_errors,
            hist_n, hist_n ? lat_sum / 1000.0 / hist_n : 0.0, pct(0.5), pct(0.9), pct(0.99), pct(0.999), lat_max / 1000.0);
     for (int i = 0; i < nerr_samples; i++) printf("%s\"%s\"", i ? ", " : "", err_samples[i]);
-    printf("]}\n");
+    printf("]");
+    if (max_count) printf(", \"max_count\": %llu, \"started\": %llu", max_count, started);
+    if (mode == MODE_BURST) {
+        printf(", \"head_bytes\": %zu, \"resets\": %llu, \"send_cut\": %llu, \"answer_bytes\": %llu, \"statuses\": {",
+               burst_len, resets, send_cuts, answer_bytes);
+        int first = 1;
+        for (int i = 0; i < 600; i++) if (statuses[i]) { printf("%s\"%d\": %llu", first ? "" : ", ", i, statuses[i]); first = 0; }
+        printf("}");
+    }
+    printf("}\n");
     fflush(stdout);
     return errors ? 1 : 0;
 }
