@@ -177,9 +177,10 @@ def main(argv=None) -> int:
             except (OSError, subprocess.TimeoutExpired, IndexError):
                 pass
             fastws_version = f"{fastws_version or 'fastws (version unknown)'}: {t.note}"
-    total = rounds * len(scenarios) * len(live)
+    total = rounds * sum(1 for sc in scenarios for t in live if Runner.applies(t, sc))
     log(f"{rounds} round(s) × {len(scenarios)} scenario(s) × {len(live)} target(s) = {total} runs, "
-        f"{warmup:g} s warm-up + {duration:g} s measured each")
+        f"{warmup:g} s warm-up + {duration:g} s measured each"
+        + ("; the burst is a fixed 10,000 heads instead (no proxy: not run)" if any(s.burst for s in scenarios) else ""))
 
     runner = Runner(exes, targets, scenarios, rounds=rounds, duration=duration, warmup=warmup,
                     load_cpus=load_cpus, proxy_cpus=proxy_cpus, log=log, keep_tmp=args.keep_tmp)
@@ -194,7 +195,11 @@ def main(argv=None) -> int:
             log(f"{head} FAILED: {rec.get('error')}")
             return
         parts = []
-        if sc.idle:
+        if sc.burst:
+            parts.append(f"{rec['throughput']:,.0f} heads/s, status " + report.statuses_text(rec.get("statuses", {})))
+            parts.append(f"PSS {rec['pss_before_mb']:.1f} → {rec['pss_end_mb']:.1f} → {rec['pss_settled_mb']:.1f} MB "
+                         f"(settled {rec['pss_growth_mb']:+.1f} MB)")
+        elif sc.idle:
             parts.append(f"{rec['throughput']:,.0f} tunnels")
             if "pss_per_tunnel_b" in rec:
                 parts.append(f"PSS {rec['pss_per_tunnel_b']:,.0f} B/tunnel")

@@ -129,21 +129,28 @@ def write_plots(summary: dict, scenario_keys: list[str], targets: list[str], out
         plt.close(fig)
         written.append(p)
 
-    # memory per idle tunnel
-    idle = [s for s in scs if s.idle]
-    if idle:
-        fig, axes = grid(len(idle))
-        for ax, sc in zip(axes, idle):
-            held = max((v.get("tunnels", 0) for v in summary[sc.key].values()), default=0)
-            title = sc.title + (f"\n({held:,} held: fd limit, see notes)" if held and held != sc.conns else "")
-            _bars(ax, summary[sc.key], proxies, "pss_per_tunnel_b", title, "proxy PSS bytes per tunnel")
-            if ax.get_visible():
-                ax.axhline(2048, color="#d62728", linestyle="--", linewidth=1)
-                ax.annotate("fastws target: 2 KB", (1.0, 2048), xycoords=("axes fraction", "data"),
+    # memory: per idle tunnel, and what a burst of oversized heads leaves behind
+    mem = [s for s in scs if s.idle or s.burst]
+    if mem:
+        fig, axes = grid(len(mem))
+        for ax, sc in zip(axes, mem):
+            if sc.burst:
+                _bars(ax, summary[sc.key], proxies, "pss_growth_mb", "Burst of oversized heads:\nPSS 2 s after it − before it",
+                      "proxy PSS MB (10^6 B)")
+                line, text = 5.0, "fastws target: 5 MB"
+            else:
+                held = max((v.get("tunnels", 0) for v in summary[sc.key].values()), default=0)
+                title = sc.title + (f"\n({held:,} held: fd limit, see notes)" if held and held != sc.conns else "")
+                _bars(ax, summary[sc.key], proxies, "pss_per_tunnel_b", title + "\n(PSS after − before, per tunnel)",
+                      "proxy PSS bytes per tunnel")
+                line, text = (1024, "fastws target: 1,024 B") if sc.key == "idle-5k" else (None, "")
+            if ax.get_visible() and line is not None:
+                ax.axhline(line, color="#d62728", linestyle="--", linewidth=1)
+                ax.annotate(text, (1.0, line), xycoords=("axes fraction", "data"),
                             ha="right", va="bottom", fontsize=7, color="#d62728",
                             xytext=(-2, 2), textcoords="offset points",
                             bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1})
-        fig.suptitle(f"Proxy memory per idle tunnel (PSS after − before, over its processes; lower is better)\n{subtitle}", fontsize=10)
+        fig.suptitle(f"Proxy memory (PSS over its processes; lower is better)\n{subtitle}", fontsize=10)
         fig.tight_layout()
         p = out / "memory.png"
         fig.savefig(p, dpi=110)

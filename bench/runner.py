@@ -12,10 +12,11 @@ import time
 from pathlib import Path
 
 from . import procs
-from .scenarios import Scenario
+from .scenarios import BURST_SETTLE_S, Scenario
 from .targets import Target, free_port, wait_port
 
 BACKEND_PORT = 19001
+BURST_LIMIT_S = 120.0   # the burst's own bound: not finishing 10,000 heads in this is an error
 SRC_ADDRS = ",".join(f"127.0.0.{i}" for i in range(2, 10))
 
 
@@ -97,6 +98,11 @@ class Runner:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
     # -- one measurement -------------------------------------------------------
+    @staticmethod
+    def applies(t: Target, sc: Scenario) -> bool:
+        """The burst measures a proxy rejecting heads: without a proxy there is nothing to measure."""
+        return t.is_proxy or not sc.burst
+
     def run_one(self, t: Target, sc: Scenario, rnd: int) -> dict:
         rec: dict = {"target": t.name, "scenario": sc.key, "round": rnd, "ok": False, "error": None}
         self.start_backend()
@@ -124,9 +130,15 @@ class Runner:
             return
         conns = idle_tunnels(sc) if sc.idle else sc.conns
         timeout = 60.0 if sc.idle else 20.0
+        # the burst is a fixed count of connections, bounded by its own time limit
+        duration = BURST_LIMIT_S if sc.burst else self.duration
         cmd = [str(self.exes["wsload"]), "--mode", sc.mode, "--host", host, "--port", str(port),
-               "--conns", str(conns), "--duration", str(self.duration), "--warmup", str(self.warmup),
-               "--timeout", str(timeout)]
+               "--conns", str(conns), "--duration", f"{duration:g}"]
+        if not sc.burst:   # the burst has no warm-up: the fresh proxy is its "before"
+            cmd += ["--warmup", str(self.warmup)]
+        cmd += ["--timeout", f"{timeout:g}"]
+        if sc.count:
+            cmd += ["--count", str(sc.count)]
         if sc.size:
             cmd += ["--size", str(sc.size)]
         if sc.uses_src:
@@ -135,9 +147,9 @@ class Runner:
             cmd += ["--hold", "120", "--inflight", "256"]
         rec["conns"] = conns
         rec["command"] = " ".join(["wsload", *cmd[1:]])
-        wall_limit = self.duration + self.warmup + timeout + 150
+        wall_limit = duration + self.warmup + timeout + 150
         pids0 = t.pids() if t.is_proxy else []
-        mem0 = procs.memory_kb(pids0) if (sc.idle and pids0) else None
+        mem0 = procs.memory_kb(pids0) if ((sc.idle or sc.burst) and pids0) else None
         cpu_open0 = procs.cpu_seconds(t.pids()) if t.is_proxy else None
         errf = open(workdir / "wsload.stderr", "w")
         p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errf, text=True,
@@ -154,6 +166,7 @@ class Runner:
         res = None
         cpu_start = cpu_end = None
         bg: dict = {}
+        load_cpu: dict = {}   # the load generator's own CPU: is it the bottleneck?
 
         def bench_cpu():
             # everything the bench itself runs: proxy, load generator, backend, this harness
@@ -164,9 +177,15 @@ class Runner:
                 if line.startswith("MARK start"):
                     cpu_start = procs.cpu_seconds(t.pids()) if t.is_proxy else None
                     bg["start"] = bench_cpu()
+                    load_cpu["start"] = procs.cpu_seconds([p.pid])
                 elif line.startswith("MARK end"):
                     cpu_end = procs.cpu_seconds(t.pids()) if t.is_proxy else None
                     bg["end"] = bench_cpu()
+                    load_cpu["end"] = procs.cpu_seconds([p.pid])
+                    if sc.burst and t.is_proxy:
+                        # the last connection has closed: the proxy's memory now, then as it settles
+                        rec["burst_end_mono"] = time.monotonic()
+                        rec["mem_end_kb"] = procs.memory_kb(t.pids())
                 elif line.startswith("READY"):
                     time.sleep(1.0)   # let the proxy settle before reading its memory
                     if t.is_proxy:
@@ -187,6 +206,8 @@ class Runner:
                 p.kill()
                 p.wait()
         rec["returncode"] = p.returncode
+        if sc.burst and "burst_end_mono" in rec:
+            self._settle(t, rec)
         if killed["flag"]:
             rec["error"] = f"load generator exceeded its wall-clock limit ({wall_limit:.0f} s) and was stopped"
             return
@@ -218,6 +239,13 @@ class Runner:
             # CPU used on this machine by anything but the bench during the window, in cores
             rec["background_cores"] = max(0.0, ((sys1["busy"] - sys0["busy"]) - (own1 - own0)) / wall)
             rec["steal_cores"] = (sys1["steal"] - sys0["steal"]) / wall
+        if "start" in bg and "end" in bg and "start" in load_cpu and "end" in load_cpu:
+            wall = max(bg["end"][2] - bg["start"][2], 1e-9)
+            # cores busy during the window: the load generator near 1.0 with the proxy
+            # below it would mean the load generator, not the proxy, set the pace
+            rec["loadgen_cores"] = (load_cpu["end"] - load_cpu["start"]) / wall
+            if t.is_proxy and cpu_start is not None and cpu_end is not None:
+                rec["proxy_cores"] = (cpu_end - cpu_start) / wall
         if sc.latency:
             rec["lat_us"] = res["lat_us"]
         if t.is_proxy and cpu_start is not None and cpu_end is not None and units > 0:
@@ -228,10 +256,48 @@ class Runner:
             n = res["opened"]
             rec["pss_per_tunnel_b"] = (rec["mem_after_kb"]["pss_kb"] - mem0["pss_kb"]) * 1024 / n
             rec["rss_per_tunnel_b"] = (rec["mem_after_kb"]["rss_kb"] - mem0["rss_kb"]) * 1024 / n
+        if sc.burst:
+            rec["statuses"] = res.get("statuses", {})
+            rec["resets"] = res.get("resets", 0)
+            if mem0 is None or "mem_end_kb" not in rec or "mem_settled_kb" not in rec:
+                rec["error"] = "the proxy's memory could not be read before, at the end of, or after the burst"
+                return
+            rec["mem_before_kb"] = mem0
+            for k in ("pss", "rss"):
+                b = mem0[f"{k}_kb"]
+                rec[f"{k}_before_mb"] = b * 1024 / 1e6
+                rec[f"{k}_end_mb"] = rec["mem_end_kb"][f"{k}_kb"] * 1024 / 1e6
+                rec[f"{k}_settled_mb"] = rec["mem_settled_kb"][f"{k}_kb"] * 1024 / 1e6
+                rec[f"{k}_growth_mb"] = (rec["mem_settled_kb"][f"{k}_kb"] - b) * 1024 / 1e6
+            if res["count"] < sc.count:
+                rec["error"] = f"only {res['count']} of {sc.count} heads answered"
+                return
         if sc.idle and res["opened"] < conns:
             rec["error"] = f"only {res['opened']} of {conns} tunnels opened"
             return
         rec["ok"] = True
+
+    def _settle(self, t: Target, rec: dict) -> None:
+        """After a burst: read the proxy's memory every 0.5 s until BURST_SETTLE_S after the
+        last connection closed; the last reading is the settled one."""
+        t0 = rec.pop("burst_end_mono")
+        series = []
+        step = 0.5
+        k = 1
+        while True:
+            at = t0 + min(k * step, BURST_SETTLE_S)
+            time.sleep(max(0.0, at - time.monotonic()))
+            pids = t.pids()
+            if not pids:
+                return
+            m = procs.memory_kb(pids)
+            series.append({"after_s": round(at - t0, 2), **m})
+            if at - t0 >= BURST_SETTLE_S - 1e-9:
+                break
+            k += 1
+        rec["mem_settle_series"] = series
+        rec["mem_settled_kb"] = {"pss_kb": series[-1]["pss_kb"], "rss_kb": series[-1]["rss_kb"]}
+        rec["settle_s"] = BURST_SETTLE_S
 
     # -- the whole matrix ------------------------------------------------------
     def run(self, on_record=None) -> list[dict]:
@@ -243,6 +309,8 @@ class Runner:
                 k = (rnd - 1) % max(1, len(live))
                 order = live[k:] + live[:k]
                 for t in order:
+                    if not self.applies(t, sc):
+                        continue
                     rec = self.run_one(t, sc, rnd)
                     self.runs.append(rec)
                     if on_record:

@@ -19,6 +19,15 @@ class Scenario:
     idle: bool = False
     uses_src: bool = False
     what: str = ""
+    burst: bool = False  # a fixed count of connections (count), conns at a time; memory before/end/settled
+    count: int = 0
+
+
+# the burst's settle time: memory is read this long after the last connection closed
+BURST_SETTLE_S = 2.0
+# the burst's head: over fastws's default max_request_head (32 KiB), nginx's default
+# large_client_header_buffers (4 x 8k) and HAProxy's default buffer (16 KiB)
+BURST_HEAD = 40960
 
 
 SCENARIOS = [
@@ -46,6 +55,11 @@ SCENARIOS = [
     Scenario("http", "Small HTTP GETs with keep-alive", "http", 64, 0, "request",
              "requests/s", 1e6, "proxy CPU µs/request", latency=True,
              what="64 keep-alive connections, one GET in flight each, status and body checked"),
+    Scenario("burst-431", "Burst of oversized request heads, then memory", "burst", 50, BURST_HEAD, "head",
+             "heads/s", 1e6, "proxy CPU µs/head", uses_src=True, burst=True, count=10000,
+             what=f"10,000 connections, 50 at a time, each sending one {BURST_HEAD:,} B request head (over every "
+                  f"proxy's limit) and reading the answer until the proxy closes; the proxy's memory before, at "
+                  f"the end, and {BURST_SETTLE_S:g} s after the last close"),
 ]
 
 BY_KEY = {s.key: s for s in SCENARIOS}

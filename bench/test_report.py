@@ -63,3 +63,81 @@ def test_targets_check_uses_best_peer():
     summary = report.summarize([r for r in runs if r["target"] != "fastws"], ["echo-64"], avail)
     rows = report.evaluate_targets(summary, [a for a in avail if a != "fastws"])
     assert all(r["pass"] is None for r in rows) and rows[0]["bound"] == 0.8 * 8.0
+
+
+def _rec(target, scenario, rnd=1, ok=True, **fields):
+    r = {"target": target, "scenario": scenario, "round": rnd, "ok": ok, "error": None if ok else "boom",
+         "conns": 64}
+    if ok:
+        r.update(fields)
+    return r
+
+
+def _burst(target, rnd=1, before=20.0, end=60.0, settled=None, status="431", ok=True):
+    settled = end if settled is None else settled
+    return _rec(target, "burst-431", rnd, ok, throughput=5000.0, cpu_per_unit=100.0, statuses={status: 10000},
+                resets=0, proxy_cores=0.99, loadgen_cores=0.5,
+                pss_before_mb=before, pss_end_mb=end, pss_settled_mb=settled, pss_growth_mb=settled - before,
+                rss_before_mb=before + 10, rss_end_mb=end + 10, rss_settled_mb=settled + 10,
+                rss_growth_mb=settled - before)
+
+
+def test_burst_table_shows_memory_statuses_and_failures():
+    runs = [_burst("fastws", 1, 30.0, 95.0), _burst("fastws", 2, 30.0, 90.0, 33.0), _burst("fastws", 3, ok=False),
+            _burst("nginx", 1, 21.0, 23.0, status="400")]
+    avail = ["noproxy", "fastws", "nginx"]
+    s = report.summarize(runs, ["burst-431"], avail)["burst-431"]
+    assert s["fastws"]["pss_growth_mb"]["median"] == (65.0 + 3.0) / 2 and s["fastws"]["ok"] == 2
+    table = report.scenario_table(BY_KEY["burst-431"], s, avail, {})
+    assert "| fastws | 431 ×10,000 |" in table and "| nginx | 400 ×10,000 |" in table
+    assert "+34.0 (+3.0 to +65.0)" in table            # settled − before, median (min to max)
+    assert "2/3 **FAILED runs**" in table and "boom" in table
+    assert "No proxy: not run" in table
+    assert "the proxy set the pace" in table
+
+
+def test_burst_table_says_when_the_load_generator_was_the_bottleneck():
+    r = _burst("nginx")
+    r.update(loadgen_cores=0.97, proxy_cores=0.8)
+    s = report.summarize([r], ["burst-431"], ["nginx"])["burst-431"]
+    assert "load generator was busier than the proxy for nginx" in report.scenario_table(
+        BY_KEY["burst-431"], s, ["nginx"], {})
+
+
+def test_targets_check_rows_and_bounds():
+    def both(sk, f, n, h=None, s=None, **extra):
+        rows = [_rec("fastws", sk, **{k: v for k, v in f.items()}), _rec("nginx", sk, **n)]
+        if h:
+            rows.append(_rec("haproxy", sk, **h))
+        if s:
+            rows.append(_rec("haproxy-splice", sk, **s))
+        return rows
+    runs = []
+    runs += both("handshake", {"cpu_per_unit": 79.0}, {"cpu_per_unit": 100.0}, {"cpu_per_unit": 50.0})
+    runs += both("http", {"cpu_per_unit": 14.0}, {"cpu_per_unit": 16.0})
+    runs += both("idle-5k", {"pss_per_tunnel_b": 1100.0}, {"pss_per_tunnel_b": 18000.0})
+    runs += [_burst("fastws", before=30.0, end=90.0, settled=34.0), _burst("nginx", before=20.0, end=22.0)]
+    runs += both("echo-4k", {"cpu_per_unit": 15.0}, {"cpu_per_unit": 26.0})
+    runs += both("bulk-up", {"cpu_per_unit": 0.3, "throughput": 1800.0}, {"cpu_per_unit": 2.0, "throughput": 500.0},
+                 s={"cpu_per_unit": 0.35, "throughput": 1700.0})
+    runs += both("bulk-down", {"cpu_per_unit": 0.3, "throughput": 1600.0}, {"cpu_per_unit": 2.0, "throughput": 500.0},
+                 s={"cpu_per_unit": 0.35, "throughput": 1700.0})
+    runs += both("echo-64", {"cpu_per_unit": 13.0}, {"cpu_per_unit": 11.0})
+    avail = ["fastws", "nginx", "haproxy", "haproxy-splice"]
+    keys = ["handshake", "http", "idle-5k", "burst-431", "echo-4k", "bulk-up", "bulk-down", "echo-64"]
+    rows = report.evaluate_targets(report.summarize(runs, keys, avail), avail)
+    by = {r["target"].split(":")[0]: r for r in rows}
+    assert by["handshake"]["bound"] == 80.0 and by["handshake"]["pass"] is True   # nginx's, not HAProxy's
+    assert by["http (small keep-alive GET)"]["bound"] == 16.0 * 0.8 and by["http (small keep-alive GET)"]["pass"] is False
+    assert by["idle-5k"]["bound"] == 1024 and by["idle-5k"]["pass"] is False
+    assert by["burst-431"]["fastws"] == 4.0 and by["burst-431"]["bound"] == 5.0 and by["burst-431"]["pass"] is True
+    assert by["no regression, echo 4 KB"]["bound"] == 0.6 * 26.0 and by["no regression, echo 4 KB"]["pass"] is True
+    assert by["no regression, bulk-up"]["bound"] == 0.2 * 2.0 and by["no regression, bulk-up"]["pass"] is True
+    assert by["no regression, bulk-down"]["pass"] is False        # MB/s below HAProxy + splice's
+    check = [r for r in rows if r["part"] == "check"]
+    info = [r for r in rows if r["part"] == "info"]
+    assert len(check) == 7 and [r["target"] for r in info] == ["echo CPU per message (64 B) <= 0.8x best peer"]
+    md = report.targets_table(rows, None)
+    assert "**4 of 7 targets met**" in md
+    assert "### For information: a later issue's targets (not part of this check)" in md
+    assert md.index("echo CPU per message (64 B)") > md.index("### For information")
