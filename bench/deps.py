@@ -50,6 +50,22 @@ def ensure_debian_packages(log=print) -> list[str]:
     return notes
 
 
+def ensure_strace(log=print) -> str | None:
+    """strace's path, installing Debian's package as root if it is missing (python -m bench.syscalls)."""
+    exe = which("strace")
+    if exe or not shutil.which("apt-get") or os.geteuid() != 0:
+        return exe
+    log("installing strace from Debian's packages (apt-get install -y strace)")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    r = subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", "strace"], env=env, check=False,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if r.returncode != 0:
+        subprocess.run(["apt-get", "update"], env=env, check=False, stdout=subprocess.DEVNULL)
+        subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", "strace"], env=env, check=False,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return which("strace")
+
+
 def ensure_matplotlib(log=print) -> str | None:
     """Import matplotlib, installing it with pip if missing. Returns a note on failure."""
     if importlib.util.find_spec("matplotlib") is None:
