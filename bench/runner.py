@@ -149,7 +149,10 @@ class Runner:
         rec["command"] = " ".join(["wsload", *cmd[1:]])
         wall_limit = duration + self.warmup + timeout + 150
         pids0 = t.pids() if t.is_proxy else []
-        mem0 = procs.memory_kb(pids0) if ((sc.idle or sc.burst) and pids0) else None
+        if sc.burst and pids0:
+            mem0 = self._steady_memory(t)
+        else:
+            mem0 = procs.memory_kb(pids0) if (sc.idle and pids0) else None
         cpu_open0 = procs.cpu_seconds(t.pids()) if t.is_proxy else None
         errf = open(workdir / "wsload.stderr", "w")
         p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errf, text=True,
@@ -276,6 +279,23 @@ class Runner:
             rec["error"] = f"only {res['opened']} of {conns} tunnels opened"
             return
         rec["ok"] = True
+
+    @staticmethod
+    def _steady_memory(t: Target, tolerance_kb: int = 64, limit_s: float = 5.0) -> dict | None:
+        """The proxy's memory once it has stopped moving after its start (two readings 0.3 s
+        apart within tolerance_kb of each other, for at most limit_s): the burst's "before"."""
+        deadline = time.monotonic() + limit_s
+        last = procs.memory_kb(t.pids())
+        while time.monotonic() < deadline:
+            time.sleep(0.3)
+            pids = t.pids()
+            if not pids:
+                return None
+            m = procs.memory_kb(pids)
+            if abs(m["pss_kb"] - last["pss_kb"]) <= tolerance_kb and abs(m["rss_kb"] - last["rss_kb"]) <= tolerance_kb:
+                return m
+            last = m
+        return last
 
     def _settle(self, t: Target, rec: dict) -> None:
         """After a burst: read the proxy's memory every 0.5 s until BURST_SETTLE_S after the

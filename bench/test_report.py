@@ -93,7 +93,7 @@ def test_burst_table_shows_memory_statuses_and_failures():
     assert "+34.0 (+3.0 to +65.0)" in table            # settled − before, median (min to max)
     assert "2/3 **FAILED runs**" in table and "boom" in table
     assert "No proxy: not run" in table
-    assert "the proxy set the pace" in table
+    assert "it did not set the pace" in table
 
 
 def test_burst_table_says_when_the_load_generator_was_the_bottleneck():
