@@ -184,7 +184,19 @@ def run_wsload(exe: Path, mode: str, host: str, port: int, conns: int, count: in
     return res, None, shown
 
 
-def measure(t, kind: str, runner: Runner, exes: dict, args, workdir: Path, strace_exe: str) -> dict:
+def strace_columns(strace_exe: str) -> list[str]:
+    """["-U", "name,calls,errors"] where this strace has -U (5.x and later), else [] (its
+    default layout, which parse_summary reads too)."""
+    try:
+        r = subprocess.run([strace_exe, "-c", "-U", "name,calls,errors", "-o", os.devnull, "true"],
+                           capture_output=True, timeout=20)
+        return ["-U", "name,calls,errors"] if r.returncode == 0 else []
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+
+
+def measure(t, kind: str, runner: Runner, exes: dict, args, workdir: Path, strace_exe: str,
+            columns: list[str]) -> dict:
     mode, unit, _ = KINDS[kind]
     count = args.handshakes if kind == "handshake" else args.requests
     conns = args.conns_handshake if kind == "handshake" else args.conns_http
@@ -204,7 +216,7 @@ def measure(t, kind: str, runner: Runner, exes: dict, args, workdir: Path, strac
         pids = t.pids()
         rec["pids"] = len(pids)
         out = workdir / f"strace-{kind}.txt"
-        cmd = [strace_exe, "-c", "-f", "-U", "name,calls,errors", "-S", "calls", "-o", str(out)]
+        cmd = [strace_exe, "-c", "-f", *columns, "-S", "calls", "-o", str(out)]
         for p in pids:
             cmd += ["-p", str(p)]
         rec["strace"] = " ".join(["strace", *cmd[1:]]).replace(str(workdir), "$WORKDIR")
@@ -374,6 +386,7 @@ def main(argv=None) -> int:
     if not strace_exe:
         print("strace is not installed (apt-get install -y strace)", file=sys.stderr)
         return 2
+    columns = strace_columns(strace_exe)
     from .cli import pinning
     load_cpus, proxy_cpus, pin_note = pinning()
     if load_cpus:
@@ -403,7 +416,7 @@ def main(argv=None) -> int:
         for kind in kinds:
             for t in live:
                 log(f"{kind}: {t.label} ...")
-                rec = measure(t, kind, runner, exes, args, runner.tmp / f"{kind}-{t.name}", strace_exe)
+                rec = measure(t, kind, runner, exes, args, runner.tmp / f"{kind}-{t.name}", strace_exe, columns)
                 results[kind].append(rec)
                 if rec["ok"]:
                     log(f"{kind}: {t.label}: {rec['per_unit']['total']['calls']:.2f} calls per {rec['unit']} "
