@@ -166,7 +166,8 @@ def burst_table(sc: Scenario, summ: dict, target_names: list[str], skipped: dict
             lines.append(f"_**The load generator was busier than the proxy for {', '.join(slow)}**: "
                          "its rate there is the load generator's, not the proxy's._")
         else:
-            lines.append("_The load generator was less busy than the proxy for every target: it did not set the pace._")
+            lines.append("_For every target the load generator used less than 0.9 of a core, or less than the proxy: "
+                         "it did not set the pace._")
         lines.append("")
         lines.append("_other CPU: CPU time used outside the bench's own processes during the burst, in cores, "
                      "median (max) over rounds; while it is high the proxy and the load generator shared the "
