@@ -164,3 +164,14 @@ def test_count_is_a_fixed_amount_of_work(exes, mode):
         p.wait(5)
     assert rc == 0 and res["errors"] == 0, res
     assert res["total_count"] == 300 and res["started"] == 300
+
+
+@pytest.mark.parametrize("mode", ["handshake", "http"])
+def test_a_peer_that_never_answers_fails_the_run(exes, mode):
+    # the kernel completes the TCP handshakes in the backlog; nothing ever answers
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)
+        rc, res, _ = _load(exes, silent.getsockname()[1], "--mode", mode, "--conns", "4", "--timeout", "30")
+    assert rc != 0 and res["errors"] > 0
+    assert any("still waiting for an answer" in e for e in res["error_samples"]), res["error_samples"]

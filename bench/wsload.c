@@ -48,6 +48,8 @@
 #include <unistd.h>
 #include "wscommon.h"
 
+#define DRAIN_S 2   /* seconds the answers in flight get after the measured window */
+
 #ifndef IP_BIND_ADDRESS_NO_PORT
 #define IP_BIND_ADDRESS_NO_PORT 24
 #endif
@@ -742,7 +744,7 @@ int main(int argc, char **argv) {
         }
         if (phase == 2 && t >= t_mend) {
             phase = 3; t_measured1 = t; mark("end");
-            drain_deadline = t + 2000000000ull;
+            drain_deadline = t + (uint64_t)DRAIN_S * 1000000000ull;
             if (mode == MODE_SEND || mode == MODE_RECV) drain_deadline = t;
         }
         if (mode == MODE_IDLE && !ready_printed) {
@@ -787,9 +789,18 @@ int main(int argc, char **argv) {
     if (mode == MODE_IDLE) t_measured1 = now_ns();
     (void)stdin_added;
     double secs = t_measured1 > t_measured0 ? (t_measured1 - t_measured0) / 1e9 : 0;
-    if (mode == MODE_HS && phase == 3 && active > 0) {
-        /* cycles still in flight at the drain deadline are not errors, just not counted */
+    if (!errors && (mode == MODE_ECHO || mode == MODE_HTTP || mode == MODE_HS) && phase == 3) {
+        /* every answer normally arrives within milliseconds: one still awaited DRAIN_S after
+         * the measured window means the peer stalled (a proxy that accepts and never
+         * answers would otherwise pass with nothing counted) */
+        int stuck = 0;
+        for (int i = 0; i < nconns; i++)
+            if (C[i].fd >= 0 && C[i].state != ST_OPEN && C[i].state != ST_FREE && C[i].state != ST_DEAD) stuck++;
+        if (stuck) err(NULL, "%d connection(s) still waiting for an answer %d s after the measured window", stuck, DRAIN_S);
     }
+    if (!errors && mode != MODE_IDLE && cnt_total == 0)
+        err(NULL, "no %s completed", mode == MODE_HS ? "handshake" : mode == MODE_HTTP ? "request" :
+                                     mode == MODE_BURST ? "head" : "message or frame");
     for (int i = 0; i < nconns; i++) if (C[i].fd >= 0) close(C[i].fd);
     static const char *mnames[] = {"echo", "send", "recv", "handshake", "idle", "http", "burst"};
     printf("RESULT {\"mode\": \"%s\", \"conns\": %d, \"size\": %zu, \"seconds\": %.6f, "
