@@ -1,6 +1,7 @@
 # The engine's C types, one section per concern (engine/*.pxi implements each).
 
 from fastws.includes.linux cimport sockaddr, sockaddr_in, sockaddr_in6, sockaddr_un
+from fastws.includes.buf cimport fastws_buf
 
 
 # --- parse: HTTP/1.1 heads and chunked bodies (engine/parse.pxi) -----------------------------
@@ -156,3 +157,482 @@ cdef struct Selection:
     int keylen
     unsigned char addr[16]   # the client address bytes ip_hash uses
     int addrlen
+
+
+cdef enum IoKind:
+    IO_LISTENER = 1
+    IO_CLIENT
+    IO_UPSTREAM
+    IO_TIMER
+    IO_WAKE
+
+from fastws.includes.openssl cimport FASTWS_SSL, FASTWS_SSL_CTX
+
+cdef struct Io:
+    # What epoll's data.ptr points at: every pollable object starts with one.  Readiness is
+    # edge-triggered (registered once, never modified, as nginx's epoll module): rd_ready and
+    # wr_ready remember an edge until a read or a write finds the socket drained or full.
+    int kind                 # IoKind
+    int fd
+    unsigned char rd_ready
+    unsigned char wr_ready
+    unsigned char registered
+    unsigned char eof        # a read returned 0 (or the TLS peer's close_notify)
+    unsigned char rdhup      # the peer's FIN is queued behind the data (EPOLLRDHUP): a short
+                             # read does not drain the socket, the next one returns 0
+    FASTWS_SSL *ssl          # NULL: plain
+    unsigned int tls_want    # an SSL call that must wait: for reading (EPOLLIN) or writing (EPOLLOUT)
+    int tls_pending          # OpenSSL holds decrypted bytes epoll cannot see
+
+
+# --- tables: what Python builds from the configuration (engine/tables.pxi) -------------------
+
+cdef enum VarPhase:
+    PHASE_REQUEST = 0        # known once the request is routed
+    PHASE_LOG = 1            # known when the log line is written
+
+cdef struct TplPart:
+    # One piece of a value with nginx variables: literal text, or a variable and its argument
+    # (the NAME of $http_NAME, $arg_NAME, $cookie_NAME)
+    int var                  # -1: literal
+    char *text               # the literal, or the argument (owned by the table)
+    int len
+
+cdef struct Template:
+    TplPart *parts
+    int nparts
+
+cdef struct HeaderOp:
+    # set_headers: replace (or with no value, remove) a header going upstream
+    char *name               # as written
+    char *lname              # lower case
+    int len
+    int kind                 # HeaderKind of the name, H_OTHER if none
+    Template *value          # NULL: remove
+
+cdef struct LogFile:
+    int fd                   # -1 when it cannot be written
+    char *buf
+    int len
+    int cap
+    unsigned long long errors
+
+cdef struct LogFormat:
+    Template tpl             # the format; variables of both phases
+    int json                 # a JSON-lines format: tpl.parts are variables only, keys are their names
+    char **names             # json keys
+    int nearly               # variables of PHASE_REQUEST, rendered when the request is routed
+    int *early               # their indexes in tpl.parts
+
+cdef struct AccessLog:
+    LogFile *file
+    LogFormat *format
+    int open                 # a line when a tunnel opens, too
+
+cdef enum LocKind:
+    LOC_PROXY = 0
+    LOC_RETURN
+    LOC_STATUS
+
+cdef struct Loc:
+    char *path
+    int pathlen
+    int exact
+    int kind                 # LocKind
+    int group                # upstream group index (LOC_PROXY)
+    char *proxy_uri          # replaces the matched prefix, or NULL
+    int proxy_uri_len
+    char *proxy_host         # $proxy_host
+    int websocket
+    char **tokens            # upgrade tokens that may be tunnelled (lower case)
+    int *token_lens
+    int ntokens
+    double connect_timeout
+    double send_timeout
+    double read_timeout
+    int next_upstream_tries
+    double next_upstream_timeout
+    HeaderOp *ops
+    int nops
+    int relay                # RELAY_AUTO, RELAY_SPLICE, RELAY_COPY
+    int socket_keepalive
+    int return_status
+    char *return_body
+    int return_body_len
+    int status_format        # LOC_STATUS: index into the control's formats
+    int upstream_tls         # connect to the upstream with TLS
+    FASTWS_SSL_CTX *tls_ctx  # its context (borrowed from Python's SSLContext)
+    char *tls_name           # SNI and the name verified; NULL: each server's host
+    int tls_verify
+    AccessLog *log           # NULL: off
+    double keepalive_timeout
+    int keepalive_requests
+    long long client_max_body_size   # 0: no limit
+    double client_body_timeout
+
+cdef struct Server:
+    char *name               # first server_name ("" if none), for $server_name
+    int namelen
+    Loc **exact              # exact locations, sorted by path
+    int nexact
+    Loc **prefix             # prefix locations, longest first
+    int nprefix
+    double client_header_timeout
+    int max_request_line
+    int max_request_head
+    int redirect_https       # HTTPS port to redirect to, 0: none
+    FASTWS_SSL_CTX *tls_ctx  # TLS termination (SNI picks it among the servers of an address)
+    double handshake_timeout
+    AccessLog *log           # the server's log (requests that match no location)
+
+cdef struct NameEntry:
+    char *name               # exact name, ".example.com" suffix, or "www.example." prefix
+    int len
+    Server *server
+
+cdef struct Listener:
+    # One listening socket and the servers on its address.
+    Io io
+    int family
+    int tls
+    char *addr_text          # $server_addr
+    int addr_len
+    int port                 # $server_port
+    NameEntry *exact
+    int nexact
+    NameEntry *head          # "*.example.com" as ".example.com", longest first
+    int nhead
+    NameEntry *tail          # "www.example.*" as "www.example.", longest first
+    int ntail
+    Server *default_server
+
+
+# --- connections (engine/conn.pxi, engine/upstream.pxi, engine/http.pxi, engine/tunnel.pxi) --
+
+from cpython.ref cimport PyObject
+
+cdef struct Conn
+cdef struct Req
+cdef struct LogRec
+
+cdef struct Timer:
+    double deadline          # where the timer sits in the heap; the owner's real deadline may
+                             # be later (the heap catches up lazily) but never earlier
+    int idx                  # in the heap, -1 when not in it
+    int kind                 # IO_CLIENT or IO_UPSTREAM: what `owner` is
+    void *owner
+
+cdef struct Pipe:
+    int prod                 # write end: splice into it
+    int cons                 # read end: splice out of it
+    Py_ssize_t data          # bytes the pipe holds now
+    Pipe *next               # free list link
+
+cdef enum FlowMode:
+    FLOW_RAW = 0             # a tunnel: bytes as they come, EOF passed on as a half-close
+    FLOW_LENGTH              # a body of `left` bytes
+    FLOW_CHUNKED             # a chunked body, re-framed (or unchunked for HTTP/1.0 clients)
+    FLOW_CLOSE               # a response body that ends when the upstream closes
+
+cdef struct Flow:
+    # Bytes moving from one side to the other: 0 client -> upstream, 1 upstream -> client.
+    Pipe *pipe               # only while spliced bytes are in flight
+    char *held               # bytes read that the destination has not taken yet (malloc'ed)
+    int held_len
+    int held_off
+    unsigned long long nbytes
+    double last_rx           # when the source last gave bytes
+    double blocked_since     # when a write to the destination blocked; 0 when not blocked
+    int streak               # consecutive reads that argue for switching method
+    unsigned char splicing
+    unsigned char eof        # the source ended (or the body did)
+    unsigned char shut       # the half-close was passed on
+    unsigned char mode       # FlowMode
+    long long left           # FLOW_LENGTH: bytes still to come
+    Chunked *chunk           # FLOW_CHUNKED
+
+cdef enum ConnState:
+    CS_TLS = 1               # TLS handshake with the client
+    CS_HEAD                  # reading a request head
+    CS_IDLE                  # kept alive, waiting for the next request
+    CS_UPSTREAM              # choosing, connecting, sending the head, waiting for the answer
+    CS_EXCHANGE              # relaying an HTTP response (and what is left of the request body)
+    CS_TUNNEL                # an upgraded connection
+    CS_ANSWER                # writing an answer of the proxy's own
+    CS_LINGER                # answer written; reading what the client still sends, then close
+    CS_CLOSED
+    CS_ROUTE                 # a head is read: the request is being routed (nginx: writing)
+
+cdef struct Up:
+    # A connection to an upstream server: connecting, in use, or idle in its group's pool.
+    Io io
+    Timer timer              # idle in a pool: its keepalive timeout
+    Conn *owner              # NULL while idle in the pool
+    int group
+    int peer
+    int requests
+    int state                # UP_CONNECTING, UP_TLS, UP_READY
+    double idle_since
+    Up *prev                 # the pool's list, least recently used first
+    Up *next
+
+cdef struct Conn:
+    Io io
+    Timer timer
+    int state                # ConnState
+    double t_state           # when the state began (head, idle, linger timers)
+    Listener *lis
+    Server *srv
+    Loc *loc
+    sockaddr_in6 raddr       # the client (an IPv4 client is stored as AF_INET in the same room)
+    char *in_                # client bytes read but not consumed (a partial head, pipelined)
+    int in_len
+    int in_cap
+    Req *req                 # the request in progress, NULL between requests
+    Up *up
+    Flow flow[2]
+    int nreq
+    int first_eof            # tunnel: side whose EOF came first, -1 before any
+    int reason               # tunnel: why it closed
+    unsigned char relay      # RELAY_*
+    unsigned char keepalive  # the client connection stays after this exchange
+    unsigned char peer_closed    # the client half-closed
+    unsigned char queued     # on the ready list
+    double read_timeout      # tunnel
+    double send_timeout      # tunnel, exchange and answers
+    double started           # tunnel: from its 101
+    unsigned long long number    # $connection
+    LogRec *log              # the access log line being gathered, if the location logs
+    Conn *next               # the ready list, or the list freed at the end of the turn
+    Conn *all_prev           # every connection of the engine
+    Conn *all_next
+
+cdef struct LogRec:
+    # What an access log line needs once its request is gone (a tunnel keeps it to its close).
+    AccessLog *log
+    char *early              # the request-phase variables the format uses, rendered, each
+    int early_len            # NUL-terminated, in the format's order
+    double t_start           # the request's first byte
+    double connect_time      # -1: none
+    double header_time
+    double response_time
+    int status
+    int upstream_status
+    long long request_length
+    long long bytes_sent
+    long long head_sent      # bytes of the answer's head
+    long long head_in        # a tunnel: bytes of the request's head
+    long long upstream_sent
+    long long upstream_received
+    int group                # -1: none
+    int peer
+    int event                # LOG_EVENT_*: a tunnel's open or close line
+    int reason               # a tunnel's close reason
+
+cdef struct Req:
+    # One request, from its head to the end of its answer (freed then; a tunnel keeps none).
+    Head *head               # while the head is at hand (synchronous part of routing), else NULL
+    const char *hbase        # the head's bytes while at hand
+    double t_start
+    int method
+    int version
+    int head_size
+    int client_ka            # the client asked to keep the connection
+    int upgrading
+    char token[32]           # the Upgrade token asked for
+    int token_len
+    char accept[32]          # the Sec-WebSocket-Accept the 101 must carry
+    int accept_len
+    Selection sel
+    int sel_live             # sel is initialised
+    int peer                 # the attempt in progress, -1 if none
+    int tries
+    int timed_out            # the last failure was a timeout (504 rather than 502)
+    double t_first           # first attempt (next_upstream_timeout)
+    double t_connect         # this attempt
+    double t_connected
+    double t_sent            # request head written (read_timeout counts from here)
+    int retried              # a stale pooled connection was retried once
+    int reused               # this attempt runs on a pooled connection
+    char *uhead              # the head sent upstream and the body bytes that came with it,
+    int uhead_len            # kept for a next attempt
+    int ubody_len            # of which the body
+    char *early              # an upgrade's bytes past its head, held until the 101 is checked
+    int early_len
+    char *rbuf               # the upstream's answer while its head is incomplete
+    int rlen
+    int rcap
+    int resp_started         # bytes of the answer went to the client
+    int resp_done
+    int body_done            # the request body has been read whole
+    int up_keep              # the upstream keeps its connection
+    int resp_status
+    Chunked chunk_in         # request body, chunked
+    Chunked chunk_out        # response body, chunked
+    PyObject *ctx            # the request as Python sees it, for a custom balancer (or NULL)
+
+
+# --- the engine (engine/*.pxi) ---------------------------------------------------------------
+
+cdef struct Pool:
+    # nginx's `keepalive N` of an upstream block: idle connections to its servers, least
+    # recently used first (ngx_http_upstream_keepalive_module)
+    Up *head
+    Up *tail
+    int idle
+    int size
+    double timeout
+    int max_requests
+    unsigned long long opened
+    unsigned long long reused
+
+cdef struct Counters:
+    # Every field a 64-bit word: the master's status board maps a worker's Counters into shared
+    # memory, so that a status page sums every worker's live figures.  Gauges first.
+    long long conns          # client connections open, tunnels included
+    long long states[12]     # client connections by ConnState
+    long long tunnels_active
+    long long pipes_total
+    long long pipes_free
+    long long paused_now     # accepting is paused (worker_connections)
+    # counters
+    unsigned long long accepts
+    unsigned long long handled
+    unsigned long long requests
+    unsigned long long tunnels_total
+    unsigned long long bytes_spliced
+    unsigned long long bytes_copied
+    unsigned long long splice_calls
+    unsigned long long copy_calls
+    unsigned long long pipes_created
+    unsigned long long pipe_shortage
+    unsigned long long switches_to_splice
+    unsigned long long switches_to_copy
+    unsigned long long closes[10]        # tunnels by close reason: index -reason
+    unsigned long long loops
+    unsigned long long tls_tunnels_total
+    unsigned long long tls_handshakes
+    unsigned long long tls_handshake_failures
+    unsigned long long tls_reads
+    unsigned long long tls_writes
+    unsigned long long accept_errors
+    unsigned long long paused
+    unsigned long long log_lines
+
+cdef struct Eng:
+    int epfd
+    Io tio                   # the timerfd: the earliest deadline of the heap
+    double timer_armed       # when it is set to fire, 0 when disarmed
+    double now               # monotonic, read once per turn
+    double wall              # the wall clock, for log lines
+    char *buf                # the one read buffer every connection shares
+    int bufsize
+    Head head                # the request head being routed
+    Head rhead               # the response head being checked
+    # timers: one heap of every connection's deadline
+    Timer **heap
+    int heap_len
+    int heap_cap
+    # pipes for splice(2)
+    Pipe *free_pipes
+    int max_pipes
+    int pipe_size
+    # tables
+    Listener *lis
+    int nlis
+    Group **groups
+    char **group_names
+    char ***peer_names       # per group, per peer: the address text ($upstream_addr)
+    char ***peer_hosts       # per group, per peer: its host as written (TLS's SNI and name check)
+    Template **hash_keys     # per group: the hash key, or NULL
+    Pool *pools
+    int ngroups
+    # connections
+    int handshakes           # upstream TLS and engine-side upgrades in progress (for status)
+    int worker_connections
+    int accepting            # listeners are read (0 while paused or after stop_accepting)
+    int stopping             # a graceful stop is under way: no keep-alive, idle connections close
+    Conn *zombies            # closed in this turn, freed at its end
+    Up *dead_ups
+    Conn *ready              # connections with work no edge will announce
+    Conn *all                # every connection
+    unsigned long long serial
+    int number_step          # $connection = serial * number_step + number_base
+    int number_base
+    int more                 # work no edge will announce (the ready list, an accept queue)
+    int wakefd               # an eventfd the engine writes to itself for that work
+    fastws_buf obuf          # heads the engine builds
+    fastws_buf xbuf          # a second one (hash keys, log lines' early part, a Location)
+    fastws_buf vbuf          # a variable's value
+    char *pathbuf            # a percent-decoded path
+    int pathcap
+    char addrbuf[64]         # an address as text, for a message
+    char tlserr[256]         # an OpenSSL error as text, for a message
+    long time_sec            # the second time_local and time_iso were made for
+    char time_local[40]
+    char time_iso[40]
+    PyObject *owner          # the Python Engine, for the control plane's extension points
+    # messages for the error log, handed to Python at the end of a turn
+    fastws_buf msgs
+    int log_level            # 10 debug, 20 info, 30 warn, 40 error
+    Counters *n              # the figures: in the master's shared memory, or in `own`
+    Counters own
+
+
+cdef extern from "buf.h" nogil:
+    void eng_log "FASTWS_ENG_LOG"(Eng *e, int level, const char *fmt, ...)
+
+cdef enum:
+    # upstream connection states
+    UP_CONNECTING = 1
+    UP_TLS
+    UP_READY
+
+
+# --- variables (engine/vars.pxi; the table of names is fastws/variables.py) ------------------
+
+cdef enum Var:
+    # request phase: known once the request is routed
+    V_HOST = 0
+    V_REMOTE_ADDR
+    V_REMOTE_PORT
+    V_SCHEME
+    V_SERVER_ADDR
+    V_SERVER_PORT
+    V_SERVER_NAME
+    V_REQUEST_URI
+    V_URI
+    V_ARGS
+    V_QUERY_STRING
+    V_REQUEST_METHOD
+    V_PROXY_ADD_X_FORWARDED_FOR
+    V_PROXY_HOST
+    V_CONNECTION_UPGRADE
+    V_HTTP                   # $http_NAME
+    V_ARG                    # $arg_NAME
+    V_COOKIE                 # $cookie_NAME
+    V_REQUEST
+    V_REMOTE_USER
+    V_SERVER_PROTOCOL
+    V_CONNECTION
+    V_CONNECTION_REQUESTS
+    V_PID
+    # log phase: known when the line is written
+    V_UPSTREAM_ADDR
+    V_STATUS
+    V_BODY_BYTES_SENT
+    V_BYTES_SENT
+    V_REQUEST_LENGTH
+    V_REQUEST_TIME
+    V_TIME_LOCAL
+    V_TIME_ISO8601
+    V_MSEC
+    V_UPSTREAM_STATUS
+    V_UPSTREAM_CONNECT_TIME
+    V_UPSTREAM_HEADER_TIME
+    V_UPSTREAM_RESPONSE_TIME
+    V_UPSTREAM_BYTES_SENT
+    V_UPSTREAM_BYTES_RECEIVED
+    V_TUNNEL
+    V_TUNNEL_CLOSE
+    V_COUNT

@@ -801,7 +801,8 @@ def build_upstreams(config: Config, *, clock: Callable[[], float] = time.monoton
     out: dict[str, Upstream] = {}
     for up in config.upstreams:
         out[up.name] = build_upstream(config.source, up, clock)
-    return out
+    from ._engine import UpstreamGroup
+    return {k: UpstreamGroup(v) for k, v in out.items()}  # type: ignore
 
 
 def _duration(seconds: float) -> str:

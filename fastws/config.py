@@ -13,7 +13,10 @@ import tomllib
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Mapping
 
+from . import accesslog, tls
 from .errors import ConfigError
+from .tls import TLSConfig, UpstreamTLS
+from .variables import Template, parse_template
 
 # nginx's time units (ngx_parse_time): ms, s, m, h, d, w, M (30 days), y (365 days); a bare number is
 # seconds, and units can be combined as in "1h30m".
@@ -26,17 +29,6 @@ _SIZE = re.compile(r"(\d+)([kKmMgG]?)")
 BALANCE_METHODS = ("round_robin", "ip_hash", "hash", "least_conn")
 RELAY_MODES = ("auto", "splice", "copy")
 STATUS_FORMATS = ("stub", "json", "prometheus")
-
-# Variables a header value or a hash key may use; $http_NAME, $arg_NAME and $cookie_NAME are
-# families.  Mirrors the nginx variables of the same names.
-VARIABLES = frozenset((
-    "host", "remote_addr", "remote_port", "scheme", "server_addr", "server_port", "server_name",
-    "request_uri", "uri", "args", "query_string", "request_method", "proxy_add_x_forwarded_for",
-    "proxy_host", "http_upgrade", "connection_upgrade",
-))
-VARIABLE_FAMILIES = ("http_", "arg_", "cookie_")
-_VAR = re.compile(r"\$(?:\{([A-Za-z0-9_]+)\}|([A-Za-z0-9_]+))")
-
 
 def parse_duration(text: Any) -> float:
     """Turn an nginx time ('500ms', '60s', '5m', '1h30m', '7d', or a number of seconds) into seconds."""
@@ -134,36 +126,6 @@ def parse_address(text: Any, *, default_port: int | None = None) -> Address:
 
 
 @dataclass(frozen=True, slots=True)
-class Template:
-    """A value with nginx variables in it, split once into literal text and variable names."""
-
-    text: str
-    parts: tuple[tuple[bool, str], ...]  # (is_variable, literal text or variable name)
-
-    @property
-    def variables(self) -> tuple[str, ...]:
-        return tuple(p for is_var, p in self.parts if is_var)
-
-
-def parse_template(text: str) -> Template:
-    parts: list[tuple[bool, str]] = []
-    pos = 0
-    for m in _VAR.finditer(text):
-        if m.start() > pos:
-            parts.append((False, text[pos:m.start()]))
-        name = (m.group(1) or m.group(2)).lower()
-        if name not in VARIABLES and not (
-            name.startswith(VARIABLE_FAMILIES) and len(name) > len(name.split("_", 1)[0]) + 1
-        ):
-            raise ValueError(f"unknown variable ${name}")
-        parts.append((True, name))
-        pos = m.end()
-    if pos < len(text):
-        parts.append((False, text[pos:]))
-    return Template(text, tuple(parts))
-
-
-@dataclass(frozen=True, slots=True)
 class ServerConfig:
     """One `servers` entry of an upstream group (nginx's `server` directive)."""
 
@@ -174,27 +136,6 @@ class ServerConfig:
     max_conns: int = 0
     backup: bool = False
     down: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class TLSConfig:
-    """A server's TLS termination (nginx's ssl_* directives); file paths are absolute."""
-
-    certificate: str
-    key: str
-    protocols: tuple[str, ...] = ("TLSv1.2", "TLSv1.3")
-    ciphers: str = "HIGH:!aNULL:!MD5"
-    handshake_timeout: float = 60.0
-    session_tickets: bool = True
-
-
-@dataclass(frozen=True, slots=True)
-class UpstreamTLS:
-    """TLS to an upstream (nginx's proxy_ssl_*), with verification on by default."""
-
-    verify: bool = True
-    ca_file: str | None = None
-    server_name: str | None = None  # SNI and the name verified; default: each server's host
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,7 +204,6 @@ class Config:
     worker_connections: int = 4096
     pipe_size: int = 262144
     max_pipes: int = 0  # 0: worker_connections / 2
-    relay_thread: bool = False
     pid: str | None = None
     shutdown_timeout: float = 0.0  # 0: old workers wait for their tunnels to end (nginx's default)
     handover: bool = True  # on reload, old workers pass their tunnels to the new ones
@@ -408,13 +348,12 @@ def _read_upstream(source: str, table: Any, index: int) -> UpstreamConfig:
     if balancer is not None and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", balancer):
         raise r.fail("balancer", f"{balancer!r} is not an import path \"package.module:Class\"")
     keepalive = _positive_int(r, "keepalive", 0)
-    from .tls import read_upstream_tls
-    tls = read_upstream_tls(r)
+    up_tls = _read_upstream_tls(r)
     keepalive_timeout = r.duration("keepalive_timeout", 60.0)
     keepalive_requests = _positive_int(r, "keepalive_requests", 1000, minimum=1)
     r.finish()
     return UpstreamConfig(name, servers, balance, hash_key, consistent, float(factor), balancer,
-                          keepalive, tls=tls, keepalive_timeout=keepalive_timeout,
+                          keepalive, tls=up_tls, keepalive_timeout=keepalive_timeout,
                           keepalive_requests=keepalive_requests)
 
 
@@ -550,7 +489,6 @@ def _read_location(source: str, table: Any, where: str, implicit: dict[str, Upst
 
 
 def _access_log(r: _Reader, logs: tuple[Any, Any]) -> Any:
-    from . import accesslog
     r.seen.add("access_log")
     return accesslog.read_access_log(r.source, r.where, r.table.get("access_log", accesslog._UNSET),
                                      logs[0], logs[1])
@@ -580,13 +518,12 @@ def _read_server(source: str, table: Any, index: int, implicit: dict[str, Upstre
     max_head = r.size("max_request_head", 32768)
     if max_line < 256 or max_head < max_line:
         raise r.fail("max_request_head", "must be at least max_request_line (at least 256)")
-    from .tls import read_server_tls
-    tls = read_server_tls(r)
+    server_tls = _read_server_tls(r)
     redirect = r.get("redirect_https", (bool, int), False)
     redirect_https = 443 if redirect is True else int(redirect)
     if not 0 <= redirect_https < 65536:
         raise r.fail("redirect_https", "expected true or the HTTPS port (1-65535)")
-    if redirect_https and tls is not None:
+    if redirect_https and server_tls is not None:
         raise r.fail("redirect_https", "applies to a plain-HTTP server, and this one has tls")
     http = _read_http_limits(r, _HTTP_DEFAULTS)
     locs_raw = r.get("location", list, [])
@@ -603,7 +540,86 @@ def _read_server(source: str, table: Any, index: int, implicit: dict[str, Upstre
         locations.append(lc)
     r.finish()
     return ServerBlock(tuple(listen), names, default, tuple(locations), header_timeout,
-                       max_line, max_head, tls, redirect_https)
+                       max_line, max_head, server_tls, redirect_https)
+
+
+# --- TLS ----------------------------------------------------------------------------------
+
+def _tls_path(r: _Reader, name: str, value: str) -> str:
+    # Relative paths are relative to the configuration file, as nginx's are to its conf dir.
+    base = os.path.dirname(os.path.abspath(r.source)) if not r.source.startswith("<") \
+        else os.getcwd()
+    path = os.path.join(base, os.path.expanduser(value))
+    try:
+        with open(path, "rb"):
+            pass
+    except FileNotFoundError:
+        raise r.fail(name, f"{value}: no such file") from None
+    except OSError as exc:
+        raise r.fail(name, f"{value}: {(exc.strerror or str(exc)).lower()}") from None
+    return path
+
+
+def _read_server_tls(server: _Reader) -> TLSConfig | None:
+    """The `tls` table of a [[server]], with every file checked ."""
+    table = server.get("tls", dict, None)
+    if table is None:
+        return None
+    r = _Reader(server.source, table, server.key("tls"))
+    cert = _tls_path(r, "certificate", r.get("certificate", str, required=True))
+    key = _tls_path(r, "key", r.get("key", str, required=True))
+    protocols = r.strings("protocols", ("TLSv1.2", "TLSv1.3"))
+    for p in protocols:
+        if p not in tls.PROTOCOLS:
+            raise r.fail("protocols", f"unknown protocol {p!r} (one of {', '.join(tls.PROTOCOLS)}; "
+                         "SSLv2 and SSLv3 are not supported)")
+    if not protocols:
+        raise r.fail("protocols", "needs at least one protocol")
+    ciphers = r.get("ciphers", str, "HIGH:!aNULL:!MD5")
+    timeout = r.duration("handshake_timeout", 60.0)
+    if timeout <= 0:
+        raise r.fail("handshake_timeout", "must be greater than zero")
+    tickets = r.get("session_tickets", bool, True)
+    r.finish()
+    conf = TLSConfig(cert, key, tuple(protocols), ciphers, timeout, tickets)
+    try:
+        tls.server_context(conf)
+    except tls.Problem as exc:
+        raise r.fail(exc.key, exc.problem) from None
+    return conf
+
+
+def _read_upstream_tls(upstream: _Reader) -> UpstreamTLS | None:
+    """`tls = true` or `tls = {verify, ca_file, server_name}` on an [[upstream]]."""
+    value = upstream.get("tls", (bool, dict), None)
+    if value is None or value is False:
+        return None
+    if value is True:
+        return UpstreamTLS()
+    r = _Reader(upstream.source, value, upstream.key("tls"))
+    verify = r.get("verify", bool, True)
+    ca_raw = r.get("ca_file", str, None)
+    ca_file = _tls_path(r, "ca_file", ca_raw) if ca_raw is not None else None
+    name = r.get("server_name", str, None)
+    r.finish()
+    conf = UpstreamTLS(verify, ca_file, name)
+    try:
+        tls.upstream_context(conf)
+    except tls.Problem as exc:
+        raise r.fail(exc.key, exc.problem) from None
+    return conf
+
+
+def _check_listeners(source: str, servers: tuple[ServerBlock, ...]) -> None:
+    """An address is TLS or plain for every server on it (nginx's `listen ... ssl`)."""
+    seen: dict[tuple[str, int], tuple[int, bool]] = {}
+    for si, server in enumerate(servers):
+        for addr in server.listen:
+            first = seen.setdefault((addr.host, addr.port), (si, server.tls is not None))
+            if first[1] != (server.tls is not None):
+                raise ConfigError(source, f"server[{si}].tls",
+                                  f"{addr.text} is {'TLS' if first[1] else 'plain HTTP'} in "
+                                  f"server[{first[0]}]: every server on an address must agree")
 
 
 def from_dict(data: Mapping[str, Any], source: str = "<config>") -> Config:
@@ -622,8 +638,9 @@ def from_dict(data: Mapping[str, Any], source: str = "<config>") -> Config:
     if pipe_size < 4096 or pipe_size > (1 << 20):
         raise r.fail("pipe_size", "must be between 4k and 1m")
     max_pipes = _positive_int(r, "max_pipes", 0)
-    relay_thread = r.get("relay_thread", bool, False)
-    from . import accesslog
+    if "relay_thread" in r.table:
+        raise r.fail("relay_thread", "is no longer a setting: the engine runs in each worker's "
+                     "event loop")
     pid = r.get("pid", str, None)
     shutdown_timeout = r.duration("shutdown_timeout", 0.0)
     handover = r.get("handover", bool, True)
@@ -651,11 +668,10 @@ def from_dict(data: Mapping[str, Any], source: str = "<config>") -> Config:
                 raise ConfigError(source, f"server[{si}].location[{li}].proxy_pass",
                                   f"unknown upstream {loc.proxy_pass!r}")
     _check_defaults(source, servers)
-    from .tls import check_listeners
-    check_listeners(source, servers)
+    _check_listeners(source, servers)
     r.finish()
     return Config(source, tuple(upstreams) + tuple(implicit.values()), servers, processes,
-                  worker_connections, pipe_size, max_pipes, relay_thread, pid, shutdown_timeout,
+                  worker_connections, pipe_size, max_pipes, pid, shutdown_timeout,
                   handover, error_log)
 
 

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import orjson
 
 from . import accesslog
-from .proxy import TunnelRecord
+from ._engine import ExportedTunnel
 
 if TYPE_CHECKING:
     from .worker import Worker
@@ -175,36 +175,16 @@ def connect_once(addr: bytes) -> socket.socket | None:
     return sock
 
 
-def header(record: TunnelRecord, to_up: bytes, to_client: bytes, up: int, down: int,
-           age: float, first_eof: int, read_timeout: float, send_timeout: float,
-           mode: str) -> bytes:
-    log_cfg = None
-    if record.log is not None:
-        cfg, early = record.log
-        fmt = cfg.format
-        log_cfg = {"path": cfg.path, "open": cfg.open, "name": fmt.name, "json": fmt.json,
-                   "parts": fmt.parts, "early": fmt.early, "values": early}
-    return orjson.dumps({
-        "n0": len(to_up), "n1": len(to_client), "up": up, "down": down, "age": age,
-        "first_eof": first_eof, "read_timeout": read_timeout, "send_timeout": send_timeout,
-        "mode": mode, "upstream": record.upstream.name, "peer": record.peer.name,
-        "remote_addr": record.remote_addr, "request": record.request.decode("latin-1"),
-        "life": time.monotonic() - record.started,
-        "connect_time": record.connect_time, "header_time": record.header_time,
-        "head_in": record.head_bytes_in, "head_out": record.head_bytes_out, "log": log_cfg,
-    })
-
-
-def send(sock: socket.socket, exported: tuple[Any, ...]) -> None:
+def send(sock: socket.socket, t: "ExportedTunnel") -> None:
     """Send one exported tunnel; raises OSError if it could not go (the fds stay ours)."""
-    record, cfd, ufd, to_up, to_client, up, down, age, first_eof, rt, st, mode = exported
-    head = header(record, to_up, to_client, up, down, age, first_eof, rt, st, mode)
-    data = to_up + to_client
+    head = orjson.dumps(dict(t.header(), n0=len(t.to_upstream), n1=len(t.to_client)))
+    data = t.to_upstream + t.to_client
     # One message carries the fds, the header and (nearly always all of) the pending bytes, so
     # that a tunnel goes whole or not at all; more than CHUNK bytes in flight follow in chunks.
     first = CHUNK - len(head)
     msg = struct.pack("!I", len(head)) + head + data[:max(first, 0)]
-    sock.sendmsg([msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [cfd, ufd]))])
+    sock.sendmsg([msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                          array.array("i", [t.client_fd, t.upstream_fd]))])
     for i in range(max(first, 0), len(data), CHUNK):
         sock.sendall(data[i:i + CHUNK])
 
@@ -226,24 +206,19 @@ async def hand_over(w: "Worker") -> None:
     moved = in_flight = 0
     broken = False
     try:
-        while (w.conns or w.engine.active) and not w.stopped:
-            if not w.engine.active:
-                await asyncio.sleep(0.02)      # handshakes still in progress
-                continue
-            w.engine.export()
-            exported = None
-            while exported is None:
-                await asyncio.sleep(0.005)
-                exported = w.engine.take_exported()
-            for item in exported:
-                if broken or not _send_tunnel(w, sock, item):
+        while w.engine.active and not w.stopped:
+            exported = w.engine.export()
+            for t in exported:
+                if broken or not _send_tunnel(sock, t):
                     broken = True
-                    _keep(w, item)
+                    _keep(w, t)
                 else:
                     moved += 1
-                    in_flight += len(item[3]) + len(item[4])
-            if broken or not exported and not w.conns:
+                    in_flight += len(t.to_upstream) + len(t.to_client)
+            if broken or w.engine.active == w.engine.tunnels:
                 break       # what is left cannot move, or could not be sent: drained below
+            # requests still in progress may yet become tunnels
+            await asyncio.sleep(0.02)
     finally:
         sock.close()
     log.info("%d tunnels handed to the new workers (%d bytes in flight)", moved, in_flight)
@@ -253,69 +228,45 @@ async def hand_over(w: "Worker") -> None:
         w.finish()
 
 
-def _keep(w: "Worker", item: tuple[Any, ...]) -> None:
+def _keep(w: "Worker", t: "ExportedTunnel") -> None:
     # A tunnel that could not be sent goes back into this worker's engine, which relays it to
     # its end (the drain that follows waits for it).
-    record, cfd, ufd, to_up, to_client, up, down, age, first_eof, rt, st, mode = item
-    w.engine.add(cfd, ufd, to_up, to_client, rt, st, mode, record, up=up, down=down, age=age,
-                 first_eof=first_eof)
-    w.engine_kick()
+    group, peer = _peer_of(w, t.upstream, t.peer)
+    w.engine.adopt(t, group, peer, t.log["access_log"] if t.log is not None else -1)
 
 
-def _send_tunnel(w: "Worker", sock: socket.socket, item: tuple[Any, ...]) -> bool:
-    record, cfd, ufd = item[:3]
+def _send_tunnel(sock: socket.socket, t: "ExportedTunnel") -> bool:
     try:
-        send(sock, item)
+        send(sock, t)
     except OSError as exc:
         log.error("handing a tunnel over failed (%s); the rest stay in this worker", exc)
         return False
-    os.close(cfd)
-    os.close(ufd)
-    w.stats.tunnels -= 1
-    record.upstream.release(record.peer)
-    w.peer_figures(record.peer).active -= 1
+    os.close(t.client_fd)
+    os.close(t.upstream_fd)
     return True
+
+
+def _peer_of(w: "Worker", upstream: str, peer: str) -> tuple[int, int]:
+    """The group and peer numbers of a server in this worker's tables, (-1, -1) if a reload
+    removed it (the tunnel still goes on)."""
+    for gi, name in enumerate(w.groups):
+        if name == upstream:
+            for pi, p in enumerate(w.groups[name].peers):
+                if p.name == peer:
+                    return gi, pi
+    return -1, -1
 
 
 def adopt(w: "Worker", cfd: int, ufd: int, head: dict[str, Any], to_up: bytes,
           to_client: bytes) -> None:
     """The new worker's part: carry on a tunnel an old worker handed over."""
-    upstream: Any = w.upstreams.get(head["upstream"])
-    peer: Any = None
-    if upstream is not None:
-        peer = next((p for p in upstream.peers if p.name == head["peer"]), None)
-    if upstream is None or peer is None:
-        upstream = peer = GoneUpstream(head["upstream"], head["peer"])
-    else:
-        peer.conns += 1
-    record = record_from(head, upstream, peer)
-    w.engine.add(cfd, ufd, to_up, to_client, head["read_timeout"], head["send_timeout"],
-                 head["mode"], record, up=head["up"], down=head["down"], age=head["age"],
-                 first_eof=head["first_eof"])
-    w.engine_kick()
-    w.stats.tunnels += 1
-    w.peer_figures(peer).active += 1
-
-
-def record_from(head: dict[str, Any], upstream: Any, peer: Any) -> TunnelRecord:
-    record = TunnelRecord(upstream, peer, head["remote_addr"], head["request"].encode("latin-1"),
-                          time.monotonic() - head["life"], head["connect_time"],
-                          head["header_time"], head["head_in"], head["head_out"])
-    lc = head["log"]
+    t = ExportedTunnel.restore(cfd, ufd, head, to_up, to_client)
+    group, peer = _peer_of(w, t.upstream, t.peer)
+    log_index = -1
+    lc = t.log
     if lc is not None:
-        fmt = accesslog.LogFormat(lc["name"], tuple((k, t) for k, t in lc["parts"]),
-                                  tuple(lc["early"]), lc["json"])
-        record.log = (accesslog.AccessLogConfig(lc["path"], fmt, lc["open"]),
-                      tuple(lc["values"]))
-    return record
-
-
-class GoneUpstream:
-    """Stands for an upstream (or server) a reload removed while a tunnel to it lives on."""
-
-    def __init__(self, upstream: str, name: str) -> None:
-        self.upstream = upstream
-        self.name = name
-
-    def release(self, peer: Any) -> None:
-        pass
+        fmt = lc["format"]
+        log_index = w.engine.add_access_log(
+            lc["path"], -1 if lc["path"] in w.engine.log_paths else accesslog.open_log(lc["path"]),
+            [tuple(p) for p in fmt["parts"]], fmt["json"], fmt["names"], fmt["early"], lc["open"])
+    w.engine.adopt(t, group, peer, log_index)

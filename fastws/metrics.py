@@ -2,7 +2,9 @@
 
 The master maps one anonymous shared memory area before it forks (MAP_SHARED, so every worker
 and every later generation sees the same pages).  Each worker owns one slot and is its only
-writer; a status request sums every slot.  Slot 0 keeps what exited workers counted: when the
+writer: its engine keeps its figures (connections, tunnels, requests, bytes) right there, live,
+and the worker adds its upstream servers' figures every half second; a status request sums
+every slot.  Slot 0 keeps what exited workers counted: when the
 master reaps a worker it adds the slot's monotonic counters to slot 0 and clears the slot, so
 "accepts" and the byte counts never go back (nginx keeps its stub_status counters in a shared
 zone for the same reason).  Values are aligned 64-bit words; a reader may see a value a moment
@@ -11,50 +13,33 @@ old, never a torn one.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import mmap
 from typing import TYPE_CHECKING, Any, Iterator
 
 import orjson
 
-from . import _splice
+from . import _engine
 
 if TYPE_CHECKING:
     from .worker import Worker
 
 
 
-def _flat(stats: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, int]]:
-    # Engine.stats() may nest one level ({"closes": {"client": 3, ...}}): "closes.client".
-    for k, v in stats.items():
-        if isinstance(v, dict):
-            yield from _flat(v, f"{prefix}{k}.")
-        else:
-            yield prefix + k, v
-
-
-# Whatever counters the relay engine has, in its order (read once from an engine that never
-# starts), so that the status pages show them all, summed.
-ENGINE_KEYS = tuple(k for k, _ in _flat(_splice.Engine(max_pipes=0).stats()))
-ENGINE_GAUGES = frozenset(k for k in ENGINE_KEYS
-                          if "active" in k or k in ("pipes_total", "pipes_free"))
-
-# Per-worker header words.  Gauges are cleared when a worker exits, counters move to slot 0.
-HEADER = ("pid", "generation", "processes", "serial", "accepts", "handled", "requests", "active",
-          "reading", "waiting", "tunnels", "tunnels_total", "paused", "retiring") \
-    + tuple("engine_" + k for k in ENGINE_KEYS)
-GAUGES = frozenset({"pid", "generation", "processes", "active", "reading", "waiting", "tunnels",
-                    "paused",
-                    "retiring"}
-                   | {"engine_" + k for k in ENGINE_GAUGES})
-KEPT = frozenset(("serial",))   # never moved nor cleared: connection numbers stay unique
+# A slot: the worker's control words, then its engine's figures (the engine writes them in
+# place, live: _engine.Counters), then a table of its upstream servers' figures.
+HEADER = ("pid", "generation", "processes", "serial", "retiring")
 HEADER_WORDS = len(HEADER)
+ENGINE_WORDS = (_engine.COUNTERS_SIZE + 7) // 8
+KEPT = frozenset(("serial",))   # never moved nor cleared: connection numbers stay unique
 
 # Per-peer words: the peer's key, then its figures.
 PEER = ("key", "active", "tunnels_total", "bytes_up", "bytes_down", "fails", "selected", "down")
 PEER_GAUGES = frozenset(("active", "down"))
 PEER_CAP = 256
-SLOT_WORDS = HEADER_WORDS + PEER_CAP * len(PEER)
+PEERS_AT = HEADER_WORDS + ENGINE_WORDS
+SLOT_WORDS = PEERS_AT + PEER_CAP * len(PEER)
 
 _H = {name: i for i, name in enumerate(HEADER)}
 
@@ -77,29 +62,21 @@ def _field(name: str) -> Any:
 
 
 class Slot:
-    """One worker's words in the board: header fields as attributes, and its peer table."""
+    """One worker's words in the board: header fields as attributes, its engine's figures at
+    `counters` (an address the engine writes to), and its peer table."""
 
-    __slots__ = ("v", "index", "_peers")
+    __slots__ = ("v", "index", "counters", "_peers")
 
-    # the header words
     pid = _field("pid")
     generation = _field("generation")
     processes = _field("processes")
     serial = _field("serial")
-    accepts = _field("accepts")
-    handled = _field("handled")
-    requests = _field("requests")
-    active = _field("active")
-    reading = _field("reading")
-    waiting = _field("waiting")
-    tunnels = _field("tunnels")
-    tunnels_total = _field("tunnels_total")
-    paused = _field("paused")
     retiring = _field("retiring")
 
-    def __init__(self, view: memoryview, index: int) -> None:
+    def __init__(self, view: memoryview, index: int, address: int) -> None:
         self.v = view
         self.index = index
+        self.counters = address + HEADER_WORDS * 8
         self._peers: dict[int, int] = {}   # peer key -> word offset (writer side)
 
     def clear(self) -> None:
@@ -108,6 +85,10 @@ class Slot:
                 self.v[i] = 0
         self._peers.clear()
 
+    def figures(self) -> dict[str, Any]:
+        """Its engine's figures, as Engine.stats() gives them."""
+        return _engine.counters_view(self.counters)
+
     def peer_offset(self, key: int) -> int:
         """The offset of a peer's words in this slot (a free entry is taken for a new key), or
         -1 when the table is full."""
@@ -115,7 +96,7 @@ class Slot:
         if off is not None:
             return off
         for i in range(PEER_CAP):
-            off = HEADER_WORDS + i * len(PEER)
+            off = PEERS_AT + i * len(PEER)
             if self.v[off] in (0, key):
                 self.v[off] = key
                 self._peers[key] = off
@@ -124,7 +105,7 @@ class Slot:
 
     def peers(self) -> Iterator[tuple[int, int]]:
         for i in range(PEER_CAP):
-            off = HEADER_WORDS + i * len(PEER)
+            off = PEERS_AT + i * len(PEER)
             key = self.v[off]
             if key == 0:
                 return
@@ -139,8 +120,9 @@ class Board:
         self.mem = mmap.mmap(-1, self.count * SLOT_WORDS * 8,
                              flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
         words = memoryview(self.mem).cast("q")
-        self.slots = [Slot(words[i * SLOT_WORDS:(i + 1) * SLOT_WORDS], i)
-                      for i in range(self.count)]
+        base = ctypes.addressof(ctypes.c_char.from_buffer(self.mem))
+        self.slots = [Slot(words[i * SLOT_WORDS:(i + 1) * SLOT_WORDS], i,
+                           base + i * SLOT_WORDS * 8) for i in range(self.count)]
         self.used: set[int] = set()
 
     def take(self) -> Slot | None:
@@ -154,9 +136,7 @@ class Board:
     def retire(self, slot: Slot) -> None:
         """A worker exited: keep its counters in slot 0 and free its slot (master side)."""
         total = self.slots[0]
-        for i, name in enumerate(HEADER):
-            if name not in GAUGES and name not in KEPT:
-                total.v[i] += slot.v[i]
+        _engine.counters_add(total.counters, slot.counters)
         for key, off in slot.peers():
             toff = total.peer_offset(key)
             if toff < 0:
@@ -179,54 +159,44 @@ def private_board() -> Board:
 
 # --- the worker's side -------------------------------------------------------------------------
 
-class PeerFigures:
-    """A worker's live figures for one upstream server (bytes are counted when tunnels close)."""
-
-    __slots__ = ("key", "active", "tunnels_total", "bytes_up", "bytes_down")
-
-    def __init__(self, key: int) -> None:
-        self.key = key
-        self.active = 0
-        self.tunnels_total = 0
-        self.bytes_up = 0
-        self.bytes_down = 0
-
-
 def publish(w: "Worker") -> None:
-    """Write the worker's figures that are not counted live into its slot."""
+    """Write the worker's figures that its engine does not keep live into its slot: the
+    connection numbering, and its upstream servers' figures."""
     slot = w.stats
-    # reading: no complete head yet (nginx counts a request whose head is read as writing);
-    # waiting: kept alive between two requests
-    slot.reading = sum(1 for c in w.conns if c.state == "head")
-    slot.waiting = sum(1 for c in w.conns if c.state == "idle")
-    if w.engine is not None:
-        for k, v in _flat(w.engine.stats()):
-            if k in _H_ENGINE:
-                slot.v[_H_ENGINE[k]] = v
+    if w.engine is None:
+        return
+    slot.serial = w.engine.serial
     words = slot.v
-    for up in w.upstreams.values():
-        for p in up.peers:
-            fig = w.peer_figures(p)
-            off = slot.peer_offset(fig.key)
+    for name, group in w.groups.items():
+        for p in group.peers:
+            off = slot.peer_offset(peer_key(name, p.name))
             if off < 0:
                 continue
-            words[off + 1] = fig.active
-            words[off + 2] = fig.tunnels_total
-            words[off + 3] = fig.bytes_up
-            words[off + 4] = fig.bytes_down
+            words[off + 1] = p.tunnels_active
+            words[off + 2] = p.tunnels_total
+            words[off + 3] = p.bytes_up
+            words[off + 4] = p.bytes_down
             words[off + 5] = p.fails_total
             words[off + 6] = p.selected_total
             words[off + 7] = 1 if p.state == "down" else 0
 
 
-_H_ENGINE = {k: _H["engine_" + k] for k in ENGINE_KEYS}
+def _add(total: dict[str, Any], part: dict[str, Any]) -> None:
+    for k, v in part.items():
+        if isinstance(v, dict):
+            _add(total.setdefault(k, {}), v)
+        else:
+            total[k] = total.get(k, 0) + v
 
 
 def totals(w: "Worker") -> dict[str, Any]:
     """Everything summed over the workers: the data of every status format."""
     publish(w)
     slots = w.board.live()
-    head = {name: sum(s.v[i] for s in slots) for i, name in enumerate(HEADER)}
+    figures = {s.index: s.figures() for s in slots}
+    e: dict[str, Any] = {}
+    for f in figures.values():
+        _add(e, f)
     peers: dict[int, list[int]] = {}
     for s in slots:
         for key, off in s.peers():
@@ -235,7 +205,7 @@ def totals(w: "Worker") -> dict[str, Any]:
                 acc[j] += s.v[off + j]
     workers = [s for s in slots[1:]]
     upstreams = {}
-    for name, up in w.upstreams.items():
+    for name, up in w.groups.items():
         servers = []
         for p in up.peers:
             acc = peers.get(peer_key(name, p.name), [0] * len(PEER))
@@ -245,39 +215,28 @@ def totals(w: "Worker") -> dict[str, Any]:
                             "tunnels": acc[2], "bytes_up": acc[3], "bytes_down": acc[4],
                             "fails": acc[5], "selected": acc[6], "backup": p.backup})
         upstreams[name] = servers
-    active = head["active"] + head["tunnels"]
-    # other workers' reading counts are up to PUBLISH_INTERVAL old; active ones are live
-    reading = min(head["reading"], active)
-    waiting = min(head["waiting"], active - reading)
+    states = e["states"]
+    active = e["conns"]
+    reading = states["head"] + states["tls"]
+    waiting = states["idle"]
     return {
         "connections": {"active": active, "reading": reading,
                         "writing": active - reading - waiting, "waiting": waiting,
-                        "accepted": head["accepts"], "handled": head["handled"]},
-        "requests": head["requests"],
-        "tunnels": {"active": head["tunnels"], "total": head["tunnels_total"]},
-        "engine": _nest({k: head["engine_" + k] for k in ENGINE_KEYS}),
-        "workers": [{"pid": s.pid, "generation": s.generation, "accepts": s.accepts,
-                     "active": s.active + s.tunnels, "tunnels": s.tunnels,
-                     "paused": bool(s.paused), "retiring": bool(s.retiring)}
+                        "accepted": e["accepts"], "handled": e["handled"]},
+        "requests": e["requests"],
+        "tunnels": {"active": e["tunnels_active"], "total": e["tunnels_total"]},
+        "engine": e,
+        "workers": [{"pid": s.pid, "generation": s.generation,
+                     "accepts": figures[s.index]["accepts"],
+                     "active": figures[s.index]["conns"],
+                     "tunnels": figures[s.index]["tunnels_active"],
+                     "paused": bool(figures[s.index]["paused_now"]),
+                     "retiring": bool(s.retiring)}
                     for s in workers],
         "upstreams": upstreams,
         # upstream keep-alive pools are per worker: these are the answering worker's
-        "keepalive_pools": {
-            name: {"idle": len(pool.idle), "opened": pool.opened, "reused": pool.reused}
-            for name, pool in getattr(w, "http_pools", {}).items() if pool is not None
-        },
+        "keepalive_pools": w.engine.pools(),
     }
-
-
-def _nest(flat: dict[str, int]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in flat.items():
-        group, dot, name = k.partition(".")
-        if dot:
-            out.setdefault(group, {})[name] = v
-        else:
-            out[k] = v
-    return out
 
 
 def render(w: "Worker", fmt: str) -> tuple[str, bytes]:

@@ -555,8 +555,11 @@ def test_status_pages_sum_every_worker(make_proxy, tmp_path, port, backend):
     # previous status requests may still be closing, and each worker publishes its reading
     # count twice a second: hence the wait
     seen: list[dict[str, int]] = []
-    wait_until(lambda: seen.append(stub_status()) or (seen[-1]["active"], seen[-1]["reading"])
-               == (8, 1))
+    try:
+        wait_until(lambda: seen.append(stub_status()) or (seen[-1]["active"], seen[-1]["reading"])
+                   == (8, 1))
+    except AssertionError:
+        raise AssertionError(seen[-3:])
     stub = seen[-1]
     assert stub["writing"] == 7 and stub["waiting"] == 0
     assert stub["accepts"] == stub["handled"] >= 38

@@ -31,8 +31,7 @@ def test_messages_arrive_intact(make_proxy, echo_backend, port, relay):
         ws.send(b"")
         assert ws.recv() == b""
     engine = proxy.status()["engine"]
-    # the upstream half of the handshake ran in the engine: a valid 101 made the tunnel there
-    assert (engine["handshakes_done"], engine["handshakes_returned"]) == (1, 0)
+    assert engine["tunnels_total"] == 1
     if relay == "splice":
         assert engine["bytes_spliced"] >= 2 * len(big)
         assert engine["bytes_copied"] == 0
@@ -212,8 +211,7 @@ def test_forged_101_is_refused(make_proxy, port, answer):
         read_all(s)
     wait_until(lambda: backend.received)
     assert all(b"smuggled" not in r for r in backend.received)
-    # the engine gave the answer back to Python, whose strict check refused it
-    assert proxy.status()["engine"]["handshakes_returned"] == 1
+    assert proxy.status()["tunnels"]["total"] == 0
     backend.close()
 
 
@@ -525,21 +523,3 @@ def test_valid_101_variants_are_tunnelled(make_proxy, port, answer):
         s.sendall(b"echo me")
         assert s.recv(100) == b"echo me"
     backend.close()
-
-
-def test_relay_engine_in_its_own_thread(make_proxy, echo_backend, port):
-    # relay_thread = true: the engine runs in a native thread of its own instead of the event
-    # loop's; everything behaves the same
-    config = ws_config(port, echo_backend.address)
-    config["relay_thread"] = True
-    proxy = make_proxy(config, port=port)
-    big = os.urandom(4 << 20)
-    with connect(f"ws://127.0.0.1:{port}/ws", max_size=None, compression=None) as ws:
-        ws.send("small")
-        assert ws.recv() == "small"
-        ws.send(big)
-        assert ws.recv() == big
-    wait_until(lambda: proxy.status()["tunnels"]["active"] == 0)
-    engine = proxy.status()["engine"]
-    assert engine["handshakes_done"] == 1 and engine["tunnels_total"] == 1
-    assert engine["bytes_spliced"] > 0

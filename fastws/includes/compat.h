@@ -1,5 +1,5 @@
-/* Declarations the relay engine needs from Linux, with _GNU_SOURCE defined before any system
- * header so that splice(2), pipe2(2) and F_SETPIPE_SZ are visible whatever the build flags. */
+/* Declarations the engine needs from Linux, with _GNU_SOURCE defined before any system header
+ * so that splice(2), pipe2(2), accept4(2) and F_SETPIPE_SZ are visible whatever the flags. */
 #ifndef FASTWS_COMPAT_H
 #define FASTWS_COMPAT_H
 #ifndef _GNU_SOURCE
@@ -23,10 +23,20 @@
 #define FASTWS_DEBUG 0
 #endif
 
+/* A deadline that never comes. */
+#define FASTWS_NEVER 1e300
+
 static inline double fastws_monotonic(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+static inline double fastws_realtime(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 #endif

@@ -41,3 +41,21 @@ cdef enum:
     # largest head fastws accepts from an upstream.
     HS_BUF_START = 4096
     HS_BUF_MAX = 32768
+
+    # Accepts per listener per turn before the other connections get their turn.
+    ACCEPT_BATCH = 64
+    # Error-log levels, as Python's logging.
+    LOG_DEBUG = 10
+    LOG_INFO = 20
+    LOG_WARN = 30
+    LOG_ERROR = 40
+    # Largest upstream response head.
+    MAX_RESPONSE_HEAD = 32768
+    LOG_EVENT_NONE = 0
+    LOG_EVENT_OPEN = 1
+    LOG_EVENT_CLOSE = 2
+    # flow_frame's verdicts on a request body (not close reasons)
+    FRAME_TOO_LARGE = -40
+    FRAME_BAD = -41
+    # Bytes of log lines gathered per file before a write(2).
+    LOG_BUFFER = 65536

@@ -3,6 +3,8 @@
 cdef extern from "compat.h" nogil:
     int FASTWS_DEBUG
     double fastws_monotonic()
+    double fastws_realtime()
+    double NEVER "FASTWS_NEVER"
 
     # splice(2), pipe2(2), fcntl(2)
     ssize_t splice(int fd_in, long long *off_in, int fd_out, long long *off_out,
@@ -75,11 +77,21 @@ cdef extern from "compat.h" nogil:
     struct iovec:
         void *iov_base
         size_t iov_len
+    struct msghdr:
+        void *msg_name
+        socklen_t msg_namelen
+        iovec *msg_iov
+        size_t msg_iovlen
+        void *msg_control
+        size_t msg_controllen
+        int msg_flags
+    ssize_t sendmsg(int sockfd, const msghdr *msg, int flags)
     int socket(int domain, int type, int protocol)
     int connect(int sockfd, const sockaddr *addr, socklen_t addrlen)
     int accept4(int sockfd, sockaddr *addr, socklen_t *addrlen, int flags)
     int setsockopt(int sockfd, int level, int optname, const void *optval, socklen_t optlen)
     int getsockname(int sockfd, sockaddr *addr, socklen_t *addrlen)
+    int getpeername(int sockfd, sockaddr *addr, socklen_t *addrlen)
     ssize_t writev(int fd, const iovec *iov, int iovcnt)
     int inet_pton(int af, const char *src, void *dst)
     const char *inet_ntop(int af, const void *src, char *dst, socklen_t size)
@@ -140,3 +152,9 @@ cdef extern from "compat.h" nogil:
     int pthread_mutex_destroy(pthread_mutex_t *mutex)
     int pthread_mutex_lock(pthread_mutex_t *mutex)
     int pthread_mutex_unlock(pthread_mutex_t *mutex)
+
+
+cdef extern from "websocket.h" nogil:
+    int base64_decode "fastws_base64_decode"(const char *s, int n, unsigned char *out, int cap)
+    int base64_encode "fastws_base64_encode"(const unsigned char *s, int n, char *out)
+    void ws_accept "fastws_ws_accept"(const char *key, int keylen, char *out)

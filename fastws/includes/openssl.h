@@ -17,6 +17,7 @@
 #include <Python.h>
 
 typedef struct ssl_st FASTWS_SSL;          /* opaque */
+typedef struct ssl_ctx_st FASTWS_SSL_CTX;  /* opaque */
 
 #define FASTWS_SSL_ERROR_NONE 0
 #define FASTWS_SSL_ERROR_SSL 1
@@ -28,6 +29,14 @@ typedef struct ssl_st FASTWS_SSL;          /* opaque */
 #define FASTWS_SSL_CTRL_SET_READ_AHEAD 41
 #define FASTWS_SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER 0x2L
 #define FASTWS_SSL_MODE_RELEASE_BUFFERS 0x10L
+#define FASTWS_SSL_CTRL_SET_TLSEXT_SERVERNAME_CB 53
+#define FASTWS_SSL_CTRL_SET_TLSEXT_HOSTNAME 55
+#define FASTWS_TLSEXT_NAMETYPE_host_name 0
+#define FASTWS_SSL_TLSEXT_ERR_OK 0
+#define FASTWS_SSL_R_HTTP_REQUEST 156
+#define FASTWS_ERR_REASON_MASK 0x7FFFFF
+
+typedef struct X509_VERIFY_PARAM_st FASTWS_X509_VERIFY_PARAM;
 
 typedef struct {
     int (*read)(FASTWS_SSL *, void *, int);
@@ -40,6 +49,28 @@ typedef struct {
     int (*get_fd)(const FASTWS_SSL *);
     int (*free_buffers)(FASTWS_SSL *);
     void (*err_clear)(void);
+    /* the engine's own TLS handshakes */
+    FASTWS_SSL *(*new_)(FASTWS_SSL_CTX *);
+    void (*free)(FASTWS_SSL *);
+    int (*set_fd)(FASTWS_SSL *, int);
+    void (*set_accept_state)(FASTWS_SSL *);
+    void (*set_connect_state)(FASTWS_SSL *);
+    int (*do_handshake)(FASTWS_SSL *);
+    FASTWS_SSL_CTX *(*set_ssl_ctx)(FASTWS_SSL *, FASTWS_SSL_CTX *);
+    FASTWS_SSL_CTX *(*get_ssl_ctx)(const FASTWS_SSL *);
+    const char *(*get_servername)(const FASTWS_SSL *, const int);
+    long (*ctx_callback_ctrl)(FASTWS_SSL_CTX *, int, void (*)(void));
+    int (*set_ex_data)(FASTWS_SSL *, int, void *);
+    void *(*get_ex_data)(const FASTWS_SSL *, int);
+    FASTWS_X509_VERIFY_PARAM *(*get0_param)(FASTWS_SSL *);
+    int (*param_set1_host)(FASTWS_X509_VERIFY_PARAM *, const char *, size_t);
+    int (*param_set1_ip)(FASTWS_X509_VERIFY_PARAM *, const unsigned char *, size_t);
+    long (*get_verify_result)(const FASTWS_SSL *);
+    const char *(*verify_error_string)(long);
+    unsigned long (*err_get)(void);
+    unsigned long (*err_peek)(void);
+    void (*err_string)(unsigned long, char *, size_t);
+    int (*session_reused)(const FASTWS_SSL *);
 } fastws_ssl_api;
 
 static fastws_ssl_api fastws_ssl;
@@ -73,8 +104,35 @@ static int fastws_ssl_load(const char *hint)
     *(void **)&api.get_fd = dlsym(h, "SSL_get_fd");
     *(void **)&api.free_buffers = dlsym(h, "SSL_free_buffers");
     *(void **)&api.err_clear = dlsym(h, "ERR_clear_error");
+    *(void **)&api.new_ = dlsym(h, "SSL_new");
+    *(void **)&api.free = dlsym(h, "SSL_free");
+    *(void **)&api.set_fd = dlsym(h, "SSL_set_fd");
+    *(void **)&api.set_accept_state = dlsym(h, "SSL_set_accept_state");
+    *(void **)&api.set_connect_state = dlsym(h, "SSL_set_connect_state");
+    *(void **)&api.do_handshake = dlsym(h, "SSL_do_handshake");
+    *(void **)&api.set_ssl_ctx = dlsym(h, "SSL_set_SSL_CTX");
+    *(void **)&api.get_ssl_ctx = dlsym(h, "SSL_get_SSL_CTX");
+    *(void **)&api.get_servername = dlsym(h, "SSL_get_servername");
+    *(void **)&api.ctx_callback_ctrl = dlsym(h, "SSL_CTX_callback_ctrl");
+    *(void **)&api.set_ex_data = dlsym(h, "SSL_set_ex_data");
+    *(void **)&api.get_ex_data = dlsym(h, "SSL_get_ex_data");
+    *(void **)&api.get0_param = dlsym(h, "SSL_get0_param");
+    *(void **)&api.param_set1_host = dlsym(h, "X509_VERIFY_PARAM_set1_host");
+    *(void **)&api.param_set1_ip = dlsym(h, "X509_VERIFY_PARAM_set1_ip");
+    *(void **)&api.get_verify_result = dlsym(h, "SSL_get_verify_result");
+    *(void **)&api.verify_error_string = dlsym(h, "X509_verify_cert_error_string");
+    *(void **)&api.err_get = dlsym(h, "ERR_get_error");
+    *(void **)&api.err_peek = dlsym(h, "ERR_peek_error");
+    *(void **)&api.err_string = dlsym(h, "ERR_error_string_n");
+    *(void **)&api.session_reused = dlsym(h, "SSL_session_reused");
     if (!api.read || !api.write || !api.get_error || !api.pending || !api.has_pending ||
-            !api.shutdown || !api.ctrl || !api.get_fd || !api.free_buffers || !api.err_clear)
+            !api.shutdown || !api.ctrl || !api.get_fd || !api.free_buffers || !api.err_clear ||
+            !api.new_ || !api.free || !api.set_fd || !api.set_accept_state ||
+            !api.set_connect_state || !api.do_handshake || !api.set_ssl_ctx ||
+            !api.get_ssl_ctx || !api.get_servername || !api.ctx_callback_ctrl ||
+            !api.set_ex_data || !api.get_ex_data || !api.get0_param || !api.param_set1_host ||
+            !api.param_set1_ip || !api.get_verify_result || !api.verify_error_string ||
+            !api.err_get || !api.err_peek || !api.err_string || !api.session_reused)
         return -1;
     fastws_ssl = api;
     fastws_ssl_ready = 1;
@@ -98,5 +156,27 @@ static inline void fastws_set_errno(int value)
 static inline FASTWS_SSL *fastws_ssl_of(PyObject *sslobj)
 {
     return ((fastws_pyssl_head *)sslobj)->ssl;
+}
+
+/* CPython's _ssl._SSLContext keeps its SSL_CTX* right after the object header (Modules/_ssl.c,
+ * PySSLContext, unchanged from 3.6 to 3.13).  The caller checks it against an SSL object the
+ * ssl module itself made from the context before trusting it (check_tls_context). */
+typedef struct {
+    PyObject_HEAD
+    FASTWS_SSL_CTX *ctx;
+} fastws_pyctx_head;
+
+static inline FASTWS_SSL_CTX *fastws_ctx_of(PyObject *ctxobj)
+{
+    return ((fastws_pyctx_head *)ctxobj)->ctx;
+}
+
+/* The servername callback's type (SSL_CTX_set_tlsext_servername_callback is a macro). */
+typedef int (*fastws_sni_cb)(FASTWS_SSL *, int *, void *);
+
+static inline long fastws_set_sni_callback(FASTWS_SSL_CTX *ctx, fastws_sni_cb cb)
+{
+    return fastws_ssl.ctx_callback_ctrl(ctx, FASTWS_SSL_CTRL_SET_TLSEXT_SERVERNAME_CB,
+                                        (void (*)(void))cb);
 }
 #endif

@@ -1,0 +1,908 @@
+# The Engine as Python sees it: the control plane's handle on one worker's engine.
+
+cdef int engine_log_level(int level) noexcept nogil:
+    return level
+
+
+@cython.final
+cdef class ExportedTunnel:
+    """A tunnel taken out of an engine whole, to go on in another process (a reload): its two
+    sockets (the caller owns them now), the bytes in flight each way, and what its accounting
+    and its log line need."""
+
+    cdef readonly int client_fd
+    cdef readonly int upstream_fd
+    cdef readonly bytes to_upstream
+    cdef readonly bytes to_client
+    cdef readonly unsigned long long up
+    cdef readonly unsigned long long down
+    cdef readonly double age
+    cdef readonly int first_eof
+    cdef readonly double read_timeout
+    cdef readonly double send_timeout
+    cdef readonly str relay
+    cdef readonly str upstream
+    cdef readonly str peer
+    cdef readonly object log        # None, or what the tunnel's access log line needs
+
+    _FIELDS = ("up", "down", "age", "first_eof", "read_timeout", "send_timeout", "relay",
+               "upstream", "peer", "log")
+
+    def header(self):
+        """Everything but the fds and the bytes in flight, as plain data (JSON-safe)."""
+        out = {name: getattr(self, name) for name in self._FIELDS}
+        if self.log is not None:
+            out["log"] = dict(self.log, early=self.log["early"].decode("latin-1"))
+        return out
+
+    @staticmethod
+    def restore(int client_fd, int upstream_fd, dict header, bytes to_upstream, bytes to_client):
+        """The tunnel again, in the process it was handed to."""
+        cdef ExportedTunnel t = ExportedTunnel.__new__(ExportedTunnel)
+        t.client_fd = client_fd
+        t.upstream_fd = upstream_fd
+        t.to_upstream = to_upstream
+        t.to_client = to_client
+        t.up = header["up"]
+        t.down = header["down"]
+        t.age = header["age"]
+        t.first_eof = header["first_eof"]
+        t.read_timeout = header["read_timeout"]
+        t.send_timeout = header["send_timeout"]
+        t.relay = header["relay"]
+        t.upstream = header["upstream"]
+        t.peer = header["peer"]
+        log = header.get("log")
+        t.log = dict(log, early=log["early"].encode("latin-1")) if log is not None else None
+        return t
+
+
+@cython.final
+cdef class Engine:
+    """One worker's engine.  `control` is the control plane's object: the engine calls its
+    `status_page(fmt)` for status locations and `log(level, text)` with error-log messages."""
+
+    cdef Eng *e
+    cdef Arena arena
+    cdef readonly object control
+    cdef list _keep                   # Python objects the tables borrow from
+    cdef list _groups                 # UpstreamGroup per group index
+    cdef list _log_paths
+    cdef list _status_formats
+    cdef list _access_logs            # (file index, format index, open) per AccessLog
+    cdef list _format_specs
+    cdef AccessLog **_als
+    cdef int _nals
+    cdef LogFile **_files
+    cdef int _nfiles
+    cdef LogFormat **_formats
+    cdef int _nformats
+    cdef bint loaded
+    cdef bint stopped
+
+    def __cinit__(self, object control=None, *, int pipe_size=262144, int max_pipes=1024,
+                  int bufsize=65536, int worker_connections=4096, int log_level=20,
+                  int number_step=1, int number_base=0, Py_ssize_t counters=0):
+        cdef epoll_event ev
+        cdef Eng *e
+        if bufsize < 4096:
+            raise ValueError("bufsize must be at least 4096")
+        self.e = e = <Eng *>calloc(1, sizeof(Eng))
+        if e == NULL:
+            raise MemoryError()
+        e.owner = <PyObject *>self
+        # the figures live where the status board can read them, if it gave an address
+        e.n = <Counters *>counters if counters else &e.own
+        memset(e.n, 0, sizeof(Counters))
+        e.epfd = e.tio.fd = e.wakefd = -1
+        e.pipe_size = pipe_size
+        e.max_pipes = max_pipes
+        e.bufsize = bufsize
+        e.worker_connections = worker_connections
+        e.log_level = log_level
+        e.number_step = number_step
+        e.number_base = number_base
+        e.buf = <char *>malloc(bufsize)
+        e.pathcap = bufsize
+        e.pathbuf = <char *>malloc(bufsize)
+        if e.buf == NULL or e.pathbuf == NULL:
+            raise MemoryError()
+        self.control = control
+        self._keep = []
+        self._groups = []
+        self._log_paths = []
+        self._status_formats = []
+        self._access_logs = []
+        self._format_specs = []
+        e.epfd = _errcheck(epoll_create1(EPOLL_CLOEXEC))
+        e.tio.kind = IO_TIMER
+        e.tio.fd = _errcheck(timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC))
+        ev.events = EPOLLIN
+        ev.data.ptr = <void *>&e.tio
+        _errcheck(epoll_ctl(e.epfd, EPOLL_CTL_ADD, e.tio.fd, &ev))
+        e.wakefd = _errcheck(eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC))
+        self._wake_io()
+        e.now = fastws_monotonic()
+        e.wall = fastws_realtime()
+        e.accepting = 1
+
+    cdef void _wake_io(self):
+        # the wake-up eventfd's Io lives in the arena (its kind is all epoll needs)
+        cdef Io *io = <Io *>arena_alloc(&self.arena, sizeof(Io))
+        cdef epoll_event ev
+        io.kind = IO_WAKE
+        io.fd = self.e.wakefd
+        ev.events = EPOLLIN
+        ev.data.ptr = <void *>io
+        epoll_ctl(self.e.epfd, EPOLL_CTL_ADD, io.fd, &ev)
+
+    # --- tables -----------------------------------------------------------------------------
+
+    def load(self, tables):
+        """Take the tables built by fastws.tables.build() (once per engine)."""
+        if self.loaded:
+            raise RuntimeError("the engine's tables are loaded already")
+        self._load_logs(tables)
+        self._load_groups(tables)
+        self._load_servers(tables)
+        self.loaded = True
+
+    cdef _load_logs(self, tables):
+        cdef int i
+        for spec in tables.log_files:
+            self._add_file(spec.path, spec.fd)
+        self._formats = <LogFormat **>arena_alloc(&self.arena, sizeof(LogFormat *) * (len(tables.log_formats) + 64))
+        for spec in tables.log_formats:
+            self._add_format(spec.parts, spec.json, spec.names, spec.early)
+        self._als = <AccessLog **>arena_alloc(&self.arena, sizeof(AccessLog *) * (len(tables.access_logs) + 64))
+        for spec in tables.access_logs:
+            self._add_al(spec.file, spec.format, spec.open)
+
+    cdef int _add_file(self, str path, int fd) except -1:
+        cdef LogFile **grown
+        cdef LogFile *f = <LogFile *>calloc(1, sizeof(LogFile))
+        if f == NULL:
+            raise MemoryError()
+        f.fd = fd
+        grown = <LogFile **>realloc(self._files, sizeof(LogFile *) * (self._nfiles + 1))
+        if grown == NULL:
+            free(f)
+            raise MemoryError()
+        self._files = grown
+        self._files[self._nfiles] = f
+        self._nfiles += 1
+        self._log_paths.append(path)
+        return self._nfiles - 1
+
+    cdef int _add_format(self, parts, bint json, names, early) except -1:
+        cdef LogFormat *fmt = <LogFormat *>arena_alloc(&self.arena, sizeof(LogFormat))
+        cdef Template *t = arena_template(&self.arena, parts)
+        cdef int i
+        fmt.tpl = t[0]
+        fmt.json = json
+        fmt.names = <char **>arena_alloc(&self.arena, sizeof(char *) * (len(names) + 1))
+        for i, name in enumerate(names):
+            fmt.names[i] = arena_str(&self.arena, name)
+        fmt.nearly = len(early)
+        fmt.early = <int *>arena_alloc(&self.arena, sizeof(int) * (len(early) + 1))
+        for i, k in enumerate(early):
+            fmt.early[i] = k
+        self._formats[self._nformats] = fmt
+        self._nformats += 1
+        self._format_specs.append({"parts": [list(p) for p in parts], "json": json,
+                                   "names": list(names), "early": list(early)})
+        return self._nformats - 1
+
+    cdef int _add_al(self, int file, int format, bint opened) except -1:
+        cdef AccessLog *al = <AccessLog *>arena_alloc(&self.arena, sizeof(AccessLog))
+        al.file = self._files[file]
+        al.format = self._formats[format]
+        al.open = opened
+        self._als[self._nals] = al
+        self._nals += 1
+        self._access_logs.append((file, format, opened))
+        return self._nals - 1
+
+    cdef _load_groups(self, tables):
+        cdef Eng *e = self.e
+        cdef int n = len(tables.groups), i, j, npeers
+        e.ngroups = n
+        e.groups = <Group **>arena_alloc(&self.arena, sizeof(Group *) * (n + 1))
+        e.group_names = <char **>arena_alloc(&self.arena, sizeof(char *) * (n + 1))
+        e.peer_names = <char ***>arena_alloc(&self.arena, sizeof(char **) * (n + 1))
+        e.peer_hosts = <char ***>arena_alloc(&self.arena, sizeof(char **) * (n + 1))
+        e.hash_keys = <Template **>arena_alloc(&self.arena, sizeof(Template *) * (n + 1))
+        e.pools = <Pool *>arena_alloc(&self.arena, sizeof(Pool) * (n + 1))
+        for i, spec in enumerate(tables.groups):
+            grp = spec.group
+            self._groups.append(grp)
+            e.groups[i] = group_of(grp)
+            e.group_names[i] = arena_str(&self.arena, spec.name)
+            npeers = len(spec.peer_names)
+            e.peer_names[i] = <char **>arena_alloc(&self.arena, sizeof(char *) * (npeers + 1))
+            e.peer_hosts[i] = <char **>arena_alloc(&self.arena, sizeof(char *) * (npeers + 1))
+            for j in range(npeers):
+                e.peer_names[i][j] = arena_str(&self.arena, spec.peer_names[j])
+                e.peer_hosts[i][j] = arena_str(&self.arena, spec.peer_hosts[j])
+            e.hash_keys[i] = arena_template(&self.arena, spec.hash_key) if spec.hash_key else NULL
+            e.pools[i].size = spec.keepalive
+            e.pools[i].timeout = spec.keepalive_timeout
+            e.pools[i].max_requests = spec.keepalive_requests
+
+    cdef _load_servers(self, tables):
+        cdef Eng *e = self.e
+        cdef int i, j, k
+        cdef Loc *locs
+        cdef Loc *loc
+        cdef Server *servers
+        cdef Server *s
+        cdef Listener *l
+        cdef HeaderOp *op
+        locs = <Loc *>arena_alloc(&self.arena, sizeof(Loc) * (len(tables.locations) + 1))
+        for i, spec in enumerate(tables.locations):
+            loc = &locs[i]
+            loc.path = arena_str(&self.arena, spec.path, &loc.pathlen)
+            loc.exact = spec.exact
+            loc.kind = spec.kind
+            loc.group = spec.group
+            loc.proxy_uri = arena_str(&self.arena, spec.proxy_uri, &loc.proxy_uri_len) \
+                if spec.proxy_uri is not None else NULL
+            loc.proxy_host = arena_str(&self.arena, spec.proxy_host) \
+                if spec.proxy_host is not None else NULL
+            loc.websocket = spec.websocket
+            loc.ntokens = len(spec.tokens)
+            loc.tokens = <char **>arena_alloc(&self.arena, sizeof(char *) * (loc.ntokens + 1))
+            loc.token_lens = <int *>arena_alloc(&self.arena, sizeof(int) * (loc.ntokens + 1))
+            for j, token in enumerate(spec.tokens):
+                loc.tokens[j] = arena_str(&self.arena, token, &loc.token_lens[j])
+            loc.connect_timeout = spec.connect_timeout
+            loc.send_timeout = spec.send_timeout
+            loc.read_timeout = spec.read_timeout
+            loc.next_upstream_tries = spec.next_upstream_tries
+            loc.next_upstream_timeout = spec.next_upstream_timeout
+            loc.nops = len(spec.ops)
+            loc.ops = <HeaderOp *>arena_alloc(&self.arena, sizeof(HeaderOp) * (loc.nops + 1))
+            for j, (name, template) in enumerate(spec.ops):
+                op = &loc.ops[j]
+                op.name = arena_str(&self.arena, name, &op.len)
+                op.lname = arena_str(&self.arena, name.lower())
+                op.kind = header_kind_of(name.lower())
+                op.value = arena_template(&self.arena, template) if template is not None else NULL
+            loc.relay = spec.relay
+            loc.socket_keepalive = spec.socket_keepalive
+            loc.return_status = spec.return_status
+            loc.return_body = arena_str(&self.arena, spec.return_body, &loc.return_body_len)
+            loc.status_format = len(self._status_formats)
+            self._status_formats.append(spec.status_format)
+            if spec.upstream_tls is not None:
+                self._keep.append(spec.upstream_tls)
+                loc.upstream_tls = 1
+                loc.tls_ctx = borrow_context(spec.upstream_tls)
+                loc.tls_name = arena_str(&self.arena, spec.tls_name) if spec.tls_name else NULL
+                loc.tls_verify = spec.tls_verify
+            loc.log = self._als[spec.access_log] if spec.access_log >= 0 else NULL
+            loc.keepalive_timeout = spec.keepalive_timeout
+            loc.keepalive_requests = spec.keepalive_requests
+            loc.client_max_body_size = spec.client_max_body_size
+            loc.client_body_timeout = spec.client_body_timeout
+        servers = <Server *>arena_alloc(&self.arena, sizeof(Server) * (len(tables.servers) + 1))
+        for i, spec in enumerate(tables.servers):
+            s = &servers[i]
+            s.name = arena_str(&self.arena, spec.name, &s.namelen)
+            s.nexact = len(spec.exact)
+            s.exact = <Loc **>arena_alloc(&self.arena, sizeof(Loc *) * (s.nexact + 1))
+            for j, k in enumerate(spec.exact):
+                s.exact[j] = &locs[k]
+            s.nprefix = len(spec.prefix)
+            s.prefix = <Loc **>arena_alloc(&self.arena, sizeof(Loc *) * (s.nprefix + 1))
+            for j, k in enumerate(spec.prefix):
+                s.prefix[j] = &locs[k]
+            s.client_header_timeout = spec.client_header_timeout
+            s.max_request_line = spec.max_request_line
+            s.max_request_head = spec.max_request_head
+            s.redirect_https = spec.redirect_https
+            if spec.tls is not None:
+                self._keep.append(spec.tls)
+                s.tls_ctx = borrow_context(spec.tls)
+                fastws_set_sni_callback(s.tls_ctx, tls_sni)
+            s.handshake_timeout = spec.handshake_timeout
+            s.log = self._als[spec.access_log] if spec.access_log >= 0 else NULL
+        e.nlis = len(tables.listeners)
+        e.lis = <Listener *>arena_alloc(&self.arena, sizeof(Listener) * (e.nlis + 1))
+        for i, spec in enumerate(tables.listeners):
+            l = &e.lis[i]
+            l.io.kind = IO_LISTENER
+            l.io.fd = spec.fd
+            l.family = spec.family
+            l.tls = spec.tls
+            l.addr_text = arena_str(&self.arena, spec.addr_text, &l.addr_len)
+            l.port = spec.port
+            l.nexact = len(spec.exact)
+            l.exact = self._names(spec.exact, servers)
+            l.nhead = len(spec.head)
+            l.head = self._names(spec.head, servers)
+            l.ntail = len(spec.tail)
+            l.tail = self._names(spec.tail, servers)
+            l.default_server = &servers[spec.default]
+            if io_register(e, &l.io) < 0:
+                raise OSError(errno, strerror(errno).decode())
+
+    cdef NameEntry *_names(self, entries, Server *servers) except NULL:
+        cdef NameEntry *out = <NameEntry *>arena_alloc(&self.arena, sizeof(NameEntry) * (len(entries) + 1))
+        cdef int i
+        for i, (name, server) in enumerate(entries):
+            out[i].name = arena_str(&self.arena, name, &out[i].len)
+            out[i].server = &servers[server]
+        return out
+
+    cdef dict _format_spec(self, int i):
+        return self._format_specs[i]
+
+    def add_access_log(self, str path, int fd, parts, bint json, names, early, bint opened):
+        """An access log for a tunnel adopted from another process whose log this engine's
+        tables lack; returns its index (as access_log indexes in the tables)."""
+        cdef int f, fmt
+        if path in self._log_paths:
+            f = self._log_paths.index(path)
+            if fd >= 0:
+                import os
+                os.close(fd)
+        else:
+            f = self._add_file(path, fd)
+        fmt = self._add_format(parts, json, names, early)
+        return self._add_al(f, fmt, opened)
+
+    # --- running ------------------------------------------------------------------------------
+
+    @property
+    def fd(self):
+        """The epoll fd: readable when run_once() has work (edges, timers, its own wake-ups)."""
+        return self.e.epfd
+
+    def run_once(self):
+        """One turn: whatever is ready, without waiting."""
+        if self.stopped:
+            return
+        with nogil:
+            engine_turn(self.e)
+        if self.e.msgs.len:
+            self._deliver_messages()
+
+    cdef _deliver_messages(self):
+        cdef fastws_buf *m = &self.e.msgs
+        cdef int pos = 0, n
+        out = []
+        while pos < m.len:
+            n = <int>strlen(m.p + pos + 1)
+            out.append((<unsigned char>m.p[pos], m.p[pos + 1:pos + 1 + n].decode("utf-8", "replace")))
+            pos += n + 2
+        m.len = 0
+        if self.control is not None:
+            for level, text in out:
+                self.control.log(level, text)
+
+    def set_log_level(self, int level):
+        self.e.log_level = level
+
+    def stop_accepting(self):
+        """No more connections: the listeners leave the epoll set (the caller closes them)."""
+        cdef epoll_event ev
+        cdef int i
+        for i in range(self.e.nlis):
+            if self.e.lis[i].io.fd >= 0:
+                epoll_ctl(self.e.epfd, EPOLL_CTL_DEL, self.e.lis[i].io.fd, &ev)
+                self.e.lis[i].io.fd = -1
+        self.e.accepting = 0
+
+    def close_idle(self):
+        """A graceful stop: no more keep-alive; connections waiting between requests close."""
+        cdef Conn *c
+        cdef Conn *nxt
+        self.e.stopping = 1
+        c = self.e.all
+        while c != NULL:
+            nxt = c.all_next
+            if c.state == CS_IDLE:
+                conn_close(self.e, c)
+            c = nxt
+        with nogil:
+            engine_reap(self.e)
+
+    def stop(self):
+        """Close everything now (tunnels with reason "shutdown")."""
+        cdef Conn *c
+        cdef Up *u
+        cdef int i
+        if self.stopped:
+            return
+        self.e.now = fastws_monotonic()
+        self.e.wall = fastws_realtime()
+        self.stop_accepting()
+        while self.e.all != NULL:
+            c = self.e.all
+            if c.state == CS_TUNNEL:
+                tunnel_close(self.e, c, CLOSE_SHUTDOWN)
+            else:
+                conn_close(self.e, c)
+        for i in range(self.e.ngroups):
+            while self.e.pools[i].head != NULL:
+                u = self.e.pools[i].head
+                pool_unlink(&self.e.pools[i], u)
+                up_close(self.e, u)
+        self._drain_ready()
+        engine_reap(self.e)
+        self.flush_logs()
+        if self.e.msgs.len:
+            self._deliver_messages()
+        self.stopped = True
+
+    cdef void _drain_ready(self):
+        cdef Conn *c
+        while self.e.ready != NULL:
+            c = self.e.ready
+            self.e.ready = c.next
+            c.next = NULL
+            c.queued = 0
+            if c.state == CS_CLOSED:
+                conn_free(c)
+
+    def flush_logs(self):
+        """Write the access-log lines gathered so far (the control plane's tick)."""
+        cdef int i
+        for i in range(self._nfiles):
+            log_flush(self._files[i])
+
+    def reopen_log(self, int index, int fd):
+        """Write log file `index` to a new fd from now on (after logrotate); returns the old
+        fd for the caller to close."""
+        cdef LogFile *f = self._files[index]
+        cdef int old = f.fd
+        log_flush(f)
+        f.fd = fd
+        return old
+
+    @property
+    def log_paths(self):
+        return list(self._log_paths)
+
+    # --- what it holds ------------------------------------------------------------------------
+
+    @property
+    def active(self):
+        """Client connections open, tunnels included."""
+        return self.e.n.conns
+
+    @property
+    def serial(self):
+        """How many connections the engine numbered ($connection); set it to go on from a
+        number another engine reached."""
+        return self.e.serial
+
+    @serial.setter
+    def serial(self, unsigned long long value):
+        self.e.serial = value
+
+    @property
+    def paused(self):
+        """Accepting is paused: worker_connections are all in use."""
+        return self.e.accepting == 2
+
+    @property
+    def tunnels(self):
+        return self.e.n.tunnels_active
+
+    def connection_states(self):
+        """Connections by what they are doing: reading a head, waiting for the next request
+        (kept alive), and the others (nginx's stub_status reading, waiting, writing)."""
+        cdef long long *st = self.e.n.states
+        reading = st[<int>CS_HEAD] + st[<int>CS_TLS]
+        waiting = st[<int>CS_IDLE]
+        return {"reading": reading, "waiting": waiting,
+                "writing": self.e.n.conns - reading - waiting - st[<int>CS_TUNNEL],
+                "tunnels": st[<int>CS_TUNNEL]}
+
+    def pools(self):
+        """Each upstream group's pool of kept-alive connections: idle, opened, reused."""
+        cdef int i
+        return {self.e.group_names[i].decode(): {"idle": self.e.pools[i].idle,
+                                                "opened": self.e.pools[i].opened,
+                                                "reused": self.e.pools[i].reused}
+                for i in range(self.e.ngroups) if self.e.pools[i].size}
+
+    @property
+    def groups(self):
+        return list(self._groups)
+
+    def stats(self):
+        """Counters of the engine, for tests, status pages and metrics."""
+        return counters_dict(self.e.n)
+
+    # --- reloads: tunnels out and in ----------------------------------------------------------
+
+    def export(self):
+        """Take every tunnel that can move out of the engine whole (see ExportedTunnel).  The
+        others (TLS tunnels: their state lives in this process) stay."""
+        cdef Conn *c
+        cdef Conn *nxt
+        cdef Eng *e = self.e
+        out = []
+        e.now = fastws_monotonic()
+        e.wall = fastws_realtime()
+        c = e.all
+        while c != NULL:
+            nxt = c.all_next
+            if tunnel_exportable(c) and tunnel_detach(e, c) == 0:
+                out.append(self._exported(c))
+            c = nxt
+        engine_reap(e)
+        return out
+
+    cdef ExportedTunnel _exported(self, Conn *c):
+        cdef Eng *e = self.e
+        cdef ExportedTunnel t = ExportedTunnel.__new__(ExportedTunnel)
+        cdef Up *u = c.up
+        cdef Peer *pr
+        t.client_fd = c.io.fd
+        t.upstream_fd = u.io.fd
+        t.to_upstream = _held(&c.flow[0])
+        t.to_client = _held(&c.flow[1])
+        t.up = c.flow[0].nbytes
+        t.down = c.flow[1].nbytes
+        t.age = e.now - c.started
+        t.first_eof = c.first_eof
+        t.read_timeout = c.read_timeout
+        t.send_timeout = c.send_timeout
+        t.relay = _RELAYS[c.relay]
+        t.upstream = e.group_names[u.group].decode() if u.group >= 0 else ""
+        t.peer = e.peer_names[u.group][u.peer].decode() if u.group >= 0 else ""
+        t.log = self._exported_log(c) if c.log != NULL else None
+        # the fds are the caller's now: forget them without closing
+        c.io.fd = -1
+        u.io.fd = -1
+        if u.group >= 0:
+            pr = &e.groups[u.group].peers[u.peer]
+            pr.tunnels_active -= 1
+            pr.bytes_up += c.flow[0].nbytes
+            pr.bytes_down += c.flow[1].nbytes
+        e.n.tunnels_active -= 1
+        e.n.closes[-CLOSE_EXPORTED] += 1
+        debug_count(DBG_TUNNELS, -1)
+        log_free(e, c)
+        conn_close(e, c)
+        return t
+
+    cdef dict _exported_log(self, Conn *c):
+        cdef LogRec *lr = c.log
+        cdef int k = 0
+        cdef int i
+        for i in range(self._nals):
+            if self._als[i] == lr.log:
+                k = i
+                break
+        fi, fmi, opened = self._access_logs[k]
+        return {"access_log": k, "path": self._log_paths[fi], "open": opened,
+                "format": self._format_spec(fmi),
+                "early": PyBytes_FromStringAndSize(lr.early, lr.early_len) if lr.early else b"",
+                "life": self.e.now - lr.t_start, "connect_time": lr.connect_time,
+                "header_time": lr.header_time, "head_sent": lr.head_sent,
+                "head_in": lr.head_in}
+
+    def adopt(self, ExportedTunnel t, int group, int peer, int access_log=-1):
+        """Carry on a tunnel another engine exported; `group` and `peer` name its server in
+        this engine's tables (-1 when a reload removed it), `access_log` its log."""
+        cdef Eng *e = self.e
+        cdef Conn *c
+        cdef Up *u
+        cdef sockaddr_in6 sa
+        cdef socklen_t salen = sizeof(sa)
+        cdef int i
+        e.now = fastws_monotonic()
+        e.wall = fastws_realtime()
+        memset(&sa, 0, sizeof(sa))
+        getpeername(t.client_fd, <sockaddr *>&sa, &salen)
+        if not self.loaded or e.nlis == 0 and False:
+            pass
+        c = <Conn *>calloc(1, sizeof(Conn))
+        u = <Up *>calloc(1, sizeof(Up))
+        if c == NULL or u == NULL:
+            free(c)
+            free(u)
+            raise MemoryError()
+        debug_count(DBG_CONNS, 1)
+        debug_count(DBG_UPS, 1)
+        c.io.kind = IO_CLIENT
+        c.io.fd = t.client_fd
+        c.io.wr_ready = c.io.rd_ready = 1
+        c.timer.idx = -1
+        c.timer.kind = IO_CLIENT
+        c.timer.owner = <void *>c
+        c.lis = &e.lis[0] if e.nlis else NULL
+        c.srv = c.lis.default_server if c.lis != NULL else NULL
+        memcpy(&c.raddr, &sa, sizeof(sa))
+        u.io.kind = IO_UPSTREAM
+        u.io.fd = t.upstream_fd
+        u.io.wr_ready = u.io.rd_ready = 1
+        u.timer.idx = -1
+        u.timer.kind = IO_UPSTREAM
+        u.timer.owner = <void *>u
+        u.owner = c
+        u.state = UP_READY
+        u.group = group
+        u.peer = peer
+        c.up = u
+        c.relay = _RELAYS.index(t.relay)
+        c.read_timeout = t.read_timeout
+        c.send_timeout = t.send_timeout
+        c.first_eof = t.first_eof
+        c.started = e.now - t.age
+        for i in range(2):
+            c.flow[i].mode = FLOW_RAW
+            c.flow[i].splicing = c.relay == RELAY_SPLICE
+            c.flow[i].last_rx = e.now
+        c.flow[0].nbytes = t.up
+        c.flow[1].nbytes = t.down
+        if _hold_bytes(&c.flow[0], t.to_upstream) < 0 or _hold_bytes(&c.flow[1], t.to_client) < 0:
+            raise MemoryError()
+        if access_log >= 0 and t.log is not None:
+            self._adopt_log(c, self._als[access_log], t.log)
+        if group >= 0:
+            # as if selected: peer_free gives it back when the tunnel closes
+            e.groups[group].peers[peer].conns += 1
+            e.groups[group].peers[peer].tunnels_active += 1
+        e.n.tunnels_active += 1        # (not tunnels_total: the board counted it already)
+        debug_count(DBG_TUNNELS, 1)
+        e.serial += 1
+        c.number = e.serial * e.number_step + e.number_base
+        e.n.conns += 1
+        e.n.states[0] += 1
+        conn_link(e, c)
+        if io_register(e, &c.io) < 0 or io_register(e, &u.io) < 0:
+            conn_set_state(e, c, CS_TUNNEL)
+            tunnel_close(e, c, CLOSE_ERROR)
+            return
+        conn_set_state(e, c, CS_TUNNEL)
+        with nogil:
+            tunnel_run(e, c)
+
+    cdef void _adopt_log(self, Conn *c, AccessLog *al, dict log):
+        cdef LogRec *lr = <LogRec *>calloc(1, sizeof(LogRec))
+        cdef bytes early = log["early"]
+        if lr == NULL:
+            return
+        debug_count(DBG_LOGRECS, 1)
+        lr.log = al
+        lr.t_start = self.e.now - log["life"]
+        lr.connect_time = log["connect_time"]
+        lr.header_time = log["header_time"]
+        lr.head_sent = log["head_sent"]
+        lr.head_in = log["head_in"]
+        lr.status = lr.upstream_status = 101
+        lr.group = c.up.group
+        lr.peer = c.up.peer
+        if early:
+            lr.early = <char *>malloc(len(early))
+            if lr.early != NULL:
+                memcpy(lr.early, <const char *>early, len(early))
+                lr.early_len = len(early)
+        c.log = lr
+
+    # --- extension points ---------------------------------------------------------------------
+
+    cdef int _status_answer(self, Conn *c) except -1:
+        fmt = self._status_formats[c.loc.status_format]
+        ctype, body = self.control.status_page(fmt)
+        cdef bytes ct = ctype.encode() if isinstance(ctype, str) else ctype
+        cdef bytes data = body
+        conn_answer(self.e, c, 200, NULL, <const char *>data, <int>len(data), <const char *>ct,
+                    c.req.client_ka if c.req != NULL else 0)
+        return 0
+
+    def __dealloc__(self):
+        cdef int i
+        if self.e == NULL:
+            return
+        if not self.stopped:
+            try:
+                self.stop()
+            except Exception:
+                pass
+        while self.e.free_pipes != NULL:
+            p = self.e.free_pipes
+            self.e.free_pipes = p.next
+            close(p.prod)
+            close(p.cons)
+            free(p)
+        for fd in (self.e.epfd, self.e.tio.fd, self.e.wakefd):
+            if fd >= 0:
+                close(fd)
+        for i in range(self._nfiles):
+            log_flush(self._files[i])
+            free(self._files[i].buf)
+            free(self._files[i])
+        free(self._files)
+        head_free(&self.e.head)
+        head_free(&self.e.rhead)
+        free(self.e.heap)
+        free(self.e.buf)
+        free(self.e.pathbuf)
+        free(self.e.obuf.p)
+        free(self.e.xbuf.p)
+        free(self.e.vbuf.p)
+        free(self.e.msgs.p)
+        free(self.e)
+        self.e = NULL
+        arena_free(&self.arena)
+
+
+cdef void status_answer(Eng *e, Conn *c) noexcept nogil:
+    # A status location: the control plane renders the page (summed over every worker).
+    with gil:
+        try:
+            (<Engine>e.owner)._status_answer(c)
+        except Exception as exc:
+            import logging
+            logging.getLogger("fastws").exception("status page failed")
+            conn_fail(e, c, 500, "the status page failed")
+
+
+cdef tuple _RELAYS = ("auto", "splice", "copy")
+
+cdef dict _REASONS = {
+    CLOSE_CLIENT: "client",
+    CLOSE_UPSTREAM: "upstream",
+    CLOSE_CLIENT_ERROR: "client_error",
+    CLOSE_UPSTREAM_ERROR: "upstream_error",
+    CLOSE_READ_TIMEOUT: "read_timeout",
+    CLOSE_SEND_TIMEOUT: "send_timeout",
+    CLOSE_SHUTDOWN: "shutdown",
+    CLOSE_ERROR: "error",
+    CLOSE_EXPORTED: "exported",
+}
+
+
+cdef int _errcheck(int rc) except -1:
+    if rc < 0:
+        raise OSError(errno, strerror(errno).decode())
+    return rc
+
+
+cdef bytes _held(Flow *f):
+    if f.held == NULL:
+        return b""
+    return PyBytes_FromStringAndSize(f.held + f.held_off, f.held_len - f.held_off)
+
+
+cdef int _hold_bytes(Flow *f, bytes data) noexcept:
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
+    if n == 0:
+        return 0
+    f.held = <char *>malloc(n)
+    if f.held == NULL:
+        return -1
+    debug_count(DBG_BUFFERS, 1)
+    memcpy(f.held, PyBytes_AS_STRING(data), n)
+    f.held_len = <int>n
+    f.held_off = 0
+    return 0
+
+
+def load_openssl():
+    """Resolve the OpenSSL calls of the engine in the libssl the ssl module loaded; True when
+    the engine can do TLS."""
+    import _ssl
+    hint = getattr(_ssl, "__file__", None)
+    cdef bytes b = hint.encode() if hint else b""
+    cdef const char *path = NULL
+    if hint:
+        path = b
+    return fastws_ssl_load(path) == 0
+
+
+def check_tls_context(object ctx):
+    """Raise unless the engine can use this ssl.SSLContext: its SSL_CTX* as the engine reads it
+    must be the one an SSL object the ssl module made from it uses (a start-up self-test of
+    the layout of CPython's private _ssl objects)."""
+    import socket
+    cdef FASTWS_SSL *ssl
+    if not load_openssl():
+        raise RuntimeError("the OpenSSL library of the ssl module cannot be found in the process")
+    a, b = socket.socketpair()
+    try:
+        import ssl as _ssl_module
+        if ctx.protocol == _ssl_module.PROTOCOL_TLS_SERVER:
+            s = ctx.wrap_socket(a, server_side=True, do_handshake_on_connect=False)
+        else:
+            s = ctx.wrap_socket(a, server_hostname="check.invalid", do_handshake_on_connect=False)
+        try:
+            obj = s._sslobj
+            cls = type(obj)
+            if cls.__name__ != "_SSLSocket" or cls.__module__ != "_ssl":
+                raise TypeError(f"unexpected ssl object {cls.__name__}")
+            ssl = fastws_ssl_of(<PyObject *>obj)
+            if ssl == NULL or fastws_ssl.get_fd(ssl) != s.fileno():
+                raise RuntimeError("cannot find the SSL connection inside the ssl module's object")
+            if fastws_ssl.get_ssl_ctx(ssl) != fastws_ctx_of(<PyObject *>ctx):
+                raise RuntimeError("cannot find the SSL context inside the ssl module's object")
+        finally:
+            s.close()
+    finally:
+        a.close()
+        b.close()
+
+
+@cython.final
+cdef class RequestView:
+    """A request as a custom balancer sees it: `variable(name)` as nginx's $name, and
+    `remote_addr`."""
+    cdef readonly str remote_addr
+
+
+cdef PyObject *request_view(Eng *e, Conn *c) noexcept with gil:
+    cdef RequestView v = RequestView.__new__(RequestView)
+    sockaddr_text(<sockaddr *>&c.raddr, e.addrbuf, sizeof(e.addrbuf))
+    v.remote_addr = e.addrbuf.decode()
+    Py_INCREF(v)
+    return <PyObject *>v
+
+
+STATE_NAMES = ("none", "tls", "head", "idle", "upstream", "exchange", "tunnel", "answer",
+               "linger", "closed", "route", "spare")
+GAUGES = frozenset(["conns", "tunnels_active", "pipes_total", "pipes_free", "paused_now"]
+                   + ["states." + name for name in STATE_NAMES])
+
+
+cdef dict counters_dict(Counters *n):
+    return {
+        "conns": n.conns,
+        "states": {name: n.states[i] for i, name in enumerate(STATE_NAMES)},
+        "tunnels_active": n.tunnels_active,
+        "pipes_total": n.pipes_total,
+        "pipes_free": n.pipes_free,
+        "paused_now": n.paused_now,
+        "accepts": n.accepts,
+        "handled": n.handled,
+        "requests": n.requests,
+        "tunnels_total": n.tunnels_total,
+        "bytes_spliced": n.bytes_spliced,
+        "bytes_copied": n.bytes_copied,
+        "splice_calls": n.splice_calls,
+        "copy_calls": n.copy_calls,
+        "pipes_created": n.pipes_created,
+        "pipe_shortage": n.pipe_shortage,
+        "switches_to_splice": n.switches_to_splice,
+        "switches_to_copy": n.switches_to_copy,
+        "closes": {name: n.closes[-reason] for reason, name in _REASONS.items()},
+        "read_timeouts": n.closes[-CLOSE_READ_TIMEOUT],
+        "send_timeouts": n.closes[-CLOSE_SEND_TIMEOUT],
+        "loops": n.loops,
+        "tls_tunnels_total": n.tls_tunnels_total,
+        "tls_handshakes": n.tls_handshakes,
+        "tls_handshake_failures": n.tls_handshake_failures,
+        "tls_reads": n.tls_reads,
+        "tls_writes": n.tls_writes,
+        "accept_errors": n.accept_errors,
+        "paused": n.paused,
+        "log_lines": n.log_lines,
+    }
+
+
+COUNTERS_SIZE = sizeof(Counters)
+
+
+def counters_view(Py_ssize_t address):
+    """The figures of an engine whose Counters live at `address` (the status board's memory
+    of another worker), as stats() gives them."""
+    return counters_dict(<Counters *>address)
+
+
+def counters_add(Py_ssize_t total, Py_ssize_t part):
+    """Add the counters (not the gauges) of the block at `part` to the block at `total`, and
+    clear `part` (a worker exited: its counts stay on the board)."""
+    cdef Counters *t = <Counters *>total
+    cdef Counters *p = <Counters *>part
+    cdef unsigned long long *tw = <unsigned long long *>&t.accepts
+    cdef unsigned long long *pw = <unsigned long long *>&p.accepts
+    cdef Py_ssize_t i, n = (sizeof(Counters) - (<char *>&p.accepts - <char *>p)) // 8
+    for i in range(n):
+        tw[i] += pw[i]
+    memset(p, 0, sizeof(Counters))

@@ -1,0 +1,475 @@
+# Client connections: accept, the request head, the proxy's own answers, keep-alive, close.
+#
+# A connection is accepted by the engine and stays in it until it closes: its head is read and
+# routed, its request proxied (upstream.pxi, http.pxi), upgraded into a tunnel (tunnel.pxi) or
+# answered here, and it either waits for its next request or closes.  Its deadline follows from
+# its state (conn_deadline); its events and its timer both come back to conn_run.
+
+cdef int conn_load(Eng *e) noexcept nogil:
+    # worker_connections has nginx's meaning: a client connection counts two from its accept on
+    # (its upstream connection is reserved), a tunnel two.
+    return 2 * e.n.conns
+
+
+# --- accept ------------------------------------------------------------------------------
+
+cdef void accept_run(Eng *e, Listener *l) noexcept nogil:
+    cdef sockaddr_in6 sa
+    cdef socklen_t salen
+    cdef int fd, n = 0
+    cdef Conn *c
+    while l.io.rd_ready and e.accepting == 1:
+        if conn_load(e) + 2 > e.worker_connections:
+            accept_pause(e)
+            return
+        if n == ACCEPT_BATCH:
+            return                # the rest of the queue in the next turn, after the others
+        salen = sizeof(sa)
+        fd = accept4(l.io.fd, <sockaddr *>&sa, &salen, SOCK_NONBLOCK | SOCK_CLOEXEC)
+        if fd < 0:
+            if errno == EINTR or errno == ECONNABORTED:
+                continue
+            if errno == EAGAIN:
+                l.io.rd_ready = 0
+                return
+            # EMFILE, ENFILE, ENOBUFS, ENOMEM: keep serving the connections already open, and
+            # accept again when one of them closes
+            e.n.accept_errors += 1
+            eng_log(e, LOG_ERROR, "accept() failed (%d: %s)", errno, strerror(errno))
+            accept_pause(e)
+            return
+        n += 1
+        e.n.accepts += 1
+        c = conn_new(e, l, fd, &sa)
+        if c == NULL:
+            close(fd)
+            continue
+        e.n.handled += 1
+        if l.tls:
+            tls_accept_start(e, c)
+        else:
+            conn_set_state(e, c, CS_HEAD)
+            # The listener defers accept until the client has sent something (TCP_DEFER_ACCEPT),
+            # so the head is usually here already: read it now rather than after an edge.
+            c.io.rd_ready = 1
+            conn_run(e, c)
+
+
+cdef void accept_pause(Eng *e) noexcept nogil:
+    if e.accepting == 1:
+        e.accepting = 2           # paused: accept_resume takes it back to 1
+        e.n.paused_now = 1
+        e.n.paused += 1
+        eng_log(e, LOG_WARN, "%d worker_connections are not enough; accepting again when below",
+                e.worker_connections)
+
+
+cdef void accept_resume(Eng *e) noexcept nogil:
+    cdef int i
+    if e.accepting == 2 and conn_load(e) + 2 <= e.worker_connections:
+        e.accepting = 1           # listeners with an edge pending are read at the turn's end
+        e.n.paused_now = 0
+
+
+cdef Conn *conn_new(Eng *e, Listener *l, int fd, sockaddr_in6 *sa) noexcept nogil:
+    cdef Conn *c = <Conn *>calloc(1, sizeof(Conn))
+    cdef sockaddr_in *sin
+    if c == NULL:
+        return NULL
+    debug_count(DBG_CONNS, 1)
+    c.io.kind = IO_CLIENT
+    c.io.fd = fd
+    c.io.wr_ready = 1
+    c.timer.idx = -1
+    c.timer.kind = IO_CLIENT
+    c.timer.owner = <void *>c
+    c.lis = l
+    c.srv = l.default_server
+    c.first_eof = -1
+    c.started = e.now
+    c.t_state = e.now
+    # An IPv4 client of an IPv6 listener is an IPv4 client ($remote_addr without ::ffff:).
+    if sa.sin6_family == AF_INET6 and memcmp(sa.sin6_addr.s6_addr, V4MAPPED, 12) == 0:
+        sin = <sockaddr_in *>&c.raddr
+        sin.sin_port = sa.sin6_port
+        memcpy(&sin.sin_addr, sa.sin6_addr.s6_addr + 12, 4)
+        sin.sin_family = AF_INET
+    else:
+        memcpy(&c.raddr, sa, sizeof(sockaddr_in6))
+    e.serial += 1
+    c.number = e.serial * e.number_step + e.number_base
+    if io_register(e, &c.io) < 0:
+        debug_count(DBG_CONNS, -1)
+        free(c)
+        return NULL
+    e.n.conns += 1
+    e.n.states[0] += 1
+    conn_link(e, c)
+    return c
+
+
+# --- states and deadlines ------------------------------------------------------------------
+
+cdef void conn_set_state(Eng *e, Conn *c, int state) noexcept nogil:
+    e.n.states[c.state] -= 1
+    e.n.states[state] += 1
+    c.state = state
+    c.t_state = e.now
+    conn_arm(e, c)
+
+
+cdef inline void conn_arm(Eng *e, Conn *c) noexcept nogil:
+    timer_arm(e, &c.timer, conn_deadline(e, c))
+
+
+cdef double conn_deadline(Eng *e, Conn *c) noexcept nogil:
+    cdef int state = c.state
+    if state == CS_TUNNEL:
+        return tunnel_deadline(c)
+    if state == CS_HEAD:
+        return c.t_state + c.srv.client_header_timeout
+    if state == CS_IDLE:
+        return c.t_state + c.read_timeout
+    if state == CS_UPSTREAM or state == CS_EXCHANGE:
+        return exchange_deadline(e, c)
+    if state == CS_ANSWER:
+        if c.flow[1].blocked_since > 0:
+            return c.flow[1].blocked_since + c.send_timeout
+        return NEVER
+    if state == CS_LINGER:
+        return c.t_state + LINGER_TIMEOUT
+    if state == CS_TLS:
+        return c.t_state + c.lis.default_server.handshake_timeout
+    return NEVER
+
+
+cdef void conn_timeout(Eng *e, Conn *c) noexcept nogil:
+    cdef int state = c.state
+    if state == CS_HEAD:
+        if c.req == NULL and c.in_len == 0 and c.nreq > 0:
+            conn_close(e, c)              # the next request never began: as idle
+        else:
+            conn_fail(e, c, 408, "client sent no complete head in time")
+    elif state == CS_IDLE or state == CS_LINGER or state == CS_ANSWER:
+        conn_close(e, c)
+    elif state == CS_TUNNEL:
+        tunnel_close(e, c, c.reason if c.reason < 0 else CLOSE_READ_TIMEOUT)
+    elif state == CS_UPSTREAM or state == CS_EXCHANGE:
+        exchange_timeout(e, c)
+    elif state == CS_TLS:
+        eng_log(e, LOG_INFO, "client %s timed out in the TLS handshake", conn_addr(e, c))
+        conn_close(e, c)
+
+
+# --- one place that runs a connection ------------------------------------------------------
+
+cdef void conn_run(Eng *e, Conn *c) noexcept nogil:
+    # Whatever happened (an edge on either socket, the ready list), do what the state allows.
+    cdef int state = c.state
+    if state == CS_HEAD or state == CS_IDLE:
+        conn_read_head(e, c)
+    elif state == CS_TUNNEL:
+        tunnel_run(e, c)
+    elif state == CS_UPSTREAM:
+        upstream_run(e, c)
+    elif state == CS_EXCHANGE:
+        exchange_run(e, c)
+    elif state == CS_ANSWER:
+        answer_run(e, c)
+    elif state == CS_LINGER:
+        linger_run(e, c)
+    elif state == CS_TLS:
+        tls_accept_run(e, c)
+
+
+cdef inline void conn_ready(Eng *e, Conn *c) noexcept nogil:
+    # Run this connection again soon: it has work no edge will announce (a pump out of budget).
+    if not c.queued:
+        c.queued = 1
+        c.next = e.ready
+        e.ready = c
+
+
+# --- the request head ----------------------------------------------------------------------
+
+cdef int conn_stash(Eng *e, Conn *c, const char *data, Py_ssize_t n) noexcept nogil:
+    # Keep client bytes for later (a head in pieces, pipelined requests).  0, or -1.
+    cdef char *grown
+    cdef int cap
+    if n <= 0:
+        return 0
+    if c.in_len + n > c.in_cap:
+        cap = c.in_cap * 2 if c.in_cap else 1024
+        while cap < c.in_len + n:
+            cap *= 2
+        grown = <char *>realloc(c.in_, cap)
+        if grown == NULL:
+            return -1
+        if c.in_ == NULL:
+            debug_count(DBG_BUFFERS, 1)
+        c.in_ = grown
+        c.in_cap = cap
+    memcpy(c.in_ + c.in_len, data, n)
+    c.in_len += <int>n
+    return 0
+
+
+cdef void conn_unstash(Eng *e, Conn *c) noexcept nogil:
+    if c.in_ != NULL:
+        free(c.in_)
+        debug_count(DBG_BUFFERS, -1)
+    c.in_ = NULL
+    c.in_len = c.in_cap = 0
+
+
+cdef void conn_read_head(Eng *e, Conn *c) noexcept nogil:
+    cdef ssize_t n
+    cdef Py_ssize_t end, start
+    cdef char *hbuf
+    cdef int hlen, status, limit = c.srv.max_request_head
+    while c.state == CS_HEAD or c.state == CS_IDLE:
+        if c.in_len == 0:
+            # The usual case: the whole head arrives in one read, into the shared buffer, and
+            # is routed from there without a copy.
+            if not c.io.rd_ready:
+                return
+            n = io_recv(e, &c.io, e.buf, e.bufsize)
+            if n <= 0:
+                if n == -EAGAIN:
+                    return
+                conn_close(e, c)              # gone before (or between) requests: no answer
+                return
+            if c.state == CS_IDLE:
+                conn_set_state(e, c, CS_HEAD)   # the next request begins: its head is timed
+            end = head_end(e.buf, 0, n)
+            if 0 < end <= limit:
+                request_start(e, c, e.buf, <int>end, e.buf + end, <int>(n - end))
+                continue
+            if conn_stash(e, c, e.buf, n) < 0:
+                conn_close(e, c)
+                return
+            start = 0
+        else:
+            start = c.in_len - 3 if c.in_len > 3 else 0
+            if c.state == CS_IDLE:
+                conn_set_state(e, c, CS_HEAD)
+            end = head_end(c.in_, 0, c.in_len)
+            if end < 0 or end > limit:
+                status = request_line_check(c.in_, c.in_len, c.srv.max_request_line)
+                if status == 0 and (c.in_len > limit or end > limit):
+                    status = 431
+                if status:
+                    conn_fail(e, c, status, "request head refused" if status == 400 else
+                              "request line too long" if status == 414 else "head too large")
+                    return
+                # more bytes are needed: read them into the connection's own buffer
+                if not c.io.rd_ready:
+                    return
+                if c.in_cap - c.in_len < 4096 and conn_grow(e, c) < 0:
+                    conn_close(e, c)
+                    return
+                n = io_recv(e, &c.io, c.in_ + c.in_len, c.in_cap - c.in_len)
+                if n <= 0:
+                    if n == -EAGAIN:
+                        return
+                    conn_close(e, c)
+                    return
+                c.in_len += <int>n
+                continue
+            # A complete head in the connection's buffer: take the buffer, so that what the
+            # request keeps for later (a body's start, pipelined requests) can go into a new one.
+            hbuf = c.in_
+            hlen = c.in_len
+            c.in_ = NULL
+            c.in_len = c.in_cap = 0
+            request_start(e, c, hbuf, <int>end, hbuf + end, <int>(hlen - end))
+            free(hbuf)
+            debug_count(DBG_BUFFERS, -1)
+
+
+cdef int conn_grow(Eng *e, Conn *c) noexcept nogil:
+    cdef int cap = c.in_cap * 2 if c.in_cap else 4096
+    cdef char *grown
+    if cap > c.srv.max_request_head + 4096:
+        cap = c.srv.max_request_head + 4096
+    if cap <= c.in_cap:
+        cap = c.in_cap + 4096
+    grown = <char *>realloc(c.in_, cap)
+    if grown == NULL:
+        return -1
+    if c.in_ == NULL:
+        debug_count(DBG_BUFFERS, 1)
+    c.in_ = grown
+    c.in_cap = cap
+    return 0
+
+
+cdef void conn_next_request(Eng *e, Conn *c) noexcept nogil:
+    # The answer is complete and the connection stays: read the next request, which may be
+    # here already (pipelined), or wait for it (keep-alive).
+    if c.peer_closed and c.in_len == 0:
+        conn_close(e, c)
+        return
+    c.srv = c.lis.default_server
+    c.loc = NULL
+    if c.in_len > 0 or c.io.rd_ready:
+        # here already (pipelined): read in this turn, from the ready list rather than from
+        # here, so that a long pipeline does not nest
+        conn_set_state(e, c, CS_HEAD)
+        conn_ready(e, c)
+    else:
+        conn_set_state(e, c, CS_IDLE)
+
+
+# --- the proxy's own answers ---------------------------------------------------------------
+
+cdef void conn_fail(Eng *e, Conn *c, int status, const char *why) noexcept nogil:
+    # An error answer (an HTML page, as nginx's), then the connection closes.
+    cdef char extra[64]
+    extra[0] = 0
+    if status >= 500 or status == 408:
+        eng_log(e, LOG_INFO, "%d for %s: %s", status, conn_addr(e, c), why)
+    if status == 426:
+        memcpy(extra, b"Sec-WebSocket-Version: 13\r\n", 28)
+    conn_answer(e, c, status, extra, NULL, 0, NULL, 0)
+
+
+cdef void conn_answer(Eng *e, Conn *c, int status, const char *extra, const char *body,
+                      int bodylen, const char *ctype, int keep) noexcept nogil:
+    # Write an answer of the proxy's own: an error page when body is NULL.  With `keep` the
+    # connection then serves its next request; without, it closes gracefully.
+    cdef fastws_buf *b = &e.obuf
+    cdef const char *reason = status_reason(status)
+    cdef char page[512]
+    cdef int n
+    if c.state == CS_CLOSED:
+        return
+    exchange_drop_upstream(e, c, 0)
+    if body == NULL:
+        n = snprintf(page, sizeof(page), "<html><head><title>%d %s</title></head><body><h1>%d %s"
+                     "</h1><hr>fastws</body></html>\r\n", status, reason, status, reason)
+        body = page
+        bodylen = n
+        ctype = "text/html"
+        keep = 0
+    if e.stopping or c.peer_closed:
+        keep = 0
+    b.len = 0
+    buf_fmt(b, "HTTP/1.1 %d %s\r\nServer: fastws\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
+            "Connection: %s\r\n", status, reason, ctype, bodylen,
+            "keep-alive" if keep else "close")
+    if extra != NULL:
+        buf_add(b, extra, <int>strlen(extra))
+    buf_add(b, "\r\n", 2)
+    if c.log != NULL:
+        c.log.status = status
+        c.log.head_sent = b.len
+    buf_add(b, body, bodylen)
+    if c.log != NULL:
+        c.log.bytes_sent = b.len
+    c.keepalive = keep
+    if b.failed:
+        conn_close(e, c)
+        return
+    c.send_timeout = c.loc.send_timeout if c.loc != NULL else DEFAULT_SEND_TIMEOUT
+    conn_set_state(e, c, CS_ANSWER)
+    c.flow[1].mode = FLOW_RAW
+    if flow_hold(e, c, 1, b.p, b.len) < 0:
+        conn_close(e, c)
+        return
+    c.flow[1].blocked_since = 0
+    answer_run(e, c)
+
+
+cdef void answer_run(Eng *e, Conn *c) noexcept nogil:
+    cdef int r = flow_flush(e, c, 1)
+    if r < 0:
+        conn_close(e, c)
+        return
+    if r > 0:
+        return
+    request_end(e, c)
+    if c.keepalive:
+        conn_next_request(e, c)
+    else:
+        conn_linger(e, c)
+
+
+cdef void conn_linger(Eng *e, Conn *c) noexcept nogil:
+    # nginx's lingering close: the answer is out; read and drop what the client still sends,
+    # for a while, so that closing with unread input does not reset the connection and destroy
+    # the answer in flight.
+    if c.io.ssl != NULL:
+        fastws_ssl.err_clear()
+        fastws_ssl.shutdown(c.io.ssl)
+    if shutdown(c.io.fd, SHUT_WR) < 0:
+        conn_close(e, c)
+        return
+    conn_set_state(e, c, CS_LINGER)
+    linger_run(e, c)
+
+
+cdef void linger_run(Eng *e, Conn *c) noexcept nogil:
+    cdef ssize_t n
+    while c.io.rd_ready:
+        n = io_recv(e, &c.io, e.buf, e.bufsize)
+        if n == -EAGAIN:
+            return
+        if n <= 0:
+            conn_close(e, c)
+            return
+
+
+# --- close -----------------------------------------------------------------------------------
+
+cdef void conn_close(Eng *e, Conn *c) noexcept nogil:
+    # Let go of everything at once; the struct itself is freed at the end of the turn, since
+    # events of this turn may still name it.
+    if c.state == CS_CLOSED:
+        return
+    if c.req != NULL or c.log != NULL:
+        request_end(e, c)
+    exchange_drop_upstream(e, c, 0)
+    flow_drop(e, &c.flow[0])
+    flow_drop(e, &c.flow[1])
+    timer_stop(e, &c.timer)
+    io_close(e, &c.io)
+    conn_unstash(e, c)
+    log_free(e, c)
+    e.n.states[c.state] -= 1
+    c.state = CS_CLOSED
+    e.n.conns -= 1
+    conn_unlink(e, c)
+    if not c.queued:              # (one on the ready list is freed when that list is run)
+        c.next = e.zombies
+        e.zombies = c
+    accept_resume(e)
+
+
+cdef void conn_link(Eng *e, Conn *c) noexcept nogil:
+    c.all_prev = NULL
+    c.all_next = e.all
+    if e.all != NULL:
+        e.all.all_prev = c
+    e.all = c
+
+
+cdef void conn_unlink(Eng *e, Conn *c) noexcept nogil:
+    if c.all_prev != NULL:
+        c.all_prev.all_next = c.all_next
+    elif e.all == c:
+        e.all = c.all_next
+    if c.all_next != NULL:
+        c.all_next.all_prev = c.all_prev
+    c.all_prev = c.all_next = NULL
+
+
+cdef void conn_free(Conn *c) noexcept nogil:
+    debug_count(DBG_CONNS, -1)
+    free(c)
+
+
+cdef const char *conn_addr(Eng *e, Conn *c) noexcept nogil:
+    # The client's address as text, for messages (a static buffer: use it at once).
+    sockaddr_text(<sockaddr *>&c.raddr, e.addrbuf, sizeof(e.addrbuf))
+    return e.addrbuf

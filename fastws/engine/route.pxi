@@ -1,0 +1,105 @@
+# Choosing a server block and a location for a request, with nginx's rules.
+#
+# Server: among the blocks listening on the connection's address, the one whose server_name
+# matches the Host (exact names first, then the longest leading wildcard "*.example.com", then
+# the longest trailing wildcard "www.example.*"), else the default server of the address (the
+# one marked default, or the first) - ngx_http_find_virtual_server without regular expressions.
+# Location: an exact "= /path" first, then the longest matching prefix
+# (ngx_http_core_find_location without regular expressions).  Python sorts the tables
+# (tables.py); the lookups here are plain loops over C arrays.
+
+cdef int host_name(const char *v, int n, char *out, int cap) noexcept nogil:
+    # nginx's $host from a Host value: lower case, without the port and a trailing dot.
+    cdef int i = 0, j = 0, end = n
+    cdef char ch
+    while i < n and (v[i] == b' ' or v[i] == b'\t'):
+        i += 1
+    while end > i and (v[end - 1] == b' ' or v[end - 1] == b'\t'):
+        end -= 1
+    if i < end and v[i] == b'[':
+        while i < end and j < cap:
+            ch = v[i]
+            out[j] = ch + 32 if c'A' <= ch <= c'Z' else ch
+            j += 1
+            i += 1
+            if ch == b']':
+                break
+        return j
+    while i < end and v[i] != b':' and j < cap:
+        ch = v[i]
+        out[j] = ch + 32 if c'A' <= ch <= c'Z' else ch
+        j += 1
+        i += 1
+    while j > 0 and out[j - 1] == b'.':
+        j -= 1
+    return j
+
+
+cdef Server *route_server(Listener *l, const char *host, int n) noexcept nogil:
+    cdef int i
+    cdef NameEntry *ne
+    if n > 0:
+        for i in range(l.nexact):
+            ne = &l.exact[i]
+            if ne.len == n and memcmp(ne.name, host, n) == 0:
+                return ne.server
+        for i in range(l.nhead):
+            ne = &l.head[i]
+            if ne.len <= n and memcmp(ne.name, host + n - ne.len, ne.len) == 0:
+                return ne.server
+        for i in range(l.ntail):
+            ne = &l.tail[i]
+            if ne.len <= n and memcmp(ne.name, host, ne.len) == 0:
+                return ne.server
+    return l.default_server
+
+
+cdef Loc *route_location(Server *s, const char *path, int n) noexcept nogil:
+    cdef int lo = 0, hi = s.nexact - 1, mid, cmp, i
+    cdef Loc *loc
+    while lo <= hi:
+        mid = (lo + hi) >> 1
+        loc = s.exact[mid]
+        cmp = memcmp(loc.path, path, loc.pathlen if loc.pathlen < n else n)
+        if cmp == 0:
+            cmp = loc.pathlen - n
+        if cmp == 0:
+            return loc
+        if cmp < 0:
+            lo = mid + 1
+        else:
+            hi = mid - 1
+    for i in range(s.nprefix):
+        loc = s.prefix[i]
+        if loc.pathlen <= n and memcmp(loc.path, path, loc.pathlen) == 0:
+            return loc
+    return NULL
+
+
+cdef int unhex(char ch) noexcept nogil:
+    if c'0' <= ch <= c'9':
+        return ch - c'0'
+    if c'a' <= ch <= c'f':
+        return ch - c'a' + 10
+    if c'A' <= ch <= c'F':
+        return ch - c'A' + 10
+    return -1
+
+
+cdef int percent_decode(const char *s, int n, char *out) noexcept nogil:
+    # %XX escapes decoded (an invalid one is kept as it is, as Python's unquote); out has room
+    # for n bytes.
+    cdef int i = 0, j = 0, hi, lo
+    while i < n:
+        if s[i] == b'%' and i + 2 < n:
+            hi = unhex(s[i + 1])
+            lo = unhex(s[i + 2])
+            if hi >= 0 and lo >= 0:
+                out[j] = <char>(hi * 16 + lo)
+                j += 1
+                i += 3
+                continue
+        out[j] = s[i]
+        j += 1
+        i += 1
+    return j

@@ -1,0 +1,132 @@
+# Tunnels: an upgraded connection's two sockets, relayed until both ways have ended.
+#
+# Bytes each side sent past its head go first (the 101 and what followed it to the client, the
+# client's early bytes to the upstream, only now that the 101 is checked).  Half-close: an EOF
+# one way is passed on as shutdown(SHUT_WR) once the bytes before it are written; the tunnel
+# closes when both ways are done.  A reset on either side closes both.  read_timeout: no bytes
+# from the upstream for that long closes it (once the upstream has finished, the client's side
+# is held to the same limit); send_timeout: a write that stays blocked that long closes it, as
+# nginx's proxy_read_timeout and proxy_send_timeout on an upgraded connection.
+
+cdef void tunnel_start(Eng *e, Conn *c, char *data, int total) noexcept nogil:
+    # A checked 101 is at data[:...]; data[:total] (the 101 and what followed it) goes to the
+    # client.
+    cdef Req *req = c.req
+    cdef Loc *loc = c.loc
+    cdef Peer *pr = &e.groups[c.up.group].peers[c.up.peer]
+    cdef int i
+    if c.log != NULL:
+        c.log.status = 101
+        c.log.upstream_status = 101
+        c.log.connect_time = req.t_connected - req.t_connect
+        c.log.header_time = e.now - req.t_connect
+        c.log.head_sent = total
+        c.log.head_in = req.head_size
+        c.log.group = c.up.group
+        c.log.peer = c.up.peer
+    c.read_timeout = loc.read_timeout
+    c.send_timeout = loc.send_timeout
+    c.relay = loc.relay
+    if c.io.ssl != NULL or c.up.io.ssl != NULL:
+        c.relay = RELAY_COPY          # the kernel cannot splice what it cannot decrypt
+        e.n.tls_tunnels_total += 1
+    flow_reset(e, &c.flow[0])
+    flow_reset(e, &c.flow[1])
+    for i in range(2):
+        c.flow[i].mode = FLOW_RAW
+        c.flow[i].splicing = c.relay == RELAY_SPLICE
+        c.flow[i].last_rx = e.now
+    c.first_eof = -1
+    c.started = e.now
+    if flow_hold(e, c, 1, data, total) < 0:
+        conn_close(e, c)
+        return
+    c.flow[1].blocked_since = 0
+    if req.early_len:
+        c.flow[0].held = req.early
+        c.flow[0].held_len = req.early_len
+        req.early = NULL
+        debug_count(DBG_BUFFERS, 1)
+    e.n.tunnels_total += 1
+    e.n.tunnels_active += 1
+    pr.tunnels_total += 1
+    pr.tunnels_active += 1
+    debug_count(DBG_TUNNELS, 1)
+    conn_set_state(e, c, CS_TUNNEL)
+    request_end(e, c)                 # the request is done with; the tunnel keeps its log line
+    if c.log != NULL and c.log.log.open:
+        log_tunnel(e, c, LOG_EVENT_OPEN, 0)
+    tunnel_run(e, c)
+
+
+cdef void tunnel_run(Eng *e, Conn *c) noexcept nogil:
+    cdef int r = flow_pump(e, c, 0)
+    if r == 0:
+        r = flow_pump(e, c, 1)
+    if r == 0 and c.flow[0].shut and c.flow[1].shut:
+        r = CLOSE_CLIENT if c.first_eof == 0 else CLOSE_UPSTREAM
+    if r < 0:
+        tunnel_close(e, c, r)
+
+
+cdef double tunnel_deadline(Conn *c) noexcept nogil:
+    # nginx times an upgraded connection on upstream reads (proxy_read_timeout) and on blocked
+    # writes (send_timeout).  Reading from a side is suspended while its flow is blocked, so the
+    # read timer then gives way to the send timer.  Once the upstream has finished, the
+    # client's side is held to the same idle limit, so a half-closed tunnel cannot linger.
+    cdef double d = NEVER
+    cdef double t
+    cdef int i
+    c.reason = CLOSE_READ_TIMEOUT
+    if not c.flow[1].eof:
+        if c.flow[1].blocked_since == 0:
+            d = c.flow[1].last_rx + c.read_timeout
+    elif not c.flow[0].eof and c.flow[0].blocked_since == 0:
+        d = c.flow[0].last_rx + c.read_timeout
+    for i in range(2):
+        if c.flow[i].blocked_since > 0:
+            t = c.flow[i].blocked_since + c.send_timeout
+            if t < d:
+                d = t
+                c.reason = CLOSE_SEND_TIMEOUT
+    return d
+
+
+cdef void tunnel_close(Eng *e, Conn *c, int reason) noexcept nogil:
+    cdef Up *u = c.up
+    cdef Peer *pr
+    if c.state != CS_TUNNEL:
+        conn_close(e, c)
+        return
+    e.n.closes[-reason] += 1
+    e.n.tunnels_active -= 1
+    debug_count(DBG_TUNNELS, -1)
+    if u != NULL and u.group >= 0:
+        pr = &e.groups[u.group].peers[u.peer]
+        pr.tunnels_active -= 1
+        pr.bytes_up += c.flow[0].nbytes
+        pr.bytes_down += c.flow[1].nbytes
+    if c.log != NULL:
+        log_tunnel(e, c, LOG_EVENT_CLOSE, reason)
+    conn_close(e, c)
+
+
+# --- handing tunnels to another process (reload) -------------------------------------------
+
+cdef inline bint tunnel_exportable(Conn *c) noexcept nogil:
+    # Only a tunnel whose whole state is its two sockets and its counters can move to another
+    # process (state kept in this process's memory, as a TLS session's, cannot).
+    return c.state == CS_TUNNEL and c.up != NULL and c.io.ssl == NULL and c.up.io.ssl == NULL
+
+
+cdef int tunnel_detach(Eng *e, Conn *c) noexcept nogil:
+    # Take a tunnel out of the engine whole: its fds leave the epoll set (still open), bytes in
+    # flight become plain memory; the caller sends them on and then frees the connection.
+    cdef epoll_event ev
+    cdef int i
+    for i in range(2):
+        if flow_take_pipe(e, &c.flow[i]) < 0:
+            return -1
+    epoll_ctl(e.epfd, EPOLL_CTL_DEL, c.io.fd, &ev)
+    epoll_ctl(e.epfd, EPOLL_CTL_DEL, c.up.io.fd, &ev)
+    return 0

@@ -1,0 +1,90 @@
+# One turn of the engine: the edges epoll has, the connections with work no edge announces,
+# the listeners with a queue left, the deadlines that came; then the structs closed during the
+# turn are freed (events of the turn may have named them until then).
+
+cdef void engine_turn(Eng *e) noexcept nogil:
+    cdef epoll_event events[MAX_EVENTS]
+    cdef int n, i
+    cdef unsigned int ev
+    cdef Io *io
+    cdef Conn *c
+    cdef Conn *ready
+    cdef Up *u
+    cdef unsigned long long counter
+    e.now = fastws_monotonic()
+    e.wall = fastws_realtime()
+    e.n.loops += 1
+    n = epoll_wait(e.epfd, events, MAX_EVENTS, 0)
+    for i in range(n if n > 0 else 0):
+        io = <Io *>events[i].data.ptr
+        ev = events[i].events
+        if io.kind == IO_CLIENT:
+            c = <Conn *>io
+            if c.state == CS_CLOSED:
+                continue
+            io_event(io, ev)
+            conn_run(e, c)
+        elif io.kind == IO_UPSTREAM:
+            u = <Up *>io
+            if u.io.fd < 0:
+                continue
+            io_event(io, ev)
+            if u.owner != NULL:
+                if u.owner.state != CS_CLOSED:
+                    conn_run(e, u.owner)
+            else:
+                pool_event(e, u)
+        elif io.kind == IO_LISTENER:
+            io.rd_ready = 1
+            accept_run(e, <Listener *>io)
+        elif io.kind == IO_TIMER:
+            timers_fired(e)
+        elif io.kind == IO_WAKE:
+            read(io.fd, &counter, sizeof(counter))
+    # connections that asked to run again (this turn's own requests wait for the next)
+    ready = e.ready
+    e.ready = NULL
+    while ready != NULL:
+        c = ready
+        ready = c.next
+        c.next = NULL
+        c.queued = 0
+        if c.state == CS_CLOSED:
+            conn_free(c)
+        else:
+            conn_run(e, c)
+    if e.accepting == 1:
+        for i in range(e.nlis):
+            if e.lis[i].io.rd_ready and e.lis[i].io.fd >= 0:
+                accept_run(e, &e.lis[i])
+    timers_expire(e)
+    engine_reap(e)
+    timers_sync(e)
+    if e.ready != NULL or engine_accept_pending(e):
+        # work no edge will announce: keep the engine's fd readable for the next turn
+        counter = 1
+        write(e.wakefd, &counter, sizeof(counter))
+
+
+cdef bint engine_accept_pending(Eng *e) noexcept nogil:
+    cdef int i
+    if e.accepting != 1:
+        return False
+    for i in range(e.nlis):
+        if e.lis[i].io.rd_ready and e.lis[i].io.fd >= 0:
+            return True
+    return False
+
+
+cdef void engine_reap(Eng *e) noexcept nogil:
+    cdef Conn *c
+    cdef Up *u
+    while e.zombies != NULL:
+        c = e.zombies
+        e.zombies = c.next
+        conn_free(c)
+    while e.dead_ups != NULL:
+        u = e.dead_ups
+        e.dead_ups = u.next
+        free(u)
+        debug_count(DBG_UPS, -1)

@@ -1,0 +1,271 @@
+"""The engine's tables, built from a checked configuration: what the engine runs on.
+
+Python prepares everything once per worker (sorted name and location tables, upstream groups
+with their balancing data, templates as variable numbers, log formats, TLS contexts), and the
+engine copies it into C arrays (engine/tables.pxi).  Nothing here runs per connection.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import accesslog, balancer, tls
+from .config import Config, LocationConfig, ServerBlock
+from .variables import Template
+
+# The engine's constants (engine/... and includes/consts.pxi).
+LOC_PROXY, LOC_RETURN, LOC_STATUS = 0, 1, 2
+RELAYS = {"auto": 0, "splice": 1, "copy": 2}
+
+
+@dataclass
+class ListenerTable:
+    fd: int
+    family: int
+    tls: bool
+    addr_text: str
+    port: int
+    exact: list[tuple[str, int]]     # (name, server index)
+    head: list[tuple[str, int]]      # "*.example.com" as ".example.com", longest first
+    tail: list[tuple[str, int]]      # "www.example.*" as "www.example.", longest first
+    default: int
+
+
+@dataclass
+class ServerTable:
+    name: str
+    exact: list[int]                 # location indexes, sorted by path
+    prefix: list[int]                # location indexes, longest path first
+    client_header_timeout: float
+    max_request_line: int
+    max_request_head: int
+    redirect_https: int
+    tls: Any                         # ssl.SSLContext or None
+    handshake_timeout: float
+    access_log: int
+
+
+@dataclass
+class LocationTable:
+    path: str
+    exact: bool
+    kind: int
+    group: int
+    proxy_uri: str | None
+    proxy_host: str | None
+    websocket: bool
+    tokens: tuple[str, ...]
+    connect_timeout: float
+    send_timeout: float
+    read_timeout: float
+    next_upstream_tries: int
+    next_upstream_timeout: float
+    ops: list[tuple[str, Any]]       # (header name, template parts or None)
+    relay: int
+    socket_keepalive: bool
+    return_status: int
+    return_body: str
+    status_format: str | None
+    upstream_tls: Any                # ssl.SSLContext or None
+    tls_name: str | None
+    tls_verify: bool
+    access_log: int
+    keepalive_timeout: float
+    keepalive_requests: int
+    client_max_body_size: int
+    client_body_timeout: float
+
+
+@dataclass
+class GroupTable:
+    group: Any                       # balancer's compiled UpstreamGroup
+    name: str
+    peer_names: list[str]
+    peer_hosts: list[str]
+    hash_key: Any
+    keepalive: int
+    keepalive_timeout: float
+    keepalive_requests: int
+
+
+@dataclass
+class LogFileTable:
+    path: str
+    fd: int
+
+
+@dataclass
+class LogFormatTable:
+    parts: tuple[tuple[int, str], ...]
+    json: bool
+    names: tuple[str, ...]
+    early: tuple[int, ...]
+
+
+@dataclass
+class AccessLogTable:
+    file: int
+    format: int
+    open: bool
+
+
+@dataclass
+class Tables:
+    listeners: list[ListenerTable] = field(default_factory=list)
+    servers: list[ServerTable] = field(default_factory=list)
+    locations: list[LocationTable] = field(default_factory=list)
+    groups: list[GroupTable] = field(default_factory=list)
+    log_files: list[LogFileTable] = field(default_factory=list)
+    log_formats: list[LogFormatTable] = field(default_factory=list)
+    access_logs: list[AccessLogTable] = field(default_factory=list)
+
+
+def _parts(template: Template | None) -> Any:
+    return list(template.parts) if template is not None else None
+
+
+class _Logs:
+    """Access logs, each file opened once and each (file, format, open) once."""
+
+    def __init__(self, tables: Tables) -> None:
+        self.t = tables
+        self.files: dict[str, int] = {}
+        self.formats: dict[int, int] = {}
+        self.logs: dict[tuple[int, int, bool], int] = {}
+
+    def index(self, cfg: Any) -> int:
+        if cfg is None:
+            return -1
+        f = self.files.get(cfg.path)
+        if f is None:
+            f = self.files[cfg.path] = len(self.t.log_files)
+            self.t.log_files.append(LogFileTable(cfg.path, accesslog.open_log(cfg.path)))
+        fmt = self.formats.get(id(cfg.format))
+        if fmt is None:
+            fmt = self.formats[id(cfg.format)] = len(self.t.log_formats)
+            lf = cfg.format
+            self.t.log_formats.append(LogFormatTable(lf.parts, lf.json, lf.names, lf.early))
+        key = (f, fmt, cfg.open)
+        al = self.logs.get(key)
+        if al is None:
+            al = self.logs[key] = len(self.t.access_logs)
+            self.t.access_logs.append(AccessLogTable(f, fmt, cfg.open))
+        return al
+
+
+def build(config: Config, sockets: list[socket.socket], groups: dict[str, Any],
+          contexts: "tls.Contexts") -> Tables:
+    """The tables for one worker: its listening sockets, the configuration's servers and
+    locations, the upstream groups balancer.py built, the TLS contexts of tls.py."""
+    t = Tables()
+    logs = _Logs(t)
+    group_index: dict[str, int] = {}
+    for name, grp in groups.items():
+        up = grp.config
+        group_index[name] = len(t.groups)
+        t.groups.append(GroupTable(
+            grp, name, [p.name for p in grp.peers], [_host(p.server) for p in grp.peers],
+            _parts(up.hash_key), up.keepalive, up.keepalive_timeout, up.keepalive_requests))
+    server_index: dict[int, int] = {}
+    for server in config.servers:
+        server_index[id(server)] = len(t.servers)
+        t.servers.append(_server(t, server, group_index, logs, contexts))
+    for sock in sockets:
+        host, port = sock.getsockname()[:2]
+        on = [s for s in config.servers if any((a.host, a.port) == (host, port) or
+                                                (_same(a.host, host) and a.port == port)
+                                                for a in s.listen)]
+        if not on:
+            raise RuntimeError(f"no server listens on {host}:{port}")
+        addr = next(a for s in on for a in s.listen if a.port == port and _same(a.host, host))
+        t.listeners.append(_listener(sock, addr.host, port, on, server_index))
+    return t
+
+
+def _same(written: str, bound: str) -> bool:
+    # "[::1]" in the configuration is "::1" in getsockname()
+    return written.strip("[]") == bound
+
+
+def _host(server_text: str) -> str:
+    """A server entry's host as written (for TLS's name and SNI)."""
+    if server_text.startswith("["):
+        return server_text[1:].split("]", 1)[0]
+    if server_text.startswith("unix:"):
+        return ""
+    return server_text.rsplit(":", 1)[0]
+
+
+def _listener(sock: socket.socket, host: str, port: int, servers: list[ServerBlock],
+              index: dict[int, int]) -> ListenerTable:
+    # nginx's server_name rules (ngx_http_find_virtual_server without regular expressions):
+    # exact names, then the longest "*.example.com", then the longest "www.example.*".
+    exact: list[tuple[str, int]] = []
+    head: list[tuple[str, int]] = []
+    tail: list[tuple[str, int]] = []
+    seen: set[str] = set()
+    for server in servers:
+        si = index[id(server)]
+        for name in server.server_name:
+            if name.startswith("*."):
+                head.append((name[1:], si))
+            elif name.startswith("."):           # ".example.com": both forms
+                if name[1:] not in seen:
+                    seen.add(name[1:])
+                    exact.append((name[1:], si))
+                head.append((name, si))
+            elif name.endswith(".*"):
+                tail.append((name[:-1], si))
+            elif name not in seen:
+                seen.add(name)
+                exact.append((name, si))
+    head.sort(key=lambda item: -len(item[0]))
+    tail.sort(key=lambda item: -len(item[0]))
+    default = next((s for s in servers if s.default), servers[0])
+    return ListenerTable(sock.fileno(), sock.family, default.tls is not None, host.strip("[]"),
+                         port, exact, head, tail, index[id(default)])
+
+
+def _server(t: Tables, server: ServerBlock, groups: dict[str, int], logs: _Logs,
+            contexts: "tls.Contexts") -> ServerTable:
+    first = len(t.locations)
+    locs = [_location(loc, groups, logs, contexts) for loc in server.locations]
+    t.locations.extend(locs)
+    exact = sorted((first + i for i, loc in enumerate(locs) if loc.exact),
+                   key=lambda i: t.locations[i].path.encode())
+    prefix = sorted((first + i for i, loc in enumerate(locs) if not loc.exact),
+                    key=lambda i: -len(t.locations[i].path.encode()))
+    tls_conf = server.tls
+    server_log = {loc.access_log for loc in server.locations}
+    return ServerTable(
+        server.server_name[0] if server.server_name else "", exact, prefix,
+        server.client_header_timeout, server.max_request_line, server.max_request_head,
+        server.redirect_https, contexts.server(server),
+        tls_conf.handshake_timeout if tls_conf is not None else 60.0,
+        # a request that matches no location is logged by the server's log: the one its
+        # locations share
+        logs.index(server_log.pop()) if len(server_log) == 1 else -1)
+
+
+def _location(loc: LocationConfig, groups: dict[str, int], logs: _Logs,
+              contexts: "tls.Contexts") -> LocationTable:
+    if loc.return_status is not None:
+        kind = LOC_RETURN
+    elif loc.status is not None:
+        kind = LOC_STATUS
+    else:
+        kind = LOC_PROXY
+    up_tls = contexts.upstream(loc)
+    return LocationTable(
+        loc.path, loc.exact, kind, groups.get(loc.proxy_pass or "", -1), loc.proxy_uri,
+        loc.proxy_pass, loc.websocket, loc.upgrade_tokens, loc.connect_timeout,
+        loc.send_timeout, loc.read_timeout, loc.next_upstream_tries, loc.next_upstream_timeout,
+        [(name, _parts(template)) for name, template in loc.set_headers], RELAYS[loc.relay],
+        loc.socket_keepalive, loc.return_status or 0, loc.return_body, loc.status,
+        up_tls.context if up_tls is not None else None,
+        up_tls.conf.server_name if up_tls is not None else None,
+        up_tls.conf.verify if up_tls is not None else True,
+        logs.index(loc.access_log), loc.keepalive_timeout, loc.keepalive_requests,
+        loc.client_max_body_size, loc.client_body_timeout)
