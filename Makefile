@@ -1,10 +1,10 @@
-.PHONY: compile debug test bench clean
+.PHONY: compile trace test bench clean
 
 compile:
 	pip install -e .
 
-debug:
-	FASTWS_DEBUG=1 pip install -e .
+trace:
+	FASTWS_TRACE=1 pip install -e .
 
 test: compile
 	python -m pytest

@@ -3,18 +3,18 @@ import os
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
-# FASTWS_DEBUG=1 pip install -e .  builds with line tracing, annotated HTML and the debug macro.
-DEBUG = os.environ.get("FASTWS_DEBUG", "") not in ("", "0")
-macros = [("FASTWS_DEBUG", "1"), ("CYTHON_TRACE_NOGIL", "1")] if DEBUG else []
+# FASTWS_TRACE=1 pip install -e .  builds with line tracing (for profilers) and annotated HTML.
+TRACE = os.environ.get("FASTWS_TRACE", "") not in ("", "0")
+macros = [("CYTHON_TRACE_NOGIL", "1")] if TRACE else []
 args = ["-O2", "-Wall", "-Wno-unused-function", "-Wno-unreachable-code"]
 
 extensions = [
     Extension(f"fastws.{name}", [f"fastws/{name}.pyx"], include_dirs=["fastws/includes"],
               define_macros=macros, extra_compile_args=args)
-    for name in ("_engine", "_splice", "_http")
+    for name in ("_engine",)
 ]
 
-setup(ext_modules=cythonize(extensions, annotate=DEBUG, compiler_directives={
+setup(ext_modules=cythonize(extensions, annotate=TRACE, compiler_directives={
     "language_level": 3, "embedsignature": True, "boundscheck": False, "wraparound": False,
-    "initializedcheck": False, "cdivision": True, "linetrace": DEBUG,
+    "initializedcheck": False, "cdivision": True, "linetrace": TRACE,
 }))

@@ -495,6 +495,7 @@ cdef struct Counters:
     long long pipes_total
     long long pipes_free
     long long paused_now     # accepting is paused (worker_connections)
+    long long held[8]        # what the engine holds, by kind (engine/debug.pxi)
     # counters
     unsigned long long accepts
     unsigned long long handled

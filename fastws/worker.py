@@ -126,6 +126,8 @@ class Worker:
                 log.error("cannot take tunnels over from old workers: %s", exc)
         self._tick()
         self.engine.run_once()          # connections already queued on the listeners
+        if os.environ.get("FASTWS_BLOCKING"):
+            self.engine.run_blocking(float(os.environ["FASTWS_BLOCKING"]))
         if self.ready is not None:
             self.ready(self)
         try:

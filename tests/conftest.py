@@ -27,6 +27,9 @@ def make_proxy(tmp_path: Path) -> Iterator[Callable[..., Proxy]]:
     yield make
     for proxy in made:
         proxy.stop()
+    for proxy in made:
+        # each worker's engine checks, when it stops, that it let go of everything it held
+        assert "still held" not in proxy.output(), proxy.output()
 
 
 @pytest.fixture(params=["splice", "copy", "auto"])

@@ -108,7 +108,8 @@ class Proxy:
         return self.proc.pid
 
     def output(self) -> str:
-        self._log_file.flush()
+        if not self._log_file.closed:
+            self._log_file.flush()
         return self.log.read_text(errors="replace")
 
     def workers(self) -> list[int]:

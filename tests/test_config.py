@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from fastws import config
+from fastws import config, variables
 from fastws.errors import ConfigError
 from support import to_toml
 
@@ -61,7 +61,7 @@ def test_recipe_timeouts_and_headers():
                                    set_headers={"X-Forwarded-Proto": "$scheme", "X-Gone": ""}))
     loc = cfg.servers[0].locations[0]
     assert loc.connect_timeout == 7 * 86400 and loc.read_timeout == 3600
-    assert loc.set_headers[0][1].parts == ((True, "scheme"),)
+    assert loc.set_headers[0][1].parts == ((variables.NUMBERS["scheme"], ""),)
     assert loc.set_headers[1] == ("X-Gone", None)
 
 

@@ -364,9 +364,16 @@ cdef class Engine:
         if self.stopped:
             return
         with nogil:
-            engine_turn(self.e)
+            engine_turn(self.e, 0)
         if self.e.msgs.len:
             self._deliver_messages()
+
+    def run_blocking(self, double seconds):
+        """Turns that wait in the engine's own epoll_wait, for `seconds` (an experiment)."""
+        cdef double end = fastws_monotonic() + seconds
+        with nogil:
+            while fastws_monotonic() < end:
+                engine_turn(self.e, 100)
 
     cdef _deliver_messages(self):
         cdef fastws_buf *m = &self.e.msgs
@@ -432,6 +439,12 @@ cdef class Engine:
         self._drain_ready()
         engine_reap(self.e)
         self.flush_logs()
+        held = {name: self.e.n.held[i] for i, name in enumerate(HELD_NAMES) if self.e.n.held[i]}
+        if held:
+            # everything was just closed: what is still counted was lost track of somewhere
+            import sys
+            print(f"fastws: engine: still held after closing everything: {held}", file=sys.stderr,
+                  flush=True)
         if self.e.msgs.len:
             self._deliver_messages()
         self.stopped = True
@@ -444,7 +457,7 @@ cdef class Engine:
             c.next = NULL
             c.queued = 0
             if c.state == CS_CLOSED:
-                conn_free(c)
+                conn_free(self.e, c)
 
     def flush_logs(self):
         """Write the access-log lines gathered so far (the control plane's tick)."""
@@ -566,7 +579,7 @@ cdef class Engine:
             pr.bytes_down += c.flow[1].nbytes
         e.n.tunnels_active -= 1
         e.n.closes[-CLOSE_EXPORTED] += 1
-        debug_count(DBG_TUNNELS, -1)
+        held_count(e, DBG_TUNNELS, -1)
         log_free(e, c)
         conn_close(e, c)
         return t
@@ -608,8 +621,8 @@ cdef class Engine:
             free(c)
             free(u)
             raise MemoryError()
-        debug_count(DBG_CONNS, 1)
-        debug_count(DBG_UPS, 1)
+        held_count(e, DBG_CONNS, 1)
+        held_count(e, DBG_UPS, 1)
         c.io.kind = IO_CLIENT
         c.io.fd = t.client_fd
         c.io.wr_ready = c.io.rd_ready = 1
@@ -641,7 +654,7 @@ cdef class Engine:
             c.flow[i].last_rx = e.now
         c.flow[0].nbytes = t.up
         c.flow[1].nbytes = t.down
-        if _hold_bytes(&c.flow[0], t.to_upstream) < 0 or _hold_bytes(&c.flow[1], t.to_client) < 0:
+        if _hold_bytes(e, &c.flow[0], t.to_upstream) < 0 or _hold_bytes(e, &c.flow[1], t.to_client) < 0:
             raise MemoryError()
         if access_log >= 0 and t.log is not None:
             self._adopt_log(c, self._als[access_log], t.log)
@@ -650,7 +663,7 @@ cdef class Engine:
             e.groups[group].peers[peer].conns += 1
             e.groups[group].peers[peer].tunnels_active += 1
         e.n.tunnels_active += 1        # (not tunnels_total: the board counted it already)
-        debug_count(DBG_TUNNELS, 1)
+        held_count(e, DBG_TUNNELS, 1)
         e.serial += 1
         c.number = e.serial * e.number_step + e.number_base
         e.n.conns += 1
@@ -669,7 +682,7 @@ cdef class Engine:
         cdef bytes early = log["early"]
         if lr == NULL:
             return
-        debug_count(DBG_LOGRECS, 1)
+        held_count(self.e, DBG_LOGRECS, 1)
         lr.log = al
         lr.t_start = self.e.now - log["life"]
         lr.connect_time = log["connect_time"]
@@ -772,14 +785,14 @@ cdef bytes _held(Flow *f):
     return PyBytes_FromStringAndSize(f.held + f.held_off, f.held_len - f.held_off)
 
 
-cdef int _hold_bytes(Flow *f, bytes data) noexcept:
+cdef int _hold_bytes(Eng *e, Flow *f, bytes data) noexcept:
     cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
     if n == 0:
         return 0
     f.held = <char *>malloc(n)
     if f.held == NULL:
         return -1
-    debug_count(DBG_BUFFERS, 1)
+    held_count(e, DBG_BUFFERS, 1)
     memcpy(f.held, PyBytes_AS_STRING(data), n)
     f.held_len = <int>n
     f.held_off = 0
@@ -848,7 +861,8 @@ cdef PyObject *request_view(Eng *e, Conn *c) noexcept with gil:
 STATE_NAMES = ("none", "tls", "head", "idle", "upstream", "exchange", "tunnel", "answer",
                "linger", "closed", "route", "spare")
 GAUGES = frozenset(["conns", "tunnels_active", "pipes_total", "pipes_free", "paused_now"]
-                   + ["states." + name for name in STATE_NAMES])
+                   + ["states." + name for name in STATE_NAMES]
+                   + ["held." + name for name in HELD_NAMES])
 
 
 cdef dict counters_dict(Counters *n):
@@ -859,6 +873,7 @@ cdef dict counters_dict(Counters *n):
         "pipes_total": n.pipes_total,
         "pipes_free": n.pipes_free,
         "paused_now": n.paused_now,
+        "held": {name: n.held[i] for i, name in enumerate(HELD_NAMES)},
         "accepts": n.accepts,
         "handled": n.handled,
         "requests": n.requests,

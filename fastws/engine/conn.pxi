@@ -76,7 +76,7 @@ cdef Conn *conn_new(Eng *e, Listener *l, int fd, sockaddr_in6 *sa) noexcept nogi
     cdef sockaddr_in *sin
     if c == NULL:
         return NULL
-    debug_count(DBG_CONNS, 1)
+    held_count(e, DBG_CONNS, 1)
     c.io.kind = IO_CLIENT
     c.io.fd = fd
     c.io.wr_ready = 1
@@ -99,7 +99,7 @@ cdef Conn *conn_new(Eng *e, Listener *l, int fd, sockaddr_in6 *sa) noexcept nogi
     e.serial += 1
     c.number = e.serial * e.number_step + e.number_base
     if io_register(e, &c.io) < 0:
-        debug_count(DBG_CONNS, -1)
+        held_count(e, DBG_CONNS, -1)
         free(c)
         return NULL
     e.n.conns += 1
@@ -206,7 +206,7 @@ cdef int conn_stash(Eng *e, Conn *c, const char *data, Py_ssize_t n) noexcept no
         if grown == NULL:
             return -1
         if c.in_ == NULL:
-            debug_count(DBG_BUFFERS, 1)
+            held_count(e, DBG_BUFFERS, 1)
         c.in_ = grown
         c.in_cap = cap
     memcpy(c.in_ + c.in_len, data, n)
@@ -217,7 +217,7 @@ cdef int conn_stash(Eng *e, Conn *c, const char *data, Py_ssize_t n) noexcept no
 cdef void conn_unstash(Eng *e, Conn *c) noexcept nogil:
     if c.in_ != NULL:
         free(c.in_)
-        debug_count(DBG_BUFFERS, -1)
+        held_count(e, DBG_BUFFERS, -1)
     c.in_ = NULL
     c.in_len = c.in_cap = 0
 
@@ -284,7 +284,7 @@ cdef void conn_read_head(Eng *e, Conn *c) noexcept nogil:
             c.in_len = c.in_cap = 0
             request_start(e, c, hbuf, <int>end, hbuf + end, <int>(hlen - end))
             free(hbuf)
-            debug_count(DBG_BUFFERS, -1)
+            held_count(e, DBG_BUFFERS, -1)
 
 
 cdef int conn_grow(Eng *e, Conn *c) noexcept nogil:
@@ -298,7 +298,7 @@ cdef int conn_grow(Eng *e, Conn *c) noexcept nogil:
     if grown == NULL:
         return -1
     if c.in_ == NULL:
-        debug_count(DBG_BUFFERS, 1)
+        held_count(e, DBG_BUFFERS, 1)
     c.in_ = grown
     c.in_cap = cap
     return 0
@@ -464,8 +464,8 @@ cdef void conn_unlink(Eng *e, Conn *c) noexcept nogil:
     c.all_prev = c.all_next = NULL
 
 
-cdef void conn_free(Conn *c) noexcept nogil:
-    debug_count(DBG_CONNS, -1)
+cdef void conn_free(Eng *e, Conn *c) noexcept nogil:
+    held_count(e, DBG_CONNS, -1)
     free(c)
 
 

@@ -33,6 +33,7 @@ cdef Pipe *pipe_get(Eng *e) noexcept nogil:
         e.free_pipes = p.next
         e.n.pipes_free -= 1
         p.next = NULL
+        held_count(e, DBG_PIPES, 1)
         return p
     if e.n.pipes_total >= e.max_pipes:
         e.n.pipe_shortage += 1
@@ -54,13 +55,14 @@ cdef Pipe *pipe_get(Eng *e) noexcept nogil:
     p.next = NULL
     e.n.pipes_total += 1
     e.n.pipes_created += 1
-    debug_count(DBG_PIPES, 1)
+    held_count(e, DBG_PIPES, 1)
     return p
 
 
 cdef void pipe_put(Eng *e, Pipe *p) noexcept nogil:
     # As HAProxy's put_pipe: only an empty pipe goes back to the pool; one still holding bytes
     # (a tunnel closed mid-transfer) is destroyed.
+    held_count(e, DBG_PIPES, -1)      # (pipes in use; the pool's are not held by anyone)
     if p.data == 0 and e.n.pipes_free < POOL_KEEP_FREE:
         p.next = e.free_pipes
         e.free_pipes = p
@@ -70,7 +72,6 @@ cdef void pipe_put(Eng *e, Pipe *p) noexcept nogil:
     close(p.cons)
     free(p)
     e.n.pipes_total -= 1
-    debug_count(DBG_PIPES, -1)
 
 
 # --- moving bytes ------------------------------------------------------------------------
@@ -86,7 +87,7 @@ cdef int flow_hold(Eng *e, Conn *c, int d, const char *data, Py_ssize_t n) noexc
         f.held = <char *>malloc(n)
         if f.held == NULL:
             return CLOSE_ERROR
-        debug_count(DBG_BUFFERS, 1)
+        held_count(e, DBG_BUFFERS, 1)
         memcpy(f.held, data, n)
         f.held_len = <int>n
         f.held_off = 0
@@ -119,7 +120,7 @@ cdef void flow_drop(Eng *e, Flow *f) noexcept nogil:
     if f.held != NULL:
         free(f.held)
         f.held = NULL
-        debug_count(DBG_BUFFERS, -1)
+        held_count(e, DBG_BUFFERS, -1)
     f.held_len = f.held_off = 0
     if f.chunk != NULL:
         chunked_free(f.chunk)
@@ -149,7 +150,7 @@ cdef int flow_flush(Eng *e, Conn *c, int d) noexcept nogil:
                 free(f.held)
                 f.held = NULL
                 f.held_len = f.held_off = 0
-                debug_count(DBG_BUFFERS, -1)
+                held_count(e, DBG_BUFFERS, -1)
             continue
         if n == -EAGAIN or n == 0:
             return flow_blocked(e, c, f)
@@ -390,7 +391,7 @@ cdef int flow_take_pipe(Eng *e, Flow *f) noexcept nogil:
             rest += r
             f.pipe.data -= r
         if f.held == NULL:
-            debug_count(DBG_BUFFERS, 1)
+            held_count(e, DBG_BUFFERS, 1)
         free(f.held)
         f.held = buf
         f.held_len = <int>n

@@ -17,7 +17,7 @@ cdef void log_begin(Eng *e, Conn *c, AccessLog *al) noexcept nogil:
     lr = <LogRec *>calloc(1, sizeof(LogRec))
     if lr == NULL:
         return
-    debug_count(DBG_LOGRECS, 1)
+    held_count(e, DBG_LOGRECS, 1)
     lr.log = al
     lr.t_start = c.req.t_start if c.req != NULL else c.t_state
     lr.connect_time = lr.header_time = lr.response_time = -1
@@ -41,7 +41,7 @@ cdef void log_free(Eng *e, Conn *c) noexcept nogil:
     if c.log != NULL:
         free(c.log.early)
         free(c.log)
-        debug_count(DBG_LOGRECS, -1)
+        held_count(e, DBG_LOGRECS, -1)
         c.log = NULL
 
 

@@ -35,7 +35,7 @@ cdef Req *req_new(Eng *e, Conn *c) noexcept nogil:
     cdef Req *req = <Req *>calloc(1, sizeof(Req))
     if req == NULL:
         return NULL
-    debug_count(DBG_REQS, 1)
+    held_count(e, DBG_REQS, 1)
     req.peer = -1
     req.t_start = c.t_state
     c.req = req
@@ -447,7 +447,7 @@ cdef int request_head_upstream(Eng *e, Conn *c, Head *h, const char *base, char 
     if req.uhead == NULL:
         conn_close(e, c)
         return -1
-    debug_count(DBG_BUFFERS, 1)
+    held_count(e, DBG_BUFFERS, 1)
     memcpy(req.uhead, b.p, b.len)
     if bodylen:
         memcpy(req.uhead + b.len, body, bodylen)
@@ -475,7 +475,7 @@ cdef void request_end(Eng *e, Conn *c) noexcept nogil:
         sel_clear(&req.sel)
     if req.uhead != NULL:
         free(req.uhead)
-        debug_count(DBG_BUFFERS, -1)
+        held_count(e, DBG_BUFFERS, -1)
     free(req.early)
     free(req.rbuf)
     chunked_free(&req.chunk_in)
@@ -488,5 +488,5 @@ cdef void request_end(Eng *e, Conn *c) noexcept nogil:
         with gil:
             Py_DECREF(<object>req.ctx)
     free(req)
-    debug_count(DBG_REQS, -1)
+    held_count(e, DBG_REQS, -1)
     c.req = NULL

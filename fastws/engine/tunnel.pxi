@@ -46,12 +46,12 @@ cdef void tunnel_start(Eng *e, Conn *c, char *data, int total) noexcept nogil:
         c.flow[0].held = req.early
         c.flow[0].held_len = req.early_len
         req.early = NULL
-        debug_count(DBG_BUFFERS, 1)
+        held_count(e, DBG_BUFFERS, 1)
     e.n.tunnels_total += 1
     e.n.tunnels_active += 1
     pr.tunnels_total += 1
     pr.tunnels_active += 1
-    debug_count(DBG_TUNNELS, 1)
+    held_count(e, DBG_TUNNELS, 1)
     conn_set_state(e, c, CS_TUNNEL)
     request_end(e, c)                 # the request is done with; the tunnel keeps its log line
     if c.log != NULL and c.log.log.open:
@@ -100,7 +100,7 @@ cdef void tunnel_close(Eng *e, Conn *c, int reason) noexcept nogil:
         return
     e.n.closes[-reason] += 1
     e.n.tunnels_active -= 1
-    debug_count(DBG_TUNNELS, -1)
+    held_count(e, DBG_TUNNELS, -1)
     if u != NULL and u.group >= 0:
         pr = &e.groups[u.group].peers[u.peer]
         pr.tunnels_active -= 1

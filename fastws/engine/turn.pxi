@@ -2,7 +2,7 @@
 # the listeners with a queue left, the deadlines that came; then the structs closed during the
 # turn are freed (events of the turn may have named them until then).
 
-cdef void engine_turn(Eng *e) noexcept nogil:
+cdef void engine_turn(Eng *e, int timeout) noexcept nogil:
     cdef epoll_event events[MAX_EVENTS]
     cdef int n, i
     cdef unsigned int ev
@@ -11,10 +11,10 @@ cdef void engine_turn(Eng *e) noexcept nogil:
     cdef Conn *ready
     cdef Up *u
     cdef unsigned long long counter
+    n = epoll_wait(e.epfd, events, MAX_EVENTS, timeout)
     e.now = fastws_monotonic()
     e.wall = fastws_realtime()
     e.n.loops += 1
-    n = epoll_wait(e.epfd, events, MAX_EVENTS, 0)
     for i in range(n if n > 0 else 0):
         io = <Io *>events[i].data.ptr
         ev = events[i].events
@@ -50,7 +50,7 @@ cdef void engine_turn(Eng *e) noexcept nogil:
         c.next = NULL
         c.queued = 0
         if c.state == CS_CLOSED:
-            conn_free(c)
+            conn_free(e, c)
         else:
             conn_run(e, c)
     if e.accepting == 1:
@@ -82,9 +82,9 @@ cdef void engine_reap(Eng *e) noexcept nogil:
     while e.zombies != NULL:
         c = e.zombies
         e.zombies = c.next
-        conn_free(c)
+        conn_free(e, c)
     while e.dead_ups != NULL:
         u = e.dead_ups
         e.dead_ups = u.next
         free(u)
-        debug_count(DBG_UPS, -1)
+        held_count(e, DBG_UPS, -1)

@@ -104,7 +104,7 @@ cdef void up_open(Eng *e, Conn *c, int peer) noexcept nogil:
         peer_free(g, &req.sel, peer, 0, e.now)
         conn_close(e, c)
         return
-    debug_count(DBG_UPS, 1)
+    held_count(e, DBG_UPS, 1)
     u.io.kind = IO_UPSTREAM
     u.io.fd = fd
     u.timer.idx = -1

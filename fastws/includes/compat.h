@@ -19,10 +19,6 @@
 #include <sys/uio.h>
 #include <sys/timerfd.h>
 
-#ifndef FASTWS_DEBUG
-#define FASTWS_DEBUG 0
-#endif
-
 /* A deadline that never comes. */
 #define FASTWS_NEVER 1e300
 

@@ -1,7 +1,6 @@
 # Extern declarations only: the Linux calls the relay engine makes, from includes/compat.h.
 
 cdef extern from "compat.h" nogil:
-    int FASTWS_DEBUG
     double fastws_monotonic()
     double fastws_realtime()
     double NEVER "FASTWS_NEVER"
