@@ -165,6 +165,7 @@ cdef enum IoKind:
     IO_UPSTREAM
     IO_TIMER
     IO_WAKE
+    IO_CONTROL               # the control plane's event loop (its own epoll fd)
 
 from fastws.includes.openssl cimport FASTWS_SSL, FASTWS_SSL_CTX
 
@@ -560,7 +561,7 @@ cdef struct Eng:
     unsigned long long serial
     int number_step          # $connection = serial * number_step + number_base
     int number_base
-    int more                 # work no edge will announce (the ready list, an accept queue)
+    int control_ready        # the control plane's loop has something to do
     int wakefd               # an eventfd the engine writes to itself for that work
     fastws_buf obuf          # heads the engine builds
     fastws_buf xbuf          # a second one (hash keys, log lines' early part, a Location)

@@ -24,6 +24,11 @@ from .config import Address, Config
 log = logging.getLogger("fastws")
 
 PUBLISH_INTERVAL = 0.5
+CONTROL_INTERVAL = 0.05     # the control plane's timers run at most this late
+
+
+async def _one_pass() -> None:
+    await asyncio.sleep(0)
 
 
 def open_listeners(config: Config) -> list[socket.socket]:
@@ -91,10 +96,56 @@ class Worker:
     # --- life cycle ------------------------------------------------------------------------
 
     def run(self) -> None:
-        """Serve until SIGTERM or SIGINT (fast stop) or SIGQUIT (graceful stop)."""
-        uvloop.run(self.serve())
+        """Serve until SIGTERM or SIGINT (fast stop) or SIGQUIT (graceful stop).
+
+        The process waits in the engine: its epoll set holds every socket and, as one more fd,
+        the event loop's own epoll set, so that the sockets' edges wake one epoll_wait, not a
+        nested pair; when the loop has work (a signal, a tunnel handed over, a tick due within
+        CONTROL_INTERVAL), one pass of it runs."""
+        loop = uvloop.new_event_loop()
+        asyncio.set_event_loop(loop)
+        backend = getattr(loop, "_get_backend_id", None)
+        try:
+            if backend is None:
+                loop.run_until_complete(self.serve())   # an event loop that hides its epoll set
+                return
+            loop.run_until_complete(self._start())
+            self._signals(lambda sig, cb, *args: signal.signal(
+                sig, lambda *_: loop.call_soon_threadsafe(cb, *args)))
+            self.engine.watch_control(backend())
+            assert self._stopped is not None
+            while not self._stopped.done():
+                self.engine.wait(CONTROL_INTERVAL)
+                loop.run_until_complete(_one_pass())
+            self._shutdown()
+        finally:
+            loop.close()
 
     async def serve(self) -> None:
+        """Serve inside a running asyncio event loop, which watches the engine's fd."""
+        await self._start()
+        self._signals(self.loop.add_signal_handler)
+        self.loop.add_reader(self.engine.fd, self.engine.run_once)
+        assert self._stopped is not None
+        try:
+            await self._stopped
+        finally:
+            self.loop.remove_reader(self.engine.fd)
+            self._shutdown()
+
+    def _signals(self, install: Any) -> None:
+        # nginx's: TERM and INT stop at once, QUIT gracefully, USR1 reopens the logs, USR2 hands
+        # the tunnels over (a reload); HUP is the master's business.  In run(), plain handlers
+        # that queue the work for the loop's next pass: the process waits in the engine, where
+        # the loop's own signal machinery (active only while it runs) would miss them.
+        for sig, graceful in ((signal.SIGTERM, False), (signal.SIGINT, False),
+                              (signal.SIGQUIT, True)):
+            install(sig, self.stop, graceful)
+        install(signal.SIGUSR1, self.reopen_logs)
+        install(signal.SIGUSR2, self.hand_over)
+        install(signal.SIGHUP, lambda: None)
+
+    async def _start(self) -> None:
         self.loop = asyncio.get_running_loop()
         config = self.config
         tls.check_engine(config)
@@ -109,14 +160,7 @@ class Worker:
             counters=self.stats.counters)
         self.engine.serial = self.stats.serial
         self.engine.load(tables.build(config, socks, self.groups, tls.Contexts(config)))
-        self.loop.add_reader(self.engine.fd, self.engine.run_once)
         self._stopped = self.loop.create_future()
-        for sig, graceful in ((signal.SIGTERM, False), (signal.SIGINT, False),
-                              (signal.SIGQUIT, True)):
-            self.loop.add_signal_handler(sig, self.stop, graceful)
-        self.loop.add_signal_handler(signal.SIGUSR1, self.reopen_logs)
-        self.loop.add_signal_handler(signal.SIGUSR2, self.hand_over)
-        self.loop.add_signal_handler(signal.SIGHUP, lambda: None)   # the master's business
         if self.master:
             try:
                 self.receiver = handover.Receiver(
@@ -126,14 +170,8 @@ class Worker:
                 log.error("cannot take tunnels over from old workers: %s", exc)
         self._tick()
         self.engine.run_once()          # connections already queued on the listeners
-        if os.environ.get("FASTWS_BLOCKING"):
-            self.engine.run_blocking(float(os.environ["FASTWS_BLOCKING"]))
         if self.ready is not None:
             self.ready(self)
-        try:
-            await self._stopped
-        finally:
-            self._shutdown()
 
     def stop(self, graceful: bool = False) -> None:
         if self._stopped is None or self._stopped.done():
@@ -208,7 +246,6 @@ class Worker:
         self._close_listeners()
         if self.receiver is not None:
             self.receiver.close()
-        self.loop.remove_reader(self.engine.fd)
         self.engine.stop()
         if self._ticker is not None:
             self._ticker.cancel()

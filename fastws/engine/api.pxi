@@ -368,12 +368,41 @@ cdef class Engine:
         if self.e.msgs.len:
             self._deliver_messages()
 
-    def run_blocking(self, double seconds):
-        """Turns that wait in the engine's own epoll_wait, for `seconds` (an experiment)."""
-        cdef double end = fastws_monotonic() + seconds
-        with nogil:
-            while fastws_monotonic() < end:
-                engine_turn(self.e, 100)
+    def watch_control(self, int fd):
+        """Put the control plane's event loop (its epoll fd) in the engine's set, so that one
+        process can wait in the engine alone: wait() returns when that loop has work."""
+        cdef Io *io = <Io *>arena_alloc(&self.arena, sizeof(Io))
+        cdef epoll_event ev
+        io.kind = IO_CONTROL
+        io.fd = fd
+        ev.events = EPOLLIN
+        ev.data.ptr = <void *>io
+        _errcheck(epoll_ctl(self.e.epfd, EPOLL_CTL_ADD, fd, &ev))
+
+    def wait(self, double timeout):
+        """Turns, each waiting in epoll_wait for what comes, until the control plane's loop has
+        work (True) or `timeout` seconds have passed (False).  The worker's main loop: the
+        sockets are in one epoll set, not behind the event loop's."""
+        cdef double end = fastws_monotonic() + timeout
+        cdef int ms
+        if self.stopped:
+            return False
+        while True:
+            ms = <int>((end - fastws_monotonic()) * 1000.0) + 1
+            if ms < 0:
+                ms = 0
+            with nogil:
+                engine_turn(self.e, ms)
+            if self.e.msgs.len:
+                self._deliver_messages()
+            # a signal interrupted the wait: its Python handler runs now, not at the end of it
+            if PyErr_CheckSignals() < 0:
+                raise_pending()
+            if self.e.control_ready:
+                self.e.control_ready = 0
+                return True
+            if self.e.now >= end:
+                return False
 
     cdef _deliver_messages(self):
         cdef fastws_buf *m = &self.e.msgs
@@ -771,6 +800,14 @@ cdef dict _REASONS = {
     CLOSE_ERROR: "error",
     CLOSE_EXPORTED: "exported",
 }
+
+
+cdef extern from "Python.h":
+    int PyErr_CheckSignals()
+
+
+cdef int raise_pending() except -1:
+    return -1
 
 
 cdef int _errcheck(int rc) except -1:

@@ -41,6 +41,8 @@ cdef void engine_turn(Eng *e, int timeout) noexcept nogil:
             timers_fired(e)
         elif io.kind == IO_WAKE:
             read(io.fd, &counter, sizeof(counter))
+        elif io.kind == IO_CONTROL:
+            e.control_ready = 1
     # connections that asked to run again (this turn's own requests wait for the next)
     ready = e.ready
     e.ready = NULL
