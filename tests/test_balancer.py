@@ -18,7 +18,7 @@ import pytest
 from fastws.balancer import Peer, Upstream, build_upstream, build_upstreams, describe
 from fastws.config import ServerConfig, UpstreamConfig, from_dict
 from fastws.errors import ConfigError
-from test_balancer_support import DATA, Ctx, replay, upstream_from_spec
+from balancer_support import DATA, Ctx, replay, upstream_from_spec
 
 
 class Clock:
@@ -204,7 +204,7 @@ def test_choice_is_the_same_in_another_process() -> None:
     code = textwrap.dedent("""
         import sys
         sys.path[:0] = sys.argv[1:3]
-        from test_balancer_support import Ctx, upstream_from_spec
+        from balancer_support import Ctx, upstream_from_spec
         for kw in ({"balance": "ip_hash"}, {"balance": "hash", "hash_key": "$request_uri"},
                    {"balance": "hash", "hash_key": "$request_uri", "consistent": True}):
             up = upstream_from_spec({"name": "b", "servers": [

@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from test_balancer_support import DATA, load_vectors, replay, upstream_from_spec
+from balancer_support import DATA, load_vectors, replay, upstream_from_spec
 
 VECTORS = "nginx_upstreams.json"
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
