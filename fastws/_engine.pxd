@@ -1,5 +1,7 @@
 # The engine's C types, one section per concern (engine/*.pxi implements each).
 
+cimport cython
+
 from fastws.includes.linux cimport sockaddr, sockaddr_in, sockaddr_in6, sockaddr_un
 
 
@@ -87,7 +89,20 @@ cdef enum Balance:
     BAL_IP_HASH
     BAL_HASH
     BAL_CHASH
-    BAL_CUSTOM
+    BAL_CUSTOM               # a Python class chooses: UpstreamGroup.select_custom, with the GIL
+
+cdef enum:
+    # sel_next's answers besides a peer index
+    SEL_NONE = -1            # nothing is left: answer 502 now
+    SEL_ALL_DOWN = -2        # as SEL_NONE, and the group has just run out: log "no server
+                             # available" (once, until a connect to it succeeds again)
+    # peer_connected's flags, for its caller's log lines
+    SEL_PEER_UP = 1          # "server ... is up again" (the trial after fail_timeout passed)
+    SEL_GROUP_UP = 2         # "a server is available again"
+    # UpstreamGroup.notify_custom's events (a custom balancer's optional methods)
+    NOTE_CONNECTED = 0
+    NOTE_RELEASED = 1
+    NOTE_FAILED = 2
 
 cdef union SockAddr:
     sockaddr sa
@@ -95,10 +110,12 @@ cdef union SockAddr:
     sockaddr_in6 sin6
     sockaddr_un sun
 
-cdef struct Peer:
+cdef struct RRPeer:
     # One address of an upstream server: nginx's ngx_http_upstream_rr_peer_t.
     SockAddr addr
     unsigned int addrlen
+    const char *name         # as $upstream_addr names it: "1.2.3.4:80", "[::1]:80",
+    int name_len             # "unix:/path" (NUL-terminated; owned by the UpstreamGroup)
     int server               # index of its server entry (a host name may give several peers)
     int weight
     int max_fails
@@ -106,9 +123,9 @@ cdef struct Peer:
     int max_conns
     int backup
     int down
-    int cumulative           # weights of the primaries before it (bounded load)
+    long cumulative          # weights of the primaries before it (bounded load)
     # nginx's live state
-    int conns
+    int conns                # attempts and connections open: sel_next ... peer_free
     int fails
     double accessed
     double checked
@@ -127,32 +144,35 @@ cdef struct Tier:
     int first                # peers[first:first + count]
     int count
     long total_weight
-    int single
+    int single               # one primary peer and no backups: never marked down
     int is_backup
 
 cdef struct Group:
     int method               # Balance
-    Peer *peers
+    RRPeer *peers            # primaries, then backups
     int npeers
     Tier tier[2]
     int ntiers
-    unsigned int *points     # the ketama ring, sorted
+    int tried_bits           # bits a Selection's tried bitmap needs (the larger tier; custom: all)
+    unsigned int *points     # the ketama ring, sorted, without repeated points
     int *point_server        # the server entry of each point
     int npoints
-    double balance_factor
+    double balance_factor    # 0, or the bounded-load percentage (above 100)
     int all_down_logged
 
 cdef struct Selection:
-    # nginx's per-request peer data: which peers were tried, the hash state, the tier in use
+    # nginx's per-request peer data: which peers were tried, the hash state, the tier in use,
+    # and the attempt in progress.  Plain data, safe to copy while no attempt is open.
     int tier
-    unsigned long long *tried    # a bit per peer of the tier; points at tried1 up to 64 peers
-    unsigned long long tried1
-    int tries
-    unsigned int hash
+    unsigned long long *tried    # a bit per peer of the tier: NULL while tried1 holds them
+    unsigned long long tried1    # (up to 64 peers), else calloc'ed
+    int tries                # the hash methods' rehashes (nginx: hp->tries, iphp->tries)
+    unsigned int hash        # ip_hash: iphp->hash; hash: hp->hash; consistent: the ring index
     int rehash
-    int pending              # the peer of the attempt in progress, -1 if none
+    int pending              # the open attempt: from sel_next until peer_free, -1 if none
     int attempts
-    char *key                # the hash key (owned), for BAL_HASH and BAL_CHASH
-    int keylen
-    unsigned char addr[16]   # the client address bytes ip_hash uses
+    char *key                # the hash key (malloc'ed copy), for BAL_HASH
+    int keylen               # also BAL_CHASH's, which hashes the key once, in sel_init
+    unsigned char addr[16]   # the client address bytes ip_hash uses (iphash_addr)
     int addrlen
+
