@@ -176,3 +176,35 @@ cdef struct Selection:
     unsigned char addr[16]   # the client address bytes ip_hash uses (iphash_addr)
     int addrlen
 
+
+@cython.final
+cdef class UpstreamGroup:
+    # An upstream group: the Group the engine selects from, and its Python half.
+    cdef Group g
+    cdef readonly str name
+    cdef readonly object config          # the UpstreamConfig
+    cdef readonly str balance            # "round_robin", "least_conn", "ip_hash", "hash",
+                                         # "hash consistent" or "custom"
+    cdef readonly object custom          # the custom balancer instance, or None
+    cdef readonly tuple peers            # a Peer view per peer, primaries then backups
+    cdef public object clock             # what views and selection() use when not told now
+    cdef tuple _server_text              # each server entry as written
+    cdef object _on_connected, _on_released, _on_failed
+    cdef int select_custom(self, Selection *s, object ctx) except -3
+    cdef int notify_custom(self, int event, int peer) except -1
+    cdef int log_no_server(self) except -1
+    cdef int log_connected(self, int peer, int flags) except -1
+    cdef int log_marked_down(self, int peer) except -1
+
+
+@cython.final
+@cython.no_gc_clear
+cdef class Peer:
+    # A Python view of one peer of a group; it keeps the group alive.
+    cdef readonly UpstreamGroup group
+    cdef readonly int index              # into group.peers and Group.peers
+    cdef readonly str name
+    cdef readonly str server
+    cdef readonly str upstream
+    cdef readonly int family
+    cdef readonly object sockaddr
