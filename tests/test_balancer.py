@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import gc
 import logging
 import os
 import socket
@@ -429,6 +430,77 @@ def test_abandoned_connect_does_not_leak_a_connection() -> None:
     assert peer2.conns == 0
 
 
+def test_a_failure_after_the_connect_frees_the_attempt_once() -> None:
+    # The upstream accepted the connect, then failed before its response head (a refused
+    # WebSocket handshake): the attempt is freed as failed, and the end of that connection
+    # must not free it again (least_conn and max_conns would drift).
+    up = make([{"address": a, "max_fails": 0} for a in addrs(2)])
+    a, b = up.peers
+    live = hold(up)  # a tunnel to a that stays up throughout
+    assert live is a and a.conns == 1
+    sel = start(up, Ctx())
+    while (peer := sel.next()) is not a:  # round robin: get to a
+        sel.connected(peer)
+        sel.free(peer)
+        sel = start(up, Ctx())
+    assert a.conns == 2
+    sel.connected(a)
+    sel.free(a, failed=True)
+    assert a.conns == 1 and a.fails_total == 1
+    sel.free(a)  # the connection's end: that attempt is already freed
+    assert a.conns == 1
+    nxt = sel.next()  # the next server, as proxy_next_upstream does
+    assert nxt is b and b.conns == 1
+    sel.connected(b)
+    sel.free(b)
+    sel.free(b, failed=True)
+    assert b.conns == 0 and b.fails_total == 0
+    del sel
+    assert a.conns == 1 and b.conns == 0
+    up.release(live)
+    assert a.conns == 0
+
+
+@pytest.mark.parametrize("kw", [
+    {},
+    {"balance": "least_conn"},
+    {"balance": "ip_hash"},
+    {"balance": "hash", "hash_key": "$request_uri"},
+    {"balance": "hash", "hash_key": "$request_uri", "consistent": True},
+], ids=["round_robin", "least_conn", "ip_hash", "hash", "chash"])
+def test_more_than_64_peers(kw: dict[str, Any]) -> None:
+    # nginx's tried bitmap is one word up to 64 peers and allocated beyond; so is fastws's.
+    primaries = [{"address": a, "max_fails": 0, "weight": 1 + i % 3}
+                 for i, a in enumerate(addrs(100))]
+    backups = [{"address": a, "backup": True, "max_fails": 0} for a in addrs(70, 9500)]
+    up = make(primaries + backups, **kw)
+    sel = start(up, Ctx("10.0.0.1", "/x"))
+    seen = []
+    while (peer := sel.next()) is not None:
+        seen.append(peer.name)
+        sel.free(peer, failed=True)
+    # every primary once, then every backup once
+    assert sorted(seen[:100]) == sorted(addrs(100))
+    assert sorted(seen[100:]) == sorted(addrs(70, 9500))
+    assert all(p.conns == 0 for p in up.peers)
+    # each of the 100 primaries is reachable, by weight
+    counts = Counter(pick(up, Ctx(f"10.{i >> 8 & 255}.{i & 255}.1", f"/k/{i}")).name
+                     for i in range(20000))
+    assert set(counts) == set(addrs(100))
+
+
+def test_ip_hash_treats_an_ipv4_mapped_address_as_ipv4() -> None:
+    up = make(addrs(5), balance="ip_hash")
+    for net in range(20):
+        assert pick(up, Ctx(f"::ffff:10.7.{net}.1")) is pick(up, Ctx(f"10.7.{net}.200"))
+
+
+def test_a_peer_keeps_its_group_alive() -> None:
+    peer = make(addrs(2)).peers[1]
+    gc.collect()
+    assert peer.name == "127.0.0.1:9002" and peer.conns == 0 and peer.group.peers[1] is peer
+
+
 # -- custom balancers -----------------------------------------------------------------------------
 
 class FirstUsable:
@@ -474,6 +546,28 @@ def test_custom_balancer_by_import_path() -> None:
     assert impl.calls == [("failed", addrs(1)[0]), ("connected", addrs(2)[1]),
                           ("released", addrs(2)[1])]
     assert "custom test_balancer:FirstUsable" in describe({"custom": up})
+
+
+class Wrong(FirstUsable):
+    """A custom balancer that answers a peer already tried."""
+
+    def select(self, ctx: Any, tried: frozenset[Peer]) -> Peer | None:
+        return next(iter(tried), None) or self.peers[0]
+
+
+def test_a_wrong_answer_from_a_custom_balancer_counts_as_nothing_left(
+        caplog: pytest.LogCaptureFixture) -> None:
+    cfg = config_of([{"name": "custom", "balancer": "test_balancer:Wrong",
+                      "servers": addrs(2)}])
+    up = build_upstreams(cfg)["custom"]
+    sel = start(up, Ctx())
+    first = sel.next()
+    assert first is up.peers[0] and first.conns == 1
+    sel.free(first, failed=True)
+    assert sel.next() is None
+    assert all(p.conns == 0 for p in up.peers)
+    assert any("returned <Peer 127.0.0.1:9001" in r.getMessage() and r.levelno == logging.ERROR
+               for r in caplog.records)
 
 
 @pytest.mark.parametrize("path, message", [
