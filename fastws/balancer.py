@@ -178,9 +178,10 @@ def _resolve(source: str, key: str, server: ServerConfig) -> list[tuple[str, int
     out: list[tuple[str, int, Any]] = []
     seen: set[str] = set()
     for family in (socket.AF_INET, socket.AF_INET6):
-        for fam, _type, _proto, _canon, sockaddr in infos:
+        for fam, _type, _proto, _canon, info in infos:
             if fam != family:
                 continue
+            sockaddr: tuple[Any, ...] = tuple(info)
             if fam == socket.AF_INET:
                 name = f"{sockaddr[0]}:{addr.port}"
                 sa: Any = (sockaddr[0], addr.port)
