@@ -1,5 +1,7 @@
 # The engine's C types, one section per concern (engine/*.pxi implements each).
 
+cimport cython
+
 from fastws.includes.linux cimport sockaddr, sockaddr_in, sockaddr_in6, sockaddr_un
 from fastws.includes.buf cimport fastws_buf
 
@@ -88,7 +90,20 @@ cdef enum Balance:
     BAL_IP_HASH
     BAL_HASH
     BAL_CHASH
-    BAL_CUSTOM
+    BAL_CUSTOM               # a Python class chooses: UpstreamGroup.select_custom, with the GIL
+
+cdef enum:
+    # sel_next's answers besides a peer index
+    SEL_NONE = -1            # nothing is left: answer 502 now
+    SEL_ALL_DOWN = -2        # as SEL_NONE, and the group has just run out: log "no server
+                             # available" (once, until a connect to it succeeds again)
+    # peer_connected's flags, for its caller's log lines
+    SEL_PEER_UP = 1          # "server ... is up again" (the trial after fail_timeout passed)
+    SEL_GROUP_UP = 2         # "a server is available again"
+    # UpstreamGroup.notify_custom's events (a custom balancer's optional methods)
+    NOTE_CONNECTED = 0
+    NOTE_RELEASED = 1
+    NOTE_FAILED = 2
 
 cdef union SockAddr:
     sockaddr sa
@@ -96,10 +111,12 @@ cdef union SockAddr:
     sockaddr_in6 sin6
     sockaddr_un sun
 
-cdef struct Peer:
+cdef struct RRPeer:
     # One address of an upstream server: nginx's ngx_http_upstream_rr_peer_t.
     SockAddr addr
     unsigned int addrlen
+    const char *name         # as $upstream_addr names it: "1.2.3.4:80", "[::1]:80",
+    int name_len             # "unix:/path" (NUL-terminated; owned by the UpstreamGroup)
     int server               # index of its server entry (a host name may give several peers)
     int weight
     int max_fails
@@ -107,9 +124,9 @@ cdef struct Peer:
     int max_conns
     int backup
     int down
-    int cumulative           # weights of the primaries before it (bounded load)
+    long cumulative          # weights of the primaries before it (bounded load)
     # nginx's live state
-    int conns
+    int conns                # attempts and connections open: sel_next ... peer_free
     int fails
     double accessed
     double checked
@@ -128,36 +145,70 @@ cdef struct Tier:
     int first                # peers[first:first + count]
     int count
     long total_weight
-    int single
+    int single               # one primary peer and no backups: never marked down
     int is_backup
 
 cdef struct Group:
     int method               # Balance
-    Peer *peers
+    RRPeer *peers            # primaries, then backups
     int npeers
     Tier tier[2]
     int ntiers
-    unsigned int *points     # the ketama ring, sorted
+    int tried_bits           # bits a Selection's tried bitmap needs (the larger tier; custom: all)
+    unsigned int *points     # the ketama ring, sorted, without repeated points
     int *point_server        # the server entry of each point
     int npoints
-    double balance_factor
+    double balance_factor    # 0, or the bounded-load percentage (above 100)
     int all_down_logged
 
 cdef struct Selection:
-    # nginx's per-request peer data: which peers were tried, the hash state, the tier in use
+    # nginx's per-request peer data: which peers were tried, the hash state, the tier in use,
+    # and the attempt in progress.  Plain data, safe to copy while no attempt is open.
     int tier
-    unsigned long long *tried    # a bit per peer of the tier; points at tried1 up to 64 peers
-    unsigned long long tried1
-    int tries
-    unsigned int hash
+    unsigned long long *tried    # a bit per peer of the tier: NULL while tried1 holds them
+    unsigned long long tried1    # (up to 64 peers), else calloc'ed
+    int tries                # the hash methods' rehashes (nginx: hp->tries, iphp->tries)
+    unsigned int hash        # ip_hash: iphp->hash; hash: hp->hash; consistent: the ring index
     int rehash
-    int pending              # the peer of the attempt in progress, -1 if none
+    int pending              # the open attempt: from sel_next until peer_free, -1 if none
     int attempts
-    char *key                # the hash key (owned), for BAL_HASH and BAL_CHASH
-    int keylen
-    unsigned char addr[16]   # the client address bytes ip_hash uses
+    char *key                # the hash key (malloc'ed copy), for BAL_HASH
+    int keylen               # also BAL_CHASH's, which hashes the key once, in sel_init
+    unsigned char addr[16]   # the client address bytes ip_hash uses (iphash_addr)
     int addrlen
 
+
+@cython.final
+cdef class UpstreamGroup:
+    # An upstream group: the Group the engine selects from, and its Python half.
+    cdef Group g
+    cdef readonly str name
+    cdef readonly object config          # the UpstreamConfig
+    cdef readonly str balance            # "round_robin", "least_conn", "ip_hash", "hash",
+                                         # "hash consistent" or "custom"
+    cdef readonly object custom          # the custom balancer instance, or None
+    cdef readonly tuple peers            # a Peer view per peer, primaries then backups
+    cdef public object clock             # what views and selection() use when not told now
+    cdef tuple _server_text              # each server entry as written
+    cdef object _on_connected, _on_released, _on_failed
+    cdef int select_custom(self, Selection *s, object ctx) except -3
+    cdef int notify_custom(self, int event, int peer) except -1
+    cdef int log_no_server(self) except -1
+    cdef int log_connected(self, int peer, int flags) except -1
+    cdef int log_marked_down(self, int peer) except -1
+
+
+@cython.final
+@cython.no_gc_clear
+cdef class Peer:
+    # A Python view of one peer of a group; it keeps the group alive.
+    cdef readonly UpstreamGroup group
+    cdef readonly int index              # into group.peers and Group.peers
+    cdef readonly str name
+    cdef readonly str server
+    cdef readonly str upstream
+    cdef readonly int family
+    cdef readonly object sockaddr
 
 cdef enum IoKind:
     IO_LISTENER = 1
@@ -543,8 +594,8 @@ cdef struct Eng:
     Listener *lis
     int nlis
     Group **groups
+    PyObject **group_objs    # their UpstreamGroup objects (a custom balancer's Python side)
     char **group_names
-    char ***peer_names       # per group, per peer: the address text ($upstream_addr)
     char ***peer_hosts       # per group, per peer: its host as written (TLS's SNI and name check)
     Template **hash_keys     # per group: the hash key, or NULL
     Pool *pools

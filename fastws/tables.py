@@ -82,8 +82,7 @@ class LocationTable:
 class GroupTable:
     group: Any                       # balancer's compiled UpstreamGroup
     name: str
-    peer_names: list[str]
-    peer_hosts: list[str]
+    peer_hosts: list[str]            # each peer's host as written (TLS's SNI and name check)
     hash_key: Any
     keepalive: int
     keepalive_timeout: float
@@ -166,7 +165,7 @@ def build(config: Config, sockets: list[socket.socket], groups: dict[str, Any],
         up = grp.config
         group_index[name] = len(t.groups)
         t.groups.append(GroupTable(
-            grp, name, [p.name for p in grp.peers], [_host(p.server) for p in grp.peers],
+            grp, name, [_host(p.server) for p in grp.peers],
             _parts(up.hash_key), up.keepalive, up.keepalive_timeout, up.keepalive_requests))
     server_index: dict[int, int] = {}
     for server in config.servers:

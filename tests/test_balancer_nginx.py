@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from test_balancer_support import DATA, load_vectors, replay, upstream_from_spec
+from balancer_support import DATA, load_vectors, replay, upstream_from_spec
 
 VECTORS = "nginx_upstreams.json"
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
@@ -222,7 +222,9 @@ def nginx_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     # port while the test holds it.
     refuser = socket.socket()
     refuser.bind(("127.0.0.1", 0))
-    proc, front, text_of = None, 0, {}
+    proc: subprocess.Popen[bytes] | None = None
+    front = 0
+    text_of: dict[str, str] = {}
     try:
         for _attempt in range(3):  # a port picked below may be taken before nginx binds it
             proc, front, text_of, err = _start_nginx(tmp, refuser.getsockname()[1], ipv6)

@@ -208,21 +208,20 @@ cdef class Engine:
         cdef int n = len(tables.groups), i, j, npeers
         e.ngroups = n
         e.groups = <Group **>arena_alloc(&self.arena, sizeof(Group *) * (n + 1))
+        e.group_objs = <PyObject **>arena_alloc(&self.arena, sizeof(PyObject *) * (n + 1))
         e.group_names = <char **>arena_alloc(&self.arena, sizeof(char *) * (n + 1))
-        e.peer_names = <char ***>arena_alloc(&self.arena, sizeof(char **) * (n + 1))
         e.peer_hosts = <char ***>arena_alloc(&self.arena, sizeof(char **) * (n + 1))
         e.hash_keys = <Template **>arena_alloc(&self.arena, sizeof(Template *) * (n + 1))
         e.pools = <Pool *>arena_alloc(&self.arena, sizeof(Pool) * (n + 1))
         for i, spec in enumerate(tables.groups):
             grp = spec.group
             self._groups.append(grp)
-            e.groups[i] = group_of(grp)
+            e.groups[i] = &(<UpstreamGroup>grp).g
+            e.group_objs[i] = <PyObject *>grp
             e.group_names[i] = arena_str(&self.arena, spec.name)
-            npeers = len(spec.peer_names)
-            e.peer_names[i] = <char **>arena_alloc(&self.arena, sizeof(char *) * (npeers + 1))
+            npeers = len(spec.peer_hosts)
             e.peer_hosts[i] = <char **>arena_alloc(&self.arena, sizeof(char *) * (npeers + 1))
             for j in range(npeers):
-                e.peer_names[i][j] = arena_str(&self.arena, spec.peer_names[j])
                 e.peer_hosts[i][j] = arena_str(&self.arena, spec.peer_hosts[j])
             e.hash_keys[i] = arena_template(&self.arena, spec.hash_key) if spec.hash_key else NULL
             e.pools[i].size = spec.keepalive
@@ -583,7 +582,7 @@ cdef class Engine:
         cdef Eng *e = self.e
         cdef ExportedTunnel t = ExportedTunnel.__new__(ExportedTunnel)
         cdef Up *u = c.up
-        cdef Peer *pr
+        cdef RRPeer *pr
         t.client_fd = c.io.fd
         t.upstream_fd = u.io.fd
         t.to_upstream = _held(&c.flow[0])
@@ -596,7 +595,7 @@ cdef class Engine:
         t.send_timeout = c.send_timeout
         t.relay = _RELAYS[c.relay]
         t.upstream = e.group_names[u.group].decode() if u.group >= 0 else ""
-        t.peer = e.peer_names[u.group][u.peer].decode() if u.group >= 0 else ""
+        t.peer = e.groups[u.group].peers[u.peer].name.decode() if u.group >= 0 else ""
         t.log = self._exported_log(c) if c.log != NULL else None
         # the fds are the caller's now: forget them without closing
         c.io.fd = -1
@@ -689,7 +688,7 @@ cdef class Engine:
             self._adopt_log(c, self._als[access_log], t.log)
         if group >= 0:
             # as if selected: peer_free gives it back when the tunnel closes
-            e.groups[group].peers[peer].conns += 1
+            peer_adopt(e.groups[group], peer)
             e.groups[group].peers[peer].tunnels_active += 1
         e.n.tunnels_active += 1        # (not tunnels_total: the board counted it already)
         held_count(e, DBG_TUNNELS, 1)
@@ -885,6 +884,11 @@ cdef class RequestView:
     """A request as a custom balancer sees it: `variable(name)` as nginx's $name, and
     `remote_addr`."""
     cdef readonly str remote_addr
+
+
+cdef int select_custom(Eng *e, int gi, Selection *s, object ctx) except -3:
+    # a custom balancer (balancer = "package.module:Class"): Python chooses, with the GIL
+    return (<UpstreamGroup>e.group_objs[gi]).select_custom(s, ctx)
 
 
 cdef PyObject *request_view(Eng *e, Conn *c) noexcept with gil:

@@ -427,9 +427,9 @@ cdef void conn_close(Eng *e, Conn *c) noexcept nogil:
     # events of this turn may still name it.
     if c.state == CS_CLOSED:
         return
+    exchange_drop_upstream(e, c, 0)   # first: the attempt's free belongs to the request
     if c.req != NULL or c.log != NULL:
         request_end(e, c)
-    exchange_drop_upstream(e, c, 0)
     flow_drop(e, &c.flow[0])
     flow_drop(e, &c.flow[1])
     timer_stop(e, &c.timer)

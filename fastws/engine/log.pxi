@@ -282,8 +282,8 @@ cdef void log_var_put(Eng *e, Conn *c, LogRec *lr, int var, fastws_buf *out) noe
                     lr.bytes_sent)
     elif var == V_UPSTREAM_ADDR:
         if lr.group >= 0 and lr.peer >= 0:
-            buf_add(out, e.peer_names[lr.group][lr.peer],
-                    <int>strlen(e.peer_names[lr.group][lr.peer]))
+            buf_add(out, e.groups[lr.group].peers[lr.peer].name,
+                    <int>strlen(e.groups[lr.group].peers[lr.peer].name))
     elif var == V_TUNNEL:
         if lr.event == LOG_EVENT_OPEN:
             buf_add(out, "open", 4)

@@ -472,7 +472,7 @@ cdef void request_end(Eng *e, Conn *c) noexcept nogil:
     if req == NULL:
         return
     if req.sel_live:
-        sel_clear(&req.sel)
+        sel_clear(e.groups[c.loc.group], &req.sel)
     if req.uhead != NULL:
         free(req.uhead)
         held_count(e, DBG_BUFFERS, -1)

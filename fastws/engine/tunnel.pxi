@@ -13,7 +13,7 @@ cdef void tunnel_start(Eng *e, Conn *c, char *data, int total) noexcept nogil:
     # client.
     cdef Req *req = c.req
     cdef Loc *loc = c.loc
-    cdef Peer *pr = &e.groups[c.up.group].peers[c.up.peer]
+    cdef RRPeer *pr = &e.groups[c.up.group].peers[c.up.peer]
     cdef int i
     if c.log != NULL:
         c.log.status = 101
@@ -53,6 +53,8 @@ cdef void tunnel_start(Eng *e, Conn *c, char *data, int total) noexcept nogil:
     pr.tunnels_active += 1
     held_count(e, DBG_TUNNELS, 1)
     conn_set_state(e, c, CS_TUNNEL)
+    # the attempt stays open as long as the tunnel: the connection frees it when it closes
+    sel_detach(&req.sel)
     request_end(e, c)                 # the request is done with; the tunnel keeps its log line
     if c.log != NULL and c.log.log.open:
         log_tunnel(e, c, LOG_EVENT_OPEN, 0)
@@ -94,7 +96,7 @@ cdef double tunnel_deadline(Conn *c) noexcept nogil:
 
 cdef void tunnel_close(Eng *e, Conn *c, int reason) noexcept nogil:
     cdef Up *u = c.up
-    cdef Peer *pr
+    cdef RRPeer *pr
     if c.state != CS_TUNNEL:
         conn_close(e, c)
         return

@@ -30,7 +30,9 @@ cdef int upstream_select_init(Eng *e, Conn *c, Head *h) noexcept nogil:
         if req.ctx == NULL:
             conn_close(e, c)
             return -1
-    sel_init(g, &req.sel, addr, alen, key, keylen)
+    if sel_init(g, &req.sel, addr, alen, key, keylen) < 0:
+        conn_close(e, c)
+        return -1
     req.sel_live = 1
     return 0
 
@@ -53,7 +55,7 @@ cdef void upstream_next(Eng *e, Conn *c) noexcept nogil:
             peer = select_custom(e, loc.group, &req.sel, <object>req.ctx)
     else:
         peer = sel_next(g, &req.sel, e.now)
-    if peer == -2:
+    if peer == SEL_ALL_DOWN:
         eng_log(e, LOG_ERROR, "upstream %s: no server available", e.group_names[loc.group])
     if peer < 0:
         exchange_fail(e, c, 504 if req.timed_out else 502, "no live upstream")
@@ -72,7 +74,7 @@ cdef void upstream_next(Eng *e, Conn *c) noexcept nogil:
             c.up = u
             u.requests += 1
             req.t_connected = e.now
-            peer_connected(g, &req.sel, peer, e.now)
+            group_connected(e, loc.group, &req.sel, peer)
             conn_arm(e, c)
             upstream_send_head(e, c)
             return
@@ -83,7 +85,7 @@ cdef void up_open(Eng *e, Conn *c, int peer) noexcept nogil:
     cdef Req *req = c.req
     cdef Loc *loc = c.loc
     cdef Group *g = e.groups[loc.group]
-    cdef Peer *pr = &g.peers[peer]
+    cdef RRPeer *pr = &g.peers[peer]
     cdef Up *u
     cdef int fd, one = 1, err
     fd = socket(pr.addr.sa.sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0)
@@ -91,7 +93,7 @@ cdef void up_open(Eng *e, Conn *c, int peer) noexcept nogil:
         err = errno
         eng_log(e, LOG_ERROR, "socket() failed (%d: %s) while connecting to upstream, client: %s",
                 err, strerror(err), conn_addr(e, c))
-        peer_free(g, &req.sel, peer, 0, e.now)
+        group_free(e, loc.group, &req.sel, peer, 0)
         exchange_fail(e, c, 502, "cannot open a socket")
         return
     if pr.addr.sa.sa_family != AF_UNIX:
@@ -101,7 +103,7 @@ cdef void up_open(Eng *e, Conn *c, int peer) noexcept nogil:
     u = <Up *>calloc(1, sizeof(Up))
     if u == NULL:
         close(fd)
-        peer_free(g, &req.sel, peer, 0, e.now)
+        group_free(e, loc.group, &req.sel, peer, 0)
         conn_close(e, c)
         return
     held_count(e, DBG_UPS, 1)
@@ -200,7 +202,30 @@ cdef void up_connected(Eng *e, Conn *c) noexcept nogil:
     cdef Req *req = c.req
     c.up.state = UP_READY
     req.t_connected = e.now
-    peer_connected(e.groups[c.up.group], &req.sel, c.up.peer, e.now)
+    group_connected(e, c.up.group, &req.sel, c.up.peer)
+
+
+cdef void group_connected(Eng *e, int gi, Selection *s, int peer) noexcept nogil:
+    # nginx marks a server live again when a connection to it succeeds after fail_timeout
+    cdef int flags = peer_connected(e.groups[gi], s, peer, e.now)
+    if flags & SEL_PEER_UP:
+        eng_log(e, LOG_INFO, "upstream %s: server %s is up again", e.group_names[gi],
+                e.groups[gi].peers[peer].name)
+    if flags & SEL_GROUP_UP:
+        eng_log(e, LOG_INFO, "upstream %s: a server is available again", e.group_names[gi])
+    if e.groups[gi].method == BAL_CUSTOM:
+        group_note(e, gi, NOTE_CONNECTED, peer)
+
+
+cdef void group_note(Eng *e, int gi, int event, int peer) noexcept nogil:
+    # a custom balancer's optional connected/released/failed methods
+    with gil:
+        try:
+            (<UpstreamGroup>e.group_objs[gi]).notify_custom(event, peer)
+        except Exception:
+            import logging
+            logging.getLogger("fastws").exception("the balancer of upstream %s failed",
+                                                  e.group_names[gi].decode())
 
 
 cdef void upstream_send_head(Eng *e, Conn *c) noexcept nogil:
@@ -384,9 +409,9 @@ cdef void upstream_bad(Eng *e, Conn *c, const char *why) noexcept nogil:
 
 cdef const char *upstream_name(Eng *e, Conn *c) noexcept nogil:
     if c.up != NULL and c.up.group >= 0:
-        return e.peer_names[c.up.group][c.up.peer]
+        return e.groups[c.up.group].peers[c.up.peer].name
     if c.req != NULL and c.req.peer >= 0 and c.loc != NULL:
-        return e.peer_names[c.loc.group][c.req.peer]
+        return e.groups[c.loc.group].peers[c.req.peer].name
     return "-"
 
 
@@ -445,18 +470,25 @@ cdef void exchange_release_upstream(Eng *e, Conn *c, int failed, int reuse) noex
     if u == NULL:
         return
     c.up = NULL
-    if u.group >= 0 and peer_free(e.groups[u.group], &req.sel if req != NULL and req.sel_live
-                                  else NULL, u.peer, failed, e.now) == 1:
-        eng_log(e, LOG_WARN, "upstream %s: server %s marked down for %gs after %d failed attempt(s)",
-                e.group_names[u.group], e.peer_names[u.group][u.peer],
-                e.groups[u.group].peers[u.peer].fail_timeout,
-                e.groups[u.group].peers[u.peer].fails)
+    if u.group >= 0:
+        group_free(e, u.group, &req.sel if req != NULL and req.sel_live else NULL, u.peer,
+                   failed)
     if req != NULL:
         req.peer = -1
     u.owner = NULL
     if reuse and pool_put(e, u) == 0:
         return
     up_close(e, u)
+
+
+cdef void group_free(Eng *e, int gi, Selection *s, int peer, int failed) noexcept nogil:
+    # nginx's free: once per attempt, failed or not (peer_free makes sure of it)
+    if peer_free(e.groups[gi], s, peer, failed, e.now) == 1:
+        eng_log(e, LOG_WARN, "upstream %s: server %s marked down for %gs after %d failed attempt(s)",
+                e.group_names[gi], e.groups[gi].peers[peer].name,
+                e.groups[gi].peers[peer].fail_timeout, e.groups[gi].peers[peer].fails)
+    if e.groups[gi].method == BAL_CUSTOM:
+        group_note(e, gi, NOTE_FAILED if failed else NOTE_RELEASED, peer)
 
 
 cdef void exchange_drop_upstream(Eng *e, Conn *c, int failed) noexcept nogil:

@@ -1,4 +1,5 @@
-"""Shared helpers of the balancer tests: a request context, and replaying recorded requests."""
+"""Shared helpers of the balancer tests: a request context, starting a selection from it as the
+engine will (the client address and the evaluated hash key), and replaying recorded requests."""
 
 from __future__ import annotations
 
@@ -7,14 +8,14 @@ import pathlib
 from typing import Any
 from urllib.parse import parse_qsl
 
-from fastws.balancer import Upstream, build_upstream
+from fastws.balancer import UpstreamGroup, build_upstream
 from fastws.config import ServerConfig, UpstreamConfig, parse_template
 
 DATA = pathlib.Path(__file__).parent / "data"
 
 
 class Ctx:
-    """What the proxy hands to Upstream.select: the client address and nginx's variables."""
+    """A request as the balancer sees it: the client address and nginx's variables."""
 
     def __init__(self, remote_addr: str = "127.0.0.1", request_uri: str = "/",
                  headers: dict[str, str] | None = None) -> None:
@@ -48,8 +49,33 @@ class Ctx:
         return ""
 
 
-def upstream_from_spec(spec: dict[str, Any], clock: Any = None) -> Upstream:
-    """Build an Upstream from a JSON description of an nginx upstream block."""
+def _key_bytes(value: Any) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    text = "" if value is None else str(value)
+    try:
+        # Header and URI text decoded as latin-1 maps back to the raw bytes nginx hashes.
+        return text.encode("latin-1")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape")
+
+
+def hash_key(up: UpstreamGroup, ctx: Ctx) -> bytes | None:
+    """The group's hash_key template evaluated for ``ctx`` (nginx's complex value)."""
+    template = up.config.hash_key
+    if template is None:
+        return None
+    return b"".join(_key_bytes(ctx.variable(text)) if is_var else _key_bytes(text)
+                    for is_var, text in template.parts)
+
+
+def start(up: UpstreamGroup, ctx: Ctx) -> Any:
+    """Start choosing a server for one request, as the engine does."""
+    return up.selection(remote_addr=ctx.remote_addr, key=hash_key(up, ctx), ctx=ctx)
+
+
+def upstream_from_spec(spec: dict[str, Any], clock: Any = None) -> UpstreamGroup:
+    """Build an upstream group from a JSON description of an nginx upstream block."""
     servers = tuple(
         ServerConfig(s["address"], weight=s.get("weight", 1), max_fails=s.get("max_fails", 1),
                      fail_timeout=s.get("fail_timeout", 10.0), max_conns=s.get("max_conns", 0),
@@ -64,10 +90,10 @@ def upstream_from_spec(spec: dict[str, Any], clock: Any = None) -> Upstream:
     return build_upstream("test.toml", config, clock)
 
 
-def replay(up: Upstream, case: dict[str, Any], refusing: set[str]) -> list[str]:
-    """Run one request through the balancer as the proxy would: the names of every peer tried,
-    like nginx's $upstream_addr.  Peers named in ``refusing`` refuse the connect."""
-    sel = up.select(Ctx(case.get("remote_addr", "127.0.0.1"), case.get("request_uri", "/"),
+def replay(up: UpstreamGroup, case: dict[str, Any], refusing: set[str]) -> list[str]:
+    """Run one request through the balancer as the engine would: the names of every peer
+    tried, like nginx's $upstream_addr.  Peers named in ``refusing`` refuse the connect."""
+    sel = start(up, Ctx(case.get("remote_addr", "127.0.0.1"), case.get("request_uri", "/"),
                         case.get("headers")))
     names = []
     while True:
@@ -76,10 +102,10 @@ def replay(up: Upstream, case: dict[str, Any], refusing: set[str]) -> list[str]:
             break
         names.append(peer.name)
         if peer.name in refusing:
-            sel.failed(peer)
+            sel.free(peer, failed=True)
             continue
         sel.connected(peer)
-        up.release(peer)
+        sel.free(peer)
         break
     return names
 
