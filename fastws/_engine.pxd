@@ -51,13 +51,15 @@ cdef struct Header:
 
 cdef struct Head:
     # A parsed request or response head.  Spans point into `base`, which the parser does not
-    # own; `headers` is the parser's array, valid until the next parse into this Head.
+    # own; `headers` is the parser's array (grown with realloc, freed by head_free), valid
+    # until the next parse into this Head.  A Head starts zeroed.
     const char *base
     int size                 # bytes up to and including the blank line
     int method               # Method (requests)
     Span method_name
     Span target
-    int version              # 10 (HTTP/1.0) or 11 (HTTP/1.1)
+    int version              # major * 10 + minor: 10 or 11 for an accepted request; a response
+                             # may also say 9 or 20 (llhttp accepts HTTP/0.9 and HTTP/2.0 there)
     int status               # responses
     Span reason
     int nheaders
@@ -66,6 +68,13 @@ cdef struct Head:
     int first[<int>H_COUNT]  # index of the first header of each kind, -1 when absent
     int count[<int>H_COUNT]
     const char *error        # why a head was refused (a static string)
+
+cdef struct TokenIter:
+    # The comma-separated tokens of every header of one kind, in order (tokens_next).
+    int kind
+    int header               # index of the header being read, nheaders once done
+    int pos                  # offset of the next byte of its value to read
+    int end                  # offset just past its value
 
 cdef struct Chunked:
     # A strict reader of a chunked body (RFC 9112 section 7.1), rewriting it in place.
