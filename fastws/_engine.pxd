@@ -77,15 +77,19 @@ cdef struct TokenIter:
     int end                  # offset just past its value
 
 cdef struct Chunked:
-    # A strict reader of a chunked body (RFC 9112 section 7.1), rewriting it in place.
+    # A strict reader of a chunked body (RFC 9112 section 7.1), rewriting it in place.  It reads
+    # byte by byte (as llhttp's chunk nodes do), so a line split across reads needs no buffer.
     int state
-    long long left           # data bytes left in the current chunk
+    long long left           # data bytes left in the current chunk (its size, while read)
     long long total          # data bytes read
     int trailers             # bytes of trailer section read
+    int line                 # bytes of the current size or trailer line so far (LF excluded)
+    int digits               # hex digits of the current chunk-size so far
+    int sig                  # its first significant digit was passed on (rechunk)
+    int zero                 # a "0" for it was passed on at the end of a read (rechunk)
     int rechunk              # 1: pass the chunks on re-framed; 0: pass the bare data
     int done
-    char *line               # a size or trailer line split across reads (malloc'ed)
-    int line_len
+    const char *error        # why the body was refused (a static string)
 
 
 # --- select: upstream groups and nginx's peer selection (engine/select.pxi) -------------------

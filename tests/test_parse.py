@@ -1,9 +1,10 @@
-"""The compiled head parser (fastws/engine/parse.pxi).
+"""The compiled head parser and chunked-body reader (fastws/engine/parse.pxi).
 
 The reference is what fastws did before the engine read heads itself, copied here because those
 modules are going away: httptools (llhttp) fed the whole head, then the rules of
-handshake._check_request, then the RFC 3986 Host rule written independently below.  The
-differential tests check generated and mutated heads against it, and count what they check so that the count cannot shrink unnoticed.
+handshake._check_request, then the RFC 3986 Host rule written independently below; and
+http1.Chunked for bodies.  The differential tests check generated and mutated heads and bodies
+against it, and count what they check so that the count cannot shrink unnoticed.
 
 Where the new parser means to differ from fastws before it, `today_request` (a copy of
 handshake.RequestReader.feed) shows it, and each difference must be one of the documented ones:
@@ -807,3 +808,262 @@ def test_tokens_are_request_head_tokens(values: list[bytes]):
     for token in (b"upgrade", b"k", b"a"):
         assert E.head_has(data, b"connection", token) == (token in tokens(parsed))
     assert E.head_tokens(data, b"upgrade") == []
+
+
+# --- chunked bodies ------------------------------------------------------------------------
+
+MAX_CHUNK_LINE = 4096
+MAX_TRAILERS = 16384
+_HEX = b"0123456789abcdefABCDEF"
+_TOKEN = rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_CHUNK_EXT = re.compile(rb"(?:[ \t]*;[ \t]*" + _TOKEN + rb"(?:[ \t]*=[ \t]*(?:" + _TOKEN +
+                        rb"|\"(?:[^\"\\\x00-\x08\x0a-\x1f\x7f]|\\[\t\x20-\x7e\x80-\xff])*\"))?)*")
+_FIELD_LINE = re.compile(_TOKEN + rb":[^\x00-\x08\x0a-\x1f\x7f]*")
+
+
+class ChunkError(Exception):
+    pass
+
+
+class Chunked:
+    """http1.Chunked, copied: the reference."""
+
+    def __init__(self, rechunk: bool) -> None:
+        self.state = 0
+        self.left = 0
+        self.pending = b""
+        self.rechunk = rechunk
+        self.done = False
+        self.extra = b""
+        self.total = 0
+        self.trailers = 0
+
+    def feed(self, data: bytes) -> bytes:
+        if self.pending:
+            data = self.pending + data
+            self.pending = b""
+        out = []
+        pos, n = 0, len(data)
+        while pos < n:
+            state = self.state
+            if state == 1:
+                take = min(self.left, n - pos)
+                out.append(data[pos:pos + take] if take != n else data)
+                pos += take
+                self.left -= take
+                self.total += take
+                if self.left == 0:
+                    self.state = 2
+            elif state == 2:
+                if n - pos < 2:
+                    if data[pos] != 13:
+                        raise ChunkError("no CRLF after chunk data")
+                    self.pending = data[pos:]
+                    break
+                if data[pos] != 13 or data[pos + 1] != 10:
+                    raise ChunkError("no CRLF after chunk data")
+                pos += 2
+                self.state = 0
+                if self.rechunk:
+                    out.append(b"\r\n")
+            else:
+                end = data.find(b"\n", pos)
+                if end < 0:
+                    if n - pos > MAX_CHUNK_LINE:
+                        raise ChunkError("chunk size line too long")
+                    self.pending = data[pos:]
+                    break
+                if end == pos or data[end - 1] != 13:
+                    raise ChunkError("bare LF in a chunk line")
+                line = data[pos:end - 1]
+                pos = end + 1
+                if state == 0:
+                    size, semi, ext = line.partition(b";")
+                    if semi:
+                        size = size.rstrip(b" \t")
+                        if not _CHUNK_EXT.fullmatch(b";" + ext):
+                            raise ChunkError("bad chunk extension")
+                    if not size or len(size) > 15 or size.translate(None, _HEX):
+                        raise ChunkError(f"bad chunk size {size[:20]!r}")
+                    self.left = int(size, 16)
+                    if self.left:
+                        self.state = 1
+                        if self.rechunk:
+                            out.append(b"%x\r\n" % self.left)
+                    else:
+                        self.state = 3
+                else:
+                    if not line:
+                        self.done = True
+                        self.extra = data[pos:]
+                        if self.rechunk:
+                            out.append(b"0\r\n\r\n")
+                        break
+                    self.trailers += len(line) + 2
+                    if self.trailers > MAX_TRAILERS or not _FIELD_LINE.fullmatch(line):
+                        raise ChunkError("bad or too large trailer section")
+        return b"".join(out)
+
+
+EXTENSIONS = st.sampled_from([
+    b"", b"", b"", b";a", b";a=b", b'; a = "q\\"x"', b" ;a", b";a;b=1", b'\t;\tn=\t"v"',
+    b';x="\\\xff\x80 \t"', b";a=b;c", b";" + b"e" * 300,
+    b";", b"; ", b";a ", b";a=", b";=b", b';a="x', b";a=b c", b";a=\x00", b";a b", b';a="\r"',
+    b'; a="x"y', b";a,b", b" ", b";a=\"\\\x01\"",
+])
+TRAILERS = st.sampled_from([
+    b"X: y\r\n", b"X:\r\n", b"Checksum: a b\tc\xff\r\n", b"x-" + b"t" * 200 + b":v\r\n",
+    b" X: y\r\n", b"X y\r\n", b"X: \x00\r\n", b": y\r\n", b"X\r\n", b"X : y\r\n", b"X: y\n",
+])
+
+
+@st.composite
+def chunked_bodies(draw: Any) -> tuple[bytes, bytes]:
+    parts = []
+    for data in draw(st.lists(st.one_of(st.binary(min_size=1, max_size=40),
+                                        st.sampled_from([b"\r\n", b"0\r\n\r\n", b"x" * 300])),
+                              max_size=4)):
+        size = draw(st.sampled_from([b"%x", b"%X", b"%03x", b"%015x", b"%016x"])) % len(data)
+        parts.append(size + draw(EXTENSIONS) + b"\r\n" + data + b"\r\n")
+    parts.append(draw(st.sampled_from([b"0", b"0", b"000", b"0" * 15])) + draw(EXTENSIONS) + b"\r\n")
+    parts.extend(draw(st.lists(TRAILERS, max_size=3)))
+    parts.append(b"\r\n")
+    return b"".join(parts), draw(st.sampled_from([b"", b"GET / HTTP/1.1\r\n\r\n", b"x"]))
+
+
+_GOOD_EXTENSIONS = [b";a", b";a=b", b'; a = "q\\"x"', b" ;a", b";a;b=1", b'\t;\tn=\t"v"']
+_GOOD_TRAILERS = [b"X: y\r\n", b"X:\r\n", b"Checksum: a b\tc\xff\r\n"]
+
+
+def random_body(rng: random.Random) -> bytes:
+    """A chunked body drawn with plain `random`: mostly valid, with an extra tail."""
+    parts = []
+    for _ in range(rng.randint(0, 4)):
+        data = _random_bytes(rng, ALL_BYTES, 1, 60) if rng.random() < 0.9 else b"\r\n"
+        size = rng.choice([b"%x", b"%x", b"%x", b"%X", b"%04x"]) % len(data)
+        ext = rng.choice(_GOOD_EXTENSIONS) if rng.random() < 0.2 else b""
+        parts.append(size + ext + b"\r\n" + data + b"\r\n")
+    parts.append(rng.choice([b"0", b"0", b"0", b"000"]) +
+                 (rng.choice(_GOOD_EXTENSIONS) if rng.random() < 0.2 else b"") + b"\r\n")
+    parts += [rng.choice(_GOOD_TRAILERS) for _ in range(rng.choice([0, 0, 0, 1, 2]))]
+    return b"".join(parts) + b"\r\n" + rng.choice([b"", b"", b"GET / HTTP/1.1\r\n\r\n", b"x"])
+
+
+def _pieces(rng: random.Random, data: bytes, how: int) -> list[list[bytes]]:
+    if how == 0:                                   # split in two at every byte boundary
+        return [[data[:k], data[k:]] for k in range(len(data) + 1)]
+    if how == 1:                                   # a byte at a time
+        return [[data[k:k + 1] for k in range(len(data))]]
+    cuts = sorted(rng.sample(range(len(data) + 1), min(len(data) + 1, rng.randint(2, 8))))
+    return [[data[a:b] for a, b in zip([0] + cuts, cuts + [len(data)])] for _ in range(1)]
+
+
+CHUNKED: Counter = Counter()
+
+
+def compare_chunked(pieces: list[bytes], rechunk: bool) -> None:
+    ref = Chunked(rechunk)
+    ref_out, ref_err, ref_extra = [], None, b""
+    for index, piece in enumerate(pieces):
+        try:
+            ref_out.append(ref.feed(piece))
+        except ChunkError:
+            ref_err = index
+            break
+        if ref.done:
+            ref_extra = ref.extra + b"".join(pieces[index + 1:])
+            break
+    expected = b"".join(ref_out)
+    body = b"".join(pieces)
+    try:
+        out, done, extra = E.dechunk(pieces, rechunk)
+    except E.ChunkError as exc:
+        # refused at the same read, or earlier: a line is refused at the byte that makes it
+        # invalid, not when its LF arrives; so the reference refuses it once it is complete
+        CHUNKED["refused"] += 1
+        if ref_err is None:
+            assert not ref.done, (pieces, exc.reason)
+            with pytest.raises(ChunkError):
+                ref.feed(b"\r\n")
+        else:
+            assert exc.index <= ref_err, (pieces, exc.index, ref_err)
+        return
+    assert ref_err is None, (pieces, "accepted what the reference refuses")
+    assert done == ref.done, pieces
+    if not done:
+        # a size line being read may already be partly passed on, and a leading zero kept
+        if rechunk:
+            assert Chunked(True).feed(out) == Chunked(True).feed(expected), (pieces, out)
+        else:
+            assert out == expected, (pieces, out)
+        CHUNKED["incomplete"] += 1
+        return
+    CHUNKED["done"] += 1
+    assert extra == ref_extra, (pieces, extra, ref_extra)
+    if out != expected:
+        # a chunk-size whose leading zeros ended a read keeps one of them (see chunked_feed)
+        assert rechunk and re.search(rb"(?:^|\n)0+[0-9a-fA-F]", body), (pieces, out, expected)
+        again = Chunked(True)
+        assert again.feed(out) == expected and again.done and not again.extra, (pieces, out)
+        CHUNKED["leading zero kept"] += 1
+
+
+@settings(BASE, max_examples=400)
+@given(body=chunked_bodies(), seed=st.integers(0, 2 ** 32), rechunk=st.booleans())
+def _check_chunked(body: tuple[bytes, bytes], seed: int, rechunk: bool) -> None:
+    rng = random.Random(seed)
+    bodies = [body[0] + body[1]] + [random_body(rng) for _ in range(3)]
+    for i, data in enumerate(bodies):
+        if rng.randrange(4) == 0:
+            data = mutate(rng, data)
+        how = rng.randrange(4) if len(data) < 400 else 2
+        for pieces in _pieces(rng, data, how):
+            compare_chunked(pieces, rechunk)
+        # the body cut short: what is passed on so far, and no early `done`
+        for pieces in _pieces(rng, data[:rng.randrange(len(data) + 1)], 2):
+            compare_chunked(pieces, rechunk)
+
+
+def test_chunked_agrees_with_http1_chunked():
+    CHUNKED.clear()
+    _check_chunked()
+    print(f"\nchunked bodies: {dict(CHUNKED)}")
+    assert CHUNKED["done"] > 5000 and CHUNKED["refused"] > 2000 and CHUNKED["incomplete"] > 500
+
+
+def test_chunked_in_place_examples():
+    body = b"5;ext=1\r\nhello\r\n0A\r\n0123456789\r\n0\r\nX-T: 1\r\n\r\n"
+    assert E.dechunk([body + b"GET"]) == (b"5\r\nhello\r\na\r\n0123456789\r\n0\r\n\r\n", True, b"GET")
+    assert E.dechunk([body], rechunk=False) == (b"hello0123456789", True, b"")
+    # a size line split across reads needs no buffer; an all-zero size ending a read is passed
+    # on as "0" at once, so a digit after it keeps one leading zero
+    assert E.dechunk([b"0", b"0\r\n\r\n"]) == (b"0\r\n\r\n", True, b"")
+    assert E.dechunk([b"00", b"5\r\nhello\r\n0\r\n\r\n"])[0] == b"05\r\nhello\r\n0\r\n\r\n"
+    assert E.dechunk([b"00", b"0\r\n\r\n"])[0] == b"0\r\n\r\n"
+
+
+def test_chunked_limits():
+    def line(n: int) -> bytes:                    # a size line of n bytes before its LF
+        return b"5;" + b"e" * (n - 3) + b"\r\n"
+    body = line(MAX_CHUNK_LINE) + b"hello\r\n0\r\n\r\n"
+    assert E.dechunk([body])[1]
+    # a longer line is refused even when it arrives whole (http1.Chunked refused it only when
+    # split across reads)
+    body = line(MAX_CHUNK_LINE + 1) + b"hello\r\n0\r\n\r\n"
+    assert Chunked(True).feed(body)
+    with pytest.raises(E.ChunkError):
+        E.dechunk([body])
+    with pytest.raises(ChunkError):
+        Chunked(True).feed(body[:MAX_CHUNK_LINE + 1])
+    # fifteen hex digits at most, leading zeros included
+    assert E.dechunk([b"0" * 14 + b"1\r\nx\r\n0\r\n\r\n"])[1]
+    with pytest.raises(E.ChunkError):
+        E.dechunk([b"0" * 15 + b"1\r\nx\r\n0\r\n\r\n"])
+    # the trailer section: 16384 bytes at most
+    trailer = b"X: " + b"v" * 4000 + b"\r\n"
+    fits = b"0\r\n" + trailer * 4 + b"\r\n"
+    assert E.dechunk([fits])[1] and Chunked(True).feed(fits) == b"0\r\n\r\n"
+    with pytest.raises(E.ChunkError):
+        E.dechunk([b"0\r\n" + trailer * 5 + b"\r\n"])
+    # the body's data is counted (client_max_body_size)
+    assert E.dechunk([b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"])[0:2] == (b"3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n", True)
