@@ -726,10 +726,40 @@ def test_host_rule(host: bytes, valid: bool):
         assert answer == ("refuse", 400)
 
 
-@settings(BASE, max_examples=3000)
-@given(host=st.one_of(hosts, _bytes_of(b"[]:.0123456789abcdefv%", 24)))
-def test_host_rule_agrees_with_the_rfc_3986_grammar(host: bytes):
-    assert E.valid_host(host) == bool(HOST.fullmatch(host))
+@settings(BASE, max_examples=600)
+@given(host=st.one_of(hosts, _bytes_of(b"[]:.0123456789abcdefv%", 24)), seed=st.integers(0, 2 ** 32))
+def test_host_rule_agrees_with_the_rfc_3986_grammar(host: bytes, seed: int):
+    rng = random.Random(seed)
+    for i in range(20):
+        if i:
+            # nearby hosts: a byte changed, added or dropped
+            k = rng.randrange(len(host) + 1)
+            host = host[:k] + rng.choice([b"", bytes([rng.choice(b":.[]%0aF9v@ \x80")])]) + \
+                host[k + rng.randrange(2):]
+        assert E.valid_host(host) == bool(HOST.fullmatch(host)), host
+
+
+LLHTTP_METHODS = {  # llhttp's METHODS_HTTP and METHODS_RTSP (constants.ts)
+    b"HTTP": b"DELETE GET HEAD POST PUT CONNECT OPTIONS TRACE COPY LOCK MKCOL MOVE PROPFIND "
+             b"PROPPATCH SEARCH UNLOCK BIND REBIND UNBIND ACL REPORT MKACTIVITY CHECKOUT MERGE "
+             b"M-SEARCH NOTIFY SUBSCRIBE UNSUBSCRIBE PATCH PURGE MKCALENDAR LINK UNLINK SOURCE "
+             b"QUERY PRI".split(),
+    b"RTSP": b"OPTIONS DESCRIBE ANNOUNCE SETUP PLAY PAUSE TEARDOWN GET_PARAMETER SET_PARAMETER "
+             b"REDIRECT RECORD FLUSH GET POST".split(),
+    b"ICE": [b"SOURCE"],
+}
+
+
+@pytest.mark.parametrize("protocol", [b"HTTP", b"RTSP", b"ICE"])
+def test_every_method(protocol: bytes):
+    every = sorted({m for names in LLHTTP_METHODS.values() for m in names})
+    for method in every + [m[:-1] for m in every] + [m + b"S" for m in every] + [m.lower() for m in every]:
+        data = method + b" / " + protocol + b"/1.1\r\nHost: a\r\n\r\n"
+        expected = ref_request(data)
+        assert new_request(data) == expected, data
+        assert (expected[0] == "head") == (method in LLHTTP_METHODS[protocol] and method != b"PRI")
+        for n in range(1, len(data)):
+            assert E.check_request_line(data[:n]) == (ref_request(data[:n]) != ("wait",)) * 400
 
 
 def test_what_llhttp_accepts_is_kept():

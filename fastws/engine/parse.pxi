@@ -153,6 +153,8 @@ cdef int _init_parse_tables() except -1:
     _classes(b"!\"$%&'()*+,-./:;<=>@[\\]^_`{|}~", _C_URL)
     _classes(b"-_.!~*'()%;:&=+$,[]", _C_SERVER)
     _classes(b"-._~!$&'()*+,;=", _C_HOST)
+    if len(_METHOD_NAMES) > <Py_ssize_t>(sizeof(_methods) // sizeof(_MethodName)):
+        raise AssertionError("_methods is too small for _METHOD_NAMES")
     for name, method, protocols in _METHOD_NAMES:
         _methods[_nmethods].name = name          # the tuple keeps the bytes alive
         _methods[_nmethods].len = len(name)
