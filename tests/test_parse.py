@@ -610,7 +610,7 @@ def test_responses_agree_with_llhttp():
 
 # --- heads arriving a byte at a time -------------------------------------------------------
 
-@settings(BASE, max_examples=300)
+@settings(BASE, max_examples=150)
 @given(head=st.one_of(request_heads(), response_heads()), seed=st.integers(0, 2 ** 32))
 def test_head_end_byte_at_a_time(head: bytes, seed: int):
     data = mutate(random.Random(seed), head) if seed % 2 else head
@@ -624,7 +624,7 @@ def test_head_end_byte_at_a_time(head: bytes, seed: int):
     assert end == whole
 
 
-@settings(BASE, max_examples=300)
+@settings(BASE, max_examples=150)
 @given(head=request_heads())
 def test_a_bad_request_line_is_refused_at_the_byte_llhttp_refuses_it(head: bytes):
     # fed a byte at a time, the head is refused (or read) exactly when the reference says so
