@@ -54,13 +54,15 @@ cdef struct Header:
 
 cdef struct Head:
     # A parsed request or response head.  Spans point into `base`, which the parser does not
-    # own; `headers` is the parser's array, valid until the next parse into this Head.
+    # own; `headers` is the parser's array (grown with realloc, freed by head_free), valid
+    # until the next parse into this Head.  A Head starts zeroed.
     const char *base
     int size                 # bytes up to and including the blank line
     int method               # Method (requests)
     Span method_name
     Span target
-    int version              # 10 (HTTP/1.0) or 11 (HTTP/1.1)
+    int version              # major * 10 + minor: 10 or 11 for an accepted request; a response
+                             # may also say 9 or 20 (llhttp accepts HTTP/0.9 and HTTP/2.0 there)
     int status               # responses
     Span reason
     int nheaders
@@ -70,16 +72,27 @@ cdef struct Head:
     int count[<int>H_COUNT]
     const char *error        # why a head was refused (a static string)
 
+cdef struct TokenIter:
+    # The comma-separated tokens of every header of one kind, in order (tokens_next).
+    int kind
+    int header               # index of the header being read, nheaders once done
+    int pos                  # offset of the next byte of its value to read
+    int end                  # offset just past its value
+
 cdef struct Chunked:
-    # A strict reader of a chunked body (RFC 9112 section 7.1), rewriting it in place.
+    # A strict reader of a chunked body (RFC 9112 section 7.1), rewriting it in place.  It reads
+    # byte by byte (as llhttp's chunk nodes do), so a line split across reads needs no buffer.
     int state
-    long long left           # data bytes left in the current chunk
+    long long left           # data bytes left in the current chunk (its size, while read)
     long long total          # data bytes read
     int trailers             # bytes of trailer section read
+    int line                 # bytes of the current size or trailer line so far (LF excluded)
+    int digits               # hex digits of the current chunk-size so far
+    int sig                  # its first significant digit was passed on (rechunk)
+    int zero                 # a "0" for it was passed on at the end of a read (rechunk)
     int rechunk              # 1: pass the chunks on re-framed; 0: pass the bare data
     int done
-    char *line               # a size or trailer line split across reads (malloc'ed)
-    int line_len
+    const char *error        # why the body was refused (a static string)
 
 
 # --- select: upstream groups and nginx's peer selection (engine/select.pxi) -------------------

@@ -122,9 +122,7 @@ cdef void flow_drop(Eng *e, Flow *f) noexcept nogil:
         f.held = NULL
         held_count(e, DBG_BUFFERS, -1)
     f.held_len = f.held_off = 0
-    if f.chunk != NULL:
-        chunked_free(f.chunk)
-        f.chunk = NULL
+    f.chunk = NULL
 
 
 cdef inline int flow_error(int d, bint at_source) noexcept nogil:

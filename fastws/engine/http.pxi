@@ -76,7 +76,7 @@ cdef void response_start(Eng *e, Conn *c, char *data, int end, int total) noexce
         if kind == H_TRANSFER_ENCODING and unchunk:
             continue
         name = rh.base + hd.name.off
-        if rh.count[<int>H_CONNECTION] and head_has_token(rh, H_CONNECTION, name, hd.name.len):
+        if rh.count[<int>H_CONNECTION] and named_by_connection(rh, name, hd.name.len):
             continue
         buf_add(b, name, hd.name.len)
         buf_add(b, ": ", 2)

@@ -309,9 +309,16 @@ cdef int request_body(Eng *e, Conn *c, Head *h, char *rest, int *restlen) noexce
     return 0
 
 
-cdef inline bint named_by_connection(Head *h, const char *name, int n) noexcept nogil:
-    # Is this header named by a token of the Connection header (and so hop-by-hop)?
-    return head_has_token(h, H_CONNECTION, name, n)
+cdef bint named_by_connection(Head *h, const char *name, int n) noexcept nogil:
+    # Is this header (its name as sent, in any case) named by a token of the Connection
+    # header, and so hop-by-hop (RFC 9110 section 7.6.1)?
+    cdef TokenIter it
+    cdef Span tok
+    tokens_init(&it, h, H_CONNECTION)
+    while tokens_next(&it, h, &tok):
+        if tok.len == n and strncasecmp(h.base + tok.off, name, n) == 0:
+            return True
+    return False
 
 
 cdef inline bint op_named(Loc *loc, const char *name, int n) noexcept nogil:
@@ -478,8 +485,6 @@ cdef void request_end(Eng *e, Conn *c) noexcept nogil:
         held_count(e, DBG_BUFFERS, -1)
     free(req.early)
     free(req.rbuf)
-    chunked_free(&req.chunk_in)
-    chunked_free(&req.chunk_out)
     if c.flow[0].chunk == &req.chunk_in:
         c.flow[0].chunk = NULL
     if c.flow[1].chunk == &req.chunk_out:

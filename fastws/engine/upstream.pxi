@@ -299,6 +299,9 @@ cdef void upstream_read_head(Eng *e, Conn *c) noexcept nogil:
             if total > MAX_RESPONSE_HEAD:
                 upstream_bad(e, c, "upstream sent too big header")
                 return
+            if status_line_check(data, total) != 0:
+                upstream_bad(e, c, "upstream sent no valid HTTP/1.x status line")
+                return
             if data == e.buf:
                 if req_keep_answer(req, data, total) < 0:
                     conn_close(e, c)
