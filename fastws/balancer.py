@@ -320,8 +320,7 @@ def build_upstreams(config: Config, *, clock: Callable[[], float] = time.monoton
     out: dict[str, UpstreamGroup] = {}
     for up in config.upstreams:
         out[up.name] = build_upstream(config.source, up, clock)
-    from ._engine import UpstreamGroup
-    return {k: UpstreamGroup(v) for k, v in out.items()}  # type: ignore
+    return out
 
 
 def _duration(seconds: float) -> str:
