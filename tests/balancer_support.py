@@ -3,6 +3,8 @@ engine will (the client address and the evaluated hash key), and replaying recor
 
 from __future__ import annotations
 
+import re
+
 import json
 import pathlib
 from typing import Any
@@ -65,8 +67,14 @@ def hash_key(up: UpstreamGroup, ctx: Ctx) -> bytes | None:
     template = up.config.hash_key
     if template is None:
         return None
-    return b"".join(_key_bytes(ctx.variable(text)) if is_var else _key_bytes(text)
-                    for is_var, text in template.parts)
+    # the literal text between the variables, and each variable's value
+    pieces = re.split(r"\$(?:\{([A-Za-z0-9_]+)\}|([A-Za-z0-9_]+))", template.text)
+    out = []
+    for i in range(0, len(pieces), 3):
+        out.append(_key_bytes(pieces[i]))
+        if i + 2 < len(pieces):
+            out.append(_key_bytes(ctx.variable((pieces[i + 1] or pieces[i + 2]).lower())))
+    return b"".join(out)
 
 
 def start(up: UpstreamGroup, ctx: Ctx) -> Any:

@@ -342,7 +342,7 @@ def test_upstream_tls_verification(make_proxy, ca, tmp_path, port, trusted):
         assert "verify" not in proxy.output()
     else:
         assert ws_roundtrip(port, payload).startswith(b"HTTP/1.1 502 ")
-        assert "upstream SSL certificate verify error" in proxy.output()
+        wait_until(lambda: "upstream SSL certificate verify error" in proxy.output())
         # the same backend with verification off: the failure above was the verification
         port2 = free_port()
         make_proxy(upstream_config(port2, backend, {"verify": False}), port=port2)

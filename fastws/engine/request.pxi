@@ -304,6 +304,7 @@ cdef int request_body(Eng *e, Conn *c, Head *h, char *rest, int *restlen) noexce
         restlen[0] = n
         req.body_done = f.left == 0
     f.nbytes = restlen[0]
+    f.last_rx = e.now                 # client_body_timeout counts from here
     if req.body_done:
         f.eof = 1
     return 0
