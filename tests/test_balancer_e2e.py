@@ -18,15 +18,13 @@ from typing import Any, Iterator
 
 import pytest
 
-pytest.importorskip("fastws._splice")
-pytest.importorskip("fastws.worker")
-websockets_client = pytest.importorskip("websockets.asyncio.client")
-websockets_server = pytest.importorskip("websockets.asyncio.server")
+import websockets.asyncio.client as websockets_client
+import websockets.asyncio.server as websockets_server
 
-from fastws.balancer import build_upstreams  # noqa: E402
-from fastws.config import load  # noqa: E402
-from support import to_toml  # noqa: E402
-from test_balancer_support import Ctx  # noqa: E402
+from fastws.balancer import build_upstreams
+from fastws.config import load
+from support import to_toml
+from balancer_support import Ctx, start
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -181,7 +179,7 @@ def test_ip_hash_sticks_each_client_to_one_backend(backends: Backends, fastws: A
     seen = asyncio.run(run())
     for source, ports in seen.items():
         assert len(set(ports)) == 1, (source, ports)
-        want = predicted.select(Ctx(source)).next().name
+        want = start(predicted, Ctx(source)).next().name
         assert f"127.0.0.1:{ports[0]}" == want, source
     assert len({ports[0] for ports in seen.values()}) >= 2
 
@@ -204,7 +202,7 @@ def test_consistent_hash_sticks_each_uri(backends: Backends, fastws: Any) -> Non
     seen = asyncio.run(run())
     for path, ports in seen.items():
         assert len(ports) == 1
-        assert f"127.0.0.1:{ports.pop()}" == predicted.select(Ctx(request_uri=path)).next().name
+        assert f"127.0.0.1:{ports.pop()}" == start(predicted, Ctx(request_uri=path)).next().name
 
 
 def test_failover_past_a_refusing_server_and_backup(backends: Backends, fastws: Any) -> None:

@@ -1,8 +1,9 @@
-"""The relay engine's export: tunnels taken out whole, bytes in flight included, and carried on
-by another engine as if nothing happened."""
+"""Handing tunnels over: taken out of one engine whole, bytes in flight included, carried to
+another process over a Unix socket, and carried on by the new engine as if nothing happened."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import threading
@@ -10,105 +11,76 @@ import time
 
 import pytest
 
-from fastws._splice import Engine
+from engine_support import EngineRunner, tunnel_config
+from fastws import handover
+from fastws._engine import ExportedTunnel
+from support import (RawBackend, free_port, raw_echo_handler, read_head, upgrade_request,
+                     wait_until)
+
+
+def runner(upstream: str, **location) -> EngineRunner:
+    cfg = tunnel_config(upstream, **location)
+    cfg["server"][0]["listen"] = [f"127.0.0.1:{free_port()}"]
+    return EngineRunner(cfg)
 
 
 def recv_exactly(s: socket.socket, n: int) -> bytes:
-    out = b""
+    out = bytearray()
     while len(out) < n:
         chunk = s.recv(1 << 20)
         assert chunk, "closed early"
         out += chunk
-    return out
+    return bytes(out)
 
 
-def take(engine: Engine) -> list:
-    deadline = time.monotonic() + 10
-    while True:
-        out = engine.take_exported()
-        if out is not None:
-            return out
-        assert time.monotonic() < deadline, "export did not finish"
-        time.sleep(0.005)
-
-
-@pytest.mark.parametrize("mode", ["splice", "copy", "auto"])
-def test_an_exported_tunnel_goes_on_in_another_engine(mode):
-    old, new = Engine(), Engine()
-    old.start()
-    new.start()
-    client, proxy_client = socket.socketpair()
-    upstream, proxy_upstream = socket.socketpair()
-    for s in (proxy_client, proxy_upstream):
-        s.setblocking(False)
-    old.add(proxy_client.detach(), proxy_upstream.detach(), b"early-up", b"early-down",
-            60.0, 30.0, mode, "the record")
-    client.sendall(b"hello")
-    assert recv_exactly(upstream, 13) == b"early-uphello"
-    assert recv_exactly(client, 10) == b"early-down"
-    # the client stops reading: bytes pile up in the socket buffers and in the engine
-    big = os.urandom(4 << 20)
-    upstream.setblocking(False)
-    sent = 0
-    try:
-        while sent < len(big):
-            sent += upstream.send(big[sent:sent + 65536])
-    except BlockingIOError:
-        pass
-    time.sleep(0.2)
-    old.export()
-    [(ctx, cfd, ufd, to_up, to_client, up, down, age, first_eof, rt, st, m)] = take(old)
-    assert old.active == 0 and old.take_exported() is None
-    assert (ctx, to_up, first_eof, rt, st, m) == ("the record", b"", -1, 60.0, 30.0, mode)
-    assert up == 5 and down >= len(to_client) and age > 0.2
-    new.add(cfd, ufd, to_up, to_client, rt, st, m, ctx, up=up, down=down, age=age,
-            first_eof=first_eof)
-    upstream.setblocking(True)
-    writer = threading.Thread(target=upstream.sendall, args=(big[sent:],))
+@pytest.mark.parametrize("relay", ["splice", "copy", "auto"])
+def test_an_exported_tunnel_goes_on_in_another_engine(relay):
+    backend = RawBackend(raw_echo_handler)
+    old, new = runner(backend.address, relay=relay), runner(backend.address, relay=relay)
+    client = socket.create_connection(("127.0.0.1", old.port), timeout=10)
+    client.sendall(upgrade_request() + b"early")
+    head, rest = read_head(client)
+    assert head.startswith(b"HTTP/1.1 101 ")
+    assert rest + recv_exactly(client, 5 - len(rest)) == b"early"
+    # the client stops reading: the echo's bytes pile up in the sockets and in the engine
+    big = os.urandom(8 << 20)
+    writer = threading.Thread(target=client.sendall, args=(big,))
     writer.start()
-    client.settimeout(10)
-    assert recv_exactly(client, len(big)) == big       # nothing lost, nothing reordered
+    held = lambda: old.stats()["held"]          # noqa: E731
+    wait_until(lambda: held()["buffers"] + held()["pipes"] >= 1)   # the engine holds some
+    [t] = old.call(old.engine.export)
+    assert isinstance(t, ExportedTunnel) and old.call(lambda: old.engine.active) == 0
+    assert (t.first_eof, t.relay, t.upstream, t.peer) == (-1, relay, "backend", backend.address)
+    assert t.up >= 5 and t.age > 0
+    new.call(lambda: new.engine.adopt(t, 0, 0))
+    assert recv_exactly(client, len(big)) == big          # nothing lost, nothing reordered
     writer.join()
     client.sendall(b"and back")
-    assert recv_exactly(upstream, 8) == b"and back"
+    assert recv_exactly(client, 8) == b"and back"
     client.shutdown(socket.SHUT_WR)
-    assert upstream.recv(10) == b""
-    upstream.close()
     assert client.recv(10) == b""
-    deadline = time.monotonic() + 10
-    closed = []
-    while not closed and time.monotonic() < deadline:
-        closed = new.drain()
-        time.sleep(0.01)
-    [(ctx, up, down, duration, reason)] = closed
-    assert (ctx, up, down, reason) == ("the record", 13, len(big), "client")
-    assert duration >= age
-    old.stop()
-    new.stop()
     client.close()
+    deadline = time.monotonic() + 10
+    while new.stats()["tunnels_active"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    stats = new.stats()
+    assert stats["tunnels_active"] == 0 and stats["closes"]["client"] == 1
+    peer = new.groups["backend"].peers[0]
+    assert peer.conns == 0 and peer.bytes_up == 5 + len(big) + 8    # its accounting carried over
+    old.close()
+    new.close()
+    backend.close()
 
 
 def test_export_with_no_tunnel_returns_an_empty_list():
-    engine = Engine()
-    engine.start()
-    assert engine.take_exported() is None
-    engine.export()
-    assert take(engine) == []
-    engine.stop()
+    backend = RawBackend(raw_echo_handler)
+    r = runner(backend.address)
+    assert r.call(r.engine.export) == []
+    r.close()
+    backend.close()
 
 
 def test_handover_transport_carries_fds_header_and_large_pending_bytes():
-    import asyncio
-
-    from fastws import handover
-    from fastws.proxy import TunnelRecord
-
-    class Up:
-        name = "backend"
-
-    class Peer:
-        name = "127.0.0.1:9"
-
     adopted: list = []
 
     async def main():
@@ -118,11 +90,12 @@ def test_handover_transport_carries_fds_header_and_large_pending_bytes():
         sock = handover.connect_once(addr)
         assert sock is not None
         a, b = socket.socketpair()
-        record = TunnelRecord(Up(), Peer(), "10.0.0.1", b"GET /ws HTTP/1.1", time.monotonic() - 3,
-                              0.001, 0.002, 200, 129)
         small, large = b"u" * 10, os.urandom(300_000)     # more than one message can carry
-        item = (record, a.fileno(), b.fileno(), small, large, 11, 22, 2.5, 1, 60.0, 30.0, "copy")
-        await asyncio.get_running_loop().run_in_executor(None, handover.send, sock, item)
+        t = ExportedTunnel.restore(a.fileno(), b.fileno(), {
+            "up": 11, "down": 22, "age": 2.5, "first_eof": 1, "read_timeout": 60.0,
+            "send_timeout": 30.0, "relay": "copy", "upstream": "backend", "peer": "127.0.0.1:9",
+            "log": None}, small, large)
+        await asyncio.get_running_loop().run_in_executor(None, handover.send, sock, t)
         deadline = time.monotonic() + 10
         while not adopted and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
@@ -133,9 +106,9 @@ def test_handover_transport_carries_fds_header_and_large_pending_bytes():
     a, b = asyncio.run(main())
     [(cfd, ufd, head, to_up, to_client)] = adopted
     assert len(to_up) == 10 and len(to_client) == 300_000
-    assert (head["up"], head["down"], head["first_eof"], head["mode"], head["upstream"],
-            head["peer"], head["request"]) == (11, 22, 1, "copy", "backend", "127.0.0.1:9",
-                                               "GET /ws HTTP/1.1")
+    t = ExportedTunnel.restore(cfd, ufd, head, to_up, to_client)
+    assert (t.up, t.down, t.first_eof, t.relay, t.upstream, t.peer) == \
+        (11, 22, 1, "copy", "backend", "127.0.0.1:9")
     # the received fds are the same sockets (a and b are the two ends of one pair)
     with socket.socket(fileno=cfd) as a2, socket.socket(fileno=ufd) as b2:
         b.settimeout(10)

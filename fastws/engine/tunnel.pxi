@@ -43,8 +43,10 @@ cdef void tunnel_start(Eng *e, Conn *c, char *data, int total) noexcept nogil:
         return
     c.flow[1].blocked_since = 0
     if req.early_len:
+        # the client's first frames, held until the 101 was checked: the tunnel's first bytes
         c.flow[0].held = req.early
         c.flow[0].held_len = req.early_len
+        c.flow[0].nbytes = req.early_len
         req.early = NULL
         held_count(e, DBG_BUFFERS, 1)
     e.n.tunnels_total += 1

@@ -1,0 +1,248 @@
+"""The engine in this process: heads, the WebSocket handshake both ways, the head sent upstream,
+tunnels and what they hold, with real sockets and the engine driven as a worker drives it."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from typing import Iterator
+
+import pytest
+
+from engine_support import EngineRunner, tunnel_config
+from support import (RawBackend, free_port, raw_echo_handler, read_all, read_head,
+                     upgrade_request, wait_until, ws_accept, ws_upgrade_handler)
+
+RFC_KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
+
+
+@pytest.fixture
+def echo() -> Iterator[RawBackend]:
+    backend = RawBackend(raw_echo_handler)
+    yield backend
+    backend.close()
+
+
+@pytest.fixture
+def runner_for():
+    made: list[EngineRunner] = []
+
+    def make(upstream: str, *, server: dict | None = None, **location) -> EngineRunner:
+        cfg = tunnel_config(upstream, **location)
+        cfg["server"][0]["listen"] = [f"127.0.0.1:{free_port()}"]
+        cfg["server"][0].update(server or {})
+        r = EngineRunner(cfg, pipe_size=65536, max_pipes=64)
+        made.append(r)
+        return r
+
+    yield make
+    for r in made:
+        r.close()          # and checks that the engine holds nothing any more
+
+
+def connect(port: int) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=10)
+
+
+def open_tunnel(port: int, key: bytes | None = None, early: bytes = b"") -> tuple[socket.socket, bytes]:
+    s = connect(port)
+    s.sendall(upgrade_request(key=key) + early)
+    head, rest = read_head(s)
+    assert head.startswith(b"HTTP/1.1 101 "), head
+    return s, rest
+
+
+def recv_exactly(s: socket.socket, n: int) -> bytes:
+    out = bytearray()
+    while len(out) < n:
+        chunk = s.recv(1 << 20)
+        assert chunk, "closed early"
+        out += chunk
+    return bytes(out)
+
+
+# --- the handshake -----------------------------------------------------------------------------
+
+def test_rfc6455_example_key_and_accept(runner_for):
+    # RFC 6455 section 1.3: the key "dGhlIHNhbXBsZSBub25jZQ==" gives this accept value
+    def handler(conn, backend):
+        read_head(conn)
+        conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                     b"Connection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+                     b"\r\n\r\n")
+        conn.recv(10)
+
+    backend = RawBackend(handler)
+    r = runner_for(backend.address)
+    s, _ = open_tunnel(r.port, key=RFC_KEY)
+    s.close()
+    backend.close()
+
+
+def test_a_head_sent_byte_by_byte_keeps_its_early_bytes(runner_for, echo):
+    r = runner_for(echo.address)
+    data = upgrade_request(key=RFC_KEY) + b"\x81\x85early-frame"
+    with connect(r.port) as s:
+        for i in range(len(data)):
+            s.send(data[i:i + 1])
+        head, rest = read_head(s)
+        assert head.startswith(b"HTTP/1.1 101 ")
+        rest += recv_exactly(s, len(b"\x81\x85early-frame") - len(rest))
+        assert rest == b"\x81\x85early-frame"     # echoed: it went after the 101, not before
+    wait_until(lambda: echo.heads)
+    assert echo.heads[0].startswith(b"GET /ws HTTP/1.1\r\n") and b"early" not in echo.heads[0]
+
+
+@pytest.mark.parametrize("raw, status", [
+    (b"GET / HTTP/1.1\r\nHost: a\r\n folded\r\n\r\n", 400),           # obsolete line folding
+    (b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n", 400),
+    (b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", 505),
+    (b"GET / HTTP/1.1\r\nHost : a\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n", 400),                      # not an RFC 3986 host
+    (b"GET / HTTP/1.1\r\nHost: a/b\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: \xc3\xa9.example\r\n\r\n", 400),
+    (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 40 + b"\r\n\r\n", 400),
+    (b"GET /" + b"x" * 300 + b" HTTP/1.1\r\nHost: a\r\n\r\n", 414),
+    (b"GET / HTTP/1.1\r\nHost: a\r\nX-Long: " + b"y" * 1100 + b"\r\n\r\n", 431),
+])
+def test_heads_that_could_be_read_two_ways_are_refused(runner_for, echo, raw, status):
+    r = runner_for(echo.address, server={"max_request_line": "256", "max_request_head": "1k"})
+    with connect(r.port) as s:
+        s.sendall(raw)
+        answer = read_all(s)
+    assert answer.startswith(b"HTTP/1.1 %d " % status), answer[:80]
+    assert not echo.heads                       # nothing reached the upstream
+
+
+@pytest.mark.parametrize("change, status", [
+    (lambda h: h.replace(b"Sec-WebSocket-Version: 13", b"Sec-WebSocket-Version: 8"), 426),
+    (lambda h: h.replace(b"\r\n\r\n", b"\r\nSec-WebSocket-Key: AAAAAAAAAAAAAAAAAAAAAA==\r\n\r\n"),
+     400),                                                  # two keys
+    (lambda h: h.replace(b"\r\n\r\n", b"\r\nContent-Length: 5\r\n\r\n12345"), 400),
+    (lambda h: h.replace(b"GET", b"POST", 1), 400),
+    (lambda h: h.replace(b"HTTP/1.1", b"HTTP/1.0", 1), 400),
+    (lambda h: h.replace(b"Sec-WebSocket-Key: ", b"Sec-WebSocket-Key: A"), 400),   # not 16 bytes
+])
+def test_bad_websocket_handshakes(runner_for, echo, change, status):
+    r = runner_for(echo.address)
+    with connect(r.port) as s:
+        s.sendall(change(upgrade_request()))
+        answer = read_all(s)
+    assert answer.startswith(b"HTTP/1.1 %d " % status), answer[:80]
+    if status == 426:
+        assert b"\r\nSec-WebSocket-Version: 13\r\n" in answer
+    assert not echo.heads
+
+
+@pytest.mark.parametrize("answer", [
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n",          # another key's
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Accept: {accept}\r\n\r\n",                                # another token
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket, h2c\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Accept: {accept}\r\n\r\n",                                # two tokens
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Accept: {accept}\r\nSec-WebSocket-Accept: {accept}\r\n\r\n",  # two accepts
+], ids=["accept", "token", "tokens", "accepts"])
+def test_a_101_is_tunnelled_only_when_it_completes_the_handshake(runner_for, answer):
+    key = b"AAAAAAAAAAAAAAAAAAAAAA=="
+
+    def handler(conn, backend):
+        read_head(conn)
+        conn.sendall(answer.replace(b"{accept}", ws_accept(key)))
+        conn.settimeout(2)
+        try:
+            backend.received.append(conn.recv(100))
+        except OSError:
+            pass
+
+    backend = RawBackend(handler)
+    r = runner_for(backend.address)
+    with connect(r.port) as s:
+        s.sendall(upgrade_request(key=key))
+        head, _ = read_head(s)
+        assert head.startswith(b"HTTP/1.1 502 ")
+    assert r.stats()["tunnels_total"] == 0
+    backend.close()
+
+
+def test_the_head_sent_upstream(runner_for):
+    backend = RawBackend(ws_upgrade_handler)
+    r = runner_for(backend.address)
+    extra = ("Connection: keep-alive, X-Private\r\nX-Private: 1\r\nKeep-Alive: 300\r\n"
+             "TE: trailers\r\nProxy-Connection: close\r\nTrailer: X\r\nX-Kept: k  v\r\n"
+             "Cookie: c=1\r\nX-Forwarded-For: 10.0.0.1\r\nX-Real-IP: 6.6.6.6\r\n")
+    raw = upgrade_request(extra=extra).replace(b"Connection: Upgrade\r\n", b"")
+    raw = raw.replace(b"Connection: keep-alive, X-Private", b"Connection: keep-alive, X-Private, Upgrade")
+    with connect(r.port) as s:
+        s.sendall(raw)
+        assert read_head(s)[0].startswith(b"HTTP/1.1 101 ")
+    wait_until(lambda: backend.heads)
+    lines = backend.heads[0].split(b"\r\n")
+    assert lines[0] == b"GET /ws HTTP/1.1" and lines[1] == b"Host: example.com"
+    names = [line.split(b":")[0].lower() for line in lines[1:] if line]
+    for gone in (b"x-private", b"keep-alive", b"te", b"proxy-connection", b"trailer"):
+        assert gone not in names
+    assert b"X-Kept: k  v" in lines and b"Cookie: c=1" in lines
+    # the client's X-Forwarded-For is extended, its X-Real-IP replaced
+    assert b"X-Forwarded-For: 10.0.0.1, 127.0.0.1" in lines and b"X-Real-IP: 127.0.0.1" in lines
+    assert lines[-4:-2] == [b"Upgrade: websocket", b"Connection: upgrade"]
+    backend.close()
+
+
+# --- tunnels -------------------------------------------------------------------------------
+
+def pump(src: socket.socket, dst: socket.socket, data: bytes) -> bytes:
+    """Write data into src from a thread while reading len(data) bytes from dst."""
+    writer = threading.Thread(target=src.sendall, args=(data,))
+    writer.start()
+    got = recv_exactly(dst, len(data))
+    writer.join()
+    return got
+
+
+@pytest.mark.parametrize("size", [1, 4095, 4096, 65535, 65536, 65537, 16 * 1448, 8 << 20])
+def test_sizes_both_ways(runner_for, echo, relay, size):
+    r = runner_for(echo.address, relay=relay)
+    s, _ = open_tunnel(r.port)
+    data = os.urandom(size)
+    assert pump(s, s, data) == data
+    s.close()
+
+
+def test_idle_tunnels_hold_no_pipe_and_no_buffer(runner_for, echo, relay):
+    r = runner_for(echo.address, relay=relay)
+    tunnels = [open_tunnel(r.port)[0] for _ in range(20)]
+    for s in tunnels:
+        assert pump(s, s, os.urandom(300000)) is not None
+    stats = r.stats()
+    assert stats["held"]["pipes"] == 0 and stats["held"]["buffers"] == 0
+    assert stats["held"]["tunnels"] == 20 and stats["held"]["requests"] == 0
+    for s in tunnels:
+        s.close()
+    wait_until(lambda: r.stats()["held"]["connections"] == 0)
+
+
+def test_backpressure_holds_at_most_a_read_and_loses_nothing(runner_for, echo, relay):
+    r = runner_for(echo.address, relay=relay)
+    s, _ = open_tunnel(r.port)
+    data = os.urandom(16 << 20)
+    writer = threading.Thread(target=s.sendall, args=(data,))
+    writer.start()
+    # nobody reads: the bytes pile up in the sockets, the engine holds one read's worth
+    wait_until(lambda: r.stats()["held"]["buffers"] + r.stats()["held"]["pipes"] >= 1)
+    assert recv_exactly(s, len(data)) == data
+    writer.join()
+    s.close()
+
+
+def test_stop_closes_every_tunnel(runner_for, echo):
+    r = runner_for(echo.address)
+    tunnels = [open_tunnel(r.port)[0] for _ in range(5)]
+    r.call(r.engine.stop)
+    for s in tunnels:
+        assert read_all(s) == b""
+    assert r.engine.stats()["closes"]["shutdown"] == 5
