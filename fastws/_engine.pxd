@@ -245,6 +245,8 @@ cdef struct Io:
     unsigned char eof        # a read returned 0 (or the TLS peer's close_notify)
     unsigned char rdhup      # the peer's FIN is queued behind the data (EPOLLRDHUP): a short
                              # read does not drain the socket, the next one returns 0
+    unsigned char rderr      # EPOLLERR or EPOLLHUP came too (a reset: reads say what it is)
+    unsigned char eof_next   # a short read after the FIN took the last bytes: EOF is next
     FASTWS_SSL *ssl          # NULL: plain
     unsigned int tls_want    # an SSL call that must wait: for reading (EPOLLIN) or writing (EPOLLOUT)
     int tls_pending          # OpenSSL holds decrypted bytes epoll cannot see
@@ -463,6 +465,7 @@ cdef struct Conn:
     unsigned char keepalive  # the client connection stays after this exchange
     unsigned char peer_closed    # the client half-closed
     unsigned char queued     # on the ready list
+    unsigned char websocket  # a WebSocket tunnel: it ends when its upstream has closed
     double read_timeout      # tunnel
     double send_timeout      # tunnel, exchange and answers
     double started           # tunnel: from its 101

@@ -246,3 +246,36 @@ def test_stop_closes_every_tunnel(runner_for, echo):
     for s in tunnels:
         assert read_all(s) == b""
     assert r.engine.stats()["closes"]["shutdown"] == 5
+
+
+@pytest.mark.parametrize("token", [b"websocket", b"x-test"])
+def test_an_upstream_that_closes_first(runner_for, token):
+    # A WebSocket server closes the TCP connection once the closing handshake is over (RFC
+    # 6455 7.1.1): the tunnel ends with it.  Another upgraded protocol keeps its half-close.
+    def handler(conn, backend):
+        head, _ = read_head(conn)
+        key = [line.split(b":", 1)[1].strip() for line in head.split(b"\r\n")
+               if line.lower().startswith(b"sec-websocket-key:")][0]
+        conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: " + token +
+                     b"\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: " + ws_accept(key) +
+                     b"\r\n\r\nbye")
+        conn.shutdown(socket.SHUT_WR)
+        backend.received.append(read_all(conn))
+
+    backend = RawBackend(handler)
+    r = runner_for(backend.address, upgrade_tokens=["websocket", "x-test"])
+    with connect(r.port) as s:
+        s.sendall(upgrade_request().replace(b"Upgrade: websocket", b"Upgrade: " + token))
+        head, rest = read_head(s)
+        assert head.startswith(b"HTTP/1.1 101 ")
+        assert rest + read_all(s) == b"bye"
+        try:
+            s.sendall(b"late")
+            s.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        wait_until(lambda: backend.received)
+    assert backend.received == [b"" if token == b"websocket" else b"late"]
+    wait_until(lambda: r.stats()["tunnels_active"] == 0)
+    assert r.stats()["closes"]["upstream"] == 1
+    backend.close()

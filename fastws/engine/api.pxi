@@ -323,8 +323,7 @@ cdef class Engine:
             l.ntail = len(spec.tail)
             l.tail = self._names(spec.tail, servers)
             l.default_server = &servers[spec.default]
-            if io_register(e, &l.io) < 0:
-                raise OSError(errno, strerror(errno).decode())
+        listeners_watch(e, 1)
 
     cdef NameEntry *_names(self, entries, Server *servers) except NULL:
         cdef NameEntry *out = <NameEntry *>arena_alloc(&self.arena, sizeof(NameEntry) * (len(entries) + 1))
@@ -423,10 +422,9 @@ cdef class Engine:
         """No more connections: the listeners leave the epoll set (the caller closes them)."""
         cdef epoll_event ev
         cdef int i
+        listeners_watch(self.e, 0)
         for i in range(self.e.nlis):
-            if self.e.lis[i].io.fd >= 0:
-                epoll_ctl(self.e.epfd, EPOLL_CTL_DEL, self.e.lis[i].io.fd, &ev)
-                self.e.lis[i].io.fd = -1
+            self.e.lis[i].io.fd = -1
         self.e.accepting = 0
 
     def close_idle(self):

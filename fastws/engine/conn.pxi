@@ -14,45 +14,55 @@ cdef int conn_load(Eng *e) noexcept nogil:
 # --- accept ------------------------------------------------------------------------------
 
 cdef void accept_run(Eng *e, Listener *l) noexcept nogil:
+    # One connection per readiness, as nginx without multi_accept: a listener is level-triggered,
+    # so epoll reports it again while its queue holds more, and an accept(2) that would find
+    # the queue empty (EAGAIN) is never made.
     cdef sockaddr_in6 sa
-    cdef socklen_t salen
-    cdef int fd, n = 0
+    cdef socklen_t salen = sizeof(sa)
+    cdef int fd
     cdef Conn *c
-    while l.io.rd_ready and e.accepting == 1:
-        if conn_load(e) + 2 > e.worker_connections:
-            accept_pause(e)
+    if e.accepting != 1:
+        return
+    if conn_load(e) + 2 > e.worker_connections:
+        accept_pause(e)
+        return
+    fd = accept4(l.io.fd, <sockaddr *>&sa, &salen, SOCK_NONBLOCK | SOCK_CLOEXEC)
+    if fd < 0:
+        if errno == EAGAIN or errno == EINTR or errno == ECONNABORTED:
             return
-        if n == ACCEPT_BATCH:
-            return                # the rest of the queue in the next turn, after the others
-        salen = sizeof(sa)
-        fd = accept4(l.io.fd, <sockaddr *>&sa, &salen, SOCK_NONBLOCK | SOCK_CLOEXEC)
-        if fd < 0:
-            if errno == EINTR or errno == ECONNABORTED:
-                continue
-            if errno == EAGAIN:
-                l.io.rd_ready = 0
-                return
-            # EMFILE, ENFILE, ENOBUFS, ENOMEM: keep serving the connections already open, and
-            # accept again when one of them closes
-            e.n.accept_errors += 1
-            eng_log(e, LOG_ERROR, "accept() failed (%d: %s)", errno, strerror(errno))
-            accept_pause(e)
-            return
-        n += 1
-        e.n.accepts += 1
-        c = conn_new(e, l, fd, &sa)
-        if c == NULL:
-            close(fd)
+        # EMFILE, ENFILE, ENOBUFS, ENOMEM: keep serving the connections already open, and
+        # accept again when one of them closes
+        e.n.accept_errors += 1
+        eng_log(e, LOG_ERROR, "accept() failed (%d: %s)", errno, strerror(errno))
+        accept_pause(e)
+        return
+    e.n.accepts += 1
+    c = conn_new(e, l, fd, &sa)
+    if c == NULL:
+        close(fd)
+        return
+    e.n.handled += 1
+    if l.tls:
+        tls_accept_start(e, c)
+    else:
+        conn_set_state(e, c, CS_HEAD)
+        # The listener defers accept until the client has sent something (TCP_DEFER_ACCEPT),
+        # so the head is usually here already: read it now rather than after an edge.
+        c.io.rd_ready = 1
+        conn_run(e, c)
+
+
+cdef void listeners_watch(Eng *e, int on) noexcept nogil:
+    # Listeners in or out of the epoll set (level-triggered: out while accepting is paused)
+    cdef epoll_event ev
+    cdef int i
+    for i in range(e.nlis):
+        if e.lis[i].io.fd < 0 or e.lis[i].io.registered == on:
             continue
-        e.n.handled += 1
-        if l.tls:
-            tls_accept_start(e, c)
-        else:
-            conn_set_state(e, c, CS_HEAD)
-            # The listener defers accept until the client has sent something (TCP_DEFER_ACCEPT),
-            # so the head is usually here already: read it now rather than after an edge.
-            c.io.rd_ready = 1
-            conn_run(e, c)
+        ev.events = EPOLLIN
+        ev.data.ptr = <void *>&e.lis[i].io
+        epoll_ctl(e.epfd, EPOLL_CTL_ADD if on else EPOLL_CTL_DEL, e.lis[i].io.fd, &ev)
+        e.lis[i].io.registered = on
 
 
 cdef void accept_pause(Eng *e) noexcept nogil:
@@ -60,15 +70,16 @@ cdef void accept_pause(Eng *e) noexcept nogil:
         e.accepting = 2           # paused: accept_resume takes it back to 1
         e.n.paused_now = 1
         e.n.paused += 1
+        listeners_watch(e, 0)
         eng_log(e, LOG_WARN, "%d worker_connections are not enough; accepting again when below",
                 e.worker_connections)
 
 
 cdef void accept_resume(Eng *e) noexcept nogil:
-    cdef int i
     if e.accepting == 2 and conn_load(e) + 2 <= e.worker_connections:
-        e.accepting = 1           # listeners with an edge pending are read at the turn's end
+        e.accepting = 1
         e.n.paused_now = 0
+        listeners_watch(e, 1)
 
 
 cdef Conn *conn_new(Eng *e, Listener *l, int fd, sockaddr_in6 *sa) noexcept nogil:

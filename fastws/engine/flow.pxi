@@ -179,12 +179,16 @@ cdef int flow_flush(Eng *e, Conn *c, int d) noexcept nogil:
         pipe_put(e, f.pipe)
         f.pipe = NULL
     if f.eof and not f.shut and f.mode == FLOW_RAW:
+        f.shut = 1
+        if c.flow[1 - d].shut or (d == 1 and c.websocket):
+            # the tunnel ends now (both ways are done, or a WebSocket server closed): close()
+            # sends the FIN, a shutdown() first would only cost a system call
+            return 0
         if dst.ssl != NULL:
             # TLS's half-close: a close_notify alert, then the FIN (best effort, never waited for)
             fastws_ssl.err_clear()
             fastws_ssl.shutdown(dst.ssl)
         shutdown(dst.fd, SHUT_WR)
-        f.shut = 1
     return 0
 
 
@@ -270,12 +274,19 @@ cdef int flow_pump(Eng *e, Conn *c, int d) noexcept nogil:
         if f.splicing and f.pipe == NULL:
             f.pipe = pipe_get(e)      # none to be had: copy this time, splice again later
         if f.splicing and f.pipe != NULL:
+            if src.eof_next:
+                src.rd_ready = 0
+                src.eof = 1
+                return flow_eof(e, c, d)
             n = splice(src.fd, NULL, f.pipe.prod, NULL, <size_t>e.pipe_size,
                        SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
             e.n.splice_calls += 1
             if n > 0:
-                if n < e.pipe_size and not src.rdhup:
-                    src.rd_ready = 0
+                if n < e.pipe_size:
+                    if not src.rdhup:
+                        src.rd_ready = 0
+                    elif not src.rderr:
+                        src.eof_next = 1      # as io_recv: the FIN is all that is left
                 f.pipe.data += n
                 f.nbytes += n
                 f.last_rx = e.now

@@ -21,6 +21,8 @@ cdef inline void io_event(Io *io, unsigned int ev) noexcept nogil:
         io.rd_ready = 1
     if ev & (EPOLLRDHUP | EPOLLHUP | EPOLLERR):
         io.rdhup = 1              # as nginx's pending_eof
+        if ev & (EPOLLHUP | EPOLLERR):
+            io.rderr = 1          # (a reset, maybe: let the next read tell)
     if ev & (EPOLLOUT | EPOLLHUP | EPOLLERR):
         io.wr_ready = 1
     if io.tls_want:
@@ -36,11 +38,22 @@ cdef ssize_t io_recv(Eng *e, Io *io, char *buf, Py_ssize_t n) noexcept nogil:
     cdef ssize_t r
     if io.ssl != NULL:
         return tls_recv(e, io, buf, n)
+    if io.eof_next:
+        io.eof = 1
+        io.rd_ready = 0
+        return 0
     while True:
         r = recv(io.fd, buf, <size_t>n, 0)
         if r > 0:
-            if r < n and not io.rdhup:
-                io.rd_ready = 0      # a short read: the socket is drained until the next edge
+            if r < n:
+                if not io.rdhup:
+                    io.rd_ready = 0  # a short read: the socket is drained until the next edge
+                elif not io.rderr:
+                    # The FIN came before this read (EPOLLRDHUP), so everything before it was
+                    # queued, and a short read took it all: the next read would return 0.
+                    # Spare that read: the end of the stream is now.
+                    io.eof_next = 1
+                # (after a reset, maybe: the next read says whether it is an EOF or an error)
             return r
         if r == 0:
             io.eof = 1

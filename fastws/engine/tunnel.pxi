@@ -27,6 +27,7 @@ cdef void tunnel_start(Eng *e, Conn *c, char *data, int total) noexcept nogil:
     c.read_timeout = loc.read_timeout
     c.send_timeout = loc.send_timeout
     c.relay = loc.relay
+    c.websocket = req.token_len == 9 and memcmp(req.token, "websocket", 9) == 0
     if c.io.ssl != NULL or c.up.io.ssl != NULL:
         c.relay = RELAY_COPY          # the kernel cannot splice what it cannot decrypt
         e.n.tls_tunnels_total += 1
@@ -67,7 +68,11 @@ cdef void tunnel_run(Eng *e, Conn *c) noexcept nogil:
     cdef int r = flow_pump(e, c, 0)
     if r == 0:
         r = flow_pump(e, c, 1)
-    if r == 0 and c.flow[0].shut and c.flow[1].shut:
+    if r == 0 and (c.flow[0].shut and c.flow[1].shut or c.websocket and c.flow[1].shut):
+        # Both ways are done; or the upstream of a WebSocket closed and all it sent is with
+        # the client: RFC 6455 (7.1.1) has the server close the TCP connection once the closing
+        # handshake is over, so nothing the client sends after it has a reader (nginx closes
+        # an upgraded connection at either side's EOF).  Other upgrades keep their half-close.
         r = CLOSE_CLIENT if c.first_eof == 0 else CLOSE_UPSTREAM
     if r < 0:
         tunnel_close(e, c, r)

@@ -35,7 +35,6 @@ cdef void engine_turn(Eng *e, int timeout) noexcept nogil:
             else:
                 pool_event(e, u)
         elif io.kind == IO_LISTENER:
-            io.rd_ready = 1
             accept_run(e, <Listener *>io)
         elif io.kind == IO_TIMER:
             timers_fired(e)
@@ -55,27 +54,13 @@ cdef void engine_turn(Eng *e, int timeout) noexcept nogil:
             conn_free(e, c)
         else:
             conn_run(e, c)
-    if e.accepting == 1:
-        for i in range(e.nlis):
-            if e.lis[i].io.rd_ready and e.lis[i].io.fd >= 0:
-                accept_run(e, &e.lis[i])
     timers_expire(e)
     engine_reap(e)
     timers_sync(e)
-    if e.ready != NULL or engine_accept_pending(e):
+    if e.ready != NULL:
         # work no edge will announce: keep the engine's fd readable for the next turn
         counter = 1
         write(e.wakefd, &counter, sizeof(counter))
-
-
-cdef bint engine_accept_pending(Eng *e) noexcept nogil:
-    cdef int i
-    if e.accepting != 1:
-        return False
-    for i in range(e.nlis):
-        if e.lis[i].io.rd_ready and e.lis[i].io.fd >= 0:
-            return True
-    return False
 
 
 cdef void engine_reap(Eng *e) noexcept nogil:
