@@ -382,24 +382,22 @@ cdef class Engine:
         work (True) or `timeout` seconds have passed (False).  The worker's main loop: the
         sockets are in one epoll set, not behind the event loop's."""
         cdef double end = fastws_monotonic() + timeout
-        cdef int ms
+        cdef int why
         if self.stopped:
             return False
         while True:
-            ms = <int>((end - fastws_monotonic()) * 1000.0) + 1
-            if ms < 0:
-                ms = 0
             with nogil:
-                engine_turn(self.e, ms)
+                why = engine_wait(self.e, end)
             if self.e.msgs.len:
                 self._deliver_messages()
-            # a signal interrupted the wait: its Python handler runs now, not at the end of it
-            if PyErr_CheckSignals() < 0:
-                raise_pending()
-            if self.e.control_ready:
-                self.e.control_ready = 0
+            if why == WAIT_SIGNAL:
+                # a signal interrupted the wait: its Python handler runs now
+                if PyErr_CheckSignals() < 0:
+                    raise_pending()
+                continue
+            if why == WAIT_CONTROL:
                 return True
-            if self.e.now >= end:
+            if why == WAIT_TIMEOUT:
                 return False
 
     cdef _deliver_messages(self):

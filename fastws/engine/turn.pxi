@@ -2,7 +2,26 @@
 # the listeners with a queue left, the deadlines that came; then the structs closed during the
 # turn are freed (events of the turn may have named them until then).
 
-cdef void engine_turn(Eng *e, int timeout) noexcept nogil:
+cdef int engine_wait(Eng *e, double end) noexcept nogil:
+    # Turns until something needs Python: the control plane's loop has work, messages wait
+    # for the error log, a signal came (epoll_wait said EINTR), or `end` passed.
+    cdef int ms
+    while True:
+        ms = <int>((end - fastws_monotonic()) * 1000.0) + 1
+        if ms < 0:
+            ms = 0
+        if engine_turn(e, ms) < 0:
+            return WAIT_SIGNAL
+        if e.control_ready:
+            e.control_ready = 0
+            return WAIT_CONTROL
+        if e.msgs.len:
+            return WAIT_MESSAGES
+        if e.now >= end:
+            return WAIT_TIMEOUT
+
+
+cdef int engine_turn(Eng *e, int timeout) noexcept nogil:
     cdef epoll_event events[MAX_EVENTS]
     cdef int n, i
     cdef unsigned int ev
@@ -12,6 +31,8 @@ cdef void engine_turn(Eng *e, int timeout) noexcept nogil:
     cdef Up *u
     cdef unsigned long long counter
     n = epoll_wait(e.epfd, events, MAX_EVENTS, timeout)
+    if n < 0 and errno == EINTR:
+        return -1
     e.now = fastws_monotonic()
     e.wall = fastws_realtime()
     e.n.loops += 1
@@ -61,6 +82,7 @@ cdef void engine_turn(Eng *e, int timeout) noexcept nogil:
         # work no edge will announce: keep the engine's fd readable for the next turn
         counter = 1
         write(e.wakefd, &counter, sizeof(counter))
+    return 0
 
 
 cdef void engine_reap(Eng *e) noexcept nogil:

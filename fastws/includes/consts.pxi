@@ -59,3 +59,8 @@ cdef enum:
     FRAME_BAD = -41
     # Bytes of log lines gathered per file before a write(2).
     LOG_BUFFER = 65536
+    # why engine_wait returned
+    WAIT_TIMEOUT = 0
+    WAIT_CONTROL = 1
+    WAIT_MESSAGES = 2
+    WAIT_SIGNAL = 3
