@@ -239,3 +239,49 @@ cdef ssize_t tls_send(Eng *e, Io *io, const char *buf, Py_ssize_t n) noexcept no
         io.tls_want |= EPOLLIN
         return -EAGAIN
     return -(saved if err == FASTWS_SSL_ERROR_SYSCALL and saved != 0 else EPIPE)
+
+
+# --- Python-facing API -------------------------------------------------------------------------
+
+def load_openssl():
+    """Resolve the OpenSSL calls of the engine in the libssl the ssl module loaded; True when
+    the engine can do TLS."""
+    import _ssl
+    hint = getattr(_ssl, "__file__", None)
+    cdef bytes b = hint.encode() if hint else b""
+    cdef const char *path = NULL
+    if hint:
+        path = b
+    return fastws_ssl_load(path) == 0
+
+
+def check_tls_context(object ctx):
+    """Raise unless the engine can use this ssl.SSLContext: its SSL_CTX* as the engine reads it
+    must be the one an SSL object the ssl module made from it uses (a start-up self-test of
+    the layout of CPython's private _ssl objects)."""
+    import socket
+    cdef FASTWS_SSL *ssl
+    if not load_openssl():
+        raise RuntimeError("the OpenSSL library of the ssl module cannot be found in the process")
+    a, b = socket.socketpair()
+    try:
+        import ssl as _ssl_module
+        if ctx.protocol == _ssl_module.PROTOCOL_TLS_SERVER:
+            s = ctx.wrap_socket(a, server_side=True, do_handshake_on_connect=False)
+        else:
+            s = ctx.wrap_socket(a, server_hostname="check.invalid", do_handshake_on_connect=False)
+        try:
+            obj = s._sslobj
+            cls = type(obj)
+            if cls.__name__ != "_SSLSocket" or cls.__module__ != "_ssl":
+                raise TypeError(f"unexpected ssl object {cls.__name__}")
+            ssl = fastws_ssl_of(<PyObject *>obj)
+            if ssl == NULL or fastws_ssl.get_fd(ssl) != s.fileno():
+                raise RuntimeError("cannot find the SSL connection inside the ssl module's object")
+            if fastws_ssl.get_ssl_ctx(ssl) != fastws_ctx_of(<PyObject *>ctx):
+                raise RuntimeError("cannot find the SSL context inside the ssl module's object")
+        finally:
+            s.close()
+    finally:
+        a.close()
+        b.close()

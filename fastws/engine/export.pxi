@@ -1,0 +1,74 @@
+# Tunnels handed to another process on a reload: what an exported tunnel carries (its sockets,
+# the bytes in flight, its accounting and its log line's state), as a typed record.
+
+@cython.final
+cdef class ExportedTunnel:
+    """A tunnel taken out of an engine whole, to go on in another process (a reload): its two
+    sockets (the caller owns them now), the bytes in flight each way, and what its accounting
+    and its log line need."""
+
+    cdef readonly int client_fd
+    cdef readonly int upstream_fd
+    cdef readonly bytes to_upstream
+    cdef readonly bytes to_client
+    cdef readonly unsigned long long up
+    cdef readonly unsigned long long down
+    cdef readonly double age
+    cdef readonly int first_eof
+    cdef readonly double read_timeout
+    cdef readonly double send_timeout
+    cdef readonly str relay
+    cdef readonly str upstream
+    cdef readonly str peer
+    cdef readonly object log        # None, or what the tunnel's access log line needs
+
+    _FIELDS = ("up", "down", "age", "first_eof", "read_timeout", "send_timeout", "relay",
+               "upstream", "peer", "log")
+
+    def header(self):
+        """Everything but the fds and the bytes in flight, as plain data (JSON-safe)."""
+        out = {name: getattr(self, name) for name in self._FIELDS}
+        if self.log is not None:
+            out["log"] = dict(self.log, early=self.log["early"].decode("latin-1"))
+        return out
+
+    @staticmethod
+    def restore(int client_fd, int upstream_fd, dict header, bytes to_upstream, bytes to_client):
+        """The tunnel again, in the process it was handed to."""
+        cdef ExportedTunnel t = ExportedTunnel.__new__(ExportedTunnel)
+        t.client_fd = client_fd
+        t.upstream_fd = upstream_fd
+        t.to_upstream = to_upstream
+        t.to_client = to_client
+        t.up = header["up"]
+        t.down = header["down"]
+        t.age = header["age"]
+        t.first_eof = header["first_eof"]
+        t.read_timeout = header["read_timeout"]
+        t.send_timeout = header["send_timeout"]
+        t.relay = header["relay"]
+        t.upstream = header["upstream"]
+        t.peer = header["peer"]
+        log = header.get("log")
+        t.log = dict(log, early=log["early"].encode("latin-1")) if log is not None else None
+        return t
+
+
+cdef bytes _held(Flow *f):
+    if f.held == NULL:
+        return b""
+    return PyBytes_FromStringAndSize(f.held + f.held_off, f.held_len - f.held_off)
+
+
+cdef int _hold_bytes(Eng *e, Flow *f, bytes data) noexcept:
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
+    if n == 0:
+        return 0
+    f.held = <char *>malloc(n)
+    if f.held == NULL:
+        return -1
+    held_count(e, DBG_BUFFERS, 1)
+    memcpy(f.held, PyBytes_AS_STRING(data), n)
+    f.held_len = <int>n
+    f.held_off = 0
+    return 0
