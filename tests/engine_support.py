@@ -84,3 +84,21 @@ def tunnel_config(upstream: str, **location: Any) -> dict[str, Any]:
     loc.update(location)
     return {"upstream": [{"name": "backend", "servers": [upstream]}],
             "server": [{"listen": ["127.0.0.1:0"], "location": [loc]}]}
+
+
+class HeaderBalancer:
+    """A custom balancer for the tests: the X-Server request header names the peer's index."""
+
+    def __init__(self, config: Any, peers: list[Any]) -> None:
+        self.peers = peers
+        self.events: list[tuple[str, str]] = []
+
+    def select(self, ctx: Any, tried: frozenset[Any]) -> Any:
+        peer = self.peers[int(ctx.variable("http_x_server") or 0)]
+        return None if peer in tried else peer
+
+    def connected(self, peer: Any) -> None:
+        self.events.append(("connected", peer.name))
+
+    def released(self, peer: Any) -> None:
+        self.events.append(("released", peer.name))

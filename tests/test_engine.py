@@ -279,3 +279,22 @@ def test_an_upstream_that_closes_first(runner_for, token):
     wait_until(lambda: r.stats()["tunnels_active"] == 0)
     assert r.stats()["closes"]["upstream"] == 1
     backend.close()
+
+
+def test_a_custom_balancer_reads_the_request_through_the_engine(echo):
+    other = RawBackend(raw_echo_handler)
+    cfg = tunnel_config(echo.address)
+    cfg["upstream"][0].update(servers=[echo.address, other.address],
+                              balancer="engine_support:HeaderBalancer")
+    cfg["server"][0]["listen"] = [f"127.0.0.1:{free_port()}"]
+    r = EngineRunner(cfg)
+    for index, backend in ((1, other), (0, echo), (1, other)):
+        with connect(r.port) as s:
+            s.sendall(upgrade_request(extra=f"X-Server: {index}\r\n"))
+            assert read_head(s)[0].startswith(b"HTTP/1.1 101 ")
+    wait_until(lambda: len(echo.heads) == 1 and len(other.heads) == 2)
+    group = r.groups["backend"]
+    wait_until(lambda: group.custom.events.count(("released", other.address)) == 2)
+    assert ("connected", echo.address) in group.custom.events
+    r.close()
+    other.close()

@@ -73,6 +73,12 @@ cdef class Engine:
         e.wall = fastws_realtime()
         e.accepting = 1
 
+    def __init__(self, object control=None, *, int pipe_size=262144, int max_pipes=1024,
+                 int bufsize=65536, int worker_connections=4096, int log_level=20,
+                 int number_step=1, int number_base=0, Py_ssize_t counters=0):
+        # (__cinit__ did the work: this gives the class its signature)
+        pass
+
     cdef void _wake_io(self):
         # the wake-up eventfd's Io lives in the arena (its kind is all epoll needs)
         cdef Io *io = <Io *>arena_alloc(&self.arena, sizeof(Io))

@@ -14,9 +14,29 @@ cdef void status_answer(Eng *e, Conn *c) noexcept nogil:
 
 @cython.final
 cdef class RequestView:
-    """A request as a custom balancer sees it: `variable(name)` as nginx's $name, and
-    `remote_addr`."""
+    """A request as Python code sees it (a custom balancer's `ctx`): `variable(name)` is nginx's
+    $name, evaluated by the engine's own variables from a copy of the request head, and
+    `remote_addr` the client's address."""
+
     cdef readonly str remote_addr
+    cdef bytes _head
+    cdef Head _h
+    cdef Conn _c
+    cdef Req _r
+    cdef Eng *_e
+
+    def variable(self, str name):
+        """The value of $name ("" when it has none); ValueError for an unknown variable."""
+        from fastws.variables import lookup
+        var = lookup(name)
+        cdef bytes arg = var.arg.encode()
+        cdef fastws_buf *out = &self._e.vbuf
+        out.len = 0
+        var_put(self._e, &self._c, NULL, var.number, arg, len(arg), out)
+        return out.p[:out.len].decode("latin-1") if out.len else ""
+
+    def __dealloc__(self):
+        head_free(&self._h)
 
 
 cdef int select_custom(Eng *e, int gi, Selection *s, object ctx) except -3:
@@ -25,8 +45,20 @@ cdef int select_custom(Eng *e, int gi, Selection *s, object ctx) except -3:
 
 
 cdef PyObject *request_view(Eng *e, Conn *c) noexcept with gil:
+    # made while the request head is at hand; the view keeps its own copy
     cdef RequestView v = RequestView.__new__(RequestView)
+    cdef Head *h = c.req.head
     sockaddr_text(<sockaddr *>&c.raddr, e.addrbuf, sizeof(e.addrbuf))
     v.remote_addr = e.addrbuf.decode()
+    v._e = e
+    v._head = PyBytes_FromStringAndSize(h.base, h.size)
+    memcpy(&v._c, c, sizeof(Conn))
+    v._c.req = &v._r
+    v._c.in_ = NULL
+    v._c.log = NULL
+    v._c.up = NULL
+    memset(&v._c.flow, 0, sizeof(v._c.flow))
+    if parse_request(&v._h, PyBytes_AS_STRING(v._head), h.size, 1 << 30) == 0:
+        v._r.head = &v._h
     Py_INCREF(v)
     return <PyObject *>v
