@@ -3,10 +3,10 @@
 Which server a connection goes to is decided in compiled code, with no Python call for the
 built-in methods: fastws/engine/select.pxi holds the one implementation of each method, a
 line-by-line port of nginx 1.22's peer selection that names the nginx function each part
-mirrors.  This module is the control-plane half, run at start-up and on reload: it checks each
-server entry and the group, resolves host names into one peer per address in nginx's order,
-builds the consistent-hash ring, imports custom balancers, and describes the groups for
-``fastws -t``.  :func:`build_upstreams` returns one compiled :class:`UpstreamGroup` per group.
+mirrors.  This module is the control-plane half, run at start-up and on reload: it
+builds the consistent-hash ring and the custom balancers' instances, and describes the groups
+for ``fastws -t``.  Checking the servers and resolving host names (one peer per address, in
+nginx's order) happen once, when the configuration is loaded (addresses.py).  :func:`build_upstreams` returns one compiled :class:`UpstreamGroup` per group.
 
 The methods, as nginx has them, so that a fleet of fastws processes, or fastws beside nginx
 during a migration, sends the same client or key to the same server without sharing any state:
@@ -50,16 +50,14 @@ counters up to date for it (in the compiled group, as for the built-in methods);
 
 from __future__ import annotations
 
-import importlib
-import ipaddress
-import socket
 import struct
 import time
 import zlib
-from typing import Any, Callable, Iterable, NamedTuple, Protocol, runtime_checkable
+from typing import Any, Callable, Iterable, Protocol, runtime_checkable
 
 from ._engine import Peer, UpstreamGroup
-from .config import BALANCE_METHODS, Config, ServerConfig, UpstreamConfig, parse_address
+from .addresses import MAX_CHASH_WEIGHT, PeerSpec, resolve
+from .config import BALANCE_METHODS, Config, UpstreamConfig, load_class
 from .errors import ConfigError
 
 __all__ = ["Balancer", "Peer", "PeerSpec", "UpstreamGroup", "build_upstream", "build_upstreams",
@@ -67,11 +65,6 @@ __all__ = ["Balancer", "Peer", "PeerSpec", "UpstreamGroup", "build_upstream", "b
 
 # nginx: "npoints = peer->weight * 160" in ngx_http_upstream_init_chash.
 _CHASH_POINTS = 160
-# The ketama ring holds 160 points per weight unit; keep building it well under a second.
-_MAX_WEIGHT = 10000
-_MAX_CHASH_WEIGHT = 20000
-# sizeof(sockaddr_un.sun_path) on Linux, less the terminating NUL.
-_MAX_UNIX_PATH = 107
 
 
 @runtime_checkable
@@ -85,22 +78,6 @@ class Balancer(Protocol):
     def select(self, ctx: Any, tried: frozenset[Peer]) -> Peer | None:
         """Return a peer not in ``tried`` for this client connection, or None (-> 502)."""
         ...
-
-
-class PeerSpec(NamedTuple):
-    """One peer as :class:`UpstreamGroup` is built from it: an address of a server entry."""
-
-    server_index: int  # the entry in config.servers
-    server: str  # the entry's address as written (the consistent-hash ring hashes it)
-    name: str  # the address text, as nginx names a peer in $upstream_addr
-    family: int
-    sockaddr: Any  # as Python's socket module takes it
-    weight: int
-    max_fails: int
-    fail_timeout: float
-    max_conns: int
-    backup: bool
-    down: bool
 
 
 def _chash_host_port(server: str) -> tuple[bytes, bytes]:
@@ -145,108 +122,6 @@ def _build_ring(primary: list[PeerSpec]) -> list[tuple[int, int]]:
 
 # -- building the groups from the configuration --------------------------------------------------
 
-def _resolve(source: str, key: str, server: ServerConfig) -> list[tuple[str, int, Any]]:
-    """The peers of one server entry: (name, family, sockaddr) for each address, as nginx's
-    ngx_parse_url/ngx_inet_resolve_host produce them (IPv4 addresses first, then IPv6)."""
-    text = server.address
-    if not isinstance(text, str) or not text:
-        raise ConfigError(source, key, "a server address is a string \"host:port\"")
-    if text[:5].lower() == "unix:":
-        path = text[5:]
-        if not path:
-            raise ConfigError(source, key, f"{text!r}: a unix socket path is required")
-        if len(path.encode()) > _MAX_UNIX_PATH:
-            raise ConfigError(source, key, f"{text!r}: a unix socket path is at most "
-                              f"{_MAX_UNIX_PATH} bytes")
-        return [(text, socket.AF_UNIX, path)]
-    try:
-        addr = parse_address(text)
-    except ValueError as exc:
-        raise ConfigError(source, key, str(exc)) from None
-    if addr.family != socket.AF_UNSPEC:
-        ip = ipaddress.ip_address(addr.host)
-        if ip.version == 6:
-            return [(f"[{ip.compressed}]:{addr.port}", socket.AF_INET6,
-                     (ip.compressed, addr.port, 0, 0))]
-        return [(f"{ip}:{addr.port}", socket.AF_INET, (str(ip), addr.port))]
-    try:
-        infos = socket.getaddrinfo(addr.host, addr.port, socket.AF_UNSPEC, socket.SOCK_STREAM,
-                                   0, socket.AI_ADDRCONFIG)
-    except (socket.gaierror, UnicodeError) as exc:
-        reason = exc.strerror if isinstance(exc, socket.gaierror) and exc.strerror else str(exc)
-        raise ConfigError(source, key, f"host {addr.host!r} not found ({reason})") from None
-    out: list[tuple[str, int, Any]] = []
-    seen: set[str] = set()
-    for family in (socket.AF_INET, socket.AF_INET6):
-        for fam, _type, _proto, _canon, info in infos:
-            if fam != family:
-                continue
-            sockaddr: tuple[Any, ...] = tuple(info)
-            if fam == socket.AF_INET:
-                name = f"{sockaddr[0]}:{addr.port}"
-                sa: Any = (sockaddr[0], addr.port)
-            else:
-                name = f"[{sockaddr[0]}]:{addr.port}"
-                sa = (sockaddr[0], addr.port, sockaddr[2], sockaddr[3])
-            if name not in seen:
-                seen.add(name)
-                out.append((name, fam, sa))
-    if not out:
-        raise ConfigError(source, key, f"host {addr.host!r} has no IPv4 or IPv6 address")
-    return out
-
-
-def _identity(text: str) -> str:
-    """What makes two server entries the same server (for the duplicate check)."""
-    if text[:5].lower() == "unix:":
-        return "unix:" + text[5:]
-    try:
-        addr = parse_address(text)
-    except ValueError:
-        return text
-    if addr.family != socket.AF_UNSPEC:
-        ip = ipaddress.ip_address(addr.host)
-        return f"{ip.compressed}|{addr.port}"
-    return f"{addr.host.lower()}|{addr.port}"
-
-
-def _check_server(source: str, key: str, server: ServerConfig) -> None:
-    def bad_int(value: Any, minimum: int) -> bool:
-        return isinstance(value, bool) or not isinstance(value, int) or value < minimum
-
-    if bad_int(server.weight, 1) or server.weight > _MAX_WEIGHT:
-        raise ConfigError(source, f"{key}.weight",
-                          f"weight must be a whole number from 1 to {_MAX_WEIGHT}, "
-                          f"got {server.weight!r}")
-    if bad_int(server.max_fails, 0):
-        raise ConfigError(source, f"{key}.max_fails",
-                          f"max_fails must be a whole number, 0 or more, got {server.max_fails!r}")
-    if bad_int(server.max_conns, 0):
-        raise ConfigError(source, f"{key}.max_conns",
-                          f"max_conns must be a whole number, 0 or more, got {server.max_conns!r}")
-    if (isinstance(server.fail_timeout, bool) or not isinstance(server.fail_timeout, (int, float))
-            or not server.fail_timeout >= 0):
-        raise ConfigError(source, f"{key}.fail_timeout",
-                          f"fail_timeout must be a duration, 0 or more, got {server.fail_timeout!r}")
-
-
-def _load_balancer(source: str, key: str, path: str) -> type:
-    module_name, sep, class_name = path.partition(":")
-    if not sep or not module_name or not class_name:
-        raise ConfigError(source, key, f"{path!r} is not an import path \"package.module:Class\"")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:  # an ImportError, or whatever the module raised while importing
-        raise ConfigError(source, key, f"cannot import {module_name!r} for {path!r}: "
-                          f"{type(exc).__name__}: {exc}") from None
-    cls = getattr(module, class_name, None)
-    if cls is None:
-        raise ConfigError(source, key, f"module {module_name!r} has no {class_name!r}")
-    if not isinstance(cls, type) or not callable(getattr(cls, "select", None)):
-        raise ConfigError(source, key, f"{path!r} is not a class with a select(ctx, tried) method")
-    return cls
-
-
 def _balance_of(config: UpstreamConfig) -> str:
     """The method as UpstreamGroup names it."""
     if config.balancer is not None:
@@ -258,7 +133,11 @@ def _balance_of(config: UpstreamConfig) -> str:
 
 def build_upstream(source: str, config: UpstreamConfig,
                    clock: Callable[[], float] = time.monotonic) -> UpstreamGroup:
-    """Resolve, check and build one upstream group (see :func:`build_upstreams`)."""
+    """Build one upstream group from its checked configuration (see :func:`build_upstreams`).
+
+    A configuration made by config.load() carries its peers resolved and its custom balancer's
+    class imported; one made by hand (the tests) is checked and resolved here, by the same
+    functions."""
     where = f"upstream.{config.name}"
     if config.balancer is None and config.balance not in BALANCE_METHODS:
         raise ConfigError(source, f"{where}.balance",
@@ -271,36 +150,17 @@ def build_upstream(source: str, config: UpstreamConfig,
     if factor and not factor > 100:
         raise ConfigError(source, f"{where}.balance_factor",
                           f"is a percentage above 100 (e.g. 150), got {factor!r}")
-    if not config.servers:
-        raise ConfigError(source, f"{where}.servers", "needs at least one server")
-    peers: list[PeerSpec] = []
-    seen: dict[str, int] = {}
-    for i, server in enumerate(config.servers):
-        key = f"{where}.servers[{i}]"
-        _check_server(source, key, server)
-        ident = _identity(server.address) if isinstance(server.address, str) else ""
-        if ident in seen:
-            raise ConfigError(source, key, f"duplicate server {server.address!r} "
-                              f"(already servers[{seen[ident]}])")
-        seen[ident] = i
-        for name, family, sockaddr in _resolve(source, key, server):
-            peers.append(PeerSpec(i, server.address, name, family, sockaddr, server.weight,
-                                  server.max_fails, float(server.fail_timeout),
-                                  server.max_conns, bool(server.backup), bool(server.down)))
+    peers = config.peers or resolve(source, where, config.servers)
     primary = [p for p in peers if not p.backup]
-    if not primary:
-        raise ConfigError(source, f"{where}.servers", "needs at least one server that is not a backup")
     balance = _balance_of(config)
-    if balance == "hash consistent" and sum(p.weight for p in primary) > _MAX_CHASH_WEIGHT:
+    if balance == "hash consistent" and sum(p.weight for p in primary) > MAX_CHASH_WEIGHT:
         raise ConfigError(source, f"{where}.servers",
-                          f"the weights of a consistent hash add up to more than {_MAX_CHASH_WEIGHT}")
-    # nginx orders peers by server entry; backups form their own tier after the primaries.
-    ordered = primary + [p for p in peers if p.backup]
+                          f"the weights of a consistent hash add up to more than {MAX_CHASH_WEIGHT}")
     ring = _build_ring(primary) if balance == "hash consistent" else []
-    group = UpstreamGroup(config, balance, ordered, ring, clock)
+    group = UpstreamGroup(config, balance, peers, ring, clock)
     if config.balancer is not None:
         key = f"{where}.balancer"
-        cls = _load_balancer(source, key, config.balancer)
+        cls = config.balancer_class or load_class(source, key, config.balancer)
         try:
             instance = cls(config, list(group.peers))
         except Exception as exc:
@@ -312,10 +172,12 @@ def build_upstream(source: str, config: UpstreamConfig,
 
 def build_upstreams(config: Config, *, clock: Callable[[], float] = time.monotonic
                     ) -> dict[str, UpstreamGroup]:
-    """Build every upstream group of ``config``: resolve host names (each address a peer, as
-    nginx does), check the servers, and import custom balancers.  Raises ConfigError.
+    """Build every upstream group of ``config`` (as config.load() checked and resolved it):
+    the compiled groups the engine selects from, and the custom balancers' instances, whose
+    constructor may still refuse (ConfigError).
 
-    Called at start-up and on reload; a reload starts every peer afresh, as nginx does.
+    Called by each worker at start, and by `fastws -t` and a reload to check the balancers;
+    a reload starts every peer afresh, as nginx does.
     """
     out: dict[str, UpstreamGroup] = {}
     for up in config.upstreams:

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fastws",
-        description="A WebSocket-aware HTTP/1.1 reverse proxy with a splice(2) relay core.")
+        description="A WebSocket-aware HTTP/1.1 reverse proxy with a compiled engine.")
     p.add_argument("-c", "--config", metavar="FILE", help="configuration file (TOML)")
     p.add_argument("-t", "--test", action="store_true",
                    help="check the configuration, print its upstreams, and exit")
@@ -56,9 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         print("fastws: a configuration file is required: fastws -c FILE (or try: fastws demo)",
               file=sys.stderr)
         return 1
-    from . import balancer, config
+    from . import balancer, config, tls
     try:
         cfg = config.load(args.config)
+        tls.check_engine(cfg)
         upstreams = balancer.build_upstreams(cfg)
     except ConfigError as exc:
         print(f"fastws: {exc}", file=sys.stderr)

@@ -6,6 +6,7 @@ file, the key and the problem, and never a traceback at run time.
 
 from __future__ import annotations
 
+import importlib
 import ipaddress
 import os
 import re
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Mapping
 
 from . import accesslog, tls
+from .addresses import MAX_CHASH_WEIGHT, Address, PeerSpec, parse_address, resolve
 from .errors import ConfigError
 from .tls import TLSConfig, UpstreamTLS
 from .variables import Template, parse_template
@@ -67,65 +69,6 @@ def parse_size(text: Any) -> int:
 
 
 @dataclass(frozen=True, slots=True)
-class Address:
-    """A listen or upstream address as written, with what a socket needs."""
-
-    text: str
-    host: str
-    port: int
-    family: int
-
-    @property
-    def sockaddr(self) -> tuple[str, int]:
-        return (self.host, self.port)
-
-
-def parse_address(text: Any, *, default_port: int | None = None) -> Address:
-    """Parse "host:port", "[v6]:port", or "port" (all IPv4 addresses) into an Address."""
-    import socket
-
-    if isinstance(text, int) and not isinstance(text, bool):
-        text = str(text)
-    if not isinstance(text, str) or not text:
-        raise ValueError("an address is a string \"host:port\" (IPv6 in brackets)")
-    if text.isdigit():
-        host, port_s = "0.0.0.0", text
-    elif text.startswith("["):
-        end = text.find("]")
-        if end < 0:
-            raise ValueError(f"{text!r}: missing ']' after the IPv6 address")
-        host, rest = text[1:end], text[end + 1:]
-        if rest and not rest.startswith(":"):
-            raise ValueError(f"{text!r}: expected ':port' after ']'")
-        port_s = rest[1:]
-    else:
-        host, sep, port_s = text.rpartition(":")
-        if not sep:
-            host, port_s = text, ""
-        elif ":" in host:
-            raise ValueError(f"{text!r}: write an IPv6 address in brackets, as \"[::1]:8080\"")
-    if not port_s:
-        if default_port is None:
-            raise ValueError(f"{text!r}: a port is required")
-        port = default_port
-    else:
-        if not port_s.isdigit() or not 0 < int(port_s) < 65536:
-            raise ValueError(f"{text!r}: {port_s!r} is not a port number (1-65535)")
-        port = int(port_s)
-    if not host:
-        raise ValueError(f"{text!r}: a host is required")
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", host):
-            raise ValueError(f"{text!r}: {host!r} is neither an IP address nor a host name") from None
-        family = socket.AF_UNSPEC
-    else:
-        family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
-    return Address(text, host, port, family)
-
-
-@dataclass(frozen=True, slots=True)
 class ServerConfig:
     """One `servers` entry of an upstream group (nginx's `server` directive)."""
 
@@ -152,6 +95,8 @@ class UpstreamConfig:
     tls: UpstreamTLS | None = None
     keepalive_timeout: float = 60.0  # idle upstream connections kept this long
     keepalive_requests: int = 1000  # requests one upstream connection serves
+    peers: tuple[PeerSpec, ...] = ()  # the servers resolved and checked, primaries first
+    balancer_class: Any = None  # the custom balancer's class, imported
 
 
 @dataclass(frozen=True, slots=True)
@@ -352,9 +297,15 @@ def _read_upstream(source: str, table: Any, index: int) -> UpstreamConfig:
     keepalive_timeout = r.duration("keepalive_timeout", 60.0)
     keepalive_requests = _positive_int(r, "keepalive_requests", 1000, minimum=1)
     r.finish()
+    peers = resolve(source, r.where, servers)
+    if balance == "hash" and consistent and balancer is None and \
+            sum(p.weight for p in peers if not p.backup) > MAX_CHASH_WEIGHT:
+        raise ConfigError(source, f"{r.where}.servers",
+                          f"the weights of a consistent hash add up to more than {MAX_CHASH_WEIGHT}")
+    cls = load_class(source, f"{r.where}.balancer", balancer) if balancer is not None else None
     return UpstreamConfig(name, servers, balance, hash_key, consistent, float(factor), balancer,
                           keepalive, tls=up_tls, keepalive_timeout=keepalive_timeout,
-                          keepalive_requests=keepalive_requests)
+                          keepalive_requests=keepalive_requests, peers=peers, balancer_class=cls)
 
 
 def _read_http_limits(r: _Reader, inherited: Mapping[str, Any]) -> dict[str, Any]:
@@ -661,6 +612,8 @@ def from_dict(data: Mapping[str, Any], source: str = "<config>") -> Config:
     servers = tuple(_read_server(source, t, i, implicit, logs) for i, t in enumerate(servers_raw))
     names = {u.name for u in upstreams}
     servers, implicit = _name_upstreams(servers, implicit, names)
+    implicit = {url: replace(up, peers=resolve(source, f"proxy_pass {url}", up.servers))
+                for url, up in implicit.items()}
     for si, server in enumerate(servers):
         for li, loc in enumerate(server.locations):
             if loc.proxy_pass is not None and loc.proxy_pass not in names \
@@ -703,7 +656,8 @@ def _check_defaults(source: str, servers: tuple[ServerBlock, ...]) -> None:
 
 
 def load(path: str) -> Config:
-    """Read and check the TOML file at `path`; raise ConfigError on any mistake."""
+    """Read and check the TOML file at `path`: every key, the files it names, the upstream
+    servers resolved, the custom balancers imported.  Raise ConfigError on any mistake."""
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
@@ -714,3 +668,21 @@ def load(path: str) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(path, "", f"not valid TOML: {exc}") from None
     return from_dict(data, path)
+
+
+def load_class(source: str, key: str, path: str) -> type:
+    """A custom balancer's class, imported: `package.module:Class`, with select(ctx, tried)."""
+    module_name, sep, class_name = path.partition(":")
+    if not sep or not module_name or not class_name:
+        raise ConfigError(source, key, f"{path!r} is not an import path \"package.module:Class\"")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # an ImportError, or whatever the module raised while importing
+        raise ConfigError(source, key, f"cannot import {module_name!r} for {path!r}: "
+                          f"{type(exc).__name__}: {exc}") from None
+    cls = getattr(module, class_name, None)
+    if cls is None:
+        raise ConfigError(source, key, f"module {module_name!r} has no {class_name!r}")
+    if not isinstance(cls, type) or not callable(getattr(cls, "select", None)):
+        raise ConfigError(source, key, f"{path!r} is not a class with a select(ctx, tried) method")
+    return cls

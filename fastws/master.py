@@ -21,7 +21,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from . import accesslog, balancer, config as config_mod, metrics
+from . import accesslog, balancer, config as config_mod, metrics, tls
 from .config import Address, Config
 from .errors import ConfigError
 
@@ -269,6 +269,7 @@ class Master:
         log.info("reloading %s", self.path)
         try:
             cfg = config_mod.load(self.path)
+            tls.check_engine(cfg)
             balancer.build_upstreams(cfg)
         except ConfigError as exc:
             log.error("reload failed, the old configuration stays: %s", exc)
