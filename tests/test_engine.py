@@ -248,6 +248,40 @@ def test_stop_closes_every_tunnel(runner_for, echo):
     assert r.engine.stats()["closes"]["shutdown"] == 5
 
 
+def _anon_fds() -> list[str]:
+    kinds = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("anon_inode:") or target.startswith("pipe:"):
+            kinds.append(target.split("[")[0] if target.startswith("pipe:") else target)
+    return sorted(kinds)
+
+
+def test_a_stopped_engine_keeps_no_descriptor(echo):
+    # Its epoll set, timerfd, eventfd and pipe pool are closed by stop() itself, not later by
+    # the garbage collector (the engine and its control plane refer to each other).
+    import gc
+    cfg = tunnel_config(echo.address, relay="splice")
+    cfg["server"][0]["listen"] = [f"127.0.0.1:{free_port()}"]
+    before = _anon_fds()
+    gc.disable()
+    try:
+        r = EngineRunner(cfg)
+        s, _ = open_tunnel(r.port)
+        s.sendall(b"x" * 100_000)
+        assert recv_exactly(s, 100_000) == b"x" * 100_000
+        assert r.stats()["pipes_created"] >= 1
+        assert len(_anon_fds()) > len(before)
+        r.close()
+        s.close()
+        assert _anon_fds() == before
+    finally:
+        gc.enable()
+
+
 @pytest.mark.parametrize("token", [b"websocket", b"x-test"])
 def test_an_upstream_that_closes_first(runner_for, token):
     # A WebSocket server closes the TCP connection once the closing handshake is over (RFC

@@ -425,6 +425,29 @@ cdef class Engine:
         if self.e.msgs.len:
             self._deliver_messages()
         self.stopped = True
+        self._release_fds()
+        # the control plane refers to the engine: without this the pair waits for the cycle
+        # collector, and the engine's descriptors with it
+        self.control = None
+
+    cdef void _release_fds(self):
+        # A stopped engine keeps no descriptor: its pipe pool, epoll set, timerfd and eventfd.
+        cdef Pipe *p
+        cdef int *fds[3]
+        cdef int i
+        while self.e.free_pipes != NULL:
+            p = self.e.free_pipes
+            self.e.free_pipes = p.next
+            close(p.prod)
+            close(p.cons)
+            free(p)
+        fds[0] = &self.e.epfd
+        fds[1] = &self.e.tio.fd
+        fds[2] = &self.e.wakefd
+        for i in range(3):
+            if fds[i][0] >= 0:
+                close(fds[i][0])
+                fds[i][0] = -1
 
     cdef void _drain_ready(self):
         cdef Conn *c
@@ -696,15 +719,7 @@ cdef class Engine:
                 self.stop()
             except Exception:
                 pass
-        while self.e.free_pipes != NULL:
-            p = self.e.free_pipes
-            self.e.free_pipes = p.next
-            close(p.prod)
-            close(p.cons)
-            free(p)
-        for fd in (self.e.epfd, self.e.tio.fd, self.e.wakefd):
-            if fd >= 0:
-                close(fd)
+        self._release_fds()
         for i in range(self._nfiles):
             log_flush(self._files[i])
             free(self._files[i].buf)
