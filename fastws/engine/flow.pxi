@@ -246,7 +246,10 @@ cdef int flow_forward(Eng *e, Conn *c, int d, Py_ssize_t n) noexcept nogil:
     if n == 0:
         return 0
     if dst.wr_ready:
-        w = io_send(e, dst, e.buf, n)
+        # A tunnel's last bytes (the source's FIN is known to follow them): the EOF is passed on
+        # right after them (flow_eof, in the same pump), so they go out with the FIN.
+        w = io_send(e, dst, e.buf, n, MSG_MORE if f.mode == FLOW_RAW and flow_src(c, d).eof_next
+                    else 0)
         if w < 0:
             if w != -EAGAIN:
                 return flow_error(d, False)

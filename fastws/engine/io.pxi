@@ -67,12 +67,14 @@ cdef ssize_t io_recv(Eng *e, Io *io, char *buf, Py_ssize_t n) noexcept nogil:
         return -errno
 
 
-cdef ssize_t io_send(Eng *e, Io *io, const char *buf, Py_ssize_t n) noexcept nogil:
+cdef ssize_t io_send(Eng *e, Io *io, const char *buf, Py_ssize_t n, int flags=0) noexcept nogil:
+    # flags: MSG_MORE when the caller ends the stream right after these bytes (close() or
+    # shutdown()): the kernel then sends them with the FIN in one segment, not two.
     cdef ssize_t r
     if io.ssl != NULL:
         return tls_send(e, io, buf, n)
     while True:
-        r = send(io.fd, buf, <size_t>n, MSG_NOSIGNAL)
+        r = send(io.fd, buf, <size_t>n, MSG_NOSIGNAL | flags)
         if r >= 0:
             if r < n:
                 io.wr_ready = 0      # the send buffer is full until the next edge

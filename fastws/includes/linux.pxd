@@ -105,6 +105,7 @@ cdef extern from "compat.h" nogil:
         SOCK_CLOEXEC
         IPPROTO_TCP
         TCP_NODELAY
+        TCP_DEFER_ACCEPT
         SO_KEEPALIVE
         INET6_ADDRSTRLEN
 
@@ -131,6 +132,7 @@ cdef extern from "compat.h" nogil:
     enum:
         MSG_DONTWAIT
         MSG_NOSIGNAL
+        MSG_MORE
         SHUT_WR
         SOL_SOCKET
         SO_ERROR
