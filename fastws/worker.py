@@ -1,9 +1,9 @@
 """A worker process: one event loop for the control plane, one engine for the connections.
 
 The engine accepts on the worker's listeners and owns every connection until it closes; the
-event loop only watches the engine's fd (and calls run_once when it is readable), the signals,
-the tunnels handed over on a reload, and two ticks: the status figures published to the
-master's shared memory and the access logs flushed.
+event loop only hears of the signals and the tunnels handed over on a reload, and runs the
+graceful stops.  A tick, twice a second, publishes the status figures to the master's shared
+memory and flushes the access logs.
 """
 
 from __future__ import annotations
@@ -91,6 +91,7 @@ class Worker:
         self._stopped: asyncio.Future[None] | None = None
         self.ready: Any = None          # called with the worker once it is serving
         self._ticker: Any = None
+        self._ticking = True            # the event loop runs the tick (serve()), or run() does
         self.stopping = False           # a graceful stop is under way
 
     # --- life cycle ------------------------------------------------------------------------
@@ -100,8 +101,9 @@ class Worker:
 
         The process waits in the engine: its epoll set holds every socket and, as one more fd,
         the event loop's own epoll set, so that the sockets' edges wake one epoll_wait, not a
-        nested pair; when the loop has work (a signal, a tunnel handed over, a tick due within
-        CONTROL_INTERVAL), one pass of it runs."""
+        nested pair.  One pass of the loop runs when it has I/O (a signal queued for it, a
+        tunnel handed over), and every CONTROL_INTERVAL while a graceful stop or a hand-over,
+        which wait on its timers, is under way; an idle worker wakes only for its tick."""
         loop = uvloop.new_event_loop()
         asyncio.set_event_loop(loop)
         backend = getattr(loop, "_get_backend_id", None)
@@ -109,14 +111,25 @@ class Worker:
             if backend is None:
                 loop.run_until_complete(self.serve())   # an event loop that hides its epoll set
                 return
+            self._ticking = False
             loop.run_until_complete(self._start())
             self._signals(lambda sig, cb, *args: signal.signal(
                 sig, lambda *_: loop.call_soon_threadsafe(cb, *args)))
             self.engine.watch_control(backend())
             assert self._stopped is not None
+            next_tick = time.monotonic() + PUBLISH_INTERVAL
             while not self._stopped.done():
-                self.engine.wait(CONTROL_INTERVAL)
-                loop.run_until_complete(_one_pass())
+                now = time.monotonic()
+                if now >= next_tick:
+                    self._tick_once()
+                    next_tick = now + PUBLISH_INTERVAL
+                wait = next_tick - now
+                if self._retiring:
+                    wait = min(wait, CONTROL_INTERVAL)
+                if self.engine.wait(wait) or self._retiring:
+                    # (each pass costs uvloop a socketpair for its signal wake-up fd: only
+                    # when the loop has something to do)
+                    loop.run_until_complete(_one_pass())
             self._shutdown()
         finally:
             loop.close()
@@ -168,7 +181,10 @@ class Worker:
                     lambda *tunnel: handover.adopt(self, *tunnel))
             except OSError as exc:
                 log.error("cannot take tunnels over from old workers: %s", exc)
-        self._tick()
+        if self._ticking:
+            self._tick()
+        else:
+            self._tick_once()
         self.engine.run_once()          # connections already queued on the listeners
         if self.ready is not None:
             self.ready(self)
@@ -229,9 +245,13 @@ class Worker:
         accesslog.reopen_error_log()
 
     def _tick(self) -> None:
+        # serve(): the event loop's timer; run(): the wait loop calls _tick_once itself
+        self._tick_once()
+        self._ticker = self.loop.call_later(PUBLISH_INTERVAL, self._tick)
+
+    def _tick_once(self) -> None:
         self.engine.flush_logs()
         metrics.publish(self)
-        self._ticker = self.loop.call_later(PUBLISH_INTERVAL, self._tick)
         if self.master and os.getppid() != self.master:
             log.error("the master process is gone; worker exits")
             self.stop(graceful=False)
