@@ -18,6 +18,7 @@ from typing import Any, NamedTuple, Sequence
 
 from .errors import ConfigError
 
+
 @dataclass(frozen=True, slots=True)
 class Address:
     """A listen or upstream address as written, with what a socket needs."""
