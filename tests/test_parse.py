@@ -1,19 +1,20 @@
 """The compiled head parser and chunked-body reader (fastws/engine/parse.pxi).
 
-The reference is what fastws did before the engine read heads itself, copied here because those
-modules are going away: httptools (llhttp) fed the whole head, then the rules of
-handshake._check_request, then the RFC 3986 Host rule written independently below; and
-http1.Chunked for bodies.  The differential tests check generated and mutated heads and bodies
-against it, and count what they check so that the count cannot shrink unnoticed.
+The reference: httptools (llhttp) fed the whole head, then fastws's strictness rules written
+out in Python below (`check_request`), then the RFC 3986 Host rule, transcribed independently
+from the RFC's grammar; and a chunked reader in Python for bodies.  The differential tests
+check generated and mutated heads and bodies against it, and count what they check so that
+the count cannot shrink unnoticed.
 
-Where the new parser means to differ from fastws before it, `today_request` (a copy of
-handshake.RequestReader.feed) shows it, and each difference must be one of the documented ones:
-- a head ending in a bare-LF empty line ends there and is refused (before, it was read to the
-  next CRLF CRLF; the only heads that changed answer start with CR/LF bytes holding one);
-- while a head is incomplete only its request line is checked (llhttp also refused a bad
-  header line at once; now that waits for the head's end);
+`llhttp_reader` is llhttp driven as an incremental reader drives it (a head checked as it
+arrives, then the rules).  Where the engine answers otherwise, the difference must be one of
+these, each chosen on purpose:
+- a head ending in a bare-LF empty line ends there and is refused (an incremental llhttp reads
+  on to the next CRLF CRLF; the only heads it accepts start with CR/LF bytes holding one);
+- while a head is incomplete only its request line is checked (llhttp refuses a bad header
+  line at once; the engine waits for the head's end);
 - a Host that is not an RFC 3986 host[:port] is refused;
-- values lose their trailing whitespace (llhttp kept it).
+- values lose their trailing whitespace (llhttp keeps it).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from fastws import _engine as E
 BASE = settings(deadline=None, database=None, suppress_health_check=list(HealthCheck))
 
 
-# --- the reference: httptools as handshake._Reader drove it ---------------------------------
+# --- the reference: httptools fed a whole head ----------------------------------------------
 
 class _Proto:
     def __init__(self) -> None:
@@ -69,7 +70,7 @@ def llhttp(data: bytes, response: bool = False) -> tuple[Any, ...]:
 
 
 def check_request(version: str, headers: list[tuple[bytes, bytes]]) -> int:
-    """handshake._check_request, over (name, value) pairs: 0 or the status."""
+    """fastws's rules over a parsed head's (name, value) pairs: 0 or the status."""
     if version not in ("1.0", "1.1"):
         return 505 if version.startswith(("2", "3")) else 400
     lower = [(n.lower(), v) for n, v in headers]
@@ -187,8 +188,8 @@ def ref_response(data: bytes, max_head: int = 32768) -> tuple[Any, ...]:
             proto.reason, [(n, v.rstrip(b" \t")) for n, v in proto.headers], end)
 
 
-def today_request(data: bytes, max_line: int = 8192, max_head: int = 32768) -> tuple[Any, ...]:
-    """handshake.RequestReader(max_line, max_head).feed(data), data being one read."""
+def llhttp_reader(data: bytes, max_line: int = 8192, max_head: int = 32768) -> tuple[Any, ...]:
+    """llhttp as an incremental reader drives it, then the rules; data being one read."""
     end = data.find(b"\r\n\r\n")
     proto = _Proto()
     parser = httptools.HttpRequestParser(proto)
@@ -534,28 +535,28 @@ def _leading_lf_prefix(data: bytes) -> bool:
     return ref_head_end(data) <= lead
 
 
-def _explain(data: bytes, today: tuple[Any, ...], expected: tuple[Any, ...], why: Counter) -> None:
-    """Say which documented difference makes today's answer differ from the new one."""
-    if today[0] == "head" and expected[0] == "head":
-        assert today[1:] == expected[1:], (data, today, expected)
+def _explain(data: bytes, llhttp_says: tuple[Any, ...], expected: tuple[Any, ...], why: Counter) -> None:
+    """Say which documented difference makes llhttp's answer differ from the engine's."""
+    if llhttp_says[0] == "head" and expected[0] == "head":
+        assert llhttp_says[1:] == expected[1:], (data, llhttp_says, expected)
         return
     crlf_end = data.find(b"\r\n\r\n")
     if ref_head_end(data) >= 0 and ref_head_end(data) != (crlf_end + 4 if crlf_end >= 0 else -1):
-        # the head ends at a bare-LF empty line: refused now; today it was refused too, or
-        # waited, or (only with that line in the CR/LF bytes before the start line) accepted
+        # the head ends at a bare-LF empty line: the engine refuses it; llhttp refuses it too,
+        # or waits, or (only with that line in the CR/LF bytes before the start line) accepts
         assert expected[0] == "refuse", (data, expected)
-        assert today[0] != "head" or _leading_lf_prefix(data), (data, today, expected)
-        why["bare-LF end" + (", was accepted" if today[0] == "head" else "")] += 1
+        assert llhttp_says[0] != "head" or _leading_lf_prefix(data), (data, llhttp_says, expected)
+        why["bare-LF end" + (", llhttp accepts" if llhttp_says[0] == "head" else "")] += 1
     elif expected[0] != "head" and ref_head_end(data) < 0:
-        # an incomplete head: a bad header line is no longer refused before the head is whole
-        assert today == ("refuse", 400) and expected in (("wait",), ("refuse", 414)), \
-            (data, today, expected)
+        # an incomplete head: the engine refuses a bad header line once the head is whole
+        assert llhttp_says == ("refuse", 400) and expected in (("wait",), ("refuse", 414)), \
+            (data, llhttp_says, expected)
         assert llhttp(_start_line(data))[0] != "error"
         why["incomplete head, bad header line"] += 1
     else:
-        assert today[0] == "head" and expected == ("refuse", 400), (data, today, expected)
-        hosts = [v for n, v in today[4] if n.lower() == b"host"]
-        assert hosts and not HOST.fullmatch(hosts[0]), (data, today, expected)
+        assert llhttp_says[0] == "head" and expected == ("refuse", 400), (data, llhttp_says, expected)
+        hosts = [v for n, v in llhttp_says[4] if n.lower() == b"host"]
+        assert hosts and not HOST.fullmatch(hosts[0]), (data, llhttp_says, expected)
         why["Host not RFC 3986"] += 1
 
 
@@ -572,9 +573,9 @@ def _check_requests(head: bytes, seed: int, max_line: int, max_head: int) -> Non
         got = new_request(data, max_line, max_head)
         assert got == expected, (data, max_line, max_head, got, expected)
         REQUESTS[expected[0] if expected[0] != "refuse" else expected[1]] += 1
-        today = today_request(data, max_line, max_head)
-        if today != expected:
-            _explain(data, today, expected, REQUESTS)
+        llhttp_says = llhttp_reader(data, max_line, max_head)
+        if llhttp_says != expected:
+            _explain(data, llhttp_says, expected, REQUESTS)
 
 
 def test_requests_agree_with_llhttp_and_the_rules():
@@ -691,11 +692,11 @@ def test_incomplete_responses(data: bytes, status: int):
 def test_a_head_ending_in_a_bare_lf_empty_line_is_refused_at_once():
     for data in (b"GET / HTTP/1.1\nHost: a\n\n", b"GET / HTTP/1.1\r\nHost: a\n\r\n",
                  b"GET / HTTP/1.1\r\nHost: a\r\n\n"):
-        assert today_request(data) in (("wait",), ("refuse", 400))
+        assert llhttp_reader(data) in (("wait",), ("refuse", 400))
         assert new_request(data) == ("refuse", 400)
-    # before, CR/LF bytes before the request line were skipped even when they held one
+    # llhttp skips CR/LF bytes before the request line even when they hold one
     data = b"\n\nGET / HTTP/1.1\r\nHost: a\r\n\r\n"
-    assert today_request(data)[0] == "head"
+    assert llhttp_reader(data)[0] == "head"
     assert new_request(data) == ("refuse", 400)
     assert new_request(b"\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n")[0] == "head"
 
@@ -763,7 +764,7 @@ def test_every_method(protocol: bytes):
 
 
 def test_what_llhttp_accepts_is_kept():
-    # today's behaviour, kept on purpose (see parse.pxi): noted, not endorsed
+    # llhttp_says's behaviour, kept on purpose (see parse.pxi): noted, not endorsed
     assert new_request(b"GET / RTSP/1.0\r\n\r\n")[0:4] == ("head", b"GET", b"/", 10)
     assert new_request(b"GET  /  HTTP/1.1\r\nHost: a\r\n\r\n")[0:3] == ("head", b"GET", b"/")
     assert new_response(b"HTTP/2.0 200 OK\r\n\r\n")[0:3] == ("head", 20, 200)
@@ -856,7 +857,7 @@ class ChunkError(Exception):
 
 
 class Chunked:
-    """http1.Chunked, copied: the reference."""
+    """A chunked reader in plain Python, written for reading rather than speed: the reference."""
 
     def __init__(self, rechunk: bool) -> None:
         self.state = 0
@@ -1077,7 +1078,7 @@ def test_chunked_limits():
         return b"5;" + b"e" * (n - 3) + b"\r\n"
     body = line(MAX_CHUNK_LINE) + b"hello\r\n0\r\n\r\n"
     assert E.dechunk([body])[1]
-    # a longer line is refused even when it arrives whole (http1.Chunked refused it only when
+    # a longer line is refused even when it arrives whole (the reference refuses it only when
     # split across reads)
     body = line(MAX_CHUNK_LINE + 1) + b"hello\r\n0\r\n\r\n"
     assert Chunked(True).feed(body)
