@@ -315,6 +315,62 @@ def test_an_upstream_that_closes_first(runner_for, token):
     backend.close()
 
 
+def test_a_refused_handshake_frees_its_attempt_once():
+    # nginx's get/free pair: an attempt that fails after its connect (an answer that is not a
+    # 101, an upstream that closes before answering) is freed once, as failed or not; the
+    # server's count of live connections stays that of its tunnels.
+    def handler(conn, backend):
+        head, _ = read_head(conn)
+        if head.startswith(b"GET /ok "):
+            raw_echo_handler_after_head(conn, head)
+        elif head.startswith(b"GET /refuse "):
+            conn.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 2\r\n\r\nno")
+            conn.close()
+        else:
+            conn.close()                        # no answer at all
+
+    backend = RawBackend(handler)
+    cfg = tunnel_config(backend.address)
+    cfg["upstream"][0]["servers"] = [{"address": backend.address, "max_fails": 0}]
+    cfg["upstream"][0]["balance"] = "least_conn"
+    cfg["server"][0]["listen"] = [f"127.0.0.1:{free_port()}"]
+    r = EngineRunner(cfg)
+    (peer,) = r.groups["backend"].peers
+    tunnels = [open_tunnel_to(r.port, "/ok") for _ in range(2)]
+    wait_until(lambda: peer.conns == 2)
+    for path, status in (("/refuse", b"403"), ("/silent", b"502"), ("/refuse", b"403")):
+        with connect(r.port) as s:
+            s.sendall(upgrade_request(path=path))
+            head, _ = read_head(s)
+            assert head.split(b" ")[1] == status, head
+            read_all(s)                         # the client connection closes after it
+    wait_until(lambda: r.stats()["conns"] == 2)
+    assert peer.conns == 2
+    for s in tunnels:
+        s.close()
+    wait_until(lambda: peer.conns == 0)
+    assert r.stats()["tunnels_active"] == 0
+    r.close()
+    backend.close()
+
+
+def raw_echo_handler_after_head(conn: socket.socket, head: bytes) -> None:
+    key = [line.split(b":", 1)[1].strip() for line in head.split(b"\r\n")
+           if line.lower().startswith(b"sec-websocket-key:")][0]
+    conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                 b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + ws_accept(key) + b"\r\n\r\n")
+    while data := conn.recv(65536):
+        conn.sendall(data)
+
+
+def open_tunnel_to(port: int, path: str) -> socket.socket:
+    s = connect(port)
+    s.sendall(upgrade_request(path=path))
+    head, _ = read_head(s)
+    assert head.startswith(b"HTTP/1.1 101 "), head
+    return s
+
+
 def test_a_custom_balancer_reads_the_request_through_the_engine(echo):
     other = RawBackend(raw_echo_handler)
     cfg = tunnel_config(echo.address)
