@@ -345,6 +345,12 @@ cdef void conn_fail(Eng *e, Conn *c, int status, const char *why) noexcept nogil
     conn_answer(e, c, status, extra, NULL, 0, NULL, 0)
 
 
+cdef int error_page(int status, char *page, int cap) noexcept nogil:
+    cdef const char *reason = status_reason(status)
+    return snprintf(page, cap, "<html><head><title>%d %s</title></head><body><h1>%d %s</h1>"
+                    "<hr>fastws</body></html>\r\n", status, reason, status, reason)
+
+
 cdef void conn_answer(Eng *e, Conn *c, int status, const char *extra, const char *body,
                       int bodylen, const char *ctype, int keep) noexcept nogil:
     # Write an answer of the proxy's own: an error page when body is NULL.  With `keep` the
@@ -357,10 +363,8 @@ cdef void conn_answer(Eng *e, Conn *c, int status, const char *extra, const char
         return
     exchange_drop_upstream(e, c, 0)
     if body == NULL:
-        n = snprintf(page, sizeof(page), "<html><head><title>%d %s</title></head><body><h1>%d %s"
-                     "</h1><hr>fastws</body></html>\r\n", status, reason, status, reason)
         body = page
-        bodylen = n
+        bodylen = error_page(status, page, sizeof(page))
         ctype = "text/html"
         keep = 0
     if e.stopping or c.peer_closed:

@@ -49,6 +49,7 @@ cdef void request_start(Eng *e, Conn *c, char *base, int end, char *rest, int re
     cdef Loc *loc
     cdef int status, i, n, q
     cdef char host[256]
+    cdef char page[256]
     cdef char *path
     cdef const char *t
     e.n.requests += 1
@@ -102,8 +103,13 @@ cdef void request_start(Eng *e, Conn *c, char *base, int end, char *rest, int re
         log_begin(e, c, loc.log)
     if loc.kind == LOC_RETURN:
         request_local(e, c, rest, restlen)
-        conn_answer(e, c, loc.return_status, NULL, loc.return_body, loc.return_body_len,
-                    "text/plain", req.client_ka)
+        if loc.return_body_len == 0 and loc.return_status >= 400:
+            # nginx's `return 403;`: the status's page, and the connection kept
+            conn_answer(e, c, loc.return_status, NULL, page, error_page(loc.return_status, page,
+                        sizeof(page)), "text/html", req.client_ka)
+        else:
+            conn_answer(e, c, loc.return_status, NULL, loc.return_body, loc.return_body_len,
+                        "text/plain", req.client_ka)
         return
     if loc.kind == LOC_STATUS:
         request_local(e, c, rest, restlen)
