@@ -13,8 +13,10 @@ so that no handler ever runs in the middle of a fork.
 
 from __future__ import annotations
 
+import grp
 import logging
 import os
+import pwd
 import signal
 import socket
 import sys
@@ -88,6 +90,10 @@ class Master:
                 print(f"fastws: cannot write the pid file {self.config.pid}: {exc.strerror}",
                       file=sys.stderr)
                 return 1
+        if self.config.user is not None and os.geteuid() != 0:
+            log.warning("the \"user\" setting applies only when fastws starts as root; "
+                        "ignored")
+        _give_logs(self.config)
         slots = max(8, 4 * max(self.config.processes, os.cpu_count() or 1))
         self.board = metrics.Board(slots)
         self._generation(1)
@@ -199,6 +205,7 @@ class Master:
                 self.reload()
             elif sig == signal.SIGUSR1:
                 accesslog.reopen_error_log()
+                _give_logs(self.config)
                 log.info("log files reopened")
                 self._signal_all(signal.SIGUSR1)
             elif sig == signal.SIGQUIT and not self.stopping:
@@ -268,7 +275,7 @@ class Master:
         end or shutdown_timeout passes); if bad, keep serving with the old one."""
         log.info("reloading %s", self.path)
         try:
-            cfg = config_mod.load(self.path)
+            cfg = config_mod.load(self.path, self.config.format, self.config.prefix)
             tls.check_engine(cfg)
             balancer.build_upstreams(cfg)
         except ConfigError as exc:
@@ -283,6 +290,7 @@ class Master:
         old = self.config
         self.config = cfg
         accesslog.setup_error_log(cfg.error_log, self.default_level)
+        _give_logs(cfg)
         if cfg.pid != old.pid:
             if old.pid:
                 _remove_pid(old.pid)
@@ -309,6 +317,29 @@ def _kill(pid: int, sig: int) -> None:
         os.kill(pid, sig)
     except ProcessLookupError:
         pass
+
+
+def _give_logs(cfg: Config) -> None:
+    """With `user`, the access logs are created by the master and given to that user, so
+    that workers can open and reopen them (as nginx's ngx_reopen_files chowns them)."""
+    if cfg.user is None or os.geteuid() != 0:
+        return
+    uid = pwd.getpwnam(cfg.user[0]).pw_uid
+    gid = grp.getgrnam(cfg.user[1]).gr_gid
+    paths = {loc.access_log.path for server in cfg.servers for loc in server.locations
+             if loc.access_log is not None and loc.access_log.path != "stderr"}
+    if cfg.error_log is not None and cfg.error_log.path != "stderr":
+        paths.add(cfg.error_log.path)
+    for path in sorted(paths):
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            log.error("cannot open the access log %s: %s", path, exc.strerror)
+            continue
+        try:
+            os.fchown(fd, uid, gid)
+        finally:
+            os.close(fd)
 
 
 def _running(path: str) -> int:

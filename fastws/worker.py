@@ -9,8 +9,10 @@ memory and flushes the access logs.
 from __future__ import annotations
 
 import asyncio
+import grp
 import logging
 import os
+import pwd
 import signal
 import socket
 import time
@@ -29,6 +31,19 @@ CONTROL_INTERVAL = 0.05     # the control plane's timers run at most this late
 
 async def _one_pass() -> None:
     await asyncio.sleep(0)
+
+
+def drop_privileges(config: Config) -> None:
+    """nginx's `user`: a worker started as root gives root up once its engine holds what
+    needs it (the listeners, the log files, the TLS keys), as ngx_worker_process_init does
+    (setgid, initgroups, setuid)."""
+    if config.user is None or os.geteuid() != 0:
+        return
+    user, group = config.user
+    gid = grp.getgrnam(group).gr_gid
+    os.setgid(gid)
+    os.initgroups(user, gid)
+    os.setuid(pwd.getpwnam(user).pw_uid)
 
 
 def open_listeners(config: Config) -> list[socket.socket]:
@@ -173,6 +188,7 @@ class Worker:
             counters=self.stats.counters)
         self.engine.serial = self.stats.serial
         self.engine.load(tables.build(config, socks, self.groups, tls.Contexts(config)))
+        drop_privileges(config)
         self._stopped = self.loop.create_future()
         if self.master:
             try:
