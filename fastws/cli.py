@@ -19,9 +19,18 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fastws",
         description="A WebSocket-aware HTTP/1.1 reverse proxy with a compiled engine.")
-    p.add_argument("-c", "--config", metavar="FILE", help="configuration file (TOML)")
+    p.add_argument("-c", "--config", metavar="FILE",
+                   help="configuration file: TOML, or nginx's format (nginx.conf)")
+    p.add_argument("--format", choices=("toml", "nginx"),
+                   help="the configuration's format (default: by its name, else its content)")
+    p.add_argument("-p", "--prefix", metavar="DIR",
+                   help="nginx's prefix: relative log and pid paths of an nginx configuration "
+                   "are under it (default: the configuration file's directory)")
     p.add_argument("-t", "--test", action="store_true",
                    help="check the configuration, print its upstreams, and exit")
+    p.add_argument("-T", dest="dump", action="store_true",
+                   help="check the configuration, print it (every file read, then as fastws "
+                   "runs it, in TOML) and exit")
     p.add_argument("-s", dest="signal", choices=("reload", "quit", "stop", "reopen"),
                    help="send a signal to the master process (through the pid file)")
     p.add_argument("--log-level", default="info",
@@ -33,6 +42,10 @@ def _parser() -> argparse.ArgumentParser:
     client = sub.add_parser("client", help="send messages to a WebSocket URL and print the answers")
     client.add_argument("url", help="ws:// URL")
     client.add_argument("messages", nargs="*", default=["hello"], help="text messages to send")
+    convert = sub.add_parser("convert", help="print an nginx configuration as fastws's TOML")
+    convert.add_argument("file", help="nginx configuration file")
+    convert.add_argument("-p", "--prefix", dest="convert_prefix", metavar="DIR",
+                         help="nginx's prefix for relative paths (default: the file's directory)")
     return p
 
 
@@ -52,13 +65,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "client":
         from .demo import run_client
         return run_client(args.url, args.messages)
+    if args.command == "convert":
+        from .convert import convert
+        return convert(args.file, args.convert_prefix)
     if not args.config:
         print("fastws: a configuration file is required: fastws -c FILE (or try: fastws demo)",
               file=sys.stderr)
         return 1
     from . import balancer, config, tls
     try:
-        cfg = config.load(args.config)
+        cfg = config.load(args.config, args.format, args.prefix)
         tls.check_engine(cfg)
         upstreams = balancer.build_upstreams(cfg)
     except ConfigError as exc:
@@ -67,12 +83,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.signal:
         from .master import send_signal
         return send_signal(cfg, args.signal)
-    if args.test:
+    if args.test or args.dump:
+        for line in cfg.ignored:
+            print(f"fastws: ignored: {line}")
+        for line in cfg.differences:
+            print(f"fastws: differs from nginx: {line}")
         text = balancer.describe(upstreams)
-        if text:
+        if text and not args.dump:
             print(text)
         print(f"fastws: the configuration file {args.config} syntax is ok")
         print(f"fastws: configuration file {args.config} test is successful")
+        if args.dump:
+            from .convert import dump
+            sys.stdout.write(dump(cfg))
         return 0
     return _serve(args.config, cfg, args.log_level)
 
@@ -82,6 +105,9 @@ def _serve(path: str, cfg: "Config", level: str) -> int:
     from .accesslog import setup_error_log
     from .master import Master
     setup_error_log(cfg.error_log, level)
+    log = logging.getLogger("fastws")
+    for line in cfg.differences:
+        log.warning("differs from nginx: %s", line)
     return Master(path, cfg, level).run()
 
 

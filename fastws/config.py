@@ -153,7 +153,14 @@ class Config:
     shutdown_timeout: float = 0.0  # 0: old workers wait for their tunnels to end (nginx's default)
     handover: bool = True  # on reload, old workers pass their tunnels to the new ones
     error_log: Any = None  # accesslog.ErrorLogConfig
+    user: tuple[str, str] | None = None  # workers run as this user and group
     extra: Mapping[str, Any] = field(default_factory=dict)
+    # how the file was read: "toml" or "nginx" (with nginx's -p prefix), for reloads and -T
+    format: str = "toml"
+    prefix: str | None = None
+    files: tuple[str, ...] = ()         # every file read, the main one first
+    ignored: tuple[str, ...] = ()       # nginx directives accepted that change nothing
+    differences: tuple[str, ...] = ()   # where fastws keeps a stricter behaviour than nginx
 
     def upstream(self, name: str) -> UpstreamConfig:
         for up in self.upstreams:
@@ -593,6 +600,7 @@ def from_dict(data: Mapping[str, Any], source: str = "<config>") -> Config:
         raise r.fail("relay_thread", "is no longer a setting: the engine runs in each worker's "
                      "event loop")
     pid = r.get("pid", str, None)
+    user = r.convert("user", _user, None)
     shutdown_timeout = r.duration("shutdown_timeout", 0.0)
     handover = r.get("handover", bool, True)
     error_log = accesslog.read_error_log(source, r.get("error_log", (str, dict), None))
@@ -625,7 +633,28 @@ def from_dict(data: Mapping[str, Any], source: str = "<config>") -> Config:
     r.finish()
     return Config(source, tuple(upstreams) + tuple(implicit.values()), servers, processes,
                   worker_connections, pipe_size, max_pipes, pid, shutdown_timeout,
-                  handover, error_log)
+                  handover, error_log, user, files=(source,))
+
+
+def _user(value: Any) -> tuple[str, str]:
+    """`user = "www-data"` or "www-data www-data" (nginx's `user USER [GROUP]`): the group is
+    the user's own when not given; both must exist."""
+    import grp
+    import pwd
+    if not isinstance(value, str) or not 1 <= len(value.split()) <= 2:
+        raise ValueError("expected \"USER\" or \"USER GROUP\"")
+    name, *rest = value.split()
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        raise ValueError(f"no user {name!r} on this machine") from None
+    if rest:
+        try:
+            grp.getgrnam(rest[0])
+        except KeyError:
+            raise ValueError(f"no group {rest[0]!r} on this machine") from None
+        return name, rest[0]
+    return name, grp.getgrgid(entry.pw_gid).gr_name
 
 
 def _name_upstreams(servers: tuple[ServerBlock, ...], implicit: dict[str, UpstreamConfig],
@@ -633,8 +662,9 @@ def _name_upstreams(servers: tuple[ServerBlock, ...], implicit: dict[str, Upstre
     """nginx: `proxy_pass http://NAME` means the upstream block NAME when there is one (the
     recipe's `proxy_pass http://backend;`), and only otherwise a host to resolve."""
     def named(loc: LocationConfig) -> LocationConfig:
-        if loc.proxy_pass in implicit and loc.proxy_pass[7:] in names:
-            return replace(loc, proxy_pass=loc.proxy_pass[7:])
+        if loc.proxy_pass in implicit and loc.proxy_pass.split("://", 1)[1] in names:
+            # proxy_pass https://NAME keeps proxy_tls: TLS to the group's servers
+            return replace(loc, proxy_pass=loc.proxy_pass.split("://", 1)[1])
         return loc
     servers = tuple(replace(s, locations=tuple(named(loc) for loc in s.locations))
                     for s in servers)
@@ -655,9 +685,31 @@ def _check_defaults(source: str, servers: tuple[ServerBlock, ...]) -> None:
             defaults[key] = si
 
 
-def load(path: str) -> Config:
-    """Read and check the TOML file at `path`: every key, the files it names, the upstream
-    servers resolved, the custom balancers imported.  Raise ConfigError on any mistake."""
+FORMATS = ("toml", "nginx")
+
+
+def detect_format(path: str) -> str:
+    """"nginx" or "toml": by the file's name (*.toml; nginx.conf, *.conf), else its content."""
+    base = os.path.basename(path)
+    if base.endswith(".toml"):
+        return "toml"
+    if base.endswith(".conf") or base.startswith("nginx"):
+        return "nginx"
+    from .nginx import looks_like_nginx
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return "nginx" if looks_like_nginx(f.read(65536)) else "toml"
+    except OSError:
+        return "toml"
+
+
+def load(path: str, fmt: str | None = None, prefix: str | None = None) -> Config:
+    """Read and check the configuration at `path` (TOML, or nginx's format: `fmt`, else
+    detected): every key, the files it names, the upstream servers resolved, the custom
+    balancers imported.  Raise ConfigError on any mistake."""
+    if (fmt or detect_format(path)) == "nginx":
+        from . import nginx
+        return nginx.load(path, prefix)
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)
