@@ -85,11 +85,14 @@ def to_toml(config: dict[str, Any]) -> str:
 class Proxy:
     """fastws running as a real child process on a configuration written to a file."""
 
-    def __init__(self, tmp: Path, config: dict[str, Any] | str, *, port: int | None = None,
-                 args: tuple[str, ...] = ()) -> None:
+    def __init__(self, tmp: Path, config: dict[str, Any] | str | Path, *,
+                 port: int | None = None, args: tuple[str, ...] = ()) -> None:
         self.tmp = tmp
-        self.path = tmp / f"fastws-{id(self)}.toml"
-        self.path.write_text(config if isinstance(config, str) else to_toml(config))
+        if isinstance(config, Path):        # a file written by the test (an nginx.conf)
+            self.path = config
+        else:
+            self.path = tmp / f"fastws-{id(self)}.toml"
+            self.path.write_text(config if isinstance(config, str) else to_toml(config))
         self.port = port
         self.log = tmp / f"fastws-{id(self)}.log"
         self._log_file = open(self.log, "wb")

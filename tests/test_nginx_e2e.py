@@ -1,0 +1,356 @@
+"""The nginx recipe run as written: the very same nginx.conf under a real nginx and under
+fastws (`fastws -p DIR -c DIR/nginx.conf`), one after the other, with the same requests.
+
+For each block of the reference (tests/data/nginx-websocket.conf) and a few variants, the
+clients get the same status codes, the backends receive the same request heads (apart from the
+differences docs/nginx.md lists, named in `documented` below), the balancer makes the same
+choices, and the access log and stub_status say the same things.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import pwd
+import re
+import signal
+import socket
+import ssl
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import trustme
+
+from nginx_support import Nginx, Site, render
+from support import Proxy, free_port, read_all, read_head, wait_until, ws_accept
+
+Head = tuple[str, tuple[tuple[str, str], ...]]   # request line, sorted (name, value) pairs
+
+
+class Backend:
+    """An upstream server that records each request head it gets, answers a WebSocket
+    handshake with a valid 101 and echoes, and a plain request with 200 and its own name."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.heads: list[tuple[str, list[tuple[str, str]]]] = []
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(128)
+        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
+        self.lock = threading.Lock()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._run, args=(conn,), daemon=True).start()
+
+    def _run(self, conn: socket.socket) -> None:
+        buf = b""
+        with conn:
+            try:
+                while True:
+                    while b"\r\n\r\n" not in buf:
+                        data = conn.recv(65536)
+                        if not data:
+                            return
+                        buf += data
+                    raw, buf = buf.split(b"\r\n\r\n", 1)
+                    lines = raw.decode("latin-1").split("\r\n")
+                    fields = [(k.strip(), v.strip()) for k, v in
+                              (line.split(":", 1) for line in lines[1:])]
+                    with self.lock:
+                        self.heads.append((lines[0], fields))
+                    named = {k.lower(): v for k, v in fields}
+                    if named.get("upgrade", "").lower() == "websocket":
+                        key = named["sec-websocket-key"].encode()
+                        conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket"
+                                     b"\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: "
+                                     + ws_accept(key) + b"\r\n\r\n" + buf)
+                        while data := conn.recv(65536):
+                            conn.sendall(data)
+                        return
+                    body = self.name.encode()
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+                                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+                    if named.get("connection", "").lower() == "close" or \
+                            lines[0].endswith("HTTP/1.0"):
+                        return
+            except OSError:
+                return
+
+    def take(self) -> list[tuple[str, list[tuple[str, str]]]]:
+        with self.lock:
+            heads, self.heads = self.heads, []
+        return heads
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def documented(line: str, fields: list[tuple[str, str]]) -> Head:
+    """A request head with docs/nginx.md's differences taken out: fastws speaks HTTP/1.1 to
+    upstreams where nginx's default is 1.0, and sets Connection itself for a plain request
+    (nginx: close; fastws: keep-alive or nothing, by the group's keepalive)."""
+    method, target, version = line.split(" ")
+    plain = not any(k.lower() == "upgrade" for k, _ in fields)
+    if plain:
+        line = f"{method} {target} HTTP/1.x"
+        fields = [(k, v) for k, v in fields if k.lower() != "connection"]
+    return line, tuple(sorted((k.lower(), v) for k, v in fields))
+
+
+# --- clients ----------------------------------------------------------------------------------
+
+Request = tuple[str, str, str, str]   # (kind "ws" or "get", path, source address, Host)
+LOCAL = "127.0.0.1"
+
+
+def ws(path: str, source: str = LOCAL, host: str = "example.com") -> Request:
+    return ("ws", path, source, host)
+
+
+def get(path: str, source: str = LOCAL, host: str = "example.com") -> Request:
+    return ("get", path, source, host)
+
+
+def _connect(port: int, source: str, tls: ssl.SSLContext | None) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
+    if tls is not None:
+        s = tls.wrap_socket(s, server_hostname="example.com")
+    return s
+
+
+def run_requests(port: int, requests: list[Request],
+                 tls: ssl.SSLContext | None = None) -> list[tuple[int, bytes]]:
+    """Each request on its own connection: (status, what came back: the echo of a tunnel, or
+    the body)."""
+    out = []
+    for n, (kind, path, source, host) in enumerate(requests):
+        with _connect(port, source, tls) as s:
+            if kind == "ws":
+                # the same keys in both runs, so that the heads compare whole
+                key = base64.b64encode(hashlib.md5(b"%d" % n).digest()).decode()
+                s.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\n"
+                          f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                          "Sec-WebSocket-Version: 13\r\nOrigin: http://example.com\r\n"
+                          "User-Agent: difftest\r\n\r\n".encode())
+                head, rest = read_head(s)
+                status = int(head.split(b" ")[1])
+                echoed = rest
+                if status == 101:
+                    s.sendall(b"ping-" + path.encode())
+                    while len(echoed) < 5 + len(path):
+                        data = s.recv(65536)
+                        if not data:
+                            break
+                        echoed += data
+                out.append((status, echoed))
+            else:
+                s.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nUser-Agent: difftest"
+                          "\r\nConnection: close\r\n\r\n".encode())
+                raw = read_all(s)
+                head, _, body = raw.partition(b"\r\n\r\n")
+                out.append((int(head.split(b" ")[1]), body))
+    return out
+
+
+# --- the comparison ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, ssl.SSLContext]:
+    d = tmp_path_factory.mktemp("certs")
+    ca = trustme.CA()
+    cert = ca.issue_cert("example.com")
+    cert.cert_chain_pems[0].write_to_path(str(d / "example.com.crt"))
+    cert.private_key_pem.write_to_path(str(d / "example.com.key"))
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    return str(d / "example.com.crt"), str(d / "example.com.key"), client
+
+
+def _status_fields(body: bytes) -> list[int]:
+    return [int(x) for x in re.findall(rb"\d+", body)]
+
+
+def _log_fields(path: Path) -> list[str]:
+    """Each access-log line with its times taken out (they differ between any two runs)."""
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()
+    masked = []
+    for line in lines:
+        line = re.sub(r"\[[^\]]+\]", "[TIME]", line)
+        # a page of the proxy's own: the same status, each proxy's own wording
+        line = re.sub(r"\" ([45]\d\d) \d+ ", r'" \1 PAGE ', line)
+        line = re.sub(r"=\"?[\d.]+\"?", "=T", line)
+        masked.append(line)
+    return sorted(masked)        # a tunnel's line is written when it closes: order by content
+
+
+def compare(tmp: Path, title: str, requests: list[Request], *, tls: bool = False,
+            certs: tuple[str, str, ssl.SSLContext] | None = None, backends: int = 3,
+            extra: Callable[[str], str] = lambda text: text) -> dict[str, Any]:
+    servers = [Backend(f"b{i}") for i in range(backends)]
+    other = Backend("other")
+    site = Site(tmp, free_port(), free_port(), [b.address for b in servers], other.address,
+                *(certs[:2] if certs else ("", "")))
+    conf = tmp / "nginx.conf"
+    conf.write_text(extra(render(title, site)))
+    port = site.tls_port if tls else site.port
+    client_tls = certs[2] if tls and certs else None
+    results: dict[str, Any] = {}
+    try:
+        for name in ("nginx", "fastws"):
+            for f in tmp.glob("*access.log"):
+                f.unlink()
+            if name == "nginx":
+                proc: Any = Nginx(conf, tmp, port)
+            else:
+                proc = Proxy(tmp, conf, port=port, args=("-p", str(tmp)))
+            try:
+                answers = run_requests(port, requests, client_tls)
+                wait_until(lambda: sum(len(b.heads) for b in servers + [other])
+                           >= sum(1 for a in answers if a[0] in (101, 200) and
+                                  not a[1].startswith(b"Active")))
+                heads = {b.name: [documented(*h) for h in b.take()] for b in servers + [other]}
+            finally:
+                proc.stop()
+            logs = {f.name: _log_fields(f) for f in sorted(tmp.glob("*access.log"))}
+            results[name] = {"answers": answers, "heads": heads, "logs": logs}
+    finally:
+        for b in servers + [other]:
+            b.close()
+    return results
+
+
+def assert_same(results: dict[str, Any]) -> None:
+    ng, fw = results["nginx"], results["fastws"]
+    assert [a[0] for a in fw["answers"]] == [a[0] for a in ng["answers"]]
+    for (ns, nbody), (fs, fbody) in zip(ng["answers"], fw["answers"]):
+        if nbody.startswith(b"Active connections"):
+            assert _status_fields(fbody)[1:4] == _status_fields(nbody)[1:4], (nbody, fbody)
+        elif ns in (101, 200):          # the backend's answer (each proxy words its own pages)
+            assert fbody == nbody
+    assert fw["heads"] == ng["heads"]
+    assert fw["logs"] == ng["logs"]
+
+
+def test_basic_configuration(tmp_path: Path) -> None:
+    results = compare(tmp_path, "Basic configuration",
+                      [ws("/ws"), ws("/ws/chat?room=1"), get("/ws"), get("/ws?x=%41")])
+    assert [a[0] for a in results["fastws"]["answers"]] == [101, 101, 200, 200]
+    assert_same(results)
+
+
+def test_complete_configuration_example(tmp_path: Path) -> None:
+    results = compare(tmp_path, "Complete configuration example",
+                      [ws("/ws"), ws("/ws"), get("/"), get("/page?x=1"), ws("/ws")])
+    assert [a[0] for a in results["fastws"]["answers"]] == [101, 101, 200, 200, 101]
+    assert_same(results)
+
+
+def test_https_websocket_configuration(tmp_path: Path, certs: Any) -> None:
+    results = compare(tmp_path, "HTTPS WebSocket configuration",
+                      [ws("/ws"), ws("/ws"), get("/ws")],
+                      tls=True, certs=certs)
+    assert [a[0] for a in results["fastws"]["answers"]] == [101, 101, 200]
+    assert_same(results)
+
+
+def test_websocket_load_balancing_keeps_each_client_on_one_backend(tmp_path: Path) -> None:
+    sources = [f"127.{a}.{b}.9" for a in (1, 7, 42) for b in (3, 88, 200)]
+    results = compare(tmp_path, "WebSocket load balancing",
+                      [ws("/ws", s) for s in sources] * 2)
+    assert_same(results)
+    used = {name for name, heads in results["fastws"]["heads"].items() if heads}
+    assert len(used) > 1      # the addresses spread over the servers
+
+
+def test_performance_optimisation(tmp_path: Path) -> None:
+    results = compare(tmp_path, "Performance optimisation",
+                      [ws("/ws"), get("/ws"), ws("/ws")])
+    assert_same(results)
+
+
+def test_multi_path_websocket(tmp_path: Path) -> None:
+    results = compare(tmp_path, "Multi-path WebSocket",
+                      [ws("/chat/ws"), ws("/notification/ws"), ws("/ws"), ws("/chat/ws/room"),
+                       get("/notification/ws")])
+    assert [a[0] for a in results["fastws"]["answers"]] == [101, 101, 101, 101, 200]
+    assert_same(results)
+
+
+def test_monitoring_and_logging(tmp_path: Path) -> None:
+    results = compare(tmp_path, "Monitoring and logging",
+                      [ws("/ws"), get("/ws"), ws("/ws"), get("/nginx_status")])
+    assert_same(results)
+    (log,) = results["fastws"]["logs"].values()
+    assert len(log) == 3 and all("difftest" in line for line in log)
+
+
+def test_hash_consistent_and_weights(tmp_path: Path) -> None:
+    def variant(text: str) -> str:
+        text = text.replace("ip_hash;", "hash $request_uri consistent;")
+        return re.sub(r"(server 127\.0\.0\.1:\d+);", r"\1 weight=3;", text, count=1)
+    results = compare(tmp_path, "WebSocket load balancing",
+                      [ws(f"/ws/{i}") for i in range(24)], extra=variant)
+    assert_same(results)
+    assert sum(1 for heads in results["fastws"]["heads"].values() if heads) == 3
+
+
+def test_several_server_names_pick_the_same_server(tmp_path: Path) -> None:
+    def variant(text: str) -> str:
+        # a second server on the same address, for other names, answering itself
+        listen = re.search(r"listen (127\.0\.0\.1:\d+);", text).group(1)  # type: ignore
+        return text.replace("http {", "http {\n    server {\n        listen " + listen + ";\n"
+                            "        server_name .other.test www.example.*;\n"
+                            "        location / { return 403; }\n    }", 1)
+    results = compare(tmp_path, "Multi-path WebSocket",
+                      [ws("/chat/ws"), get("/ws"), ws("/chat/ws", host="other.test"),
+                       get("/x", host="a.other.test"), get("/", host="www.example.org"),
+                       get("/", host="unknown.test"), ws("/ws", host="EXAMPLE.com")],
+                      extra=variant)
+    assert [a[0] for a in results["fastws"]["answers"]] == [101, 200, 403, 403, 403, 403, 101]
+    assert_same(results)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping to another user needs root")
+def test_user_runs_the_workers_as_that_user_once_the_listeners_are_open(tmp_path: Path) -> None:
+    backend = Backend("b0")
+    port = free_port()
+    (tmp_path / "logs").mkdir()
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(f"user nobody;\nworker_processes 2;\npid logs/fastws.pid;\n"
+                    f"error_log logs/error.log info;\nevents {{ worker_connections 256; }}\n"
+                    f"http {{\n  access_log logs/access.log;\n"
+                    f"  upstream b {{ server {backend.address}; }}\n"
+                    f"  server {{ listen 127.0.0.1:{port}; location / {{ proxy_pass http://b; }} }}"
+                    "\n}\n")
+    proxy = Proxy(tmp_path, conf, port=port, args=("-p", str(tmp_path)))
+    try:
+        nobody = pwd.getpwnam("nobody").pw_uid
+        wait_until(lambda: len(proxy.workers()) == 2 and all(
+            _uid(pid) == nobody for pid in proxy.workers()))
+        assert _uid(proxy.pid) == 0
+        assert run_requests(port, [get("/a")]) == [(200, b"b0")]
+        assert (tmp_path / "logs" / "access.log").stat().st_uid == nobody
+    finally:
+        proxy.stop(signal.SIGQUIT)
+        backend.close()
+    assert '"GET /a HTTP/1.1" 200 2' in (tmp_path / "logs" / "access.log").read_text()
+
+
+def _uid(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("Uid:"):
+                return int(line.split()[2])     # the effective uid
+    raise AssertionError(f"no Uid in /proc/{pid}/status")
