@@ -232,6 +232,7 @@ cdef enum IoKind:
     IO_CONTROL               # the control plane's event loop (its own epoll fd)
 
 from fastws.includes.openssl cimport FASTWS_SSL, FASTWS_SSL_CTX
+from fastws.includes.pcre2 cimport fastws_regex
 
 cdef struct Io:
     # What epoll's data.ptr points at: every pollable object starts with one.  Readiness is
@@ -305,6 +306,8 @@ cdef struct Loc:
     char *path
     int pathlen
     int exact
+    int noregex              # "^~ /path": a longest-prefix match ends the search
+    fastws_regex *regex      # "~ pattern" or "~* pattern", else NULL
     int kind                 # LocKind
     int group                # upstream group index (LOC_PROXY)
     char *proxy_uri          # replaces the matched prefix, or NULL
@@ -344,6 +347,8 @@ cdef struct Server:
     int nexact
     Loc **prefix             # prefix locations, longest first
     int nprefix
+    Loc **regex              # regular-expression locations, in the configuration's order
+    int nregex
     double client_header_timeout
     int max_request_line
     int max_request_head

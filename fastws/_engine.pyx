@@ -37,6 +37,7 @@ from posix.unistd cimport getpid
 from fastws.includes.buf cimport buf_add, buf_fmt, buf_reserve, fastws_buf
 from fastws.includes.linux cimport *
 from fastws.includes.openssl cimport *
+from fastws.includes.pcre2 cimport fastws_regex, fastws_regex_compile, fastws_regex_free, fastws_regex_match
 
 cdef extern from "<strings.h>" nogil:
     int strncasecmp(const char *s1, const char *s2, size_t n)

@@ -125,6 +125,16 @@ class LocationConfig:
     keepalive_requests: int = 1000
     client_max_body_size: int = 1 << 20  # 0: no limit
     client_body_timeout: float = 60.0
+    noregex: bool = False  # "^~ /path": when it is the longest prefix, no regex is tried
+    regex: str | None = None  # "~ pattern" or "~* pattern" (path then holds the pattern)
+    caseless: bool = False  # "~*"
+
+    @property
+    def written(self) -> str:
+        """The path as written in the configuration."""
+        if self.regex is not None:
+            return f"~{'*' if self.caseless else ''} {self.regex}"
+        return f"{'= ' if self.exact else '^~ ' if self.noregex else ''}{self.path}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -367,10 +377,21 @@ def _read_location(source: str, table: Any, where: str, implicit: dict[str, Upst
                    http: Mapping[str, Any] | None = None) -> LocationConfig:
     r = _Reader(source, table, where)
     raw_path = r.get("path", str, required=True)
-    exact = raw_path.startswith("=")
-    path = raw_path[1:].strip() if exact else raw_path
-    if not path.startswith("/"):
-        raise r.fail("path", f"{raw_path!r} must start with '/' (or '= /' for an exact match)")
+    modifier, _, rest = raw_path.partition(" ")
+    regex = None
+    if modifier in ("~", "~*"):
+        regex = rest.strip()
+        problem = _regex_problem(regex, modifier == "~*") if regex else "an empty pattern"
+        if problem is not None:
+            raise r.fail("path", f"{raw_path!r}: {problem}")
+        path, exact = regex, False
+    else:
+        exact = raw_path.startswith("=")
+        noregex = raw_path.startswith("^~")
+        path = raw_path[2 if noregex else 1:].strip() if exact or noregex else raw_path
+        if not path.startswith("/"):
+            raise r.fail("path", f"{raw_path!r} must start with '/' (or be '= /path', "
+                         "'^~ /path', '~ regex' or '~* regex')")
     r.where = f"{where.rsplit('[', 1)[0]}[{raw_path!r}]"
     proxy_pass = r.get("proxy_pass", str, None)
     proxy_uri = None
@@ -440,10 +461,22 @@ def _read_location(source: str, table: Any, where: str, implicit: dict[str, Upst
     access_log = _access_log(r, logs)
     http = _read_http_limits(r, http if http is not None else _HTTP_DEFAULTS)
     r.finish()
+    if regex is not None and proxy_uri is not None:
+        raise r.fail("proxy_pass", "a regular-expression location cannot replace a matched "
+                     "prefix: write proxy_pass without a URI part (as nginx requires)")
     return LocationConfig(path, exact, upstream_name, proxy_uri, websocket, tokens,
                           connect_timeout, send_timeout, read_timeout, tries, next_timeout,
                           set_headers, relay, socket_keepalive, return_status, return_body,
-                          status, proxy_tls, access_log, **http)
+                          status, proxy_tls, access_log, **http,
+                          noregex=regex is None and raw_path.startswith("^~"), regex=regex,
+                          caseless=modifier == "~*")
+
+
+def _regex_problem(pattern: str, caseless: bool) -> str | None:
+    # PCRE2, as the engine matches it (and nginx)
+    from ._engine import regex_problem
+    problem: str | None = regex_problem(pattern, caseless)
+    return problem
 
 
 def _access_log(r: _Reader, logs: tuple[Any, Any]) -> Any:
@@ -488,13 +521,15 @@ def _read_server(source: str, table: Any, index: int, implicit: dict[str, Upstre
     if not locs_raw and not redirect_https:
         raise r.fail("location", "a server needs at least one [[server.location]]")
     locations = []
-    seen: set[tuple[str, bool]] = set()
+    seen: set[tuple[str, bool, bool, bool]] = set()
     for i, loc in enumerate(locs_raw):
         lc = _read_location(source, loc, f"{r.key('location')}[{i}]", implicit, logs, http)
-        if (lc.path, lc.exact) in seen:
+        # "/a" and "^~ /a" are one prefix for nginx too
+        key = (lc.path, lc.exact, lc.regex is not None, lc.caseless)
+        if key in seen:
             raise ConfigError(source, f"{r.key('location')}[{i}].path",
-                              f"duplicate location {('= ' if lc.exact else '') + lc.path!r}")
-        seen.add((lc.path, lc.exact))
+                              f"duplicate location {lc.written!r}")
+        seen.add(key)
         locations.append(lc)
     r.finish()
     return ServerBlock(tuple(listen), names, default, tuple(locations), header_timeout,

@@ -45,6 +45,7 @@ class ServerTable:
     tls: Any                         # ssl.SSLContext or None
     handshake_timeout: float
     access_log: int
+    regex: list[int] = field(default_factory=list)   # regex locations, in configuration order
 
 
 @dataclass
@@ -76,6 +77,9 @@ class LocationTable:
     keepalive_requests: int
     client_max_body_size: int
     client_body_timeout: float
+    noregex: bool = False            # "^~ /path"
+    regex: str | None = None         # "~ pattern" / "~* pattern": the pattern
+    caseless: bool = False
 
 
 @dataclass
@@ -234,8 +238,10 @@ def _server(t: Tables, server: ServerBlock, groups: dict[str, int], logs: _Logs,
     t.locations.extend(locs)
     exact = sorted((first + i for i, loc in enumerate(locs) if loc.exact),
                    key=lambda i: t.locations[i].path.encode())
-    prefix = sorted((first + i for i, loc in enumerate(locs) if not loc.exact),
+    prefix = sorted((first + i for i, loc in enumerate(locs)
+                     if not loc.exact and loc.regex is None),
                     key=lambda i: -len(t.locations[i].path.encode()))
+    regex = [first + i for i, loc in enumerate(locs) if loc.regex is not None]
     tls_conf = server.tls
     server_log = {loc.access_log for loc in server.locations}
     return ServerTable(
@@ -245,7 +251,7 @@ def _server(t: Tables, server: ServerBlock, groups: dict[str, int], logs: _Logs,
         tls_conf.handshake_timeout if tls_conf is not None else 60.0,
         # a request that matches no location is logged by the server's log: the one its
         # locations share
-        logs.index(server_log.pop()) if len(server_log) == 1 else -1)
+        logs.index(server_log.pop()) if len(server_log) == 1 else -1, regex)
 
 
 def _location(loc: LocationConfig, groups: dict[str, int], logs: _Logs,
@@ -267,4 +273,5 @@ def _location(loc: LocationConfig, groups: dict[str, int], logs: _Logs,
         up_tls.conf.server_name if up_tls is not None else None,
         up_tls.conf.verify if up_tls is not None else True,
         logs.index(loc.access_log), loc.keepalive_timeout, loc.keepalive_requests,
-        loc.client_max_body_size, loc.client_body_timeout)
+        loc.client_max_body_size, loc.client_body_timeout, loc.noregex, loc.regex,
+        loc.caseless)

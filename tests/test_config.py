@@ -169,3 +169,32 @@ def test_version():
     import fastws
     result = run_cli("--version")
     assert result.stdout.strip() == f"fastws {fastws.__version__}"
+
+
+def test_location_forms_as_nginx_writes_them():
+    data = {"server": [{"listen": ["127.0.0.1:8080"], "location": [
+                {"path": "= /a", "return": 201}, {"path": "^~ /b", "return": 202},
+                {"path": "~ ^/c/[0-9]+$", "return": 203}, {"path": "~* \\.png$", "return": 204},
+                {"path": "/b/c", "return": 205}]}]}
+    cfg = config.from_dict(data)
+    locs = cfg.servers[0].locations
+    assert [(loc.path, loc.exact, loc.noregex, loc.regex, loc.caseless) for loc in locs] == [
+        ("/a", True, False, None, False), ("/b", False, True, None, False),
+        ("^/c/[0-9]+$", False, False, "^/c/[0-9]+$", False),
+        ("\\.png$", False, False, "\\.png$", True), ("/b/c", False, False, None, False)]
+    assert [loc.written for loc in locs] == ["= /a", "^~ /b", "~ ^/c/[0-9]+$", "~* \\.png$",
+                                             "/b/c"]
+
+
+@pytest.mark.parametrize("locations, problem", [
+    ([{"path": "~ ^/(a", "return": 200}], "missing closing parenthesis at offset 4"),
+    ([{"path": "~ ", "return": 200}], "an empty pattern"),
+    ([{"path": "~ ^/a", "proxy_pass": "http://127.0.0.1:9000/x"}],
+     "cannot replace a matched prefix"),
+    ([{"path": "/a", "return": 200}, {"path": "^~ /a", "return": 200}], "duplicate location"),
+    ([{"path": "a", "return": 200}], "must start with '/'"),
+])
+def test_location_mistakes(locations, problem):
+    data = {"server": [{"listen": ["127.0.0.1:8080"], "location": locations}]}
+    with pytest.raises(ConfigError, match=problem):
+        config.from_dict(data)

@@ -181,7 +181,7 @@ def test_convert_round_trips_to_the_same_configuration(tmp_path: Path) -> None:
     assert replace(a, **keep) == replace(b, **keep)
     assert b.processes == 2
     data = tomllib.loads(text)
-    assert data["server"][0]["location"][1]["path"] == "/api/"
+    assert data["server"][0]["location"][1]["path"] == "^~ /api/"
     assert data["server"][0]["max_request_head"] == 65536
 
 

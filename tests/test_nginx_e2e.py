@@ -354,3 +354,29 @@ def _uid(pid: int) -> int:
             if line.startswith("Uid:"):
                 return int(line.split()[2])     # the effective uid
     raise AssertionError(f"no Uid in /proc/{pid}/status")
+
+
+def test_regex_and_prefix_locations_in_nginx_order(tmp_path: Path) -> None:
+    # exact, ^~, the longest prefix, then regular expressions in order (case-sensitive and
+    # not), each location answering with its own status
+    def variant(text: str) -> str:
+        return text.replace("    location /ws {", """    location = /exact { return 201; }
+    location ^~ /static/ { return 202; }
+    location /static/deeper/ { return 203; }
+    location ~ ^/api/v[0-9]+/ { return 204; }
+    location ~* \\.(PNG|jpg)$ { return 205; }
+    location /api/ { return 206; }
+    location ~ ^/ws/(\\d+)$ {
+        proxy_pass http://websocket_backend;
+        proxy_http_version 1.1;
+        proxy_set_header Upgrade $http_upgrade;
+        proxy_set_header Connection $connection_upgrade;
+    }
+    location /ws {""", 1)
+    paths = ["/exact", "/static/a.png", "/static/deeper/b.png", "/api/v2/x.jpg", "/api/x",
+             "/api/x.JPG", "/other.png", "/ws/12", "/ws/x", "/ws/%31%32", "/API/v1/x.JPG"]
+    results = compare(tmp_path, "Multi-path WebSocket",
+                      [get(p) for p in paths] + [ws("/ws/7"), ws("/ws/seven")], extra=variant)
+    assert [a[0] for a in results["fastws"]["answers"]] == [
+        201, 202, 205, 204, 206, 205, 205, 200, 200, 200, 205, 101, 101]
+    assert_same(results)

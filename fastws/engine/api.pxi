@@ -18,6 +18,7 @@ cdef class Engine:
     cdef list _status_formats
     cdef list _access_logs            # (file index, format index, open) per AccessLog
     cdef list _format_specs
+    cdef list _regexes                # addresses of the compiled fastws_regex, freed with us
     cdef AccessLog **_als
     cdef int _nals
     cdef LogFile **_files
@@ -195,6 +196,9 @@ cdef class Engine:
             loc = &locs[i]
             loc.path = arena_str(&self.arena, spec.path, &loc.pathlen)
             loc.exact = spec.exact
+            loc.noregex = spec.noregex
+            loc.regex = self._compile(spec.regex, spec.caseless) if spec.regex is not None \
+                else NULL
             loc.kind = spec.kind
             loc.group = spec.group
             loc.proxy_uri = arena_str(&self.arena, spec.proxy_uri, &loc.proxy_uri_len) \
@@ -249,6 +253,10 @@ cdef class Engine:
             s.prefix = <Loc **>arena_alloc(&self.arena, sizeof(Loc *) * (s.nprefix + 1))
             for j, k in enumerate(spec.prefix):
                 s.prefix[j] = &locs[k]
+            s.nregex = len(spec.regex)
+            s.regex = <Loc **>arena_alloc(&self.arena, sizeof(Loc *) * (s.nregex + 1))
+            for j, k in enumerate(spec.regex):
+                s.regex[j] = &locs[k]
             s.client_header_timeout = spec.client_header_timeout
             s.max_request_line = spec.max_request_line
             s.max_request_head = spec.max_request_head
@@ -277,6 +285,17 @@ cdef class Engine:
             l.tail = self._names(spec.tail, servers)
             l.default_server = &servers[spec.default]
         listeners_watch(e, 1)
+
+    cdef fastws_regex *_compile(self, str pattern, bint caseless) except NULL:
+        cdef fastws_regex *re = <fastws_regex *>arena_alloc(&self.arena, sizeof(fastws_regex))
+        cdef bytes p = pattern.encode()
+        cdef char err[320]
+        if fastws_regex_compile(re, p, len(p), caseless, err, sizeof(err)) < 0:
+            raise ValueError(f"{pattern!r}: {err.decode(errors='replace')}")
+        if self._regexes is None:
+            self._regexes = []
+        self._regexes.append(<size_t>re)
+        return re
 
     cdef NameEntry *_names(self, entries, Server *servers) except NULL:
         cdef NameEntry *out = <NameEntry *>arena_alloc(&self.arena, sizeof(NameEntry) * (len(entries) + 1))
@@ -725,6 +744,8 @@ cdef class Engine:
             free(self._files[i].buf)
             free(self._files[i])
         free(self._files)
+        for address in self._regexes or ():
+            fastws_regex_free(<fastws_regex *><size_t>address)
         head_free(&self.e.head)
         head_free(&self.e.rhead)
         free(self.e.heap)
@@ -737,6 +758,17 @@ cdef class Engine:
         free(self.e)
         self.e = NULL
         arena_free(&self.arena)
+
+
+def regex_problem(str pattern, bint caseless=False):
+    """Why PCRE2 cannot compile a pattern (nginx's regular expressions), or None."""
+    cdef fastws_regex re
+    cdef bytes p = pattern.encode()
+    cdef char err[320]
+    if fastws_regex_compile(&re, p, len(p), caseless, err, sizeof(err)) < 0:
+        return err.decode(errors="replace")
+    fastws_regex_free(&re)
+    return None
 
 
 cdef tuple _RELAYS = ("auto", "splice", "copy")

@@ -4,9 +4,11 @@
 # matches the Host (exact names first, then the longest leading wildcard "*.example.com", then
 # the longest trailing wildcard "www.example.*"), else the default server of the address (the
 # one marked default, or the first) - ngx_http_find_virtual_server without regular expressions.
-# Location: an exact "= /path" first, then the longest matching prefix
-# (ngx_http_core_find_location without regular expressions).  Python sorts the tables
-# (tables.py); the lookups here are plain loops over C arrays.
+# Location (ngx_http_core_find_location): an exact "= /path" first; then the longest matching
+# prefix, which ends the search if it is a "^~ /path"; else the regular-expression locations
+# in the configuration's order, the first that matches the decoded path winning; else that
+# longest prefix.  Python sorts the tables (tables.py); the lookups here are plain loops over
+# C arrays, and a server without regular expressions never reaches PCRE2.
 
 cdef int host_name(const char *v, int n, char *out, int cap) noexcept nogil:
     # nginx's $host from a Host value: lower case, without the port and a trailing dot.
@@ -57,6 +59,7 @@ cdef Server *route_server(Listener *l, const char *host, int n) noexcept nogil:
 cdef Loc *route_location(Server *s, const char *path, int n) noexcept nogil:
     cdef int lo = 0, hi = s.nexact - 1, mid, cmp, i
     cdef Loc *loc
+    cdef Loc *found = NULL
     while lo <= hi:
         mid = (lo + hi) >> 1
         loc = s.exact[mid]
@@ -72,8 +75,15 @@ cdef Loc *route_location(Server *s, const char *path, int n) noexcept nogil:
     for i in range(s.nprefix):
         loc = s.prefix[i]
         if loc.pathlen <= n and memcmp(loc.path, path, loc.pathlen) == 0:
+            found = loc
+            break
+    if found != NULL and found.noregex:
+        return found
+    for i in range(s.nregex):
+        loc = s.regex[i]
+        if fastws_regex_match(loc.regex, path, n):
             return loc
-    return NULL
+    return found
 
 
 cdef int unhex(char ch) noexcept nogil:

@@ -545,19 +545,16 @@ class _Translator:
                     break
         if len(args) == 2:
             mod, uri = args
-            if mod in ("~", "~*"):
-                raise fail(d, f"\"location {mod} {uri}\": regular-expression locations are "
-                           "not supported by fastws yet")
-            if mod not in ("=", "^~"):
+            if mod not in ("=", "^~", "~", "~*"):
                 raise fail(d, f"invalid location modifier \"{mod}\"")
         else:
             mod, uri = "", args[0]
         if uri.startswith("@"):
             raise fail(d, f"\"location {uri}\": named locations are not supported by fastws "
                        "(it has no internal redirects)")
-        if not uri.startswith("/"):
+        if not uri.startswith("/") and mod not in ("~", "~*"):
             raise fail(d, f"\"location {uri}\": fastws's locations start with \"/\"")
-        path = f"= {uri}" if mod == "=" else uri
+        path = f"{mod} {uri}" if mod else uri
         if seen is not None:
             if path in seen:
                 raise fail(d, f"duplicate location \"{uri}\"")
