@@ -357,6 +357,31 @@ cdef struct Server:
     double handshake_timeout
     AccessLog *log           # the server's log (requests that match no location)
 
+cdef struct MapEntry:
+    char *key                # lower case; ".example.com" / "www.example." for wildcards
+    int len
+    Template *value
+
+cdef struct MapRegex:
+    fastws_regex *regex
+    Template *value
+
+cdef struct MapTable:
+    # nginx's map: the source rendered, then the exact values (binary search), with hostnames
+    # the longest "*.example.com" and "www.example.*", then the regular expressions in
+    # order, else the default
+    Template *source
+    MapEntry *exact
+    int nexact
+    MapEntry *head
+    int nhead
+    MapEntry *tail
+    int ntail
+    MapRegex *regex
+    int nregex
+    Template *dflt           # NULL: the empty value
+    int hostnames
+
 cdef struct NameEntry:
     char *name               # exact name, ".example.com" suffix, or "www.example." prefix
     int len
@@ -619,6 +644,8 @@ cdef struct Eng:
     char **group_names
     char ***peer_hosts       # per group, per peer: its host as written (TLS's SNI and name check)
     Template **hash_keys     # per group: the hash key, or NULL
+    MapTable *maps           # the configuration's maps, by index ($map_ variables)
+    int nmaps
     Pool *pools
     int ngroups
     # connections
@@ -691,6 +718,7 @@ cdef enum Var:
     V_CONNECTION
     V_CONNECTION_REQUESTS
     V_PID
+    V_MAP                    # a map's variable; its argument is the map's index
     # log phase: known when the line is written
     V_UPSTREAM_ADDR
     V_STATUS

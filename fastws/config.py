@@ -14,7 +14,7 @@ import tomllib
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Mapping
 
-from . import accesslog, tls
+from . import accesslog, tls, variables
 from .addresses import MAX_CHASH_WEIGHT, Address, PeerSpec, parse_address, resolve
 from .errors import ConfigError
 from .tls import TLSConfig, UpstreamTLS
@@ -151,6 +151,20 @@ class ServerBlock:
 
 
 @dataclass(frozen=True, slots=True)
+class MapConfig:
+    """A `map`: a variable whose value is looked up from another value (nginx's map module)."""
+
+    variable: str
+    source: Template
+    default: Template | None
+    hostnames: bool
+    exact: tuple[tuple[str, Template], ...]       # lower case keys
+    head: tuple[tuple[str, Template], ...]        # "*.example.com" as ".example.com"
+    tail: tuple[tuple[str, Template], ...]        # "www.example.*" as "www.example."
+    regex: tuple[tuple[str, bool, Template], ...]  # pattern, caseless, value; in order
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     source: str
     upstreams: tuple[UpstreamConfig, ...]
@@ -171,6 +185,7 @@ class Config:
     files: tuple[str, ...] = ()         # every file read, the main one first
     ignored: tuple[str, ...] = ()       # nginx directives accepted that change nothing
     differences: tuple[str, ...] = ()   # where fastws keeps a stricter behaviour than nginx
+    maps: tuple[MapConfig, ...] = ()
 
     def upstream(self, name: str) -> UpstreamConfig:
         for up in self.upstreams:
@@ -618,6 +633,106 @@ def _check_listeners(source: str, servers: tuple[ServerBlock, ...]) -> None:
 def from_dict(data: Mapping[str, Any], source: str = "<config>") -> Config:
     """Build a Config from parsed TOML (a dict), checking every key."""
     r = _Reader(source, data, "")
+    maps_raw = r.get("map", list, [])
+    names = _map_names(source, maps_raw)
+    with variables.maps_known(names):
+        maps = tuple(_read_map(source, table, i) for i, table in enumerate(maps_raw))
+        _check_map_cycles(source, maps, names)
+        return replace(_from_dict(r, source), maps=maps)
+
+
+def _map_names(source: str, maps_raw: list[Any]) -> dict[str, int]:
+    names: dict[str, int] = {}
+    for i, table in enumerate(maps_raw):
+        name = table.get("variable") if isinstance(table, Mapping) else None
+        if not isinstance(name, str) or not re.fullmatch(r"\$?[A-Za-z0-9_]+", name):
+            raise ConfigError(source, f"map[{i}].variable", "expected a variable name, such as "
+                              "\"connection_upgrade\"")
+        name = name.lstrip("$").lower()
+        try:
+            variables.lookup(name)
+        except ValueError:
+            pass
+        else:
+            raise ConfigError(source, f"map[{i}].variable", f"${name} is already a variable")
+        if name in names:
+            raise ConfigError(source, f"map[{i}].variable", f"duplicate map ${name}")
+        names[name] = i
+    return names
+
+
+def _read_map(source: str, table: Any, index: int) -> MapConfig:
+    r = _Reader(source, table, f"map[{index}]")
+    name = r.get("variable", str, required=True).lstrip("$").lower()
+    r.where = f"map.{name}"
+    source_tpl = r.convert("source", _template_value, None)
+    if source_tpl is None:
+        raise r.fail("source", "is required (for example \"$http_upgrade\")")
+    default = r.convert("default", _template_value, None)
+    hostnames = r.get("hostnames", bool, False)
+    exact: dict[str, Template] = {}
+    head: list[tuple[str, Template]] = []
+    tail: list[tuple[str, Template]] = []
+    regex: list[tuple[str, bool, Template]] = []
+    for i, pair in enumerate(r.get("values", list, [])):
+        key_where = f"{r.key('values')}[{i}]"
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str)
+                                                                   for x in pair)):
+            raise ConfigError(source, key_where, "expected [\"value\", \"result\"]")
+        key, value = pair
+        try:
+            result = parse_template(value)
+        except ValueError as exc:
+            raise ConfigError(source, key_where, str(exc)) from None
+        if key.startswith("~"):
+            caseless = key.startswith("~*")
+            pattern = key[2 if caseless else 1:]
+            problem = _regex_problem(pattern, caseless) if pattern else "an empty pattern"
+            if problem is not None:
+                raise ConfigError(source, key_where, f"{key!r}: {problem}")
+            regex.append((pattern, caseless, result))
+            continue
+        key = key[1:] if key.startswith("\\") else key   # "\\~x": a literal "~x"
+        key = key.lower()                  # nginx matches strings ignoring case
+        if hostnames and key.startswith("*."):
+            head.append((key[1:], result))
+        elif hostnames and key.startswith("."):
+            exact.setdefault(key[1:], result)
+            head.append((key, result))
+        elif hostnames and key.endswith(".*"):
+            tail.append((key[:-1], result))
+        elif key in exact:
+            raise ConfigError(source, key_where, f"duplicate value {pair[0]!r}")
+        else:
+            exact[key] = result
+    r.finish()
+    # sorted as bytes: the engine looks exact values up by binary search
+    return MapConfig(name, source_tpl, default, hostnames,
+                     tuple(sorted(exact.items(), key=lambda e: e[0].encode())),
+                     tuple(sorted(head, key=lambda e: -len(e[0]))),
+                     tuple(sorted(tail, key=lambda e: -len(e[0]))), tuple(regex))
+
+
+def _check_map_cycles(source: str, maps: tuple[MapConfig, ...], names: dict[str, int]) -> None:
+    """A map whose value needs itself, directly or through other maps, would never end."""
+    needs: dict[str, set[str]] = {}
+    for m in maps:
+        templates = [m.source, m.default, *(t for _, t in m.exact), *(t for _, t in m.head),
+                     *(t for _, t in m.tail), *(t for _, _, t in m.regex)]
+        needs[m.variable] = {v for t in templates if t is not None for v in t.variables
+                             if v in names}
+    for start in needs:
+        seen, todo = set(), list(needs[start])
+        while todo:
+            v = todo.pop()
+            if v == start:
+                raise ConfigError(source, f"map.{start}", f"${start} depends on itself")
+            if v not in seen:
+                seen.add(v)
+                todo.extend(needs.get(v, ()))
+
+
+def _from_dict(r: _Reader, source: str) -> Config:
     processes_raw = r.get("processes", (int, str), 1)
     if processes_raw == "auto":
         # the CPUs this process may run on (a container's or a taskset's share), as nginx

@@ -123,6 +123,18 @@ class Tables:
     log_files: list[LogFileTable] = field(default_factory=list)
     log_formats: list[LogFormatTable] = field(default_factory=list)
     access_logs: list[AccessLogTable] = field(default_factory=list)
+    maps: list[MapTableSpec] = field(default_factory=list)
+
+
+@dataclass
+class MapTableSpec:
+    source: Any                      # template parts
+    default: Any                     # template parts or None
+    hostnames: bool
+    exact: list[tuple[str, Any]]     # (lower-case value, template parts), sorted as bytes
+    head: list[tuple[str, Any]]      # (".example.com", parts), longest first
+    tail: list[tuple[str, Any]]      # ("www.example.", parts), longest first
+    regex: list[tuple[str, bool, Any]]  # (pattern, caseless, parts), in order
 
 
 def _parts(template: Template | None) -> Any:
@@ -163,6 +175,11 @@ def build(config: Config, sockets: list[socket.socket], groups: dict[str, Any],
     """The tables for one worker: its listening sockets, the configuration's servers and
     locations, the upstream groups balancer.py built, the TLS contexts of tls.py."""
     t = Tables()
+    for m in config.maps:
+        t.maps.append(MapTableSpec(
+            _parts(m.source), _parts(m.default), m.hostnames,
+            [(k, _parts(v)) for k, v in m.exact], [(k, _parts(v)) for k, v in m.head],
+            [(k, _parts(v)) for k, v in m.tail], [(p, c, _parts(v)) for p, c, v in m.regex]))
     logs = _Logs(t)
     group_index: dict[str, int] = {}
     for name, grp in groups.items():

@@ -14,7 +14,10 @@ Adding a variable: a row here, a member of `Var` at the same place, and a branch
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Iterator, Mapping
 
 REQUEST, LOG = 0, 1
 
@@ -44,6 +47,7 @@ _TABLE: tuple[tuple[str, int], ...] = (
     ("connection", REQUEST),
     ("connection_requests", REQUEST),
     ("pid", REQUEST),
+    ("map_", REQUEST),            # a variable made by a `map` (its argument: the map's index)
     ("upstream_addr", LOG),
     ("status", LOG),
     ("body_bytes_sent", LOG),
@@ -66,6 +70,20 @@ _TABLE: tuple[tuple[str, int], ...] = (
 NUMBERS: dict[str, int] = {name: i for i, (name, _) in enumerate(_TABLE)}
 PHASES: dict[str, int] = dict(_TABLE)
 FAMILIES = ("http_", "arg_", "cookie_")
+NAMED = FAMILIES + ("map_",)   # rows that are not variables by themselves
+
+# The variables the configuration's maps make: name -> the map's index, while a configuration
+# is read (config.from_dict sets it around the reading, so that every template sees them).
+_MAPS: ContextVar[Mapping[str, int]] = ContextVar("maps", default={})
+
+
+@contextmanager
+def maps_known(maps: Mapping[str, int]) -> Iterator[None]:
+    token = _MAPS.set(maps)
+    try:
+        yield
+    finally:
+        _MAPS.reset(token)
 
 _VAR = re.compile(r"\$(?:\{([A-Za-z0-9_]+)\}|([A-Za-z0-9_]+))")
 
@@ -81,7 +99,10 @@ class Variable:
 def lookup(name: str) -> Variable:
     """The variable $name; ValueError if fastws does not know it."""
     name = name.lower()
-    if name in NUMBERS and name not in FAMILIES:
+    maps = _MAPS.get()
+    if name in maps:
+        return Variable(name, NUMBERS["map_"], str(maps[name]), REQUEST)
+    if name in NUMBERS and name not in NAMED:
         return Variable(name, NUMBERS[name], "", PHASES[name])
     for family in FAMILIES:
         if name.startswith(family) and len(name) > len(family):

@@ -198,3 +198,41 @@ def test_location_mistakes(locations, problem):
     data = {"server": [{"listen": ["127.0.0.1:8080"], "location": locations}]}
     with pytest.raises(ConfigError, match=problem):
         config.from_dict(data)
+
+
+def test_maps_are_read_in_nginx_terms():
+    data = minimal(set_headers={"X-Tier": "$tier"})
+    data["map"] = [
+        {"variable": "$tier", "source": "$tenant", "default": "bronze",
+         "values": [["MAIN", "gold"], ["~*^o", "silver"]]},
+        {"variable": "tenant", "source": "$http_host", "hostnames": True,
+         "values": [[".example.net", "net"], ["*.example.org", "org"], ["www.example.*", "w"],
+                    ["\\~literal", "x"]]}]
+    cfg = config.from_dict(data)
+    tier, tenant = cfg.maps
+    assert [k for k, _ in tier.exact] == ["main"] and tier.regex[0][:2] == ("^o", True)
+    assert [k for k, _ in tenant.exact] == ["example.net", "~literal"]
+    assert [k for k, _ in tenant.head] == [".example.net", ".example.org"]
+    assert [k for k, _ in tenant.tail] == ["www.example."]
+    (name, value), = [h for h in cfg.servers[0].locations[0].set_headers if h[0] == "X-Tier"]
+    assert value is not None and value.parts == ((variables.NUMBERS["map_"], "0"),)
+
+
+@pytest.mark.parametrize("maps, key, problem", [
+    ([{"variable": "host", "source": "$uri"}], "map[0].variable", "already a variable"),
+    ([{"variable": "a", "source": "$uri"}, {"variable": "a", "source": "$uri"}],
+     "map[1].variable", "duplicate map"),
+    ([{"variable": "a", "source": "$b"}, {"variable": "b", "source": "$uri", "default": "$a"}],
+     "map.a", "depends on itself"),
+    ([{"variable": "a", "source": "$uri", "values": [["~(", "x"]]}], "map.a.values[0]",
+     "missing closing parenthesis"),
+    ([{"variable": "a", "source": "$nope"}], "map.a.source", "unknown variable"),
+    ([{"variable": "a", "source": "$uri", "values": [["x", "1"], ["X", "2"]]}],
+     "map.a.values[1]", "duplicate value"),
+])
+def test_map_mistakes(maps, key, problem):
+    data = minimal()
+    data["map"] = maps
+    with pytest.raises(ConfigError) as info:
+        config.from_dict(data)
+    assert info.value.key == key and problem in info.value.problem

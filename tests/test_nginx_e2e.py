@@ -380,3 +380,46 @@ def test_regex_and_prefix_locations_in_nginx_order(tmp_path: Path) -> None:
     assert [a[0] for a in results["fastws"]["answers"]] == [
         201, 202, 205, 204, 206, 205, 205, 200, 200, 200, 205, 101, 101]
     assert_same(results)
+
+
+def test_maps_give_the_same_values_as_nginx(tmp_path: Path) -> None:
+    # strings ignoring case, hostnames' wildcards, regular expressions in order, a default
+    # with variables, a map of a map, and a map as the hash key
+    def variant(text: str) -> str:
+        text = text.replace("http {", r"""http {
+    map $http_host $tenant {
+        hostnames;
+        default "other-$request_method";
+        example.com main;
+        *.example.org org;
+        .example.net net;
+        www.example.* www;
+        ~^api\.(v[0-9])\. api;
+        ~*^CDN cdn;
+    }
+    map $tenant $tier {
+        main gold;
+        ~^o silver;
+        default bronze;
+    }
+    map $http_x_forwarded_proto $forwarded_proto {
+        default $http_x_forwarded_proto;
+        ''      $scheme;
+    }""", 1)
+        return text.replace("""    location /ws {
+        proxy_pass http://websocket_backend;""", """    location /ws {
+        proxy_pass http://websocket_backend;
+        proxy_set_header X-Tenant $tenant;
+        proxy_set_header X-Tier "$tier/$tenant";
+        proxy_set_header X-Forwarded-Proto $forwarded_proto;""", 1).replace(
+            "server 127.0.0.1", "hash $tier consistent;\n        server 127.0.0.1", 1)
+    hosts = ["example.com", "EXAMPLE.COM", "a.example.org", "example.org", "b.example.net",
+             "example.net", "www.example.de", "api.v2.x", "cdn.example.com", "unknown.test",
+             "example.com."]
+    results = compare(tmp_path, "Multi-path WebSocket",
+                      [get("/ws", host=h) for h in hosts] + [ws("/ws", host="a.example.org")],
+                      extra=variant)
+    assert_same(results)
+    tenants = [dict(fields)["x-tenant"] for heads in results["fastws"]["heads"].values()
+               for _, fields in heads]
+    assert {"main", "org", "net", "www", "api", "cdn", "other-GET"} <= set(tenants)

@@ -14,7 +14,7 @@ from fastws import variables
 from support import RawBackend, free_port, raw_echo_handler, read_all, read_head, upgrade_request, \
     wait_until
 
-NAMES = [name for name in variables.NUMBERS if name not in variables.FAMILIES]
+NAMES = [name for name in variables.NUMBERS if name not in variables.NAMED]
 
 
 def test_parse_template_splits_literals_and_variables():

@@ -97,6 +97,7 @@ cdef class Engine:
         if self.loaded:
             raise RuntimeError("the engine's tables are loaded already")
         self._load_logs(tables)
+        self._load_maps(tables)
         self._load_groups(tables)
         self._load_servers(tables)
         self.loaded = True
@@ -285,6 +286,38 @@ cdef class Engine:
             l.tail = self._names(spec.tail, servers)
             l.default_server = &servers[spec.default]
         listeners_watch(e, 1)
+
+    cdef _load_maps(self, tables):
+        cdef Eng *e = self.e
+        cdef MapTable *m
+        cdef int i, j
+        e.nmaps = len(tables.maps)
+        e.maps = <MapTable *>arena_alloc(&self.arena, sizeof(MapTable) * (e.nmaps + 1))
+        for i, spec in enumerate(tables.maps):
+            m = &e.maps[i]
+            m.source = arena_template(&self.arena, spec.source)
+            m.dflt = arena_template(&self.arena, spec.default) if spec.default is not None \
+                else NULL
+            m.hostnames = spec.hostnames
+            m.exact = self._map_entries(spec.exact)
+            m.nexact = len(spec.exact)
+            m.head = self._map_entries(spec.head)
+            m.nhead = len(spec.head)
+            m.tail = self._map_entries(spec.tail)
+            m.ntail = len(spec.tail)
+            m.nregex = len(spec.regex)
+            m.regex = <MapRegex *>arena_alloc(&self.arena, sizeof(MapRegex) * (m.nregex + 1))
+            for j, (pattern, caseless, parts) in enumerate(spec.regex):
+                m.regex[j].regex = self._compile(pattern, caseless)
+                m.regex[j].value = arena_template(&self.arena, parts)
+
+    cdef MapEntry *_map_entries(self, entries) except NULL:
+        cdef MapEntry *out = <MapEntry *>arena_alloc(&self.arena, sizeof(MapEntry) * (len(entries) + 1))
+        cdef int i
+        for i, (key, parts) in enumerate(entries):
+            out[i].key = arena_str(&self.arena, key, &out[i].len)
+            out[i].value = arena_template(&self.arena, parts)
+        return out
 
     cdef fastws_regex *_compile(self, str pattern, bint caseless) except NULL:
         cdef fastws_regex *re = <fastws_regex *>arena_alloc(&self.arena, sizeof(fastws_regex))

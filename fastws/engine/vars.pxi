@@ -179,6 +179,8 @@ cdef void var_put(Eng *e, Conn *c, LogRec *lr, int var, const char *arg, int arg
         buf_fmt(out, "%d", c.nreq)
     elif var == V_PID:
         buf_fmt(out, "%d", <int>getpid())
+    elif var == V_MAP:
+        map_put(e, c, lr, arg, out)
     elif var == V_PROXY_HOST:
         if c.loc != NULL and c.loc.proxy_host != NULL:
             buf_add(out, c.loc.proxy_host, <int>strlen(c.loc.proxy_host))
@@ -245,6 +247,68 @@ cdef void var_put(Eng *e, Conn *c, LogRec *lr, int var, const char *arg, int arg
         remote_user(h, out)
     elif var == V_SERVER_PROTOCOL:
         buf_fmt(out, "HTTP/1.%d", h.version - 10)
+
+
+cdef void map_put(Eng *e, Conn *c, LogRec *lr, const char *arg, fastws_buf *out) noexcept nogil:
+    # ngx_http_map_variable / ngx_http_map_find: the source rendered, matched as the map says.
+    cdef int index = 0, i, n, lo, hi, mid, cmp
+    cdef MapTable *m
+    cdef MapEntry *me
+    cdef Template *found = NULL
+    cdef fastws_buf src
+    cdef char *low
+    while arg[0] != 0:
+        index = index * 10 + (arg[0] - 48)
+        arg += 1
+    if index >= e.nmaps:
+        return
+    m = &e.maps[index]
+    memset(&src, 0, sizeof(src))
+    tpl_render(e, c, lr, m.source, &src)
+    n = <int>src.len
+    if m.hostnames and n > 0 and src.p[n - 1] == b'.':
+        n -= 1
+    # strings are matched ignoring case: a lower-case copy after the value
+    if buf_reserve(&src, n) == 0:
+        low = src.p + src.len
+        for i in range(n):
+            low[i] = src.p[i] + 32 if c'A' <= src.p[i] <= c'Z' else src.p[i]
+        lo = 0
+        hi = m.nexact - 1
+        while lo <= hi and found == NULL:
+            mid = (lo + hi) >> 1
+            me = &m.exact[mid]
+            cmp = memcmp(me.key, low, me.len if me.len < n else n)
+            if cmp == 0:
+                cmp = me.len - n
+            if cmp == 0:
+                found = me.value
+            elif cmp < 0:
+                lo = mid + 1
+            else:
+                hi = mid - 1
+        i = 0
+        while found == NULL and i < m.nhead:
+            me = &m.head[i]
+            if me.len < n and memcmp(me.key, low + n - me.len, me.len) == 0:
+                found = me.value
+            i += 1
+        i = 0
+        while found == NULL and i < m.ntail:
+            me = &m.tail[i]
+            if me.len < n and memcmp(me.key, low, me.len) == 0:
+                found = me.value
+            i += 1
+    i = 0
+    while found == NULL and i < m.nregex:
+        if fastws_regex_match(m.regex[i].regex, src.p, <size_t>src.len):
+            found = m.regex[i].value
+        i += 1
+    if found == NULL:
+        found = m.dflt
+    free(src.p)
+    if found != NULL:
+        tpl_render(e, c, lr, found, out)
 
 
 cdef int host_name_into(Head *h, fastws_buf *out) noexcept nogil:

@@ -17,6 +17,7 @@ from typing import Any
 
 from ..config import parse_duration, parse_size
 from ..errors import ConfigError
+from .. import variables
 from ..variables import parse_template
 from .directives import (EVENTS, HTTP, IGNORE, LOCATION, MAIN, REFUSE, SERVER, SPECS,
                          UPSTREAM)
@@ -305,23 +306,40 @@ class _Translator:
         src, dst = d.args
         if not dst.startswith("$"):
             raise fail(d, f"\"map\": invalid variable name \"{dst}\"")
-        entries: dict[str, str] = {}
+        name = dst[1:].lower()
+        entries: list[tuple[str, str]] = []
+        table: dict[str, Any] = {"variable": name, "source": _template(d, src)}
         for e in d.block or ():
-            if e.block is not None or len(e.args) != 1:
+            literal = e.quoted[0] if e.quoted else False
+            if e.block is not None:
                 raise fail(e, "\"map\": each line is a value and its result")
-            entries["default" if e.name == "default" and not e.quoted[0] else e.name] = e.args[0]
-        if src == "$http_upgrade" and set(entries) == {"default", ""} and \
-                entries["default"].lower() == "upgrade" and entries[""] in ("close", ""):
+            if e.name == "hostnames" and not literal and not e.args:
+                table["hostnames"] = True
+            elif e.name == "volatile" and not literal and not e.args:
+                self.ignore(e, "fastws evaluates a map each time it is used")
+            elif len(e.args) != 1:
+                raise fail(e, "invalid number of arguments in \"map\" line (a value and its "
+                           "result)")
+            elif e.name == "default" and not literal:
+                table["default"] = e.args[0]
+            else:
+                entries.append((e.name, e.args[0]))
+        recipe = dict(entries)
+        if src == "$http_upgrade" and set(recipe) == {""} and len(entries) == 1 and \
+                table.get("default", "").lower() == "upgrade" and recipe[""] in ("close", ""):
             # the recipe's map, or its keep-alive form ('' ''): what fastws does itself
-            self.maps[dst[1:]] = d
-            self.differ(d, "map $http_upgrade $connection_upgrade: fastws tunnels only the "
-                        "upgrade tokens a location allows (websocket by default); nginx sends "
+            self.maps[name] = d
+            self.differ(d, f"map $http_upgrade ${name}: fastws tunnels only the upgrade "
+                        "tokens a location allows (websocket by default); nginx sends "
                         "\"Connection: upgrade\" for any Upgrade value, h2c included",
                         once="map")
-            return
-        raise fail(d, "\"map\": fastws has only the recipe's map ($http_upgrade to "
-                   "upgrade or close, built in as $connection_upgrade) for now; other maps "
-                   "are not supported yet")
+            if name == "connection_upgrade":
+                return          # built in
+        table["values"] = [[k, v] for k, v in entries]
+        index = len(self.out.data.setdefault("map", []))
+        self.out.data["map"].append(table)
+        self.at(f"map[{index}]", d)
+        self.at(f"map.{name}", d)
 
     # upstream
     def upstream(self, d: Directive) -> None:
@@ -719,10 +737,9 @@ class _Translator:
                                 "requests", once="upgrade")
                 continue
             if low == "connection":
-                if value.startswith("$") and value[1:] not in self.maps:
-                    raise fail(e, f"unknown \"{value[1:]}\" variable (fastws knows the "
-                               "recipe's map for Connection)")
-                if not value.startswith("$") and value.lower() not in ("upgrade", ""):
+                if value.startswith("$") and value[1:].lower() not in self.maps:
+                    _template(e, value)         # an unknown variable is still an error
+                if value[1:].lower() not in self.maps and value.lower() not in ("upgrade", ""):
                     self.differ(e, f"proxy_set_header Connection {value}: fastws sets "
                                 "Connection itself (upgrade on a tunnel, keep-alive to a "
                                 "group with keepalive)", once="connection")
@@ -778,4 +795,9 @@ class _Translator:
 
 def translate(tree: Tree, prefix: str) -> Translation:
     conf_prefix = os.path.dirname(os.path.abspath(tree.files[0]))
-    return _Translator(tree, prefix, conf_prefix).run()
+    # the maps' variables may be used before their block, as in nginx
+    names = {d.args[1][1:].lower(): i for i, d in enumerate(
+        d for top in tree.body for d in [top, *(top.block or ())]
+        if d.name == "map" and len(d.args) == 2 and d.args[1].startswith("$"))}
+    with variables.maps_known(names):
+        return _Translator(tree, prefix, conf_prefix).run()
