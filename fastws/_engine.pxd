@@ -189,6 +189,8 @@ cdef struct Selection:
     int keylen               # also BAL_CHASH's, which hashes the key once, in sel_init
     unsigned char addr[16]   # the client address bytes ip_hash uses (iphash_addr)
     int addrlen
+    int sticky               # the peer the request's sticky cookie names, for its first
+                             # attempt; -1 if none
 
 
 @cython.final
@@ -356,6 +358,17 @@ cdef struct Server:
     FASTWS_SSL_CTX *tls_ctx  # TLS termination (SNI picks it among the servers of an address)
     double handshake_timeout
     AccessLog *log           # the server's log (requests that match no location)
+
+cdef struct Sticky:
+    # nginx's sticky cookie: the cookie's name, the Set-Cookie header up to its value, the
+    # attributes after it, and each peer's value (32 hex digits)
+    char *name
+    int namelen
+    char *set_head           # "Set-Cookie: NAME="
+    int set_head_len
+    char *attrs              # "; Max-Age=3600; Path=/\r\n"
+    int attrs_len
+    char **ids
 
 cdef struct MapEntry:
     char *key                # lower case; ".example.com" / "www.example." for wildcards
@@ -544,6 +557,7 @@ cdef struct Req:
     Selection sel
     int sel_live             # sel is initialised
     int peer                 # the attempt in progress, -1 if none
+    int sticky_from          # the peer the client's sticky cookie named, -1 if none
     int tries
     int timed_out            # the last failure was a timeout (504 rather than 502)
     double t_first           # first attempt (next_upstream_timeout)
@@ -644,6 +658,7 @@ cdef struct Eng:
     char **group_names
     char ***peer_hosts       # per group, per peer: its host as written (TLS's SNI and name check)
     Template **hash_keys     # per group: the hash key, or NULL
+    Sticky **sticky          # per group: its sticky cookie, or NULL
     MapTable *maps           # the configuration's maps, by index ($map_ variables)
     int nmaps
     Pool *pools

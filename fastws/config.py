@@ -82,6 +82,38 @@ class ServerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class StickyConfig:
+    """Session persistence by cookie (nginx's `sticky cookie`): a response from server S sets
+    the cookie to S's id, MD5(address) in hex, the same on every fastws instance; a request
+    that brings it goes to S while S is usable."""
+
+    cookie: str
+    max_age: float | None = None      # nginx's expires=: the cookie's lifetime (Max-Age)
+    domain: str | None = None
+    path: str | None = None
+    httponly: bool = False
+    secure: bool = False
+    samesite: str | None = None       # "strict", "lax" or "none"
+
+    def attributes(self) -> str:
+        """What follows NAME=VALUE in the Set-Cookie header."""
+        out = ""
+        if self.max_age is not None:
+            out += f"; Max-Age={int(self.max_age)}"
+        if self.domain:
+            out += f"; Domain={self.domain}"
+        if self.path:
+            out += f"; Path={self.path}"
+        if self.httponly:
+            out += "; HttpOnly"
+        if self.secure:
+            out += "; Secure"
+        if self.samesite:
+            out += f"; SameSite={self.samesite.capitalize()}"
+        return out
+
+
+@dataclass(frozen=True, slots=True)
 class UpstreamConfig:
     name: str
     servers: tuple[ServerConfig, ...]
@@ -97,6 +129,7 @@ class UpstreamConfig:
     keepalive_requests: int = 1000  # requests one upstream connection serves
     peers: tuple[PeerSpec, ...] = ()  # the servers resolved and checked, primaries first
     balancer_class: Any = None  # the custom balancer's class, imported
+    sticky: StickyConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -328,6 +361,9 @@ def _read_upstream(source: str, table: Any, index: int) -> UpstreamConfig:
     up_tls = _read_upstream_tls(r)
     keepalive_timeout = r.duration("keepalive_timeout", 60.0)
     keepalive_requests = _positive_int(r, "keepalive_requests", 1000, minimum=1)
+    sticky = _read_sticky(r)
+    if sticky is not None and balancer is not None:
+        raise r.fail("sticky", "a custom balancer chooses its servers itself")
     r.finish()
     peers = resolve(source, r.where, servers)
     if balance == "hash" and consistent and balancer is None and \
@@ -337,7 +373,39 @@ def _read_upstream(source: str, table: Any, index: int) -> UpstreamConfig:
     cls = load_class(source, f"{r.where}.balancer", balancer) if balancer is not None else None
     return UpstreamConfig(name, servers, balance, hash_key, consistent, float(factor), balancer,
                           keepalive, tls=up_tls, keepalive_timeout=keepalive_timeout,
-                          keepalive_requests=keepalive_requests, peers=peers, balancer_class=cls)
+                          keepalive_requests=keepalive_requests, peers=peers, balancer_class=cls,
+                          sticky=sticky)
+
+
+_COOKIE_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_COOKIE_ATTR = re.compile(r"[!#$%&'()*+\-./0-9:<=>?@A-Z\[\]^_`a-z{|}~]*")
+
+
+def _read_sticky(upstream: _Reader) -> StickyConfig | None:
+    """`sticky = { cookie = "srv_id", max_age = "1h", domain, path, httponly, secure,
+    samesite }` on an [[upstream]]."""
+    table = upstream.get("sticky", dict, None)
+    if table is None:
+        return None
+    r = _Reader(upstream.source, table, upstream.key("sticky"))
+    cookie = r.get("cookie", str, required=True)
+    if not _COOKIE_NAME.fullmatch(cookie):
+        raise r.fail("cookie", f"{cookie!r} is not a cookie name")
+    max_age = r.duration("max_age", -1.0)
+    domain = r.get("domain", str, None)
+    path = r.get("path", str, None)
+    for name, value in (("domain", domain), ("path", path)):
+        if value is not None and (not value or not _COOKIE_ATTR.fullmatch(value)
+                                  or ";" in value):
+            raise r.fail(name, f"{value!r} cannot be written in a Set-Cookie header")
+    samesite = r.get("samesite", str, None)
+    if samesite is not None and samesite.lower() not in ("strict", "lax", "none"):
+        raise r.fail("samesite", "expected \"strict\", \"lax\" or \"none\"")
+    conf = StickyConfig(cookie, None if max_age < 0 else max_age, domain, path,
+                        r.get("httponly", bool, False), r.get("secure", bool, False),
+                        samesite.lower() if samesite else None)
+    r.finish()
+    return conf
 
 
 def _read_http_limits(r: _Reader, inherited: Mapping[str, Any]) -> dict[str, Any]:

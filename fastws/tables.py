@@ -7,6 +7,7 @@ engine copies it into C arrays (engine/tables.pxi).  Nothing here runs per conne
 
 from __future__ import annotations
 
+import hashlib
 import socket
 from dataclasses import dataclass, field
 from typing import Any
@@ -91,6 +92,7 @@ class GroupTable:
     keepalive: int
     keepalive_timeout: float
     keepalive_requests: int
+    sticky: tuple[str, str, list[str]] | None = None  # cookie, attributes, each peer's id
 
 
 @dataclass
@@ -135,6 +137,12 @@ class MapTableSpec:
     head: list[tuple[str, Any]]      # (".example.com", parts), longest first
     tail: list[tuple[str, Any]]      # ("www.example.", parts), longest first
     regex: list[tuple[str, bool, Any]]  # (pattern, caseless, parts), in order
+
+
+def sticky_id(peer_name: str) -> str:
+    """A server's value of the sticky cookie: MD5 of its address ("10.0.0.1:8080") in hex,
+    as nginx's sticky cookie, so that every instance names a server alike."""
+    return hashlib.md5(peer_name.encode()).hexdigest()
 
 
 def _parts(template: Template | None) -> Any:
@@ -187,7 +195,9 @@ def build(config: Config, sockets: list[socket.socket], groups: dict[str, Any],
         group_index[name] = len(t.groups)
         t.groups.append(GroupTable(
             grp, name, [_host(p.server) for p in grp.peers],
-            _parts(up.hash_key), up.keepalive, up.keepalive_timeout, up.keepalive_requests))
+            _parts(up.hash_key), up.keepalive, up.keepalive_timeout, up.keepalive_requests,
+            (up.sticky.cookie, up.sticky.attributes(), [sticky_id(p.name) for p in grp.peers])
+            if up.sticky is not None else None))
     server_index: dict[int, int] = {}
     for server in config.servers:
         server_index[id(server)] = len(t.servers)

@@ -326,3 +326,68 @@ class EchoBackend:
         if self._loop is not None and self._stop is not None:
             self._loop.call_soon_threadsafe(self._stop.set_result, None)
             self._thread.join(5)
+
+
+class NamedBackend:
+    """An upstream server that records each request head it gets, answers a WebSocket
+    handshake with a valid 101 and echoes, and a plain request with 200 and its own name."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.heads: list[tuple[str, list[tuple[str, str]]]] = []
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(128)
+        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
+        self.lock = threading.Lock()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._run, args=(conn,), daemon=True).start()
+
+    def _run(self, conn: socket.socket) -> None:
+        buf = b""
+        with conn:
+            try:
+                while True:
+                    while b"\r\n\r\n" not in buf:
+                        data = conn.recv(65536)
+                        if not data:
+                            return
+                        buf += data
+                    raw, buf = buf.split(b"\r\n\r\n", 1)
+                    lines = raw.decode("latin-1").split("\r\n")
+                    fields = [(k.strip(), v.strip()) for k, v in
+                              (line.split(":", 1) for line in lines[1:])]
+                    with self.lock:
+                        self.heads.append((lines[0], fields))
+                    named = {k.lower(): v for k, v in fields}
+                    if named.get("upgrade", "").lower() == "websocket":
+                        key = named["sec-websocket-key"].encode()
+                        conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket"
+                                     b"\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: "
+                                     + ws_accept(key) + b"\r\n\r\n" + buf)
+                        while data := conn.recv(65536):
+                            conn.sendall(data)
+                        return
+                    body = self.name.encode()
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"
+                                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+                    if named.get("connection", "").lower() == "close" or \
+                            lines[0].endswith("HTTP/1.0"):
+                        return
+            except OSError:
+                return
+
+    def take(self) -> list[tuple[str, list[tuple[str, str]]]]:
+        with self.lock:
+            heads, self.heads = self.heads, []
+        return heads
+
+    def close(self) -> None:
+        self.sock.close()

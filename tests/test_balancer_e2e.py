@@ -248,3 +248,73 @@ def test_all_servers_down_answers_502(fastws: Any) -> None:
     finally:
         for s in refusers:
             s.close()
+
+
+def _get(port: int, path: str, cookie: str | None = None) -> tuple[str, str | None]:
+    """GET through the proxy: (the backend that answered, the Set-Cookie sent, if any)."""
+    import http.client
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", path, headers={"Cookie": cookie} if cookie else {})
+        r = conn.getresponse()
+        return r.read().decode(), r.getheader("Set-Cookie")
+    finally:
+        conn.close()
+
+
+def test_sticky_cookie_keeps_a_client_on_its_server(tmp_path: Path) -> None:
+    from support import NamedBackend, Proxy, read_head, upgrade_request
+    from fastws.tables import sticky_id
+    servers = [NamedBackend(f"b{i}") for i in range(3)]
+    port = _free_port()
+    config = {"upstream": [{"name": "g", "servers": [b.address for b in servers],
+                            "sticky": {"cookie": "srv", "max_age": "1h", "path": "/",
+                                       "httponly": True, "samesite": "lax"}}],
+              "server": [{"listen": [f"127.0.0.1:{port}"],
+                          "location": [{"path": "/", "proxy_pass": "g"}]}]}
+    proxy = Proxy(tmp_path, config, port=port)
+    try:
+        # without the cookie: round robin, and each answer names its server in the cookie
+        first = [_get(port, "/") for _ in range(3)]
+        assert sorted(name for name, _ in first) == ["b0", "b1", "b2"]
+        for name, cookie in first:
+            address = servers[int(name[1])].address
+            assert cookie == f"srv={sticky_id(address)}; Max-Age=3600; Path=/; HttpOnly; " \
+                             "SameSite=Lax"
+        # with it: always that server, and no new cookie
+        value = first[1][1].split(";")[0]
+        chosen = first[1][0]
+        assert [_get(port, "/", f"a=1; {value}") for _ in range(6)] == [(chosen, None)] * 6
+        # the upgrade that follows long-polling lands on the same server
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(upgrade_request(path="/socket.io/", extra=f"Cookie: {value}\r\n"))
+            head, _ = read_head(s)
+            assert head.startswith(b"HTTP/1.1 101")
+        assert servers[int(chosen[1])].heads[-1][0].startswith("GET /socket.io/")
+        # a cookie naming no server (or garbage) is balanced and replaced
+        name, cookie = _get(port, "/", "srv=" + "0" * 32)
+        assert cookie is not None and cookie.startswith(f"srv={sticky_id(servers[int(name[1])].address)}")
+    finally:
+        proxy.stop()
+        for b in servers:
+            b.close()
+
+
+def test_sticky_cookie_moves_off_a_server_that_is_down(tmp_path: Path) -> None:
+    from support import NamedBackend, Proxy
+    from fastws.tables import sticky_id
+    live = NamedBackend("live")
+    dead_port = _free_port()                 # nothing listens there: connects are refused
+    dead = f"127.0.0.1:{dead_port}"
+    port = _free_port()
+    config = {"upstream": [{"name": "g", "servers": [dead, live.address],
+                            "sticky": {"cookie": "srv"}}],
+              "server": [{"listen": [f"127.0.0.1:{port}"],
+                          "location": [{"path": "/", "proxy_pass": "g"}]}]}
+    proxy = Proxy(tmp_path, config, port=port)
+    try:
+        name, cookie = _get(port, "/", f"srv={sticky_id(dead)}")
+        assert name == "live" and cookie == f"srv={sticky_id(live.address)}"
+    finally:
+        proxy.stop()
+        live.close()

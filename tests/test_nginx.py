@@ -385,3 +385,22 @@ def test_docs_name_every_directive_of_the_table() -> None:
     text = (Path(__file__).parent.parent / "docs" / "nginx.md").read_text()
     missing = [name for name in SPECS if f"`{name}" not in text]
     assert missing == []
+
+
+def test_sticky_cookie_as_nginx_writes_it(tmp_path: Path) -> None:
+    cfg = load(str(write(tmp_path, http(
+        "upstream backend { server 127.0.0.1:9001; server 127.0.0.1:9002;\n"
+        "  sticky cookie srv_id expires=1h domain=.example.com path=/ httponly secure "
+        "samesite=strict; }\n"
+        "server { listen 127.0.0.1:8080; location / { proxy_pass http://backend; } }"))))
+    sticky = cfg.upstream("backend").sticky
+    assert sticky is not None
+    assert sticky.attributes() == ("; Max-Age=3600; Domain=.example.com; Path=/; HttpOnly; "
+                                   "Secure; SameSite=Strict")
+    for bad, problem in (("sticky route $a $b;", "\"sticky route\" is not supported"),
+                         ("sticky cookie a expires=soon;", "invalid value \"soon\""),
+                         ("sticky cookie a flavour=x;", "invalid parameter \"flavour=x\"")):
+        text = http("upstream backend { server 127.0.0.1:9001;\n" + bad + " }\nserver { listen "
+                    "127.0.0.1:8080; location / { proxy_pass http://backend; } }")
+        message = error_of(tmp_path, text)
+        assert message.startswith(f"{tmp_path}/nginx.conf:4: ") and problem in message, message

@@ -168,6 +168,7 @@ cdef class Engine:
         e.peer_hosts = <char ***>arena_alloc(&self.arena, sizeof(char **) * (n + 1))
         e.hash_keys = <Template **>arena_alloc(&self.arena, sizeof(Template *) * (n + 1))
         e.pools = <Pool *>arena_alloc(&self.arena, sizeof(Pool) * (n + 1))
+        e.sticky = <Sticky **>arena_alloc(&self.arena, sizeof(Sticky *) * (n + 1))
         for i, spec in enumerate(tables.groups):
             grp = spec.group
             self._groups.append(grp)
@@ -182,6 +183,7 @@ cdef class Engine:
             e.pools[i].size = spec.keepalive
             e.pools[i].timeout = spec.keepalive_timeout
             e.pools[i].max_requests = spec.keepalive_requests
+            e.sticky[i] = self._sticky(spec.sticky) if spec.sticky is not None else NULL
 
     cdef _load_servers(self, tables):
         cdef Eng *e = self.e
@@ -286,6 +288,18 @@ cdef class Engine:
             l.tail = self._names(spec.tail, servers)
             l.default_server = &servers[spec.default]
         listeners_watch(e, 1)
+
+    cdef Sticky *_sticky(self, spec) except NULL:
+        cdef Sticky *st = <Sticky *>arena_alloc(&self.arena, sizeof(Sticky))
+        cdef int j
+        name, attrs, ids = spec
+        st.name = arena_str(&self.arena, name, &st.namelen)
+        st.set_head = arena_str(&self.arena, f"Set-Cookie: {name}=", &st.set_head_len)
+        st.attrs = arena_str(&self.arena, attrs + "\r\n", &st.attrs_len)
+        st.ids = <char **>arena_alloc(&self.arena, sizeof(char *) * (len(ids) + 1))
+        for j, value in enumerate(ids):
+            st.ids[j] = arena_str(&self.arena, value)
+        return st
 
     cdef _load_maps(self, tables):
         cdef Eng *e = self.e

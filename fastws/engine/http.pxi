@@ -23,6 +23,7 @@ cdef void response_start(Eng *e, Conn *c, char *data, int end, int total) noexce
     cdef Py_ssize_t bn = total - end
     cdef ssize_t w
     cdef const char *name
+    cdef Sticky *sticky
     cl = head_content_length(rh)
     if cl == -2:
         upstream_bad(e, c, "upstream sent an invalid Content-Length")
@@ -82,6 +83,12 @@ cdef void response_start(Eng *e, Conn *c, char *data, int end, int total) noexce
         buf_add(b, ": ", 2)
         buf_add(b, rh.base + hd.value.off, hd.value.len)
         buf_add(b, "\r\n", 2)
+    sticky = e.sticky[c.up.group] if c.up != NULL else NULL
+    if sticky != NULL and c.req.sticky_from != c.up.peer:
+        # a client without the cookie of the server that answered gets it (nginx's sticky)
+        buf_add(b, sticky.set_head, sticky.set_head_len)
+        buf_add(b, sticky.ids[c.up.peer], 32)
+        buf_add(b, sticky.attrs, sticky.attrs_len)
     if keep:
         buf_add(b, "Connection: keep-alive\r\n\r\n", 26)
     else:

@@ -406,6 +406,7 @@ cdef int sel_init(Group *g, Selection *s, const unsigned char *addr, int addrlen
     # Returns 0, or -ENOMEM (then `s` owns nothing: no sel_clear is needed).
     memset(s, 0, sizeof(Selection))
     s.pending = -1
+    s.sticky = -1
     if g.tried_bits > 64:
         # nginx sizes rrp->tried for the larger of the two tiers, as here
         s.tried = <unsigned long long *>calloc((g.tried_bits + 63) >> 6,
@@ -463,6 +464,10 @@ cdef int sel_next(Group *g, Selection *s, double now) noexcept nogil:
     cdef int idx
     if s.pending >= 0:
         peer_free(g, s, s.pending, 0, now)
+    if s.sticky >= 0:
+        idx = sel_sticky(g, s, now)
+        if idx >= 0:
+            return idx
     if g.method == BAL_ROUND_ROBIN:
         idx = upstream_get_round_robin_peer(g, s, now)
     elif g.method == BAL_LEAST_CONN:
@@ -477,6 +482,22 @@ cdef int sel_next(Group *g, Selection *s, double now) noexcept nogil:
         return SEL_NONE
     if idx < 0:
         return sel_nothing_left(g, s)
+    sel_count(g, s, idx)
+    return idx
+
+
+cdef int sel_sticky(Group *g, Selection *s, double now) noexcept nogil:
+    # The first attempt of a request whose sticky cookie names a peer: that peer, if it is in
+    # the tier in use and usable (not down, failed out or at max_conns); otherwise, or once it
+    # failed, the group's own method (whose tried bit then skips it).
+    cdef int idx = s.sticky
+    cdef const Tier *t = &g.tier[s.tier]
+    s.sticky = -1
+    if idx < t.first or idx >= t.first + t.count or sel_tried(s, idx - t.first):
+        return -1
+    if peer_unusable(g, &g.peers[idx], now):
+        return -1
+    idx = sel_take(g, s, idx - t.first, now)
     sel_count(g, s, idx)
     return idx
 

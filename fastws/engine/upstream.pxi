@@ -34,7 +34,24 @@ cdef int upstream_select_init(Eng *e, Conn *c, Head *h) noexcept nogil:
         conn_close(e, c)
         return -1
     req.sel_live = 1
+    req.sticky_from = -1
+    if e.sticky[gi] != NULL:
+        req.sticky_from = sticky_peer(e.sticky[gi], g, h, b)
+        req.sel.sticky = req.sticky_from
     return 0
+
+
+cdef int sticky_peer(Sticky *st, Group *g, Head *h, fastws_buf *b) noexcept nogil:
+    # The peer whose id the request's sticky cookie holds, or -1.
+    cdef int i
+    b.len = 0
+    cookie_value(h, st.name, st.namelen, b)
+    if b.len != 32:
+        return -1
+    for i in range(g.npeers):
+        if memcmp(st.ids[i], b.p, 32) == 0:
+            return i
+    return -1
 
 
 cdef void upstream_next(Eng *e, Conn *c) noexcept nogil:

@@ -217,8 +217,7 @@ SPECS: dict[str, Spec] = {
     "keepalive": _use(UPSTREAM, 1),
     "random": _refuse(UPSTREAM, "not supported by fastws: use least_conn, or hash with "
                       "consistent"),
-    "sticky": _refuse(UPSTREAM, "not supported by fastws yet: use ip_hash, or hash "
-                      "$cookie_NAME consistent, for session persistence"),
+    "sticky": _use(UPSTREAM, 2, None),
     "ntlm": _refuse(UPSTREAM, "not supported by fastws"),
     "queue": _refuse(UPSTREAM, "not supported by fastws: requests over max_conns get 502"),
     # --- refused: each would change what clients or upstreams see ----------------------------

@@ -369,6 +369,9 @@ class _Translator:
                 self.at(f"{where}.balance", e)
                 self.at(f"{where}.hash_key", e)
                 self.at(f"{where}.consistent", e)
+            elif e.name == "sticky":
+                up["sticky"] = self.sticky(e)
+                self.at(f"{where}.sticky", e)
             elif e.name == "keepalive":
                 up["keepalive"] = _int(e, e.args[0], 1)
                 self.at(f"{where}.keepalive", e)
@@ -381,6 +384,34 @@ class _Translator:
         if not up["servers"]:
             raise fail(d, f"no servers are inside upstream \"{name}\"")
         self.upstreams[name] = up
+
+    def sticky(self, d: Directive) -> dict[str, Any]:
+        """nginx's `sticky cookie NAME [expires=] [domain=] [path=] [httponly] [secure]
+        [samesite=]`; `sticky route` and `sticky learn` are not supported."""
+        if d.args[0] != "cookie":
+            raise fail(d, f"\"sticky {d.args[0]}\" is not supported by fastws: use \"sticky "
+                       "cookie NAME\"")
+        out: dict[str, Any] = {"cookie": d.args[1]}
+        for p in d.args[2:]:
+            key, eq, value = p.partition("=")
+            if key == "expires" and value:
+                # nginx's "max": the cookie's end in 2037; ten years here
+                out["max_age"] = "3650d" if value == "max" else _time(d, value)
+            elif key in ("domain", "path") and value:
+                out[key] = value
+            elif key == "samesite" and value:
+                if value.startswith("$"):
+                    raise fail(d, "\"sticky\": samesite with a variable is not supported by "
+                               "fastws")
+                out[key] = value
+            elif p in ("httponly", "secure"):
+                out[p] = True
+            else:
+                raise fail(d, f"\"sticky\": invalid parameter \"{p}\"")
+        self.differ(d, "sticky cookie: fastws writes the lifetime as Max-Age (nginx also "
+                    "writes Expires), and sets the cookie on HTTP answers, not on a 101",
+                    once="sticky")
+        return out
 
     def upstream_server(self, d: Directive) -> dict[str, Any]:
         addr = d.args[0]
