@@ -287,9 +287,15 @@ cdef struct LogFile:
     int cap
     unsigned long long errors
 
+cdef enum:
+    ESCAPE_DEFAULT = 0
+    ESCAPE_JSON = 1
+    ESCAPE_NONE = 2
+
 cdef struct LogFormat:
     Template tpl             # the format; variables of both phases
     int json                 # a JSON-lines format: tpl.parts are variables only, keys are their names
+    int escape               # nginx's log_format escape=: ESCAPE_DEFAULT, ESCAPE_JSON, ESCAPE_NONE
     char **names             # json keys
     int nearly               # variables of PHASE_REQUEST, rendered when the request is routed
     int *early               # their indexes in tpl.parts

@@ -54,6 +54,7 @@ class LogFormat:
     parts: tuple[tuple[int, str], ...]  # (variable number, argument), or (-1, literal)
     names: tuple[str, ...] = ()         # a JSON format: the key of each part
     json: bool = False
+    escape: str = "default"             # nginx's escape=: "default", "json" or "none"
 
     @property
     def early(self) -> tuple[int, ...]:
@@ -75,8 +76,11 @@ class ErrorLogConfig:
     level: str = "info"
 
 
+ESCAPES = ("default", "json", "none")   # in the engine's order (ESCAPE_*)
+
+
 def compile_format(name: str, text: str | list[str] | tuple[str, ...], *,
-                   json: bool = False) -> LogFormat:
+                   json: bool = False, escape: str = "default") -> LogFormat:
     """Parse a log_format once: a string with $variables, or (json) a list of variable names."""
     if json:
         parts, names = [], []
@@ -87,7 +91,7 @@ def compile_format(name: str, text: str | list[str] | tuple[str, ...], *,
         return LogFormat(name, " ".join(text), tuple(parts), tuple(names), True)
     assert isinstance(text, str)
     template = variables.parse_template(text, phase=variables.LOG)
-    return LogFormat(name, text, template.parts)
+    return LogFormat(name, text, template.parts, escape=escape)
 
 
 def builtin_formats() -> dict[str, LogFormat]:
@@ -125,12 +129,24 @@ def read_formats(source: str, table: Any) -> dict[str, LogFormat]:
                 formats[name] = compile_format(name, "".join(value))
             elif isinstance(value, str):
                 formats[name] = compile_format(name, value)
+            elif isinstance(value, Mapping) and "format" in value and \
+                    set(value) <= {"format", "escape"}:
+                text = value["format"]
+                escape = value.get("escape", "default")
+                if escape not in ESCAPES:
+                    raise ValueError(f"escape: expected one of {', '.join(ESCAPES)}")
+                if isinstance(text, list) and all(isinstance(v, str) for v in text):
+                    text = "".join(text)
+                if not isinstance(text, str):
+                    raise ValueError("format: expected a format string")
+                formats[name] = compile_format(name, text, escape=escape)
             elif isinstance(value, Mapping) and set(value) == {"json"} \
                     and isinstance(value["json"], list) and value["json"] \
                     and all(isinstance(v, str) for v in value["json"]):
                 formats[name] = compile_format(name, value["json"], json=True)
             else:
-                raise ValueError("expected a format string, or { json = [\"variable\", ...] }")
+                raise ValueError("expected a format string, { format = \"...\", escape = "
+                                 "\"json\" }, or { json = [\"variable\", ...] }")
         except ValueError as exc:
             raise ConfigError(source, key, str(exc)) from None
     return formats

@@ -268,5 +268,6 @@ def adopt(w: "Worker", cfd: int, ufd: int, head: dict[str, Any], to_up: bytes,
         fmt = lc["format"]
         log_index = w.engine.add_access_log(
             lc["path"], -1 if lc["path"] in w.engine.log_paths else accesslog.open_log(lc["path"]),
-            [tuple(p) for p in fmt["parts"]], fmt["json"], fmt["names"], fmt["early"], lc["open"])
+            [tuple(p) for p in fmt["parts"]], fmt["json"], fmt["names"], fmt["early"], lc["open"],
+            fmt.get("escape", 0))
     w.engine.adopt(t, group, peer, log_index)

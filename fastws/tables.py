@@ -107,6 +107,7 @@ class LogFormatTable:
     json: bool
     names: tuple[str, ...]
     early: tuple[int, ...]
+    escape: int = 0                  # accesslog.ESCAPES: default, json, none
 
 
 @dataclass
@@ -169,7 +170,8 @@ class _Logs:
         if fmt is None:
             fmt = self.formats[id(cfg.format)] = len(self.t.log_formats)
             lf = cfg.format
-            self.t.log_formats.append(LogFormatTable(lf.parts, lf.json, lf.names, lf.early))
+            self.t.log_formats.append(LogFormatTable(lf.parts, lf.json, lf.names, lf.early,
+                                                     accesslog.ESCAPES.index(lf.escape)))
         key = (f, fmt, cfg.open)
         al = self.logs.get(key)
         if al is None:

@@ -108,7 +108,7 @@ cdef class Engine:
             self._add_file(spec.path, spec.fd)
         self._formats = <LogFormat **>arena_alloc(&self.arena, sizeof(LogFormat *) * (len(tables.log_formats) + 64))
         for spec in tables.log_formats:
-            self._add_format(spec.parts, spec.json, spec.names, spec.early)
+            self._add_format(spec.parts, spec.json, spec.names, spec.early, spec.escape)
         self._als = <AccessLog **>arena_alloc(&self.arena, sizeof(AccessLog *) * (len(tables.access_logs) + 64))
         for spec in tables.access_logs:
             self._add_al(spec.file, spec.format, spec.open)
@@ -129,12 +129,13 @@ cdef class Engine:
         self._log_paths.append(path)
         return self._nfiles - 1
 
-    cdef int _add_format(self, parts, bint json, names, early) except -1:
+    cdef int _add_format(self, parts, bint json, names, early, int escape=0) except -1:
         cdef LogFormat *fmt = <LogFormat *>arena_alloc(&self.arena, sizeof(LogFormat))
         cdef Template *t = arena_template(&self.arena, parts)
         cdef int i
         fmt.tpl = t[0]
         fmt.json = json
+        fmt.escape = escape
         fmt.names = <char **>arena_alloc(&self.arena, sizeof(char *) * (len(names) + 1))
         for i, name in enumerate(names):
             fmt.names[i] = arena_str(&self.arena, name)
@@ -145,6 +146,7 @@ cdef class Engine:
         self._formats[self._nformats] = fmt
         self._nformats += 1
         self._format_specs.append({"parts": [list(p) for p in parts], "json": json,
+                                   "escape": escape,
                                    "names": list(names), "early": list(early)})
         return self._nformats - 1
 
@@ -355,7 +357,8 @@ cdef class Engine:
     cdef dict _format_spec(self, int i):
         return self._format_specs[i]
 
-    def add_access_log(self, str path, int fd, parts, bint json, names, early, bint opened):
+    def add_access_log(self, str path, int fd, parts, bint json, names, early, bint opened,
+                       int escape=0):
         """An access log for a tunnel adopted from another process whose log this engine's
         tables lack; returns its index (as access_log indexes in the tables)."""
         cdef int f, fmt
@@ -366,7 +369,7 @@ cdef class Engine:
                 os.close(fd)
         else:
             f = self._add_file(path, fd)
-        fmt = self._add_format(parts, json, names, early)
+        fmt = self._add_format(parts, json, names, early, escape)
         return self._add_al(f, fmt, opened)
 
     # --- running ------------------------------------------------------------------------------

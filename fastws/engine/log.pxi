@@ -125,6 +125,10 @@ cdef void log_line(Eng *e, Conn *c, LogRec *lr) noexcept nogil:
             log_add(file, "\":\"", 3)
             log_json(file, val, vlen)
             log_add(file, "\"", 1)
+        elif fmt.escape == ESCAPE_JSON:
+            log_json_escape(file, val, vlen)
+        elif fmt.escape == ESCAPE_NONE:
+            log_add(file, val, vlen)
         else:
             log_escape(file, val, vlen)
     if fmt.json:
@@ -172,6 +176,36 @@ cdef void log_escape(LogFile *f, const char *s, int n) noexcept nogil:
             hexa[3] = HEXDIGITS[ch & 15]
             log_add(f, hexa, 4)
             start = i + 1
+    log_add(f, s + start, n - start)
+
+
+cdef void log_json_escape(LogFile *f, const char *s, int n) noexcept nogil:
+    # nginx's log_format escape=json (ngx_escape_json): '"' and '\' escaped, control bytes as
+    # \n, \r, \t, \b, \f or \u00XX, other bytes as they are; an empty value stays empty.
+    cdef int i, start = 0
+    cdef unsigned char ch
+    cdef char out[6]
+    for i in range(n):
+        ch = <unsigned char>s[i]
+        if ch >= 0x20 and ch != b'"' and ch != b'\\':
+            continue
+        log_add(f, s + start, i - start)
+        start = i + 1
+        out[0] = b'\\'
+        if ch == b'"' or ch == b'\\':
+            out[1] = ch
+            log_add(f, out, 2)
+        elif ch == b'\n' or ch == b'\r' or ch == b'\t' or ch == 8 or ch == 12:
+            out[1] = b'n' if ch == b'\n' else b'r' if ch == b'\r' else b't' if ch == b'\t' \
+                else b'b' if ch == 8 else b'f'
+            log_add(f, out, 2)
+        else:
+            out[1] = b'u'
+            out[2] = b'0'
+            out[3] = b'0'
+            out[4] = HEXDIGITS[ch >> 4]
+            out[5] = HEXDIGITS[ch & 15]
+            log_add(f, out, 6)
     log_add(f, s + start, n - start)
 
 

@@ -288,18 +288,20 @@ class _Translator:
 
     def log_format(self, d: Directive) -> None:
         name, parts = d.args[0], d.args[1:]
+        escape = "default"
         if parts and parts[0].startswith("escape="):
             escape = parts[0][7:]
             parts = parts[1:]
-            if escape != "default":
-                raise fail(d, f"\"log_format\": escape={escape} is not supported by fastws "
-                           "yet (fastws's built-in \"json\" format writes JSON lines)")
+            if escape not in ("default", "json", "none"):
+                raise fail(d, f"\"log_format\": unknown escape \"{escape}\" (default, json or "
+                           "none)")
         if not parts:
             raise fail(d, "invalid number of arguments in \"log_format\" directive")
         formats = self.out.data.setdefault("log_format", {})
         if name in formats or name == "combined":
             raise fail(d, f"duplicate \"log_format\" name \"{name}\"")
-        formats[name] = "".join(parts)
+        formats[name] = "".join(parts) if escape == "default" else \
+            {"format": "".join(parts), "escape": escape}
         self.at(f"log_format.{name}", d)
 
     def map(self, d: Directive) -> None:
