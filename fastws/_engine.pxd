@@ -420,6 +420,9 @@ cdef struct Listener:
     int nhead
     NameEntry *tail          # "www.example.*" as "www.example.", longest first
     int ntail
+    fastws_regex **regex     # "~pattern" names, in the configuration's order
+    Server **regex_server
+    int nregex
     Server *default_server
 
 

@@ -585,7 +585,13 @@ def _read_server(source: str, table: Any, index: int, implicit: dict[str, Upstre
             raise ConfigError(source, f"{r.key('listen')}[{i}]",
                               f"{text!r}: listen on an IP address, not a host name")
         listen.append(addr)
-    names = tuple(n.lower() for n in r.strings("server_name"))
+    # names as nginx's: lower case; "~pattern" a regular expression matched ignoring case
+    names = tuple(n if n.startswith("~") else n.lower() for n in r.strings("server_name"))
+    for name in names:
+        if name.startswith("~"):
+            problem = _regex_problem(name[1:], True) if name[1:] else "an empty pattern"
+            if problem is not None:
+                raise r.fail("server_name", f"{name!r}: {problem}")
     default = r.get("default", bool, False)
     header_timeout = r.duration("client_header_timeout", 60.0)
     max_line = r.size("max_request_line", 8192)

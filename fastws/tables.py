@@ -32,6 +32,7 @@ class ListenerTable:
     head: list[tuple[str, int]]      # "*.example.com" as ".example.com", longest first
     tail: list[tuple[str, int]]      # "www.example.*" as "www.example.", longest first
     default: int
+    regex: list[tuple[str, int]] = field(default_factory=list)  # "~pattern" names, in order
 
 
 @dataclass
@@ -232,16 +233,19 @@ def _host(server_text: str) -> str:
 
 def _listener(sock: socket.socket, host: str, port: int, servers: list[ServerBlock],
               index: dict[int, int]) -> ListenerTable:
-    # nginx's server_name rules (ngx_http_find_virtual_server without regular expressions):
-    # exact names, then the longest "*.example.com", then the longest "www.example.*".
+    # nginx's server_name rules (ngx_http_find_virtual_server): exact names, then the longest
+    # "*.example.com", then the longest "www.example.*", then "~regex" names in order.
     exact: list[tuple[str, int]] = []
     head: list[tuple[str, int]] = []
     tail: list[tuple[str, int]] = []
+    regex: list[tuple[str, int]] = []
     seen: set[str] = set()
     for server in servers:
         si = index[id(server)]
         for name in server.server_name:
-            if name.startswith("*."):
+            if name.startswith("~"):
+                regex.append((name[1:], si))
+            elif name.startswith("*."):
                 head.append((name[1:], si))
             elif name.startswith("."):           # ".example.com": both forms
                 if name[1:] not in seen:
@@ -257,7 +261,7 @@ def _listener(sock: socket.socket, host: str, port: int, servers: list[ServerBlo
     tail.sort(key=lambda item: -len(item[0]))
     default = next((s for s in servers if s.default), servers[0])
     return ListenerTable(sock.fileno(), sock.family, default.tls is not None, host.strip("[]"),
-                         port, exact, head, tail, index[id(default)])
+                         port, exact, head, tail, index[id(default)], regex)
 
 
 def _server(t: Tables, server: ServerBlock, groups: dict[str, int], logs: _Logs,

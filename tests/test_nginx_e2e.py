@@ -17,6 +17,8 @@ import re
 import signal
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any, Callable
@@ -248,13 +250,20 @@ def test_several_server_names_pick_the_same_server(tmp_path: Path) -> None:
         listen = re.search(r"listen (127\.0\.0\.1:\d+);", text).group(1)  # type: ignore
         return text.replace("http {", "http {\n    server {\n        listen " + listen + ";\n"
                             "        server_name .other.test www.example.*;\n"
-                            "        location / { return 403; }\n    }", 1)
+                            "        location / { return 403; }\n    }\n    server {\n"
+                            "        listen " + listen + ";\n"
+                            "        server_name ~^(?<sub>[a-z]+)\\.regex\\.test$ "
+                            "~^api\\d+\\.;\n"
+                            "        location / { return 409; }\n    }", 1)
     results = compare(tmp_path, "Multi-path WebSocket",
                       [ws("/chat/ws"), get("/ws"), ws("/chat/ws", host="other.test"),
                        get("/x", host="a.other.test"), get("/", host="www.example.org"),
-                       get("/", host="unknown.test"), ws("/ws", host="EXAMPLE.com")],
+                       get("/", host="unknown.test"), ws("/ws", host="EXAMPLE.com"),
+                       get("/", host="abc.regex.test"), get("/", host="ABC.Regex.test"),
+                       get("/", host="a1.regex.test"), get("/", host="api7.example.com")],
                       extra=variant)
-    assert [a[0] for a in results["fastws"]["answers"]] == [101, 200, 403, 403, 403, 403, 101]
+    assert [a[0] for a in results["fastws"]["answers"]] == [101, 200, 403, 403, 403, 403, 101,
+                                                            409, 409, 403, 409]
     assert_same(results)
 
 
@@ -376,3 +385,80 @@ def test_log_format_escapes_as_nginx(tmp_path: Path, escape: str) -> None:
                        for v in odd], extra=variant)
     assert_same(results)
     assert len(results["fastws"]["logs"]["escaped_access.log"]) == len(odd)
+
+
+def test_debians_own_nginx_conf_with_a_proxy_site(tmp_path: Path) -> None:
+    # The packaged /etc/nginx (modules, mime.types, gzip, ssl_* defaults, conf.d and
+    # sites-enabled includes) with its default site made a WebSocket proxy.
+    import shutil
+    etc = tmp_path / "etc"
+    shutil.copytree("/etc/nginx", etc, symlinks=False)
+    main = etc / "nginx.conf"
+    main.write_text(main.read_text().replace("/etc/nginx/", f"{etc}/").replace(
+        "/var/log/nginx/", f"{tmp_path}/").replace("/run/nginx.pid", f"{tmp_path}/nginx.pid"))
+    backend = Backend("app")
+    port = free_port()
+    for site in (etc / "sites-enabled").iterdir():
+        site.unlink()
+    (etc / "sites-enabled" / "default").write_text(
+        "map $http_upgrade $connection_upgrade { default upgrade; '' close; }\n"
+        f"upstream app {{ server {backend.address}; }}\n"
+        f"server {{ listen 127.0.0.1:{port} default_server; server_name _;\n"
+        "  location / { proxy_pass http://app; proxy_http_version 1.1;\n"
+        "    proxy_set_header Upgrade $http_upgrade;\n"
+        "    proxy_set_header Connection $connection_upgrade; proxy_set_header Host $host; }\n}\n")
+    check = subprocess.run([sys.executable, "-m", "fastws", "-t", "-c", str(main)],
+                           capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0, check.stderr
+    assert "sendfile: ignored" in check.stdout and "gzip on: " in check.stdout
+    # its paths outside /etc/nginx (logs, pid) are moved to the test's directory too
+    proxy = Proxy(tmp_path, main, port=port, args=("-p", str(tmp_path)))
+    try:
+        assert run_requests(port, [get("/x")]) == [(200, b"app")]
+    finally:
+        proxy.stop()
+        backend.close()
+    assert '"GET /x HTTP/1.1" 200 3' in (tmp_path / "access.log").read_text()
+
+
+def test_a_rendered_test_config_runs_unchanged_under_p(tmp_path: Path) -> None:
+    # what test suites render for nginx: relative pid, error log, logs and temp paths, run
+    # with -p DIR under both
+    backend = Backend("app")
+    port = free_port()
+    for d in ("logs", "tmp"):
+        (tmp_path / d).mkdir()
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(f"""daemon off;
+master_process on;
+worker_processes 1;
+pid logs/nginx.pid;
+error_log logs/error.log debug;
+events {{ worker_connections 64; }}
+http {{
+    client_body_temp_path tmp/client_body;
+    proxy_temp_path tmp/proxy;
+    fastcgi_temp_path tmp/fastcgi;
+    uwsgi_temp_path tmp/uwsgi;
+    scgi_temp_path tmp/scgi;
+    access_log logs/access.log;
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{ proxy_pass http://{backend.address}; }}
+        location /status {{ stub_status; }}
+    }}
+}}
+""")
+    try:
+        for name in ("nginx", "fastws"):
+            proc: Any = Nginx(conf, tmp_path, port) if name == "nginx" else \
+                Proxy(tmp_path, conf, port=port, args=("-p", str(tmp_path)))
+            try:
+                assert run_requests(port, [get("/a")]) == [(200, b"app")]
+                assert (tmp_path / "logs" / "nginx.pid").read_text().strip().isdigit()
+            finally:
+                proc.stop()
+            lines = (tmp_path / "logs" / "access.log").read_text().splitlines()
+            assert '"GET /a HTTP/1.1" 200 3' in lines[-1], (name, lines)
+    finally:
+        backend.close()

@@ -288,6 +288,12 @@ cdef class Engine:
             l.head = self._names(spec.head, servers)
             l.ntail = len(spec.tail)
             l.tail = self._names(spec.tail, servers)
+            l.nregex = len(spec.regex)
+            l.regex = <fastws_regex **>arena_alloc(&self.arena, sizeof(fastws_regex *) * (l.nregex + 1))
+            l.regex_server = <Server **>arena_alloc(&self.arena, sizeof(Server *) * (l.nregex + 1))
+            for j, (pattern, k) in enumerate(spec.regex):
+                l.regex[j] = self._compile(pattern, True)
+                l.regex_server[j] = &servers[k]
             l.default_server = &servers[spec.default]
         listeners_watch(e, 1)
 

@@ -3,7 +3,8 @@
 # Server: among the blocks listening on the connection's address, the one whose server_name
 # matches the Host (exact names first, then the longest leading wildcard "*.example.com", then
 # the longest trailing wildcard "www.example.*"), else the default server of the address (the
-# one marked default, or the first) - ngx_http_find_virtual_server without regular expressions.
+# one marked default, or the first) - ngx_http_find_virtual_server; "~regex" names last, in
+# order, ignoring case.
 # Location (ngx_http_core_find_location): an exact "= /path" first; then the longest matching
 # prefix, which ends the search if it is a "^~ /path"; else the regular-expression locations
 # in the configuration's order, the first that matches the decoded path winning; else that
@@ -53,6 +54,9 @@ cdef Server *route_server(Listener *l, const char *host, int n) noexcept nogil:
             ne = &l.tail[i]
             if ne.len <= n and memcmp(ne.name, host, ne.len) == 0:
                 return ne.server
+        for i in range(l.nregex):
+            if fastws_regex_match(l.regex[i], host, n):
+                return l.regex_server[i]
     return l.default_server
 
 

@@ -74,8 +74,8 @@ SPECS: dict[str, Spec] = {
     "env": _ignore(MAIN, "fastws's workers keep the master's environment", 1, 1),
     "working_directory": _ignore(MAIN, "fastws writes no core files of its own", 1, 1),
     "worker_rlimit_core": _ignore(MAIN, "fastws writes no core files of its own", 1, 1),
-    "load_module": _refuse(MAIN, "fastws loads no nginx modules: remove the line (and the "
-                           "module's directives)"),
+    "load_module": _ignore(MAIN, "fastws loads no nginx modules (a directive of the module "
+                           "is refused where it is used)", 1, 1),
     "stream": _refuse(MAIN, "fastws proxies HTTP and WebSocket, not raw TCP (stream {})",
                       block=True),
     "mail": _refuse(MAIN, "fastws does not proxy mail", block=True),
@@ -195,6 +195,9 @@ SPECS: dict[str, Spec] = {
     "ignore_invalid_headers": _ignore(HS, "fastws refuses invalid header names with 400", 1, 1),
     "underscores_in_headers": _use(HS, 1),
     "gzip": _use(HSL, 1),
+    **{name: _ignore(HSL, "fastws does not compress answers (see gzip)", 1, None)
+       for name in ("gzip_vary", "gzip_proxied", "gzip_comp_level", "gzip_buffers",
+                    "gzip_http_version", "gzip_types", "gzip_min_length", "gzip_disable")},
     "charset": _use(HSL, 1),
     "absolute_redirect": _ignore(HSL, "fastws makes no redirects of its own but "
                                  "redirect_https", 1, 1),

@@ -252,10 +252,18 @@ class _Translator:
             settings["@own_log"] = settings
             settings["access_log"] = d
             settings["@access_log"] = d
-        elif d.name in ("gzip", "charset"):
+        elif d.name == "gzip":
+            if _flag(d):
+                # compression is the client's option, never something it can rely on: the
+                # same content reaches it, uncompressed
+                self.differ(d, "gzip on: fastws does not compress answers; they reach the "
+                            "client as the upstream sent them", once="gzip")
+            else:
+                self.ignore(d, "off, as fastws does")
+        elif d.name == "charset":
             if d.args[0] != "off":
-                raise fail(d, f"\"{d.name}\": fastws relays answers as the upstream sent "
-                           "them: remove the line")
+                raise fail(d, "\"charset\": fastws relays answers as the upstream sent them: "
+                           "remove the line")
             self.ignore(d, "off, as fastws does")
         elif d.name == "underscores_in_headers":
             if not _flag(d):
@@ -498,9 +506,6 @@ class _Translator:
     def server_names(self, d: Directive) -> list[str]:
         out = []
         for name in d.args:
-            if name.startswith("~"):
-                raise fail(d, f"\"server_name\": regular expressions ({name}) are not "
-                           "supported by fastws yet")
             if name in ("", "_"):
                 continue       # nginx's "no name" and catch-all conventions
             if name.startswith("."):
