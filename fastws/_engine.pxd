@@ -317,7 +317,8 @@ cdef struct Loc:
     int noregex              # "^~ /path": a longest-prefix match ends the search
     fastws_regex *regex      # "~ pattern" or "~* pattern", else NULL
     int kind                 # LocKind
-    int group                # upstream group index (LOC_PROXY)
+    int group                # upstream group index (LOC_PROXY), -1 with `pass`
+    Template *pass_tpl       # proxy_pass with variables: rendered per request, else NULL
     char *proxy_uri          # replaces the matched prefix, or NULL
     int proxy_uri_len
     char *proxy_host         # $proxy_host
@@ -567,6 +568,9 @@ cdef struct Req:
     int sel_live             # sel is initialised
     int peer                 # the attempt in progress, -1 if none
     int sticky_from          # the peer the client's sticky cookie named, -1 if none
+    int group                # the upstream group: the location's, or its proxy_pass rendered
+    char *uri                # proxy_pass with variables and a URI part: the target sent
+    int urilen
     int tries
     int timed_out            # the last failure was a timeout (504 rather than 502)
     double t_first           # first attempt (next_upstream_timeout)

@@ -161,6 +161,7 @@ class LocationConfig:
     noregex: bool = False  # "^~ /path": when it is the longest prefix, no regex is tried
     regex: str | None = None  # "~ pattern" or "~* pattern" (path then holds the pattern)
     caseless: bool = False  # "~*"
+    proxy_pass_template: Template | None = None  # proxy_pass with variables
 
     @property
     def written(self) -> str:
@@ -480,7 +481,14 @@ def _read_location(source: str, table: Any, where: str, implicit: dict[str, Upst
     proxy_uri = None
     upstream_name = None
     proxy_tls = False
-    if proxy_pass is not None:
+    pass_template = None
+    if proxy_pass is not None and "$" in proxy_pass:
+        # rendered per request: "http://NAME[/uri]", NAME an [[upstream]] (nginx resolves
+        # other names with a resolver; fastws resolves names only when it loads)
+        if not proxy_pass.startswith("http://"):
+            raise r.fail("proxy_pass", "with variables, proxy_pass is \"http://NAME[/uri]\"")
+        pass_template = r.convert("proxy_pass", _template_value, None)
+    elif proxy_pass is not None:
         if "://" in proxy_pass:
             scheme, _, rest = proxy_pass.partition("://")
             if scheme not in ("http", "https"):
@@ -537,7 +545,8 @@ def _read_location(source: str, table: Any, where: str, implicit: dict[str, Upst
         if status is not None:
             raise r.fail("stub_status", "conflicts with status")
         status = "stub"
-    handlers = sum(x is not None for x in (upstream_name, return_status, status))
+    handlers = sum(x is not None for x in (upstream_name or pass_template, return_status,
+                                            status))
     if handlers != 1:
         raise r.fail("proxy_pass", "a location needs exactly one of proxy_pass, return or "
                      "stub_status/status")
@@ -552,7 +561,7 @@ def _read_location(source: str, table: Any, where: str, implicit: dict[str, Upst
                           set_headers, relay, socket_keepalive, return_status, return_body,
                           status, proxy_tls, access_log, **http,
                           noregex=regex is None and raw_path.startswith("^~"), regex=regex,
-                          caseless=modifier == "~*")
+                          caseless=modifier == "~*", proxy_pass_template=pass_template)
 
 
 def _regex_problem(pattern: str, caseless: bool) -> str | None:

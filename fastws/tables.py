@@ -82,6 +82,7 @@ class LocationTable:
     noregex: bool = False            # "^~ /path"
     regex: str | None = None         # "~ pattern" / "~* pattern": the pattern
     caseless: bool = False
+    pass_parts: Any = None           # proxy_pass with variables: its template's parts
 
 
 @dataclass
@@ -307,4 +308,4 @@ def _location(loc: LocationConfig, groups: dict[str, int], logs: _Logs,
         up_tls.conf.verify if up_tls is not None else True,
         logs.index(loc.access_log), loc.keepalive_timeout, loc.keepalive_requests,
         loc.client_max_body_size, loc.client_body_timeout, loc.noregex, loc.regex,
-        loc.caseless)
+        loc.caseless, _parts(loc.proxy_pass_template))

@@ -236,3 +236,13 @@ def test_map_mistakes(maps, key, problem):
     with pytest.raises(ConfigError) as info:
         config.from_dict(data)
     assert info.value.key == key and problem in info.value.problem
+
+
+def test_proxy_pass_with_variables():
+    cfg = config.from_dict(minimal(proxy_pass="http://$http_x_pool/v1$uri"))
+    loc = cfg.servers[0].locations[0]
+    assert loc.proxy_pass is None and loc.proxy_pass_template is not None
+    assert loc.proxy_pass_template.variables == ("http_x_pool", "uri")
+    for value, problem in (("https://$x", "http://NAME"), ("http://$nope_", "unknown variable")):
+        with pytest.raises(ConfigError, match=problem):
+            config.from_dict(minimal(proxy_pass=value))

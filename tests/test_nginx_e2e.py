@@ -462,3 +462,30 @@ http {{
             assert '"GET /a HTTP/1.1" 200 3' in lines[-1], (name, lines)
     finally:
         backend.close()
+
+
+def test_proxy_pass_with_variables_names_a_group(tmp_path: Path) -> None:
+    def variant(text: str) -> str:
+        text = text.replace("http {", """http {
+    map $http_x_pool $pool {
+        default websocket_backend;
+        chat chat_backend;
+        nowhere no_such_group;
+    }""", 1)
+        return text.replace("    location /ws {", """    location /dyn {
+        proxy_pass http://$pool;
+        proxy_http_version 1.1;
+        proxy_set_header Upgrade $http_upgrade;
+        proxy_set_header Connection $connection_upgrade;
+        proxy_set_header X-Host $proxy_host;
+    }
+    location /rewrite/ {
+        proxy_pass http://$pool/v2$uri?from=$arg_id;
+    }
+    location /ws {""", 1)
+    results = compare(tmp_path, "Multi-path WebSocket",
+                      [get("/dyn/a?x=1"), get("/dyn/b", extra="X-Pool: chat\r\n"),
+                       ws("/dyn/c", extra="X-Pool: chat\r\n"), get("/rewrite/z?id=7"),
+                       get("/dyn/d", extra="X-Pool: nowhere\r\n")], extra=variant)
+    assert [a[0] for a in results["fastws"]["answers"]] == [200, 200, 101, 200, 502]
+    assert_same(results)

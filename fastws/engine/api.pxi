@@ -206,6 +206,8 @@ cdef class Engine:
                 else NULL
             loc.kind = spec.kind
             loc.group = spec.group
+            loc.pass_tpl = arena_template(&self.arena, spec.pass_parts) \
+                if spec.pass_parts is not None else NULL
             loc.proxy_uri = arena_str(&self.arena, spec.proxy_uri, &loc.proxy_uri_len) \
                 if spec.proxy_uri is not None else NULL
             loc.proxy_host = arena_str(&self.arena, spec.proxy_host) \

@@ -53,7 +53,7 @@ cdef void log_end(Eng *e, Conn *c) noexcept nogil:
         if lr.request_length == 0:
             lr.request_length = req.head_size + c.flow[0].nbytes
         if lr.peer < 0 and req.tries and c.loc != NULL:
-            lr.group = c.loc.group
+            lr.group = req.group
             lr.peer = req.peer
         if lr.connect_time < 0 and req.t_connected > 0:
             lr.connect_time = req.t_connected - req.t_connect

@@ -42,6 +42,41 @@ cdef Req *req_new(Eng *e, Conn *c) noexcept nogil:
     return req
 
 
+cdef int request_pass(Eng *e, Conn *c, char *rest, int restlen) noexcept nogil:
+    # proxy_pass with variables (ngx_http_proxy_eval): "http://NAME[/uri]" rendered; NAME must
+    # be an upstream group (fastws resolves no names while running, as nginx without a
+    # resolver); a URI part replaces the whole request target.  0, or -1 (answered 502).
+    cdef fastws_buf *b = &e.xbuf
+    cdef Req *req = c.req
+    cdef int i, start = 7, end
+    b.len = 0
+    tpl_render(e, c, NULL, c.loc.pass_tpl, b)
+    if b.len < 7 or memcmp(b.p, "http://", 7) != 0:
+        start = b.len
+    end = start
+    while end < b.len and b.p[end] != b'/':
+        end += 1
+    req.group = -1
+    for i in range(e.ngroups):
+        if <int>strlen(e.group_names[i]) == end - start and \
+                memcmp(e.group_names[i], b.p + start, end - start) == 0:
+            req.group = i
+            break
+    if req.group < 0 or end - start == 0:
+        eng_log(e, LOG_ERROR, "proxy_pass %.*s: no such upstream group, client: %s",
+                b.len if b.len < 200 else 200, b.p, conn_addr(e, c))
+        request_refuse(e, c, rest, restlen, 502, "proxy_pass names no upstream group")
+        return -1
+    if end < b.len:
+        req.uri = <char *>malloc(b.len - end)
+        if req.uri == NULL:
+            conn_close(e, c)
+            return -1
+        memcpy(req.uri, b.p + end, b.len - end)
+        req.urilen = b.len - end
+    return 0
+
+
 cdef void request_start(Eng *e, Conn *c, char *base, int end, char *rest, int restlen) noexcept nogil:
     # A complete request head is at base[:end]; rest[:restlen] are the bytes that followed it.
     cdef Head *h = &e.head
@@ -114,6 +149,9 @@ cdef void request_start(Eng *e, Conn *c, char *base, int end, char *rest, int re
     if loc.kind == LOC_STATUS:
         request_local(e, c, rest, restlen)
         status_answer(e, c)
+        return
+    req.group = loc.group
+    if loc.pass_tpl != NULL and request_pass(e, c, rest, restlen) < 0:
         return
     if request_upgrade(e, c, h, base) < 0:
         return
@@ -351,14 +389,16 @@ cdef int request_head_upstream(Eng *e, Conn *c, Head *h, const char *base, char 
     cdef Header *hd
     cdef HeaderOp *op
     cdef const char *name
-    cdef int i, k, kind, n, mark, host_set = 0, pool = e.pools[loc.group].size > 0
+    cdef int i, k, kind, n, mark, host_set = 0, pool = e.pools[req.group].size > 0
     cdef int q
     cdef const char *t = base + h.target.off
     b.len = 0
     b.failed = 0
     buf_add(b, base + h.method_name.off, h.method_name.len)
     buf_add(b, " ", 1)
-    if loc.proxy_uri != NULL:
+    if req.uri != NULL:
+        buf_add(b, req.uri, req.urilen)
+    elif loc.proxy_uri != NULL:
         buf_add(b, loc.proxy_uri, loc.proxy_uri_len)
         q = 0
         while q < h.target.len and t[q] != b'?':
@@ -486,12 +526,13 @@ cdef void request_end(Eng *e, Conn *c) noexcept nogil:
     if req == NULL:
         return
     if req.sel_live:
-        sel_clear(e.groups[c.loc.group], &req.sel)
+        sel_clear(e.groups[req.group], &req.sel)
     if req.uhead != NULL:
         free(req.uhead)
         held_count(e, DBG_BUFFERS, -1)
     free(req.early)
     free(req.rbuf)
+    free(req.uri)
     if c.flow[0].chunk == &req.chunk_in:
         c.flow[0].chunk = NULL
     if c.flow[1].chunk == &req.chunk_out:

@@ -10,7 +10,7 @@ cdef int upstream_select_init(Eng *e, Conn *c, Head *h) noexcept nogil:
     # The request's selection state: ip_hash's client address bytes, the hash key rendered
     # from its template, or the Python view a custom balancer reads.  0, or -1 (closed).
     cdef Req *req = c.req
-    cdef int gi = c.loc.group
+    cdef int gi = req.group
     cdef Group *g = e.groups[gi]
     cdef unsigned char addr[16]
     cdef int alen = 0
@@ -59,8 +59,8 @@ cdef void upstream_next(Eng *e, Conn *c) noexcept nogil:
     # next_upstream_timeout; a kept-alive connection to it if the pool has one.
     cdef Req *req = c.req
     cdef Loc *loc = c.loc
-    cdef Group *g = e.groups[loc.group]
-    cdef Pool *pool = &e.pools[loc.group]
+    cdef Group *g = e.groups[req.group]
+    cdef Pool *pool = &e.pools[req.group]
     cdef Up *u
     cdef int peer
     if loc.next_upstream_tries and req.tries >= loc.next_upstream_tries or \
@@ -69,11 +69,11 @@ cdef void upstream_next(Eng *e, Conn *c) noexcept nogil:
         return
     if g.method == BAL_CUSTOM:
         with gil:
-            peer = select_custom(e, loc.group, &req.sel, <object>req.ctx)
+            peer = select_custom(e, req.group, &req.sel, <object>req.ctx)
     else:
         peer = sel_next(g, &req.sel, e.now)
     if peer == SEL_ALL_DOWN:
-        eng_log(e, LOG_ERROR, "upstream %s: no server available", e.group_names[loc.group])
+        eng_log(e, LOG_ERROR, "upstream %s: no server available", e.group_names[req.group])
     if peer < 0:
         exchange_fail(e, c, 504 if req.timed_out else 502, "no live upstream")
         return
@@ -91,7 +91,7 @@ cdef void upstream_next(Eng *e, Conn *c) noexcept nogil:
             c.up = u
             u.requests += 1
             req.t_connected = e.now
-            group_connected(e, loc.group, &req.sel, peer)
+            group_connected(e, req.group, &req.sel, peer)
             conn_arm(e, c)
             upstream_send_head(e, c)
             return
@@ -101,7 +101,7 @@ cdef void upstream_next(Eng *e, Conn *c) noexcept nogil:
 cdef void up_open(Eng *e, Conn *c, int peer) noexcept nogil:
     cdef Req *req = c.req
     cdef Loc *loc = c.loc
-    cdef Group *g = e.groups[loc.group]
+    cdef Group *g = e.groups[req.group]
     cdef RRPeer *pr = &g.peers[peer]
     cdef Up *u
     cdef int fd, one = 1, err
@@ -110,7 +110,7 @@ cdef void up_open(Eng *e, Conn *c, int peer) noexcept nogil:
         err = errno
         eng_log(e, LOG_ERROR, "socket() failed (%d: %s) while connecting to upstream, client: %s",
                 err, strerror(err), conn_addr(e, c))
-        group_free(e, loc.group, &req.sel, peer, 0)
+        group_free(e, req.group, &req.sel, peer, 0)
         exchange_fail(e, c, 502, "cannot open a socket")
         return
     if pr.addr.sa.sa_family != AF_UNIX:
@@ -125,7 +125,7 @@ cdef void up_open(Eng *e, Conn *c, int peer) noexcept nogil:
     u = <Up *>calloc(1, sizeof(Up))
     if u == NULL:
         close(fd)
-        group_free(e, loc.group, &req.sel, peer, 0)
+        group_free(e, req.group, &req.sel, peer, 0)
         conn_close(e, c)
         return
     held_count(e, DBG_UPS, 1)
@@ -135,13 +135,13 @@ cdef void up_open(Eng *e, Conn *c, int peer) noexcept nogil:
     u.timer.kind = IO_UPSTREAM
     u.timer.owner = <void *>u
     u.owner = c
-    u.group = loc.group
+    u.group = req.group
     u.peer = peer
     u.requests = 1
     u.state = UP_CONNECTING
     c.up = u
-    if e.pools[loc.group].size:
-        e.pools[loc.group].opened += 1
+    if e.pools[req.group].size:
+        e.pools[req.group].opened += 1
     if connect(fd, &pr.addr.sa, pr.addrlen) < 0 and errno != EINPROGRESS:
         err = errno
         upstream_failed(e, c, err, "connect() failed", "while connecting to upstream", 0)
@@ -436,7 +436,7 @@ cdef const char *upstream_name(Eng *e, Conn *c) noexcept nogil:
     if c.up != NULL and c.up.group >= 0:
         return e.groups[c.up.group].peers[c.up.peer].name
     if c.req != NULL and c.req.peer >= 0 and c.loc != NULL:
-        return e.groups[c.loc.group].peers[c.req.peer].name
+        return e.groups[c.req.group].peers[c.req.peer].name
     return "-"
 
 

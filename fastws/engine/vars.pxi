@@ -184,6 +184,8 @@ cdef void var_put(Eng *e, Conn *c, LogRec *lr, int var, const char *arg, int arg
     elif var == V_PROXY_HOST:
         if c.loc != NULL and c.loc.proxy_host != NULL:
             buf_add(out, c.loc.proxy_host, <int>strlen(c.loc.proxy_host))
+        elif c.req != NULL and c.req.group >= 0 and c.loc != NULL and c.loc.pass_tpl != NULL:
+            buf_add(out, e.group_names[c.req.group], <int>strlen(e.group_names[c.req.group]))
     elif h == NULL:
         return                        # the head is gone: a request variable has no value now
     elif var == V_HOST:

@@ -702,9 +702,9 @@ class _Translator:
     def proxy(self, loc: dict[str, Any], where: str, d: Directive,
               settings: dict[str, Any]) -> None:
         url = d.args[0]
-        if "$" in url:
-            raise fail(d, "\"proxy_pass\" with variables is not supported by fastws yet: name "
-                       "an upstream or an address")
+        if "$" in url and not url.startswith("http://"):
+            raise fail(d, "\"proxy_pass\" with variables: fastws takes \"http://NAME[/uri]\", "
+                       "NAME an upstream block")
         if url.startswith("unix:") or "://unix:" in url:
             raise fail(d, "\"proxy_pass\": fastws connects to upstreams over TCP, not unix "
                        "sockets")
@@ -712,7 +712,8 @@ class _Translator:
             raise fail(d, f"\"proxy_pass\": invalid URL prefix in \"{url}\"")
         loc["proxy_pass"] = url
         self.at(f"{where}.proxy_pass", d)
-        self.at(f"proxy_pass {url.split('/', 3)[0]}//{url.split('/', 3)[2]}", d)
+        if "$" not in url:
+            self.at(f"proxy_pass {url.split('/', 3)[0]}//{url.split('/', 3)[2]}", d)
         e = settings.get("proxy_http_version")
         if e is None or e.args[0] != "1.1":
             if e is not None and e.args[0] != "1.0":
