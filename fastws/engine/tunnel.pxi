@@ -8,13 +8,14 @@
 # is held to the same limit); send_timeout: a write that stays blocked that long closes it, as
 # nginx's proxy_read_timeout and proxy_send_timeout on an upgraded connection.
 
-cdef void tunnel_start(Eng *e, Conn *c, char *data, int total) noexcept nogil:
-    # A checked 101 is at data[:...]; data[:total] (the 101 and what followed it) goes to the
-    # client.
+cdef void tunnel_start(Eng *e, Conn *c, char *data, int end, int total) noexcept nogil:
+    # A checked 101 is at data[:end]; data[:total] (the 101 and what followed it) goes to the
+    # client, with the group's sticky cookie added to the head when the client lacks it.
     cdef Req *req = c.req
     cdef Loc *loc = c.loc
     cdef RRPeer *pr = &e.groups[c.up.group].peers[c.up.peer]
-    cdef int i
+    cdef Sticky *st = e.sticky[c.up.group]
+    cdef int i, r
     if c.log != NULL:
         c.log.status = 101
         c.log.upstream_status = 101
@@ -39,7 +40,18 @@ cdef void tunnel_start(Eng *e, Conn *c, char *data, int total) noexcept nogil:
         c.flow[i].last_rx = e.now
     c.first_eof = -1
     c.started = e.now
-    if flow_hold(e, c, 1, data, total) < 0:
+    if st != NULL and req.sticky_from != c.up.peer and end >= 4:
+        # the head without its empty line, the Set-Cookie, the empty line and what followed
+        r = flow_hold(e, c, 1, data, end - 2)
+        r |= flow_hold(e, c, 1, st.set_head, st.set_head_len)
+        r |= flow_hold(e, c, 1, st.ids[c.up.peer], 32)
+        r |= flow_hold(e, c, 1, st.attrs, st.attrs_len)
+        r |= flow_hold(e, c, 1, data + end - 2, total - end + 2)
+        if c.log != NULL:
+            c.log.head_sent = total + st.set_head_len + 32 + st.attrs_len
+    else:
+        r = flow_hold(e, c, 1, data, total)
+    if r < 0:
         conn_close(e, c)
         return
     c.flow[1].blocked_since = 0

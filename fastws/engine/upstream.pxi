@@ -381,7 +381,7 @@ cdef void upstream_head(Eng *e, Conn *c, char *data, int end, int total) noexcep
         if check_101(req, rh) != NULL:
             upstream_bad(e, c, check_101(req, rh))
             return
-        tunnel_start(e, c, data, total)
+        tunnel_start(e, c, data, end, total)
         return
     response_start(e, c, data, end, total)
 

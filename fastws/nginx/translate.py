@@ -419,8 +419,7 @@ class _Translator:
             else:
                 raise fail(d, f"\"sticky\": invalid parameter \"{p}\"")
         self.differ(d, "sticky cookie: fastws writes the lifetime as Max-Age (nginx also "
-                    "writes Expires), and sets the cookie on HTTP answers, not on a 101",
-                    once="sticky")
+                    "writes Expires)", once="sticky")
         return out
 
     def upstream_server(self, d: Directive) -> dict[str, Any]:
