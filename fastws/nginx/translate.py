@@ -82,6 +82,11 @@ def _template(d: Directive, text: str) -> str:
 # --- the walk ------------------------------------------------------------------------------------
 
 _FORWARDED = ("X-Real-IP", "X-Forwarded-For", "X-Forwarded-Proto")
+_LISTEN_IGNORED = {
+    "reuseport": "reuseport: each fastws worker has its own listening socket already",
+    "backlog": "backlog: fastws's listen queue is 4096 (capped by net.core.somaxconn)",
+    "deferred": "deferred: fastws's listeners always defer accept to the first bytes",
+}
 
 
 class _Translator:
@@ -492,7 +497,7 @@ class _Translator:
                 default = True
             elif key in ("reuseport", "backlog", "deferred", "ipv6only", "so_keepalive",
                          "fastopen", "rcvbuf", "sndbuf", "bind", "accept_filter", "setfib"):
-                self.ignore(d, f"{key}: a socket option of nginx's")
+                self.ignore(d, _LISTEN_IGNORED.get(key, f"{key}: a socket option of nginx's"))
             elif key in ("http2", "quic"):
                 raise fail(d, f"\"listen\": {key}: fastws speaks HTTP/1.1 (and WebSocket over "
                            "it)")
