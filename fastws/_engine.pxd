@@ -690,6 +690,10 @@ cdef struct Eng:
     int number_base
     int control_ready        # the control plane's loop has something to do
     int wakefd               # an eventfd the engine writes to itself for that work
+    int reserve_fd           # a descriptor kept in reserve (/dev/null): given up to tell a
+                             # client 503 when accept() finds the descriptors exhausted
+    int starved              # accepting paused for want of descriptors (retried by the tick)
+    unsigned long long starved_refused   # clients answered 503 in this starvation
     fastws_buf obuf          # heads the engine builds
     fastws_buf xbuf          # a second one (hash keys, log lines' early part, a Location)
     fastws_buf vbuf          # a variable's value

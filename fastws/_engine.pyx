@@ -27,7 +27,7 @@ cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.ref cimport PyObject, Py_DECREF, Py_INCREF
 from libc.errno cimport (errno, EAGAIN, EALREADY, ECONNABORTED, ECONNRESET, EINPROGRESS, EINTR,
-                         EINVAL, ENOSYS, EPIPE, EPROTO)
+                         EINVAL, EMFILE, ENFILE, ENOSYS, EPIPE, EPROTO)
 from libc.stdio cimport snprintf
 from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.string cimport memchr, memcmp, memcpy, memmove, memset, strerror, strlen
@@ -46,6 +46,7 @@ include "includes/consts.pxi"
 
 cdef double LINGER_TIMEOUT = 2.0          # nginx's lingering_timeout is 5s; its close waits 30s
 cdef double DEFAULT_SEND_TIMEOUT = 60.0
+cdef double DEFAULT_KEEPALIVE_TIMEOUT = 75.0  # the server default of keepalive_timeout
 cdef const char *HEXDIGITS = "0123456789ABCDEF"
 cdef const char *HEXDIGITS_LOWER = "0123456789abcdef"
 cdef const unsigned char *V4MAPPED = b"\0\0\0\0\0\0\0\0\0\0\xff\xff"

@@ -88,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fastws: ignored: {line}")
         for line in cfg.differences:
             print(f"fastws: differs from nginx: {line}")
+        from .worker import descriptor_limit
+        short = descriptor_limit(cfg, raise_soft=False)
+        if short:
+            print(f"fastws: warning: {short}")
         text = balancer.describe(upstreams)
         if text and not args.dump:
             print(text)

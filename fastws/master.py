@@ -94,6 +94,10 @@ class Master:
             log.warning("the \"user\" setting applies only when fastws starts as root; "
                         "ignored")
         _give_logs(self.config)
+        from .worker import descriptor_limit
+        short = descriptor_limit(self.config)
+        if short:
+            log.warning("%s", short)
         slots = max(8, 4 * max(self.config.processes, os.cpu_count() or 1))
         self.board = metrics.Board(slots)
         self._generation(1)

@@ -13,6 +13,7 @@ import grp
 import logging
 import os
 import pwd
+import resource
 import signal
 import socket
 import time
@@ -31,6 +32,26 @@ CONTROL_INTERVAL = 0.05     # the control plane's timers run at most this late
 
 async def _one_pass() -> None:
     await asyncio.sleep(0)
+
+
+def descriptor_limit(config: Config, *, raise_soft: bool = True) -> str | None:
+    """Raise the open-files soft limit as far as the hard one allows toward what
+    worker_connections needs (a connection is one descriptor, a pipe in flight two, plus the
+    engine's own); a warning when it still falls short (nginx: "worker_connections exceed
+    open file resource limit")."""
+    need = config.worker_connections + 2 * (config.max_pipes or config.worker_connections // 2) \
+        + 64
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need and raise_soft:
+        target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        if target > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    if soft != resource.RLIM_INFINITY and soft < need:
+        return (f"{config.worker_connections} worker_connections (with their pipes) need "
+                f"{need} open files, and the limit is {soft} (ulimit -n): when it is reached, "
+                "new clients are answered 503")
+    return None
 
 
 def drop_privileges(config: Config) -> None:
@@ -267,6 +288,7 @@ class Worker:
 
     def _tick_once(self) -> None:
         self.engine.flush_logs()
+        self.engine.retry_accept()      # listeners paused for want of descriptors
         metrics.publish(self)
         if self.master and os.getppid() != self.master:
             log.error("the master process is gone; worker exits")

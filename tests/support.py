@@ -86,7 +86,8 @@ class Proxy:
     """fastws running as a real child process on a configuration written to a file."""
 
     def __init__(self, tmp: Path, config: dict[str, Any] | str | Path, *,
-                 port: int | None = None, args: tuple[str, ...] = ()) -> None:
+                 port: int | None = None, args: tuple[str, ...] = (),
+                 nofile: int | None = None) -> None:
         self.tmp = tmp
         if isinstance(config, Path):        # a file written by the test (an nginx.conf)
             self.path = config
@@ -96,9 +97,13 @@ class Proxy:
         self.port = port
         self.log = tmp / f"fastws-{id(self)}.log"
         self._log_file = open(self.log, "wb")
+        def limit() -> None:              # `ulimit -n` for the proxy only
+            if nofile is not None:
+                import resource
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "fastws", "-c", str(self.path), *args],
-            stdout=self._log_file, stderr=subprocess.STDOUT)
+            stdout=self._log_file, stderr=subprocess.STDOUT, preexec_fn=limit)
         if port is not None:
             try:
                 wait_port("127.0.0.1", port)

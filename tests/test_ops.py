@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from support import (RawBackend, free_port, http_get, raw_echo_handler, read_all, read_head,
+from support import (Proxy, RawBackend, free_port, http_get, raw_echo_handler, read_all, read_head,
                      to_toml, upgrade_request, wait_until)
 
 WEBSOCKET_FORMAT = ('$remote_addr - $remote_user [$time_local] "$request" $status '
@@ -147,7 +147,7 @@ def test_worker_connections_limit_pauses_accepting_and_drops_nothing(make_proxy,
         s.sendall(b"GET / HTTP/1.1\r\n")
     time.sleep(0.3)
     late = socket.create_connection(("127.0.0.1", port), timeout=10)
-    late.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    late.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     late.settimeout(0.5)
     with pytest.raises(socket.timeout):
         late.recv(100)          # queued by the kernel, not accepted while the worker is full
@@ -687,3 +687,53 @@ def test_log_and_process_config_mistakes_are_one_line(tmp_path, port, change, me
     r = fastws("-t", "-c", str(path))
     assert r.returncode == 1
     assert r.stderr.startswith(f"fastws: {path}: {message}") and r.stderr.count("\n") == 1
+
+
+def test_out_of_descriptors_answers_503_and_recovers(tmp_path, port, backend):
+    # ulimit -n 64 and 150 clients at once: the worker stops reading its listener instead of
+    # spinning on EMFILE, tells the clients it cannot take 503 at once, logs once per burst,
+    # warns at start-up, and accepts again when descriptors are free.
+    config = ops_config(tmp_path, port, backend.address, processes=1, worker_connections=512)
+    proxy = Proxy(tmp_path, config, port=port, nofile=64)
+    try:
+        clients = []
+        for _ in range(150):
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            clients.append(s)
+        answers = []
+        for s in clients:
+            head = s.recv(200)          # every client is answered, none left hanging
+            answers.append(head.split(b" ")[1])
+        assert set(answers) <= {b"200", b"503"} and b"503" in answers and b"200" in answers
+        for s in clients:
+            s.close()
+        wait_until(lambda: body_of(proxy) == b"v1")          # accepting again
+        text = (tmp_path / "error.log").read_text()
+        starved = text.count("accept() failed (24: Too many open files)")
+        assert 1 <= starved <= 10, starved                    # a line per burst, not per try
+        assert "accepting again: " in text
+        assert "worker_connections (with their pipes) need" in text
+        assert proxy.status()["connections"]["accepted"] >= 150
+    finally:
+        proxy.stop()
+
+
+def test_the_proxys_own_answers_keep_the_connection(make_proxy, tmp_path, port, backend):
+    # return and status pages are answered with keep-alive, and the connection then waits
+    # keepalive_timeout for the next request (as after a proxied one), each answer once
+    proxy = make_proxy(ops_config(tmp_path, port, backend.address), port=port)
+    paths = ["/", "/status", "/nginx_status", "/"]
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        for path in paths:
+            s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            head, rest = read_head(s)
+            assert head.startswith(b"HTTP/1.1 200") and b"Connection: keep-alive" in head, head
+            length = int(re.search(rb"Content-Length: (\d+)", head).group(1))  # type: ignore
+            while len(rest) < length:
+                rest += s.recv(65536)
+            assert len(rest) == length          # nothing but this answer
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        last = read_all(s)
+    assert last.count(b"HTTP/1.1 ") == 1 and last.endswith(b"\r\n\r\nv1"), last
+    assert proxy.status()["connections"]["accepted"] >= 1

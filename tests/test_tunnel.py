@@ -469,7 +469,7 @@ def test_server_name_routing(make_proxy, port):
                              ("a.b.example.org", "/", b"wildcard"), ("other", "/", b"default"),
                              ("other", "/a/b/c", b"longest"), ("other", "/a", b"exact-location"),
                              ("other", "/a/", b"default")]:
-        raw = f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+        raw = f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
         with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
             s.sendall(raw)
             answer = read_all(s)

@@ -69,6 +69,7 @@ cdef class Engine:
         ev.data.ptr = <void *>&e.tio
         _errcheck(epoll_ctl(e.epfd, EPOLL_CTL_ADD, e.tio.fd, &ev))
         e.wakefd = _errcheck(eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC))
+        e.reserve_fd = open("/dev/null", O_RDONLY | O_CLOEXEC)
         self._wake_io()
         e.now = fastws_monotonic()
         e.wall = fastws_realtime()
@@ -446,6 +447,11 @@ cdef class Engine:
     def set_log_level(self, int level):
         self.e.log_level = level
 
+    def retry_accept(self):
+        """The control plane's tick: listeners paused for want of descriptors are read again
+        (nginx retries after its accept pause the same way)."""
+        accept_retry(self.e)
+
     def stop_accepting(self):
         """No more connections: the listeners leave the epoll set (the caller closes them)."""
         cdef epoll_event ev
@@ -510,7 +516,7 @@ cdef class Engine:
     cdef void _release_fds(self):
         # A stopped engine keeps no descriptor: its pipe pool, epoll set, timerfd and eventfd.
         cdef Pipe *p
-        cdef int *fds[3]
+        cdef int *fds[4]
         cdef int i
         while self.e.free_pipes != NULL:
             p = self.e.free_pipes
@@ -521,7 +527,8 @@ cdef class Engine:
         fds[0] = &self.e.epfd
         fds[1] = &self.e.tio.fd
         fds[2] = &self.e.wakefd
-        for i in range(3):
+        fds[3] = &self.e.reserve_fd
+        for i in range(4):
             if fds[i][0] >= 0:
                 close(fds[i][0])
                 fds[i][0] = -1

@@ -30,13 +30,20 @@ cdef void accept_run(Eng *e, Listener *l) noexcept nogil:
     if fd < 0:
         if errno == EAGAIN or errno == EINTR or errno == ECONNABORTED:
             return
-        # EMFILE, ENFILE, ENOBUFS, ENOMEM: keep serving the connections already open, and
-        # accept again when one of them closes
+        if errno == EMFILE or errno == ENFILE:
+            accept_starved(e, l, errno)
+            return
+        # ENOBUFS, ENOMEM: keep serving the connections already open, and accept again when
+        # one of them closes
         e.n.accept_errors += 1
         eng_log(e, LOG_ERROR, "accept() failed (%d: %s)", errno, strerror(errno))
         accept_pause(e)
         return
     e.n.accepts += 1
+    if e.starved:
+        e.starved = 0
+        eng_log(e, LOG_WARN, "accepting again: %llu clients were answered 503 while the "
+                "descriptors were exhausted", e.starved_refused)
     c = conn_new(e, l, fd, &sa)
     if c == NULL:
         close(fd)
@@ -73,6 +80,55 @@ cdef void accept_pause(Eng *e) noexcept nogil:
         listeners_watch(e, 0)
         eng_log(e, LOG_WARN, "%d worker_connections are not enough; accepting again when below",
                 e.worker_connections)
+
+
+cdef const char *ANSWER_503 = ("HTTP/1.1 503 Service Unavailable\r\nServer: fastws\r\n"
+                               "Content-Length: 0\r\nRetry-After: 1\r\nConnection: close\r\n"
+                               "\r\n")
+
+
+cdef void accept_starved(Eng *e, Listener *l, int err) noexcept nogil:
+    # accept() found the process's descriptors exhausted (EMFILE, ENFILE).  A listener that
+    # stays readable would spin: leave it out of the epoll set until a connection closes or
+    # the control plane's tick retries (nginx's accept pause).  Meanwhile the waiting clients
+    # are told 503 at once through the descriptor kept in reserve, rather than left hanging;
+    # one log line per starvation, with the count when it ends.
+    cdef int fd, n = 0
+    cdef char scratch[4096]
+    e.n.accept_errors += 1
+    if not e.starved:
+        e.starved = 1
+        e.starved_refused = 0
+        eng_log(e, LOG_ERROR, "accept() failed (%d: %s): out of descriptors; answering 503 "
+                "until some are free", err, strerror(err))
+    while n < 64 and e.reserve_fd >= 0:
+        close(e.reserve_fd)
+        e.reserve_fd = -1
+        fd = accept4(l.io.fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC)
+        if fd >= 0:
+            # read what the client sent, so that the close is a FIN, not a reset that could
+            # destroy the answer before the client reads it
+            recv(fd, scratch, sizeof(scratch), MSG_DONTWAIT)
+            send(fd, ANSWER_503, strlen(ANSWER_503), MSG_DONTWAIT | MSG_NOSIGNAL)
+            close(fd)
+            e.starved_refused += 1
+            e.n.accepts += 1
+            n += 1
+        e.reserve_fd = open("/dev/null", O_RDONLY | O_CLOEXEC)
+        if fd < 0:
+            break
+    if e.accepting == 1:
+        e.accepting = 2
+        e.n.paused_now = 1
+        e.n.paused += 1
+        listeners_watch(e, 0)
+
+
+cdef void accept_retry(Eng *e) noexcept nogil:
+    if e.starved and e.accepting == 2 and conn_load(e) + 2 <= e.worker_connections:
+        e.accepting = 1
+        e.n.paused_now = 0
+        listeners_watch(e, 1)
 
 
 cdef void accept_resume(Eng *e) noexcept nogil:
@@ -369,6 +425,15 @@ cdef void conn_answer(Eng *e, Conn *c, int status, const char *extra, const char
         keep = 0
     if e.stopping or c.peer_closed:
         keep = 0
+    if keep:
+        # the idle wait that follows is the location's keepalive_timeout (nginx's), and
+        # keepalive_requests bounds the connection as for proxied requests
+        if c.loc != NULL:
+            if c.loc.keepalive_timeout <= 0 or c.nreq >= c.loc.keepalive_requests:
+                keep = 0
+            c.read_timeout = c.loc.keepalive_timeout
+        else:
+            c.read_timeout = DEFAULT_KEEPALIVE_TIMEOUT
     b.len = 0
     buf_fmt(b, "HTTP/1.1 %d %s\r\nServer: fastws\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
             "Connection: %s\r\n", status, reason, ctype, bodylen,

@@ -10,6 +10,7 @@ cdef extern from "compat.h" nogil:
                    size_t length, unsigned int flags)
     int pipe2(int pipefd[2], int flags)
     int fcntl(int fd, int cmd, ...)
+    int open(const char *path, int flags)
     int close(int fd)
     ssize_t read(int fd, void *buf, size_t count)
     ssize_t write(int fd, const void *buf, size_t count)
@@ -18,6 +19,7 @@ cdef extern from "compat.h" nogil:
         SPLICE_F_NONBLOCK
         O_NONBLOCK
         O_CLOEXEC
+        O_RDONLY
         F_SETPIPE_SZ
         F_GETPIPE_SZ
         F_GETFL
