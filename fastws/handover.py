@@ -192,11 +192,12 @@ def send(sock: socket.socket, t: "ExportedTunnel") -> None:
 async def hand_over(w: "Worker") -> None:
     """The old worker's part of a reload: pass every tunnel, then end the worker."""
     top = w.board.slots[0]
-    addr = address(w.master, top.generation, w.index % max(1, top.processes))
     sock = None
     deadline = time.monotonic() + CONNECT_PATIENCE
     while sock is None and time.monotonic() < deadline:
-        sock = connect_once(addr)
+        # the newest generation at each attempt: a reload that followed this one moves the
+        # target, and the tunnels go to the workers that will stay
+        sock = connect_once(address(w.master, top.generation, w.index % max(1, top.processes)))
         if sock is None:
             await asyncio.sleep(0.05)
     if sock is None:

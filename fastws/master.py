@@ -36,6 +36,7 @@ COMMANDS = {"reload": signal.SIGHUP, "quit": signal.SIGQUIT, "stop": signal.SIGT
 FAST_STOP_GRACE = 5.0          # after SIGTERM, workers still alive then are killed
 RESTART_MAX_DELAY = 5.0
 STABLE_AFTER = 10.0            # a worker that lived this long resets its index's backoff
+HANDOVER_WINDOW = 10.0         # a reload waits at most this long for the last one's hand-over
 
 
 @dataclass
@@ -65,6 +66,8 @@ class Master:
     indexes: dict[int, _Index] = field(default_factory=dict)
     stopping: str = ""           # "", "graceful" or "fast"
     stop_deadline: float = 0.0
+    reload_pending: bool = False  # a SIGHUP came while the last reload was handing over
+    reload_started: float = 0.0
 
     # --- start -------------------------------------------------------------------------------
 
@@ -201,12 +204,24 @@ class Master:
                 self.stop_deadline = now + 60
             if not self.stopping:
                 self._restart_due(now)
-            info = signal.sigtimedwait(SIGNALS, 0.2)
+                if self.reload_pending and not self._handing_over(now):
+                    self.reload_pending = False
+                    self.reload()
+            info = signal.sigtimedwait(SIGNALS, 0.05 if self.reload_pending else 0.2)
             if info is None or info.si_signo == signal.SIGCHLD:
                 continue
             sig = info.si_signo
             if sig == signal.SIGHUP and not self.stopping:
-                self.reload()
+                if self._handing_over(time.monotonic()):
+                    # reloads in quick succession are coalesced: one more once the workers
+                    # of the last one have handed their tunnels over, so that hand-overs
+                    # never overlap (an old worker's tunnels always reach the newest ones)
+                    if not self.reload_pending:
+                        log.info("reload requested while the last one hands its tunnels "
+                                 "over; it follows")
+                    self.reload_pending = True
+                else:
+                    self.reload()
             elif sig == signal.SIGUSR1:
                 accesslog.reopen_error_log()
                 _give_logs(self.config)
@@ -273,6 +288,13 @@ class Master:
 
     # --- reload ------------------------------------------------------------------------------
 
+    def _handing_over(self, now: float) -> bool:
+        """Old-generation workers are still alive shortly after a reload: they are handing
+        their tunnels over (one that keeps TLS tunnels to drain them stays longer, and is
+        not waited for past HANDOVER_WINDOW)."""
+        return now - self.reload_started < HANDOVER_WINDOW and any(
+            w.generation < self.generation for w in self.workers.values())
+
     def reload(self) -> None:
         """SIGHUP: check the new configuration; if good, start a new generation of workers on
         it and ask the old ones to stop gracefully (their tunnels keep relaying until they
@@ -304,6 +326,7 @@ class Master:
                 except OSError as exc:
                     log.error("cannot write the pid file %s: %s", cfg.pid, exc.strerror)
         self._generation(self.generation + 1)
+        self.reload_started = time.monotonic()
         olds = list(self.workers.values())
         self.indexes.clear()
         for i in range(cfg.processes):

@@ -737,3 +737,33 @@ def test_the_proxys_own_answers_keep_the_connection(make_proxy, tmp_path, port, 
         last = read_all(s)
     assert last.count(b"HTTP/1.1 ") == 1 and last.endswith(b"\r\n\r\nv1"), last
     assert proxy.status()["connections"]["accepted"] >= 1
+
+
+@pytest.mark.parametrize("count, gap", [(2, 0.02), (10, 0.05)])
+def test_reloads_in_quick_succession_converge(make_proxy, tmp_path, port, backend, count, gap):
+    # a deploy script's burst of SIGHUPs: reloads that come while the last one hands its
+    # tunnels over are coalesced, every tunnel ends in the newest generation, no old worker
+    # stays, no byte is lost, and the status page counts them exactly
+    proxy = make_proxy(ops_config(tmp_path, port, backend.address), port=port)
+    wait_until(lambda: len(proxy.workers()) == 2)
+    tunnels = [tunnel(port) for _ in range(12)]
+    for i in range(count):
+        os.kill(proxy.pid, signal.SIGHUP)
+        time.sleep(gap)             # the burst's own spacing (what is tested), not a wait
+    newest = 0
+
+    def settled() -> bool:
+        nonlocal newest
+        for i, s in enumerate(tunnels):
+            echo(s, b"round %d" % i)
+        workers = proxy.status()["workers"]
+        newest = max(w["generation"] for w in workers)
+        return len(proxy.workers()) == 2 and all(w["generation"] == newest and
+                                                 not w["retiring"] for w in workers)
+    wait_until(settled)
+    assert proxy.status()["tunnels"]["active"] == len(tunnels)
+    text = (tmp_path / "error.log").read_text()
+    assert "cannot take the tunnels" not in text and "handing a tunnel over failed" not in text
+    assert "no status slot left" not in text
+    for s in tunnels:
+        s.close()
