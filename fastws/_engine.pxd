@@ -319,6 +319,8 @@ cdef struct Loc:
     int kind                 # LocKind
     int group                # upstream group index (LOC_PROXY), -1 with `pass`
     Template *pass_tpl       # proxy_pass with variables: rendered per request, else NULL
+    AccessRule *rules        # allow/deny, first match decides; none: everyone
+    int nrules
     char *proxy_uri          # replaces the matched prefix, or NULL
     int proxy_uri_len
     char *proxy_host         # $proxy_host
@@ -365,6 +367,13 @@ cdef struct Server:
     FASTWS_SSL_CTX *tls_ctx  # TLS termination (SNI picks it among the servers of an address)
     double handshake_timeout
     AccessLog *log           # the server's log (requests that match no location)
+
+cdef struct AccessRule:
+    # nginx's allow/deny (ngx_http_access_module): a network, or every address (family 0)
+    int allow
+    int family               # AF_INET, AF_INET6, or 0 for "all"
+    unsigned char addr[16]
+    int prefix               # bits of addr that must match
 
 cdef struct Sticky:
     # nginx's sticky cookie: the cookie's name, the Set-Cookie header up to its value, the

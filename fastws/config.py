@@ -162,6 +162,7 @@ class LocationConfig:
     regex: str | None = None  # "~ pattern" or "~* pattern" (path then holds the pattern)
     caseless: bool = False  # "~*"
     proxy_pass_template: Template | None = None  # proxy_pass with variables
+    access: tuple[tuple[bool, str], ...] = ()  # (allow?, "10.0.0.0/8" or "all"), first match
 
     @property
     def written(self) -> str:
@@ -409,6 +410,32 @@ def _read_sticky(upstream: _Reader) -> StickyConfig | None:
     return conf
 
 
+def _read_access(r: _Reader, inherited: tuple[tuple[bool, str], ...]
+                 ) -> tuple[tuple[bool, str], ...]:
+    """`access = ["allow 10.0.0.0/8", "allow ::1", "deny all"]` (nginx's allow and deny): the
+    first rule that matches the client's address decides; none matching allows.  A level that
+    sets any replaces the rules it would inherit."""
+    value = r.get("access", list, None)
+    if value is None:
+        return inherited
+    rules = []
+    for i, text in enumerate(value):
+        key = f"{r.key('access')}[{i}]"
+        words = text.split() if isinstance(text, str) else []
+        if len(words) != 2 or words[0] not in ("allow", "deny"):
+            raise ConfigError(r.source, key, "expected \"allow ADDRESS\" or \"deny ADDRESS\" "
+                              "(an address, a CIDR such as 10.0.0.0/8, or all)")
+        if words[1] == "all":
+            rules.append((words[0] == "allow", "all"))
+            continue
+        try:
+            net = ipaddress.ip_network(words[1], strict=False)
+        except ValueError:
+            raise ConfigError(r.source, key, f"{words[1]!r} is not an address or CIDR") from None
+        rules.append((words[0] == "allow", str(net)))
+    return tuple(rules)
+
+
 def _read_http_limits(r: _Reader, inherited: Mapping[str, Any]) -> dict[str, Any]:
     """The keep-alive and request body settings, at server or location level."""
     out = dict(inherited)
@@ -458,7 +485,8 @@ def _read_set_headers(r: _Reader) -> tuple[tuple[str, Template | None], ...]:
 
 def _read_location(source: str, table: Any, where: str, implicit: dict[str, UpstreamConfig],
                    logs: tuple[Any, Any] = ({}, None),
-                   http: Mapping[str, Any] | None = None) -> LocationConfig:
+                   http: Mapping[str, Any] | None = None,
+                   access: tuple[tuple[bool, str], ...] = ()) -> LocationConfig:
     r = _Reader(source, table, where)
     raw_path = r.get("path", str, required=True)
     modifier, _, rest = raw_path.partition(" ")
@@ -552,6 +580,7 @@ def _read_location(source: str, table: Any, where: str, implicit: dict[str, Upst
                      "stub_status/status")
     access_log = _access_log(r, logs)
     http = _read_http_limits(r, http if http is not None else _HTTP_DEFAULTS)
+    access = _read_access(r, access)
     r.finish()
     if regex is not None and proxy_uri is not None:
         raise r.fail("proxy_pass", "a regular-expression location cannot replace a matched "
@@ -561,7 +590,8 @@ def _read_location(source: str, table: Any, where: str, implicit: dict[str, Upst
                           set_headers, relay, socket_keepalive, return_status, return_body,
                           status, proxy_tls, access_log, **http,
                           noregex=regex is None and raw_path.startswith("^~"), regex=regex,
-                          caseless=modifier == "~*", proxy_pass_template=pass_template)
+                          caseless=modifier == "~*", proxy_pass_template=pass_template,
+                          access=access)
 
 
 def _regex_problem(pattern: str, caseless: bool) -> str | None:
@@ -615,13 +645,15 @@ def _read_server(source: str, table: Any, index: int, implicit: dict[str, Upstre
     if redirect_https and server_tls is not None:
         raise r.fail("redirect_https", "applies to a plain-HTTP server, and this one has tls")
     http = _read_http_limits(r, _HTTP_DEFAULTS)
+    access = _read_access(r, ())
     locs_raw = r.get("location", list, [])
     if not locs_raw and not redirect_https:
         raise r.fail("location", "a server needs at least one [[server.location]]")
     locations = []
     seen: set[tuple[str, bool, bool, bool]] = set()
     for i, loc in enumerate(locs_raw):
-        lc = _read_location(source, loc, f"{r.key('location')}[{i}]", implicit, logs, http)
+        lc = _read_location(source, loc, f"{r.key('location')}[{i}]", implicit, logs, http,
+                            access)
         # "/a" and "^~ /a" are one prefix for nginx too
         key = (lc.path, lc.exact, lc.regex is not None, lc.caseless)
         if key in seen:

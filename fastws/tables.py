@@ -8,6 +8,7 @@ engine copies it into C arrays (engine/tables.pxi).  Nothing here runs per conne
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import socket
 from dataclasses import dataclass, field
 from typing import Any
@@ -83,6 +84,8 @@ class LocationTable:
     regex: str | None = None         # "~ pattern" / "~* pattern": the pattern
     caseless: bool = False
     pass_parts: Any = None           # proxy_pass with variables: its template's parts
+    access: list[tuple[bool, int, bytes, int]] = field(default_factory=list)
+    # (allow?, family (0: all), network address bytes, prefix length), in order
 
 
 @dataclass
@@ -308,4 +311,12 @@ def _location(loc: LocationConfig, groups: dict[str, int], logs: _Logs,
         up_tls.conf.verify if up_tls is not None else True,
         logs.index(loc.access_log), loc.keepalive_timeout, loc.keepalive_requests,
         loc.client_max_body_size, loc.client_body_timeout, loc.noregex, loc.regex,
-        loc.caseless, _parts(loc.proxy_pass_template))
+        loc.caseless, _parts(loc.proxy_pass_template), [_rule(a, n) for a, n in loc.access])
+
+
+def _rule(allow: bool, network: str) -> tuple[bool, int, bytes, int]:
+    if network == "all":
+        return allow, 0, b"", 0
+    net = ipaddress.ip_network(network)
+    family = socket.AF_INET if net.version == 4 else socket.AF_INET6
+    return allow, family, net.network_address.packed, net.prefixlen

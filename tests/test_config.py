@@ -246,3 +246,16 @@ def test_proxy_pass_with_variables():
     for value, problem in (("https://$x", "http://NAME"), ("http://$nope_", "unknown variable")):
         with pytest.raises(ConfigError, match=problem):
             config.from_dict(minimal(proxy_pass=value))
+
+
+def test_access_rules():
+    data = minimal(access=["allow 10.1.2.3/8", "allow ::1", "deny all"])
+    data["server"][0]["access"] = ["deny 192.0.2.0/24"]
+    data["server"][0]["location"].append({"path": "/other", "return": 204})
+    cfg = config.from_dict(data)
+    own, inherited = cfg.servers[0].locations
+    assert own.access == ((True, "10.0.0.0/8"), (True, "::1/128"), (False, "all"))
+    assert inherited.access == ((False, "192.0.2.0/24"),)
+    for bad in (["permit 10.0.0.0/8"], ["allow 10.0.0.300"], ["deny"]):
+        with pytest.raises(ConfigError, match=r"access\[0\]"):
+            config.from_dict(minimal(access=bad))

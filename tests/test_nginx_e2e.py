@@ -489,3 +489,19 @@ def test_proxy_pass_with_variables_names_a_group(tmp_path: Path) -> None:
                        get("/dyn/d", extra="X-Pool: nowhere\r\n")], extra=variant)
     assert [a[0] for a in results["fastws"]["answers"]] == [200, 200, 101, 200, 502]
     assert_same(results)
+
+
+def test_allow_and_deny_as_nginx(tmp_path: Path) -> None:
+    # first match decides; a level with rules replaces the inherited ones
+    def variant(text: str) -> str:
+        text = text.replace("stub_status on;", "stub_status on;\n    allow 127.0.0.1;\n"
+                            "    allow 127.1.0.0/16;\n    deny all;", 1)
+        return text.replace("server_name example.com;", "server_name example.com;\n"
+                            "    deny 127.0.0.3;\n    deny 127.9.0.0/24;", 1)
+    results = compare(tmp_path, "Monitoring and logging",
+                      [get("/nginx_status"), get("/nginx_status", "127.1.2.3"),
+                       get("/nginx_status", "127.0.0.2"), ws("/ws", "127.0.0.3"),
+                       ws("/ws", "127.0.0.4"), get("/ws", "127.9.0.77"),
+                       get("/ws", "127.9.1.1")], extra=variant)
+    assert [a[0] for a in results["fastws"]["answers"]] == [200, 200, 403, 403, 101, 403, 200]
+    assert_same(results)

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from support import (Proxy, RawBackend, free_port, http_get, raw_echo_handler, read_all, read_head,
-                     to_toml, upgrade_request, wait_until)
+from support import (Proxy, RawBackend, free_port, http_get, raw_echo_handler, raw_exchange,
+                     read_all, read_head, to_toml, upgrade_request, wait_until)
 
 WEBSOCKET_FORMAT = ('$remote_addr - $remote_user [$time_local] "$request" $status '
                     '$body_bytes_sent "$http_referer" "$http_user_agent" rt=$request_time '
@@ -767,3 +767,22 @@ def test_reloads_in_quick_succession_converge(make_proxy, tmp_path, port, backen
     assert "no status slot left" not in text
     for s in tunnels:
         s.close()
+
+
+def test_access_rules_over_ipv4_and_ipv6(make_proxy, tmp_path, backend):
+    port = free_port()
+    config = {"server": [{"listen": [f"127.0.0.1:{port}", f"[::1]:{port}"],
+                          "access": ["deny ::1", "allow 127.0.0.0/8", "deny all"],
+                          "location": [{"path": "/", "return": [200, "in"]},
+                                       {"path": "/v6", "return": [200, "v6"],
+                                        "access": ["allow ::/0", "deny all"]}]}]}
+    make_proxy(config, port=port)
+
+    def get(host: str, path: str) -> int:
+        raw = raw_exchange(host, port, f"GET {path} HTTP/1.1\r\nHost: x\r\n"
+                           "Connection: close\r\n\r\n".encode())
+        return int(raw.split(b" ")[1])
+    assert get("127.0.0.1", "/") == 200
+    assert get("::1", "/") == 403          # denied by the server's first rule
+    assert get("::1", "/v6") == 200        # the location's own rules replace the server's
+    assert get("127.0.0.1", "/v6") == 403

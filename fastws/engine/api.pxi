@@ -209,6 +209,13 @@ cdef class Engine:
             loc.group = spec.group
             loc.pass_tpl = arena_template(&self.arena, spec.pass_parts) \
                 if spec.pass_parts is not None else NULL
+            loc.nrules = len(spec.access)
+            loc.rules = <AccessRule *>arena_alloc(&self.arena, sizeof(AccessRule) * (loc.nrules + 1))
+            for j, (allow, family, packed, prefix) in enumerate(spec.access):
+                loc.rules[j].allow = allow
+                loc.rules[j].family = family
+                memcpy(loc.rules[j].addr, <const char *>packed, len(packed))
+                loc.rules[j].prefix = prefix
             loc.proxy_uri = arena_str(&self.arena, spec.proxy_uri, &loc.proxy_uri_len) \
                 if spec.proxy_uri is not None else NULL
             loc.proxy_host = arena_str(&self.arena, spec.proxy_host) \

@@ -136,6 +136,10 @@ cdef void request_start(Eng *e, Conn *c, char *base, int end, char *rest, int re
     c.loc = loc
     if loc.log != NULL:
         log_begin(e, c, loc.log)
+    if loc.nrules and not access_allowed(loc, &c.raddr):
+        eng_log(e, LOG_ERROR, "access forbidden by rule, client: %s", conn_addr(e, c))
+        request_refuse(e, c, rest, restlen, 403, "access forbidden by rule")
+        return
     if loc.kind == LOC_RETURN:
         request_local(e, c, rest, restlen)
         if loc.return_body_len == 0 and loc.return_status >= 400:

@@ -90,6 +90,40 @@ cdef Loc *route_location(Server *s, const char *path, int n) noexcept nogil:
     return found
 
 
+cdef bint access_allowed(Loc *loc, sockaddr_in6 *client) noexcept nogil:
+    # ngx_http_access_handler: the rules in order, the first that matches decides; an
+    # IPv4-mapped IPv6 client is matched as IPv4 (as $remote_addr shows it).
+    cdef const unsigned char *a
+    cdef unsigned char mapped[4]
+    cdef int family = client.sin6_family, i, n
+    cdef AccessRule *r
+    if family == AF_INET:
+        a = <const unsigned char *>&(<sockaddr_in *>client).sin_addr
+    else:
+        a = <const unsigned char *>&client.sin6_addr
+        for i in range(10):
+            if a[i]:
+                break
+        else:
+            if a[10] == 0xff and a[11] == 0xff:
+                memcpy(mapped, a + 12, 4)
+                a = mapped
+                family = AF_INET
+    for i in range(loc.nrules):
+        r = &loc.rules[i]
+        if r.family == 0:
+            return r.allow
+        if r.family != family:
+            continue
+        n = r.prefix >> 3
+        if memcmp(r.addr, a, n) != 0:
+            continue
+        if r.prefix & 7 and ((r.addr[n] ^ a[n]) & (0xff00 >> (r.prefix & 7)) & 0xff):
+            continue
+        return r.allow
+    return True
+
+
 cdef int unhex(char ch) noexcept nogil:
     if c'0' <= ch <= c'9':
         return ch - c'0'

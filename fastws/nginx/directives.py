@@ -50,7 +50,6 @@ _BUFFERS = "fastws sizes its buffers itself"
 _TEMP = "fastws writes no temporary files"
 _STATIC = ("fastws is a proxy and serves no files: give the location a proxy_pass, return or "
            "stub_status")
-_NOT_YET_EDGE = "not supported by fastws yet; restrict access in front of it, or remove the line"
 
 SPECS: dict[str, Spec] = {
     # --- main --------------------------------------------------------------------------------
@@ -269,8 +268,8 @@ SPECS: dict[str, Spec] = {
     "scgi_pass": _refuse(LOCATION, "fastws proxies HTTP only: use proxy_pass"),
     "grpc_pass": _refuse(LOCATION, "fastws proxies HTTP/1.1 only: use proxy_pass"),
     "memcached_pass": _refuse(LOCATION, "fastws proxies HTTP only: use proxy_pass"),
-    "allow": _refuse(HSL, _NOT_YET_EDGE),
-    "deny": _refuse(HSL, _NOT_YET_EDGE),
+    "allow": _use(HSL, 1),
+    "deny": _use(HSL, 1),
     "auth_basic": _refuse(HSL, "fastws does not authenticate clients: let the upstream do it"),
     "auth_basic_user_file": _refuse(HSL, "fastws does not authenticate clients: let the "
                                     "upstream do it"),

@@ -243,6 +243,15 @@ class _Translator:
     def setting(self, settings: dict[str, Any], d: Directive) -> None:
         """A directive that lower levels inherit: kept as written until a location or
         server needs it."""
+        if d.name in ("allow", "deny"):
+            # nginx's access module: a level with any rule replaces the inherited ones
+            if settings.get("@own_access") is not settings:
+                settings["access"] = []
+                settings["@own_access"] = settings
+            if d.args[0].startswith("unix:"):
+                raise fail(d, f"\"{d.name}\": fastws listens on IP addresses only")
+            settings["access"].append(d)
+            return
         if d.name == "proxy_set_header":
             # a level that sets any header replaces the inherited list (nginx's merge)
             own = settings.get("@own_headers")
@@ -655,6 +664,12 @@ class _Translator:
             raise fail(d, f"\"location {uri}\": fastws is a proxy and serves no files: give "
                        "the location a proxy_pass, return or stub_status")
         self.limits(loc, where, settings)
+        rules = settings.get("access") or []
+        if rules:
+            loc["access"] = [f"{e.name} {e.args[0]}" for e in rules]
+            self.at(f"{where}.access", rules[0])
+            for i, e in enumerate(rules):
+                self.at(f"{where}.access[{i}]", e)
         if "access_log" in settings and settings.get("@own_log") is settings:
             loc["access_log"] = self.access_log(settings["access_log"])
             self.at(f"{where}.access_log", settings["access_log"])
