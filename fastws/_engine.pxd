@@ -321,6 +321,10 @@ cdef struct Loc:
     Template *pass_tpl       # proxy_pass with variables: rendered per request, else NULL
     AccessRule *rules        # allow/deny, first match decides; none: everyone
     int nrules
+    char **origins           # allowed Origins of WebSocket handshakes (lower case), or none
+    int *origin_lens
+    int norigins
+    int origin_missing_deny
     char *proxy_uri          # replaces the matched prefix, or NULL
     int proxy_uri_len
     char *proxy_host         # $proxy_host

@@ -163,6 +163,8 @@ class LocationConfig:
     caseless: bool = False  # "~*"
     proxy_pass_template: Template | None = None  # proxy_pass with variables
     access: tuple[tuple[bool, str], ...] = ()  # (allow?, "10.0.0.0/8" or "all"), first match
+    origins: tuple[str, ...] = ()  # allowed Origins of WebSocket handshakes; () checks none
+    origin_missing: str = "allow"  # a handshake without Origin: "allow" or "deny"
 
     @property
     def written(self) -> str:
@@ -581,6 +583,11 @@ def _read_location(source: str, table: Any, where: str, implicit: dict[str, Upst
     access_log = _access_log(r, logs)
     http = _read_http_limits(r, http if http is not None else _HTTP_DEFAULTS)
     access = _read_access(r, access)
+    origins = tuple(_origin(r, f"{r.key('origins')}[{i}]", o)
+                    for i, o in enumerate(r.strings("origins")))
+    origin_missing = r.get("origin_missing", str, "allow")
+    if origin_missing not in ("allow", "deny"):
+        raise r.fail("origin_missing", "expected \"allow\" or \"deny\"")
     r.finish()
     if regex is not None and proxy_uri is not None:
         raise r.fail("proxy_pass", "a regular-expression location cannot replace a matched "
@@ -591,7 +598,21 @@ def _read_location(source: str, table: Any, where: str, implicit: dict[str, Upst
                           status, proxy_tls, access_log, **http,
                           noregex=regex is None and raw_path.startswith("^~"), regex=regex,
                           caseless=modifier == "~*", proxy_pass_template=pass_template,
-                          access=access)
+                          access=access, origins=origins, origin_missing=origin_missing)
+
+
+_ORIGIN = re.compile(r"(https?)://(\*\.)?([a-z0-9-]+(?:\.[a-z0-9-]+)*|\[[0-9a-f:.]+\])"
+                     r"(:\d{1,5})?")
+
+
+def _origin(r: _Reader, key: str, text: str) -> str:
+    """An allowed Origin as a browser sends it (RFC 6454): scheme://host[:port], the host
+    perhaps "*.example.com" (any name under it); or "null"."""
+    value = text.strip().lower().rstrip("/")
+    if value != "null" and not _ORIGIN.fullmatch(value):
+        raise ConfigError(r.source, key, f"{text!r} is not an origin such as "
+                          "\"https://example.com\" or \"https://*.example.com:8443\"")
+    return value
 
 
 def _regex_problem(pattern: str, caseless: bool) -> str | None:

@@ -86,6 +86,8 @@ class LocationTable:
     pass_parts: Any = None           # proxy_pass with variables: its template's parts
     access: list[tuple[bool, int, bytes, int]] = field(default_factory=list)
     # (allow?, family (0: all), network address bytes, prefix length), in order
+    origins: tuple[str, ...] = ()    # allowed Origins ("https://*.example.com" a wildcard)
+    origin_missing_deny: bool = False
 
 
 @dataclass
@@ -311,7 +313,8 @@ def _location(loc: LocationConfig, groups: dict[str, int], logs: _Logs,
         up_tls.conf.verify if up_tls is not None else True,
         logs.index(loc.access_log), loc.keepalive_timeout, loc.keepalive_requests,
         loc.client_max_body_size, loc.client_body_timeout, loc.noregex, loc.regex,
-        loc.caseless, _parts(loc.proxy_pass_template), [_rule(a, n) for a, n in loc.access])
+        loc.caseless, _parts(loc.proxy_pass_template), [_rule(a, n) for a, n in loc.access],
+        loc.origins, loc.origin_missing == "deny")
 
 
 def _rule(allow: bool, network: str) -> tuple[bool, int, bytes, int]:

@@ -404,3 +404,17 @@ def test_sticky_cookie_as_nginx_writes_it(tmp_path: Path) -> None:
                     "127.0.0.1:8080; location / { proxy_pass http://backend; } }")
         message = error_of(tmp_path, text)
         assert message.startswith(f"{tmp_path}/nginx.conf:4: ") and problem in message, message
+
+
+def test_fastws_own_directives_for_the_origin_check(tmp_path: Path) -> None:
+    cfg = load(str(write(tmp_path, http(
+        "upstream backend { server 127.0.0.1:9001; }\n"
+        "websocket_origins https://example.com https://*.example.com;\n"
+        "server { listen 127.0.0.1:8080;\n"
+        "  location /ws { proxy_pass http://backend; websocket_origin_missing deny; }\n"
+        "  location /open { proxy_pass http://backend; websocket_origins https://a.test; } }"))))
+    ws_loc, open_loc = cfg.servers[0].locations
+    assert ws_loc.origins == ("https://example.com", "https://*.example.com")
+    assert ws_loc.origin_missing == "deny" and open_loc.origins == ("https://a.test",)
+    message = error_of(tmp_path, http("websocket_origins example.com;\n" + SITE))
+    assert message.startswith(f"{tmp_path}/nginx.conf:3: \"websocket_origins\": "), message

@@ -788,3 +788,26 @@ def test_access_rules_over_ipv4_and_ipv6(make_proxy, tmp_path, backend):
     assert get("::1", "/") == 403          # denied by the server's first rule
     assert get("::1", "/v6") == 200        # the location's own rules replace the server's
     assert get("127.0.0.1", "/v6") == 403
+
+
+def test_websocket_origin_check(make_proxy, tmp_path, port, backend):
+    # allowed origins (exact, or any name under a wildcard, same scheme and port), a missing
+    # Origin refused where asked; a refused handshake gets 403 and never reaches the upstream
+    config = ops_config(tmp_path, port, backend.address)
+    config["server"][0]["location"][0].update(
+        origins=["https://app.example.com", "https://*.example.org:8443"],
+        origin_missing="deny")
+    make_proxy(config, port=port)
+    cases = [("https://app.example.com", 101), ("HTTPS://APP.EXAMPLE.COM", 101),
+             ("https://a.b.example.org:8443", 101), ("https://example.org:8443", 403),
+             ("http://app.example.com", 403), ("https://a.example.org", 403),
+             ("https://evil.com/x.example.org:8443", 403), ("https://app.example.com.evil", 403),
+             (None, 403)]
+    seen = backend.connections
+    for origin, status in cases:
+        extra = f"Origin: {origin}\r\n" if origin else ""
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(upgrade_request(extra=extra))
+            head, _ = read_head(s)
+        assert head.split(b" ")[1] == str(status).encode(), (origin, head)
+    assert backend.connections - seen == 3          # only the allowed ones reached it

@@ -209,6 +209,12 @@ cdef class Engine:
             loc.group = spec.group
             loc.pass_tpl = arena_template(&self.arena, spec.pass_parts) \
                 if spec.pass_parts is not None else NULL
+            loc.norigins = len(spec.origins)
+            loc.origins = <char **>arena_alloc(&self.arena, sizeof(char *) * (loc.norigins + 1))
+            loc.origin_lens = <int *>arena_alloc(&self.arena, sizeof(int) * (loc.norigins + 1))
+            for j, origin in enumerate(spec.origins):
+                loc.origins[j] = arena_str(&self.arena, origin, &loc.origin_lens[j])
+            loc.origin_missing_deny = spec.origin_missing_deny
             loc.nrules = len(spec.access)
             loc.rules = <AccessRule *>arena_alloc(&self.arena, sizeof(AccessRule) * (loc.nrules + 1))
             for j, (allow, family, packed, prefix) in enumerate(spec.access):

@@ -31,6 +31,45 @@ cdef const char *status_reason(int status) noexcept nogil:
     return "Unknown"
 
 
+cdef bint origin_allowed(Loc *loc, Head *h, const char *base) noexcept nogil:
+    # The handshake's Origin (one, RFC 6454's serialization) against the location's list:
+    # equal ignoring case, or under a "scheme://*.domain[:port]" wildcard (one or more
+    # labels, never a different scheme or port).
+    cdef Header *hd = head_find(h, "origin", 6)
+    cdef char low[256]
+    cdef const char *p
+    cdef const char *star
+    cdef int n, i, k, pre, suf, mid
+    if hd == NULL:
+        return not loc.origin_missing_deny
+    n = hd.value.len
+    if n == 0 or n > <int>sizeof(low):
+        return False
+    for i in range(n):
+        low[i] = base[hd.value.off + i] + 32 if c'A' <= base[hd.value.off + i] <= c'Z' \
+            else base[hd.value.off + i]
+    if loc.norigins == 0:
+        return True
+    for i in range(loc.norigins):
+        p = loc.origins[i]
+        if loc.origin_lens[i] == n and memcmp(p, low, n) == 0:
+            return True
+        star = <const char *>memchr(p, b'*', loc.origin_lens[i])
+        if star == NULL:
+            continue
+        pre = <int>(star - p)                 # "https://"
+        suf = loc.origin_lens[i] - pre - 1    # ".example.com[:port]"
+        mid = n - pre - suf
+        if mid < 1 or memcmp(p, low, pre) != 0 or memcmp(star + 1, low + n - suf, suf) != 0:
+            continue
+        for k in range(pre, pre + mid):
+            if low[k] == b'/' or low[k] == b':' or low[k] == b'@':
+                break
+        else:
+            return True
+    return False
+
+
 cdef Req *req_new(Eng *e, Conn *c) noexcept nogil:
     cdef Req *req = <Req *>calloc(1, sizeof(Req))
     if req == NULL:
@@ -274,6 +313,13 @@ cdef int request_upgrade(Eng *e, Conn *c, Head *h, const char *base) noexcept no
     v = base64_decode(base + h.headers[s].value.off, h.headers[s].value.len, raw, sizeof(raw))
     if v != 16:
         conn_fail(e, c, 400, "Sec-WebSocket-Key is not 16 bytes in base64")
+        return -1
+    if (loc.norigins or loc.origin_missing_deny) and not origin_allowed(loc, h, base):
+        # cross-site WebSocket hijacking: a page elsewhere opening a tunnel with the user's
+        # cookies; refused here, the upstream never sees it
+        eng_log(e, LOG_INFO, "WebSocket handshake from a refused origin, client: %s",
+                conn_addr(e, c))
+        conn_fail(e, c, 403, "origin not allowed")
         return -1
     ws_accept(base + h.headers[s].value.off, h.headers[s].value.len, req.accept)
     req.accept_len = 28

@@ -268,6 +268,9 @@ SPECS: dict[str, Spec] = {
     "scgi_pass": _refuse(LOCATION, "fastws proxies HTTP only: use proxy_pass"),
     "grpc_pass": _refuse(LOCATION, "fastws proxies HTTP/1.1 only: use proxy_pass"),
     "memcached_pass": _refuse(LOCATION, "fastws proxies HTTP only: use proxy_pass"),
+    # fastws's own (nginx would not read them): the WebSocket Origin check
+    "websocket_origins": _use(HSL, 1, None),
+    "websocket_origin_missing": _use(HSL, 1),
     "allow": _use(HSL, 1),
     "deny": _use(HSL, 1),
     "auth_basic": _refuse(HSL, "fastws does not authenticate clients: let the upstream do it"),

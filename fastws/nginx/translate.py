@@ -664,6 +664,16 @@ class _Translator:
             raise fail(d, f"\"location {uri}\": fastws is a proxy and serves no files: give "
                        "the location a proxy_pass, return or stub_status")
         self.limits(loc, where, settings)
+        origins: Directive | None = settings.get("websocket_origins")
+        if origins is not None:
+            loc["origins"] = list(origins.args)
+            self.at(f"{where}.origins", origins)
+            for i in range(len(origins.args)):
+                self.at(f"{where}.origins[{i}]", origins)
+        missing: Directive | None = settings.get("websocket_origin_missing")
+        if missing is not None:
+            loc["origin_missing"] = missing.args[0]
+            self.at(f"{where}.origin_missing", missing)
         rules = settings.get("access") or []
         if rules:
             loc["access"] = [f"{e.name} {e.args[0]}" for e in rules]
