@@ -335,6 +335,9 @@ cdef struct Loc:
     double connect_timeout
     double send_timeout
     double read_timeout
+    double idle_timeout      # a tunnel silent both ways this long closes; 0: no limit
+    double max_lifetime      # a tunnel closes this long after its 101; 0: no limit
+    double lifetime_spread   # ... less a random part of this, so a fleet does not reconnect at once
     int next_upstream_tries
     double next_upstream_timeout
     HeaderOp *ops
@@ -535,6 +538,8 @@ cdef struct Conn:
     double read_timeout      # tunnel
     double send_timeout      # tunnel, exchange and answers
     double started           # tunnel: from its 101
+    double idle_timeout      # tunnel: silence both ways, 0: none
+    double end_at            # tunnel: when its lifetime ends, NEVER: no limit
     unsigned long long number    # $connection
     LogRec *log              # the access log line being gathered, if the location logs
     Conn *next               # the ready list, or the list freed at the end of the turn
@@ -647,7 +652,7 @@ cdef struct Counters:
     unsigned long long pipe_shortage
     unsigned long long switches_to_splice
     unsigned long long switches_to_copy
-    unsigned long long closes[10]        # tunnels by close reason: index -reason
+    unsigned long long closes[12]        # tunnels by close reason: index -reason
     unsigned long long loops
     unsigned long long tls_tunnels_total
     unsigned long long tls_handshakes

@@ -29,7 +29,7 @@ from cpython.ref cimport PyObject, Py_DECREF, Py_INCREF
 from libc.errno cimport (errno, EAGAIN, EALREADY, ECONNABORTED, ECONNRESET, EINPROGRESS, EINTR,
                          EINVAL, EMFILE, ENFILE, ENOSYS, EPIPE, EPROTO)
 from libc.stdio cimport snprintf
-from libc.stdlib cimport calloc, free, malloc, realloc
+from libc.stdlib cimport RAND_MAX, calloc, free, malloc, rand, realloc, srand
 from libc.string cimport memchr, memcmp, memcpy, memmove, memset, strerror, strlen
 from libc.time cimport localtime_r, strftime, time_t, tm
 from posix.unistd cimport getpid

@@ -143,6 +143,9 @@ class LocationConfig:
     connect_timeout: float = 60.0
     send_timeout: float = 60.0
     read_timeout: float = 60.0
+    idle_timeout: float = 0.0  # a tunnel silent both ways this long closes (0: no limit)
+    max_tunnel_lifetime: float = 0.0  # a tunnel closes this long after its 101 (0: no limit)
+    lifetime_spread: float = 0.0  # each tunnel's lifetime is shortened by a random part of it
     next_upstream_tries: int = 0
     next_upstream_timeout: float = 0.0
     set_headers: tuple[tuple[str, Template | None], ...] = ()
@@ -552,6 +555,11 @@ def _read_location(source: str, table: Any, where: str, implicit: dict[str, Upst
                         ("read_timeout", read_timeout)):
         if value <= 0:
             raise r.fail(name, "must be greater than zero")
+    idle_timeout = r.duration("idle_timeout", 0.0)
+    lifetime = r.duration("max_tunnel_lifetime", 0.0)
+    spread = r.duration("lifetime_spread", 0.0)
+    if spread and (not lifetime or spread >= lifetime):
+        raise r.fail("lifetime_spread", "is a part of max_tunnel_lifetime (smaller than it)")
     tries = _positive_int(r, "next_upstream_tries", 0)
     next_timeout = r.duration("next_upstream_timeout", 0.0)
     set_headers = _read_set_headers(r)
@@ -593,7 +601,8 @@ def _read_location(source: str, table: Any, where: str, implicit: dict[str, Upst
         raise r.fail("proxy_pass", "a regular-expression location cannot replace a matched "
                      "prefix: write proxy_pass without a URI part (as nginx requires)")
     return LocationConfig(path, exact, upstream_name, proxy_uri, websocket, tokens,
-                          connect_timeout, send_timeout, read_timeout, tries, next_timeout,
+                          connect_timeout, send_timeout, read_timeout, idle_timeout, lifetime,
+                          spread, tries, next_timeout,
                           set_headers, relay, socket_keepalive, return_status, return_body,
                           status, proxy_tls, access_log, **http,
                           noregex=regex is None and raw_path.startswith("^~"), regex=regex,

@@ -88,6 +88,9 @@ class LocationTable:
     # (allow?, family (0: all), network address bytes, prefix length), in order
     origins: tuple[str, ...] = ()    # allowed Origins ("https://*.example.com" a wildcard)
     origin_missing_deny: bool = False
+    idle_timeout: float = 0.0
+    max_lifetime: float = 0.0
+    lifetime_spread: float = 0.0
 
 
 @dataclass
@@ -314,7 +317,8 @@ def _location(loc: LocationConfig, groups: dict[str, int], logs: _Logs,
         logs.index(loc.access_log), loc.keepalive_timeout, loc.keepalive_requests,
         loc.client_max_body_size, loc.client_body_timeout, loc.noregex, loc.regex,
         loc.caseless, _parts(loc.proxy_pass_template), [_rule(a, n) for a, n in loc.access],
-        loc.origins, loc.origin_missing == "deny")
+        loc.origins, loc.origin_missing == "deny", loc.idle_timeout, loc.max_tunnel_lifetime,
+        loc.lifetime_spread)
 
 
 def _rule(allow: bool, network: str) -> tuple[bool, int, bytes, int]:

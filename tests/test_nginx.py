@@ -418,3 +418,17 @@ def test_fastws_own_directives_for_the_origin_check(tmp_path: Path) -> None:
     assert ws_loc.origin_missing == "deny" and open_loc.origins == ("https://a.test",)
     message = error_of(tmp_path, http("websocket_origins example.com;\n" + SITE))
     assert message.startswith(f"{tmp_path}/nginx.conf:3: \"websocket_origins\": "), message
+
+
+def test_fastws_own_directives_for_tunnel_idleness_and_lifetime(tmp_path: Path) -> None:
+    cfg = load(str(write(tmp_path, http(
+        "upstream backend { server 127.0.0.1:9001; }\nwebsocket_idle_timeout 5m;\n"
+        "server { listen 127.0.0.1:8080;\n"
+        "  location /ws { proxy_pass http://backend; websocket_max_lifetime 1h 10m; } }"))))
+    (loc,) = cfg.servers[0].locations
+    assert (loc.idle_timeout, loc.max_tunnel_lifetime, loc.lifetime_spread) == (300, 3600, 600)
+    message = error_of(tmp_path, http("upstream backend { server 127.0.0.1:9001; }\n"
+                                      "server { listen 127.0.0.1:8080; location / {\n"
+                                      "proxy_pass http://backend;\n"
+                                      "websocket_max_lifetime 1m 2m; } }"))
+    assert message.startswith(f"{tmp_path}/nginx.conf:6: \"websocket_max_lifetime\": "), message

@@ -811,3 +811,51 @@ def test_websocket_origin_check(make_proxy, tmp_path, port, backend):
             head, _ = read_head(s)
         assert head.split(b" ")[1] == str(status).encode(), (origin, head)
     assert backend.connections - seen == 3          # only the allowed ones reached it
+
+
+def _silent_upstream(conn: socket.socket, backend: RawBackend) -> None:
+    # a 101, then it reads and never answers (a server that only listens)
+    from support import ws_upgrade_handler
+    ws_upgrade_handler(conn, backend)
+    while conn.recv(65536):
+        pass
+
+
+def test_idle_timeout_counts_both_ways_and_lifetime_ends_tunnels(make_proxy, tmp_path, port):
+    backend = RawBackend(_silent_upstream)
+    config = ops_config(tmp_path, port, backend.address, processes=1)
+    config["server"][0]["location"][0].update(idle_timeout="1s", read_timeout="1h")
+    config["server"][0]["location"].append(
+        {"path": "/short", "proxy_pass": "backend", "max_tunnel_lifetime": "1s",
+         "lifetime_spread": "500ms"})
+    proxy = make_proxy(config, port=port)
+    # the client's bytes keep a tunnel alive although the upstream never answers
+    # (nginx's proxy_read_timeout would count only the upstream's)
+    s = tunnel(port)
+    for _ in range(8):
+        s.sendall(b"still here")
+        time.sleep(0.3)                 # the client's pace (what is tested), not a wait
+    s.sendall(b"last words")
+    s.settimeout(10)
+    assert s.recv(100) == b""           # then silence both ways closes it
+    s.close()
+    # a tunnel with traffic still ends at its lifetime
+    t = tunnel(port, "/short")
+    t.settimeout(0.2)
+    ended = False
+    for _ in range(50):
+        try:
+            t.sendall(b"talking")
+            if t.recv(100) == b"":
+                ended = True
+                break
+        except socket.timeout:
+            continue
+        except OSError:
+            ended = True
+            break
+    assert ended
+    t.close()
+    wait_until(lambda: proxy.status()["engine"]["closes"]["lifetime"] == 1)
+    assert proxy.status()["engine"]["closes"]["idle_timeout"] == 1
+    backend.close()

@@ -74,6 +74,7 @@ cdef class Engine:
         e.now = fastws_monotonic()
         e.wall = fastws_realtime()
         e.accepting = 1
+        srand(<unsigned int>(getpid() * 2654435761u) ^ <unsigned int>(e.wall * 1000))
 
     def __init__(self, object control=None, *, int pipe_size=262144, int max_pipes=1024,
                  int bufsize=65536, int worker_connections=4096, int log_level=20,
@@ -235,6 +236,9 @@ cdef class Engine:
             loc.connect_timeout = spec.connect_timeout
             loc.send_timeout = spec.send_timeout
             loc.read_timeout = spec.read_timeout
+            loc.idle_timeout = spec.idle_timeout
+            loc.max_lifetime = spec.max_lifetime
+            loc.lifetime_spread = spec.lifetime_spread
             loc.next_upstream_tries = spec.next_upstream_tries
             loc.next_upstream_timeout = spec.next_upstream_timeout
             loc.nops = len(spec.ops)
@@ -662,6 +666,8 @@ cdef class Engine:
         t.first_eof = c.first_eof
         t.read_timeout = c.read_timeout
         t.send_timeout = c.send_timeout
+        t.idle_timeout = c.idle_timeout
+        t.lifetime_left = c.end_at - e.now if c.end_at < NEVER else -1.0
         t.relay = _RELAYS[c.relay]
         t.upstream = e.group_names[u.group].decode() if u.group >= 0 else ""
         t.peer = e.groups[u.group].peers[u.peer].name.decode() if u.group >= 0 else ""
@@ -743,6 +749,8 @@ cdef class Engine:
         c.relay = _RELAYS.index(t.relay)
         c.read_timeout = t.read_timeout
         c.send_timeout = t.send_timeout
+        c.idle_timeout = t.idle_timeout
+        c.end_at = e.now + t.lifetime_left if t.lifetime_left >= 0 else NEVER
         c.first_eof = t.first_eof
         c.started = e.now - t.age
         for i in range(2):
@@ -861,6 +869,8 @@ cdef dict _REASONS = {
     CLOSE_SHUTDOWN: "shutdown",
     CLOSE_ERROR: "error",
     CLOSE_EXPORTED: "exported",
+    CLOSE_IDLE_TIMEOUT: "idle_timeout",
+    CLOSE_LIFETIME: "lifetime",
 }
 
 

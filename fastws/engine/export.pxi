@@ -17,13 +17,15 @@ cdef class ExportedTunnel:
     cdef readonly int first_eof
     cdef readonly double read_timeout
     cdef readonly double send_timeout
+    cdef readonly double idle_timeout
+    cdef readonly double lifetime_left     # seconds, or -1: no limit
     cdef readonly str relay
     cdef readonly str upstream
     cdef readonly str peer
     cdef readonly object log        # None, or what the tunnel's access log line needs
 
-    _FIELDS = ("up", "down", "age", "first_eof", "read_timeout", "send_timeout", "relay",
-               "upstream", "peer", "log")
+    _FIELDS = ("up", "down", "age", "first_eof", "read_timeout", "send_timeout", "idle_timeout",
+               "lifetime_left", "relay", "upstream", "peer", "log")
 
     def header(self):
         """Everything but the fds and the bytes in flight, as plain data (JSON-safe)."""
@@ -46,6 +48,8 @@ cdef class ExportedTunnel:
         t.first_eof = header["first_eof"]
         t.read_timeout = header["read_timeout"]
         t.send_timeout = header["send_timeout"]
+        t.idle_timeout = header.get("idle_timeout", 0.0)
+        t.lifetime_left = header.get("lifetime_left", -1.0)
         t.relay = header["relay"]
         t.upstream = header["upstream"]
         t.peer = header["peer"]

@@ -27,6 +27,12 @@ cdef void tunnel_start(Eng *e, Conn *c, char *data, int end, int total) noexcept
         c.log.peer = c.up.peer
     c.read_timeout = loc.read_timeout
     c.send_timeout = loc.send_timeout
+    c.idle_timeout = loc.idle_timeout
+    c.end_at = NEVER
+    if loc.max_lifetime > 0:
+        # a random share of the spread off each tunnel's lifetime: tunnels opened together
+        # (a reconnect storm) do not all end together
+        c.end_at = e.now + loc.max_lifetime - loc.lifetime_spread * (rand() / (RAND_MAX + 1.0))
     c.relay = loc.relay
     c.websocket = req.token_len == 9 and memcmp(req.token, "websocket", 9) == 0
     if c.io.ssl != NULL or c.up.io.ssl != NULL:
@@ -110,6 +116,16 @@ cdef double tunnel_deadline(Conn *c) noexcept nogil:
             if t < d:
                 d = t
                 c.reason = CLOSE_SEND_TIMEOUT
+    if c.idle_timeout > 0:
+        # silence both ways (nginx's proxy_read_timeout counts only the upstream's bytes)
+        t = (c.flow[0].last_rx if c.flow[0].last_rx > c.flow[1].last_rx
+             else c.flow[1].last_rx) + c.idle_timeout
+        if t < d:
+            d = t
+            c.reason = CLOSE_IDLE_TIMEOUT
+    if c.end_at < d:
+        d = c.end_at
+        c.reason = CLOSE_LIFETIME
     return d
 
 

@@ -9,6 +9,8 @@ cdef enum:
     CLOSE_SHUTDOWN = -7
     CLOSE_ERROR = -8             # out of memory or epoll refused the fd
     CLOSE_EXPORTED = -9          # taken out of the engine whole, to go on in another process
+    CLOSE_IDLE_TIMEOUT = -10     # no byte either way for idle_timeout
+    CLOSE_LIFETIME = -11         # max_tunnel_lifetime reached
 
     RELAY_AUTO = 0
     RELAY_SPLICE = 1

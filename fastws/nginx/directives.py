@@ -271,6 +271,8 @@ SPECS: dict[str, Spec] = {
     # fastws's own (nginx would not read them): the WebSocket Origin check
     "websocket_origins": _use(HSL, 1, None),
     "websocket_origin_missing": _use(HSL, 1),
+    "websocket_idle_timeout": _use(HSL, 1),
+    "websocket_max_lifetime": _use(HSL, 1, 2),
     "allow": _use(HSL, 1),
     "deny": _use(HSL, 1),
     "auth_basic": _refuse(HSL, "fastws does not authenticate clients: let the upstream do it"),

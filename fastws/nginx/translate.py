@@ -674,6 +674,18 @@ class _Translator:
         if missing is not None:
             loc["origin_missing"] = missing.args[0]
             self.at(f"{where}.origin_missing", missing)
+        idle: Directive | None = settings.get("websocket_idle_timeout")
+        if idle is not None:
+            loc["idle_timeout"] = _time(idle, idle.args[0])
+            self.at(f"{where}.idle_timeout", idle)
+        life: Directive | None = settings.get("websocket_max_lifetime")
+        if life is not None:
+            # websocket_max_lifetime TIME [SPREAD]
+            loc["max_tunnel_lifetime"] = _time(life, life.args[0])
+            if len(life.args) == 2:
+                loc["lifetime_spread"] = _time(life, life.args[1])
+            for key in ("max_tunnel_lifetime", "lifetime_spread"):
+                self.at(f"{where}.{key}", life)
         rules = settings.get("access") or []
         if rules:
             loc["access"] = [f"{e.name} {e.args[0]}" for e in rules]
