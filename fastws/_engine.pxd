@@ -374,6 +374,11 @@ cdef struct Server:
     FASTWS_SSL_CTX *tls_ctx  # TLS termination (SNI picks it among the servers of an address)
     double handshake_timeout
     AccessLog *log           # the server's log (requests that match no location)
+    AccessRule *trusted      # realip: peers trusted to name the client (rules with allow = 1)
+    int ntrusted
+    char *real_ip_header     # lower case; "x-forwarded-for" is read right to left
+    int real_ip_header_len
+    int real_ip_recursive
 
 cdef struct AccessRule:
     # nginx's allow/deny (ngx_http_access_module): a network, or every address (family 0)
@@ -520,7 +525,9 @@ cdef struct Conn:
     Listener *lis
     Server *srv
     Loc *loc
-    sockaddr_in6 raddr       # the client (an IPv4 client is stored as AF_INET in the same room)
+    sockaddr_in6 raddr       # the client (an IPv4 client is stored as AF_INET in the same room),
+                             # after realip: the address a trusted proxy named
+    sockaddr_in6 paddr       # the TCP peer, as accepted
     char *in_                # client bytes read but not consumed (a partial head, pipelined)
     int in_len
     int in_cap

@@ -188,6 +188,9 @@ class ServerBlock:
     max_request_head: int = 32768
     tls: TLSConfig | None = None
     redirect_https: int = 0  # the HTTPS port plain-HTTP requests are redirected to; 0: none
+    real_ip_from: tuple[str, ...] = ()  # peers trusted to name the client (nginx's realip)
+    real_ip_header: str = "X-Real-IP"
+    real_ip_recursive: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -675,6 +678,7 @@ def _read_server(source: str, table: Any, index: int, implicit: dict[str, Upstre
     if redirect_https and server_tls is not None:
         raise r.fail("redirect_https", "applies to a plain-HTTP server, and this one has tls")
     http = _read_http_limits(r, _HTTP_DEFAULTS)
+    real_ip = _read_real_ip(r)
     access = _read_access(r, ())
     locs_raw = r.get("location", list, [])
     if not locs_raw and not redirect_https:
@@ -693,7 +697,32 @@ def _read_server(source: str, table: Any, index: int, implicit: dict[str, Upstre
         locations.append(lc)
     r.finish()
     return ServerBlock(tuple(listen), names, default, tuple(locations), header_timeout,
-                       max_line, max_head, server_tls, redirect_https)
+                       max_line, max_head, server_tls, redirect_https, *real_ip)
+
+
+def _read_real_ip(server: _Reader) -> tuple[tuple[str, ...], str, bool]:
+    """`real_ip = { from = ["10.0.0.0/8"], header = "X-Forwarded-For", recursive = true }`
+    (nginx's set_real_ip_from, real_ip_header, real_ip_recursive): from a trusted peer, the
+    client's address is the one the header names."""
+    table = server.get("real_ip", dict, None)
+    if table is None:
+        return (), "X-Real-IP", False
+    r = _Reader(server.source, table, server.key("real_ip"))
+    trusted = []
+    for i, text in enumerate(r.strings("from")):
+        try:
+            trusted.append(str(ipaddress.ip_network(text, strict=False)))
+        except ValueError:
+            raise ConfigError(r.source, f"{r.key('from')}[{i}]",
+                              f"{text!r} is not an address or CIDR") from None
+    if not trusted:
+        raise r.fail("from", "is required: the addresses of the proxies in front")
+    header = r.get("header", str, "X-Real-IP")
+    if not _HEADER_NAME.fullmatch(header):
+        raise r.fail("header", f"{header!r} is not a header name")
+    recursive = r.get("recursive", bool, False)
+    r.finish()
+    return tuple(trusted), header, recursive
 
 
 # --- TLS ----------------------------------------------------------------------------------

@@ -49,6 +49,9 @@ class ServerTable:
     handshake_timeout: float
     access_log: int
     regex: list[int] = field(default_factory=list)   # regex locations, in configuration order
+    real_ip_from: list[tuple[bool, int, bytes, int]] = field(default_factory=list)
+    real_ip_header: str = "X-Real-IP"
+    real_ip_recursive: bool = False
 
 
 @dataclass
@@ -293,7 +296,9 @@ def _server(t: Tables, server: ServerBlock, groups: dict[str, int], logs: _Logs,
         tls_conf.handshake_timeout if tls_conf is not None else 60.0,
         # a request that matches no location is logged by the server's log: the one its
         # locations share
-        logs.index(server_log.pop()) if len(server_log) == 1 else -1, regex)
+        logs.index(server_log.pop()) if len(server_log) == 1 else -1, regex,
+        [_rule(True, n) for n in server.real_ip_from], server.real_ip_header,
+        server.real_ip_recursive)
 
 
 def _location(loc: LocationConfig, groups: dict[str, int], logs: _Logs,

@@ -259,3 +259,18 @@ def test_access_rules():
     for bad in (["permit 10.0.0.0/8"], ["allow 10.0.0.300"], ["deny"]):
         with pytest.raises(ConfigError, match=r"access\[0\]"):
             config.from_dict(minimal(access=bad))
+
+
+def test_real_ip_settings():
+    data = minimal()
+    data["server"][0]["real_ip"] = {"from": ["10.0.0.1/8", "::1"], "header": "X-Forwarded-For",
+                                    "recursive": True}
+    server = config.from_dict(data).servers[0]
+    assert server.real_ip_from == ("10.0.0.0/8", "::1/128")
+    assert (server.real_ip_header, server.real_ip_recursive) == ("X-Forwarded-For", True)
+    for bad, key in (({"from": []}, "real_ip.from"), ({"from": ["x"]}, "real_ip.from[0]"),
+                     ({"from": ["::1"], "header": "a b"}, "real_ip.header")):
+        data["server"][0]["real_ip"] = bad
+        with pytest.raises(ConfigError) as info:
+            config.from_dict(data)
+        assert info.value.key == f"server[0].{key}"

@@ -505,3 +505,28 @@ def test_allow_and_deny_as_nginx(tmp_path: Path) -> None:
                        get("/ws", "127.9.1.1")], extra=variant)
     assert [a[0] for a in results["fastws"]["answers"]] == [200, 200, 403, 403, 101, 403, 200]
     assert_same(results)
+
+
+@pytest.mark.parametrize("header, recursive", [("X-Forwarded-For", "on"),
+                                               ("X-Forwarded-For", "off"),
+                                               ("X-Real-IP", "off")])
+def test_real_ip_from_trusted_proxies_as_nginx(tmp_path: Path, header: str,
+                                               recursive: str) -> None:
+    # the recipe's X-Real-IP / X-Forwarded-For, the access log and the rules all see the
+    # address a trusted proxy names; an untrusted peer's headers name nobody
+    def variant(text: str) -> str:
+        return text.replace("server_name example.com;", "server_name example.com;\n"
+                            "    set_real_ip_from 127.0.0.0/24;\n"
+                            "    set_real_ip_from ::1;\n"
+                            f"    real_ip_header {header};\n"
+                            f"    real_ip_recursive {recursive};\n"
+                            "    deny 198.51.100.1;", 1)
+    xff = "X-Forwarded-For: 203.0.113.7, 127.0.0.9\r\nX-Real-IP: 192.0.2.44\r\n"
+    results = compare(tmp_path, "Basic configuration",
+                      [ws("/ws", "127.0.0.5", extra=xff), get("/ws", "127.0.0.5", extra=xff),
+                       get("/ws", "127.1.0.5", extra=xff),
+                       get("/ws", "127.0.0.6", extra="X-Forwarded-For: 198.51.100.1\r\n"
+                                                     "X-Real-IP: 198.51.100.1\r\n"),
+                       get("/ws", "127.0.0.6", extra="X-Forwarded-For: bogus\r\n"
+                                                     "X-Real-IP: bogus\r\n")], extra=variant)
+    assert_same(results)

@@ -291,6 +291,16 @@ cdef class Engine:
                 s.tls_ctx = borrow_context(spec.tls)
                 fastws_set_sni_callback(s.tls_ctx, tls_sni)
             s.handshake_timeout = spec.handshake_timeout
+            s.ntrusted = len(spec.real_ip_from)
+            s.trusted = <AccessRule *>arena_alloc(&self.arena, sizeof(AccessRule) * (s.ntrusted + 1))
+            for j, (allow, family, packed, prefix) in enumerate(spec.real_ip_from):
+                s.trusted[j].allow = 1
+                s.trusted[j].family = family
+                memcpy(s.trusted[j].addr, <const char *>packed, len(packed))
+                s.trusted[j].prefix = prefix
+            s.real_ip_header = arena_str(&self.arena, spec.real_ip_header.lower(),
+                                         &s.real_ip_header_len)
+            s.real_ip_recursive = spec.real_ip_recursive
             s.log = self._als[spec.access_log] if spec.access_log >= 0 else NULL
         e.nlis = len(tables.listeners)
         e.lis = <Listener *>arena_alloc(&self.arena, sizeof(Listener) * (e.nlis + 1))
@@ -735,6 +745,7 @@ cdef class Engine:
         c.lis = &e.lis[0] if e.nlis else NULL
         c.srv = c.lis.default_server if c.lis != NULL else NULL
         memcpy(&c.raddr, &sa, sizeof(sa))
+        memcpy(&c.paddr, &sa, sizeof(sa))
         u.io.kind = IO_UPSTREAM
         u.io.fd = t.upstream_fd
         u.io.wr_ready = u.io.rd_ready = 1

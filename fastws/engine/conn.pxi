@@ -163,6 +163,7 @@ cdef Conn *conn_new(Eng *e, Listener *l, int fd, sockaddr_in6 *sa) noexcept nogi
         sin.sin_family = AF_INET
     else:
         memcpy(&c.raddr, sa, sizeof(sockaddr_in6))
+    memcpy(&c.paddr, &c.raddr, sizeof(sockaddr_in6))
     e.serial += 1
     c.number = e.serial * e.number_step + e.number_base
     if io_register(e, &c.io) < 0:

@@ -149,6 +149,7 @@ cdef void request_start(Eng *e, Conn *c, char *base, int end, char *rest, int re
     n = host_name(base + h.headers[i].value.off, h.headers[i].value.len, host,
                   sizeof(host)) if i >= 0 else 0
     c.srv = route_server(c.lis, host, n)
+    real_ip(c.srv, c, h, base)
     if c.srv.redirect_https:
         request_redirect(e, c, host, n)
         return

@@ -91,8 +91,14 @@ cdef Loc *route_location(Server *s, const char *path, int n) noexcept nogil:
 
 
 cdef bint access_allowed(Loc *loc, sockaddr_in6 *client) noexcept nogil:
-    # ngx_http_access_handler: the rules in order, the first that matches decides; an
-    # IPv4-mapped IPv6 client is matched as IPv4 (as $remote_addr shows it).
+    # ngx_http_access_handler: the rules in order, the first that matches decides
+    return rules_match(loc.rules, loc.nrules, client, True)
+
+
+cdef bint rules_match(AccessRule *rules, int nrules, sockaddr_in6 *client,
+                      bint otherwise) noexcept nogil:
+    # The `allow` of the first rule matching the client (an IPv4-mapped IPv6 address is
+    # matched as IPv4, as $remote_addr shows it), else `otherwise`.
     cdef const unsigned char *a
     cdef unsigned char mapped[4]
     cdef int family = client.sin6_family, i, n
@@ -109,8 +115,8 @@ cdef bint access_allowed(Loc *loc, sockaddr_in6 *client) noexcept nogil:
                 memcpy(mapped, a + 12, 4)
                 a = mapped
                 family = AF_INET
-    for i in range(loc.nrules):
-        r = &loc.rules[i]
+    for i in range(nrules):
+        r = &rules[i]
         if r.family == 0:
             return r.allow
         if r.family != family:
@@ -121,7 +127,56 @@ cdef bint access_allowed(Loc *loc, sockaddr_in6 *client) noexcept nogil:
         if r.prefix & 7 and ((r.addr[n] ^ a[n]) & (0xff00 >> (r.prefix & 7)) & 0xff):
             continue
         return r.allow
-    return True
+    return otherwise
+
+
+cdef void real_ip(Server *s, Conn *c, Head *h, const char *base) noexcept nogil:
+    # nginx's realip (ngx_http_realip_handler, ngx_http_get_forwarded_addr): from a trusted
+    # peer, the client is the address the header names; with X-Forwarded-For the rightmost one,
+    # or (recursive) the rightmost one that is not itself trusted.
+    cdef Header *hd
+    cdef const char *v
+    cdef int n, end, start, i
+    cdef char text[64]
+    cdef sockaddr_in6 found
+    memcpy(&c.raddr, &c.paddr, sizeof(sockaddr_in6))
+    if not s.ntrusted or not rules_match(s.trusted, s.ntrusted, &c.paddr, False):
+        return
+    hd = head_find(h, s.real_ip_header, s.real_ip_header_len)
+    if hd == NULL:
+        return
+    # the last field of that name holds the nearest hops (XFF lists combine in order)
+    for i in range(h.nheaders - 1, -1, -1):
+        if h.headers[i].name.len == s.real_ip_header_len and strncasecmp(
+                base + h.headers[i].name.off, s.real_ip_header, s.real_ip_header_len) == 0:
+            hd = &h.headers[i]
+            break
+    v = base + hd.value.off
+    end = hd.value.len
+    while end > 0:
+        while end > 0 and (v[end - 1] == b' ' or v[end - 1] == b',' or v[end - 1] == b'\t'):
+            end -= 1
+        start = end
+        while start > 0 and v[start - 1] != b',' and v[start - 1] != b' ':
+            start -= 1
+        n = end - start
+        if n <= 0 or n >= <int>sizeof(text):
+            return
+        memcpy(text, v + start, n)
+        text[n] = 0
+        memset(&found, 0, sizeof(found))
+        if inet_pton(AF_INET, text, &(<sockaddr_in *>&found).sin_addr) == 1:
+            found.sin6_family = AF_INET
+            (<sockaddr_in *>&found).sin_port = (<sockaddr_in *>&c.paddr).sin_port
+        elif inet_pton(AF_INET6, text, &found.sin6_addr) == 1:
+            found.sin6_family = AF_INET6
+            found.sin6_port = c.paddr.sin6_port
+        else:
+            return                        # not an address: the peer stays the client
+        memcpy(&c.raddr, &found, sizeof(found))
+        if not s.real_ip_recursive or not rules_match(s.trusted, s.ntrusted, &found, False):
+            return
+        end = start
 
 
 cdef int unhex(char ch) noexcept nogil:

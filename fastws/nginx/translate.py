@@ -243,6 +243,17 @@ class _Translator:
     def setting(self, settings: dict[str, Any], d: Directive) -> None:
         """A directive that lower levels inherit: kept as written until a location or
         server needs it."""
+        if d.name == "set_real_ip_from":
+            if settings.get("@own_real_ip") is not settings:
+                settings["real_ip_from"] = []
+                settings["@own_real_ip"] = settings
+            if d.args[0].startswith("unix:"):
+                raise fail(d, "\"set_real_ip_from\": fastws listens on IP addresses only")
+            settings["real_ip_from"].append(d)
+            return
+        if d.name == "real_ip_header" and d.args[0] == "proxy_protocol":
+            raise fail(d, "\"real_ip_header proxy_protocol\": fastws does not speak the PROXY "
+                       "protocol yet")
         if d.name in ("allow", "deny"):
             # nginx's access module: a level with any rule replaces the inherited ones
             if settings.get("@own_access") is not settings:
@@ -556,6 +567,19 @@ class _Translator:
             self.at(f"{where}.max_request_head", e)
         if tls:
             block["tls"] = self.server_tls(d, settings, f"{where}.tls")
+        trusted = settings.get("real_ip_from") or []
+        if trusted:
+            real_ip: dict[str, Any] = {"from": [e.args[0] for e in trusted]}
+            header = settings.get("real_ip_header")
+            if header is not None:
+                real_ip["header"] = header.args[0]
+            recursive = settings.get("real_ip_recursive")
+            if recursive is not None:
+                real_ip["recursive"] = _flag(recursive)
+            block["real_ip"] = real_ip
+            self.at(f"{where}.real_ip", trusted[0])
+            for i, e in enumerate(trusted):
+                self.at(f"{where}.real_ip.from[{i}]", e)
         if "access_log" in settings and settings.get("@own_log") is settings:
             block["access_log"] = self.access_log(settings["access_log"])
             self.at(f"{where}.access_log", settings["access_log"])
