@@ -274,3 +274,31 @@ def test_real_ip_settings():
         with pytest.raises(ConfigError) as info:
             config.from_dict(data)
         assert info.value.key == f"server[0].{key}"
+
+
+# --- robustness: any table is a configuration or one ConfigError, never another exception ----
+
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+_KEYS = ["server", "upstream", "map", "location", "listen", "path", "proxy_pass", "servers",
+         "address", "weight", "balance", "hash_key", "sticky", "cookie", "access", "origins",
+         "real_ip", "from", "header", "set_headers", "return", "status", "tls", "values",
+         "variable", "source", "default", "idle_timeout", "max_tunnel_lifetime",
+         "lifetime_spread", "log_format", "access_log", "processes", "user", "error_log"]
+_SCALARS = st.one_of(st.sampled_from(["127.0.0.1:8080", "/", "~ ^/a", "= /x", "backend",
+                                      "http://backend", "http://$host", "allow all",
+                                      "deny 10.0.0.0/8", "60s", "5q", "$uri", "https://*.a",
+                                      "hash", "ip_hash", "x", ""]),
+                     st.integers(-2, 70000), st.booleans())
+_VALUES = st.recursive(_SCALARS, lambda inner: st.one_of(
+    st.lists(inner, max_size=4), st.dictionaries(st.sampled_from(_KEYS), inner, max_size=5)),
+    max_leaves=25)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(st.sampled_from(_KEYS), _VALUES, max_size=6))
+def test_any_table_is_a_configuration_or_one_error(data):
+    try:
+        config.from_dict(data)
+    except ConfigError as exc:
+        assert "\n" not in str(exc)

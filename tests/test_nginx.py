@@ -432,3 +432,31 @@ def test_fastws_own_directives_for_tunnel_idleness_and_lifetime(tmp_path: Path) 
                                       "proxy_pass http://backend;\n"
                                       "websocket_max_lifetime 1m 2m; } }"))
     assert message.startswith(f"{tmp_path}/nginx.conf:6: \"websocket_max_lifetime\": "), message
+
+
+# --- robustness: any text gives a configuration or one ConfigError, never another exception --
+
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+_WORDS = st.sampled_from([
+    "server", "location", "upstream", "map", "listen", "proxy_pass", "http", "events",
+    "include", "return", "set_real_ip_from", "allow", "deny", "sticky", "hash", "ip_hash",
+    "proxy_set_header", "log_format", "access_log", "server_name", "websocket_origins",
+    "~", "~*", "=", "^~", "/", "/ws", "127.0.0.1:8080", "http://backend", "http://$x",
+    "backend", "cookie", "off", "on", "60s", "5q", "$host", "${host}x", "'quoted word'",
+    '"a;b"', "\\\"", "#", "\n", "default", "hostnames", "*.example.com", "10.0.0.0/8"])
+_TOKENS = st.one_of(_WORDS, st.sampled_from([";", "{", "}", " ", "\n"]),
+                    st.text(alphabet="abc$/{};'\"\\ \n#~*:=.", max_size=6))
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                     HealthCheck.function_scoped_fixture])
+@given(st.lists(_TOKENS, max_size=60))
+def test_any_text_is_a_configuration_or_one_error(tmp_path: Path, tokens: list[str]) -> None:
+    path = tmp_path / "fuzz.conf"
+    path.write_text(MAIN + "http {\n" + " ".join(tokens) + "\n}\n" if tokens and
+                    tokens[0] != "events" else " ".join(tokens))
+    try:
+        load(str(path))
+    except ConfigError as exc:
+        assert "\n" not in str(exc)

@@ -12,7 +12,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from ..errors import ConfigError
-from .syntax import Directive, looks_like_nginx, read
+from .syntax import Directive, looks_like_nginx, one_line, read
 from .translate import Translation, translate
 
 if TYPE_CHECKING:
@@ -39,7 +39,7 @@ def load(path: str, prefix: str | None = None) -> "Config":
         d = _position(t.positions, exc.key)
         if d is None:
             raise
-        raise ConfigError(d.where, "", f"\"{d.name}\": {exc.problem}") from None
+        raise ConfigError(d.where, "", one_line(f"\"{d.name}\": {exc.problem}")) from None
     return replace(cfg, format="nginx", prefix=prefix, ignored=tuple(t.ignored),
                    differences=tuple(t.differences), files=tuple(t.files))
 

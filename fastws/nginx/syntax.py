@@ -36,7 +36,12 @@ class SyntaxProblem(ConfigError):
     """A mistake located at file:line (nginx's "... in FILE:LINE")."""
 
     def __init__(self, file: str, line: int, problem: str) -> None:
-        super().__init__(f"{file}:{line}", "", problem)
+        super().__init__(f"{file}:{line}", "", one_line(problem))
+
+
+def one_line(text: str) -> str:
+    """A message quoting the configuration stays one line: control characters escaped."""
+    return "".join(ch if ch >= " " and ch != "\x7f" else repr(ch)[1:-1] for ch in text)
 
 
 _SPACE = " \t\r\n"
@@ -93,9 +98,12 @@ def _tokens(text: str, file: str) -> list[tuple[str, int, bool]]:
                 if c == "}":
                     break
                 if c == "$" and i + 1 < n and text[i + 1] == "{":
-                    end = text.find("}", i)
-                    if end < 0:
-                        raise SyntaxProblem(file, line, "a \"${\" without its \"}\"")
+                    end = i + 2
+                    while end < n and (text[end].isalnum() or text[end] == "_"):
+                        end += 1
+                    if end >= n or text[end] != "}" or end == i + 2:
+                        raise SyntaxProblem(file, line, "a \"${\" without a variable name "
+                                            "and its \"}\"")
                     word.append(text[i:end + 1])
                     i = end + 1
                     continue

@@ -21,7 +21,7 @@ from .. import variables
 from ..variables import parse_template
 from .directives import (EVENTS, HTTP, IGNORE, LOCATION, MAIN, REFUSE, SERVER, SPECS,
                          UPSTREAM)
-from .syntax import Directive, Tree
+from .syntax import Directive, Tree, one_line
 
 
 @dataclass(slots=True)
@@ -34,7 +34,7 @@ class Translation:
 
 
 def fail(d: Directive, problem: str) -> ConfigError:
-    return ConfigError(d.where, "", problem)
+    return ConfigError(d.where, "", one_line(problem))
 
 
 # --- values in nginx's units -------------------------------------------------------------------
