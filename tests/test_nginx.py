@@ -140,7 +140,8 @@ def test_every_reference_block_translates_and_checks(tmp_path: Path) -> None:
     assert (basic.connect_timeout, basic.send_timeout, basic.read_timeout) == (604800,) * 3
     assert [(n, v and v.text) for n, v in basic.set_headers] == [
         ("Host", "$host"), ("X-Real-IP", "$remote_addr"),
-        ("X-Forwarded-For", "$proxy_add_x_forwarded_for"), ("X-Forwarded-Proto", None)]
+        ("X-Forwarded-For", "$proxy_add_x_forwarded_for"),
+        ("X-Forwarded-Proto", "$http_x_forwarded_proto")]
     complete = checked["Complete configuration example"]
     assert [loc.path for loc in complete.servers[0].locations] == ["/ws", "/"]
     assert complete.upstream("websocket_backend").servers[1].address == "127.0.0.1:9002"
@@ -204,10 +205,13 @@ def test_proxy_set_header_follows_nginx_inheritance(tmp_path: Path) -> None:
         loc = cfg.servers[si].locations[li]
         return {n: v and v.text for n, v in loc.set_headers}
     assert headers(0, 0) == {"X-Server": "server", "X-Real-IP": "$remote_addr",
-                             "Host": "$proxy_host", "X-Forwarded-For": None,
-                             "X-Forwarded-Proto": None}
-    assert headers(0, 1) == {"X-Own": "own", "Host": "$proxy_host", "X-Real-IP": None,
-                             "X-Forwarded-For": None, "X-Forwarded-Proto": None}
+                             "Host": "$proxy_host",
+                             "X-Forwarded-For": "$http_x_forwarded_for",
+                             "X-Forwarded-Proto": "$http_x_forwarded_proto"}
+    assert headers(0, 1) == {"X-Own": "own", "Host": "$proxy_host",
+                             "X-Real-IP": "$http_x_real_ip",
+                             "X-Forwarded-For": "$http_x_forwarded_for",
+                             "X-Forwarded-Proto": "$http_x_forwarded_proto"}
     assert headers(1, 0)["X-Http"] == "http"
 
 

@@ -530,3 +530,14 @@ def test_real_ip_from_trusted_proxies_as_nginx(tmp_path: Path, header: str,
                        get("/ws", "127.0.0.6", extra="X-Forwarded-For: bogus\r\n"
                                                      "X-Real-IP: bogus\r\n")], extra=variant)
     assert_same(results)
+
+
+def test_the_clients_own_forwarding_headers_as_nginx(tmp_path: Path) -> None:
+    # without proxy_set_header for them, nginx passes the client's X-Real-IP and
+    # X-Forwarded-* on as they are; with it, its own values replace them
+    own = ("X-Forwarded-For: 198.51.100.9\r\nX-Real-IP: 198.51.100.10\r\n"
+           "X-Forwarded-Proto: https\r\n")
+    results = compare(tmp_path, "Complete configuration example",
+                      [ws("/ws", extra=own), get("/", extra=own), get("/ws", extra=own),
+                       get("/")], extra=lambda text: text)
+    assert_same(results)

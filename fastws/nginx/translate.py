@@ -827,8 +827,9 @@ class _Translator:
 
     def headers(self, loc: dict[str, Any], where: str, d: Directive,
                 lines: list[Directive]) -> None:
-        """nginx sends Host: $proxy_host and none of the X-Forwarded-* headers unless told
-        to; fastws's defaults add them, so the table says what nginx would send."""
+        """nginx sends Host: $proxy_host and the client's own X-Real-IP / X-Forwarded-* (none of
+        its own) unless told otherwise; fastws's defaults add them, so the table says what
+        nginx would send."""
         out: dict[str, str] = {}
         positions: dict[str, Directive] = {}
         for e in lines:
@@ -856,7 +857,8 @@ class _Translator:
             out["Host"] = "$proxy_host"
         for name in _FORWARDED:
             if not any(k.lower() == name.lower() for k in out):
-                out[name] = ""
+                # nginx passes the client's own value on (and nothing when there is none)
+                out[name] = "$http_" + name.lower().replace("-", "_")
         loc["set_headers"] = out
         self.at(f"{where}.set_headers", lines[0] if lines else d)
         for name, e in positions.items():
