@@ -321,6 +321,8 @@ cdef struct Loc:
     Template *pass_tpl       # proxy_pass with variables: rendered per request, else NULL
     AccessRule *rules        # allow/deny, first match decides; none: everyone
     int nrules
+    int forwarded_replace    # from an untrusted peer, the client's forwarding headers are not
+                             # believed: X-Forwarded-For starts at the client, Forwarded is dropped
     char **origins           # allowed Origins of WebSocket handshakes (lower case), or none
     int *origin_lens
     int norigins
@@ -528,6 +530,7 @@ cdef struct Conn:
     sockaddr_in6 raddr       # the client (an IPv4 client is stored as AF_INET in the same room),
                              # after realip: the address a trusted proxy named
     sockaddr_in6 paddr       # the TCP peer, as accepted
+    int peer_trusted         # the peer is one of the server's real_ip proxies
     char *in_                # client bytes read but not consumed (a partial head, pipelined)
     int in_len
     int in_cap

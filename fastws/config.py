@@ -168,6 +168,7 @@ class LocationConfig:
     access: tuple[tuple[bool, str], ...] = ()  # (allow?, "10.0.0.0/8" or "all"), first match
     origins: tuple[str, ...] = ()  # allowed Origins of WebSocket handshakes; () checks none
     origin_missing: str = "allow"  # a handshake without Origin: "allow" or "deny"
+    forwarded_headers: str = "append"  # "replace": an untrusted client's are not believed
 
     @property
     def written(self) -> str:
@@ -494,7 +495,8 @@ def _read_set_headers(r: _Reader) -> tuple[tuple[str, Template | None], ...]:
 def _read_location(source: str, table: Any, where: str, implicit: dict[str, UpstreamConfig],
                    logs: tuple[Any, Any] = ({}, None),
                    http: Mapping[str, Any] | None = None,
-                   access: tuple[tuple[bool, str], ...] = ()) -> LocationConfig:
+                   access: tuple[tuple[bool, str], ...] = (),
+                   forwarded_default: str = "append") -> LocationConfig:
     r = _Reader(source, table, where)
     raw_path = r.get("path", str, required=True)
     modifier, _, rest = raw_path.partition(" ")
@@ -596,6 +598,9 @@ def _read_location(source: str, table: Any, where: str, implicit: dict[str, Upst
     access = _read_access(r, access)
     origins = tuple(_origin(r, f"{r.key('origins')}[{i}]", o)
                     for i, o in enumerate(r.strings("origins")))
+    forwarded = r.get("forwarded_headers", str, forwarded_default)
+    if forwarded not in ("append", "replace"):
+        raise r.fail("forwarded_headers", "expected \"append\" or \"replace\"")
     origin_missing = r.get("origin_missing", str, "allow")
     if origin_missing not in ("allow", "deny"):
         raise r.fail("origin_missing", "expected \"allow\" or \"deny\"")
@@ -610,7 +615,8 @@ def _read_location(source: str, table: Any, where: str, implicit: dict[str, Upst
                           status, proxy_tls, access_log, **http,
                           noregex=regex is None and raw_path.startswith("^~"), regex=regex,
                           caseless=modifier == "~*", proxy_pass_template=pass_template,
-                          access=access, origins=origins, origin_missing=origin_missing)
+                          access=access, origins=origins, origin_missing=origin_missing,
+                          forwarded_headers=forwarded)
 
 
 _ORIGIN = re.compile(r"(https?)://(\*\.)?([a-z0-9-]+(?:\.[a-z0-9-]+)*|\[[0-9a-f:.]+\])"
@@ -680,6 +686,9 @@ def _read_server(source: str, table: Any, index: int, implicit: dict[str, Upstre
     http = _read_http_limits(r, _HTTP_DEFAULTS)
     real_ip = _read_real_ip(r)
     access = _read_access(r, ())
+    forwarded = r.get("forwarded_headers", str, "append")
+    if forwarded not in ("append", "replace"):
+        raise r.fail("forwarded_headers", "expected \"append\" or \"replace\"")
     locs_raw = r.get("location", list, [])
     if not locs_raw and not redirect_https:
         raise r.fail("location", "a server needs at least one [[server.location]]")
@@ -687,7 +696,7 @@ def _read_server(source: str, table: Any, index: int, implicit: dict[str, Upstre
     seen: set[tuple[str, bool, bool, bool]] = set()
     for i, loc in enumerate(locs_raw):
         lc = _read_location(source, loc, f"{r.key('location')}[{i}]", implicit, logs, http,
-                            access)
+                            access, forwarded)
         # "/a" and "^~ /a" are one prefix for nginx too
         key = (lc.path, lc.exact, lc.regex is not None, lc.caseless)
         if key in seen:

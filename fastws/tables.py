@@ -94,6 +94,7 @@ class LocationTable:
     idle_timeout: float = 0.0
     max_lifetime: float = 0.0
     lifetime_spread: float = 0.0
+    forwarded_replace: bool = False
 
 
 @dataclass
@@ -323,7 +324,7 @@ def _location(loc: LocationConfig, groups: dict[str, int], logs: _Logs,
         loc.client_max_body_size, loc.client_body_timeout, loc.noregex, loc.regex,
         loc.caseless, _parts(loc.proxy_pass_template), [_rule(a, n) for a, n in loc.access],
         loc.origins, loc.origin_missing == "deny", loc.idle_timeout, loc.max_tunnel_lifetime,
-        loc.lifetime_spread)
+        loc.lifetime_spread, loc.forwarded_headers == "replace")
 
 
 def _rule(allow: bool, network: str) -> tuple[bool, int, bytes, int]:

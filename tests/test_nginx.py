@@ -464,3 +464,12 @@ def test_any_text_is_a_configuration_or_one_error(tmp_path: Path, tokens: list[s
         load(str(path))
     except ConfigError as exc:
         assert "\n" not in str(exc)
+
+
+def test_forwarded_headers_directive(tmp_path: Path) -> None:
+    cfg = load(str(write(tmp_path, http("forwarded_headers replace;\n" + SITE))))
+    (loc,) = cfg.servers[0].locations
+    assert loc.forwarded_headers == "replace"
+    assert {n: v and v.text for n, v in loc.set_headers}["X-Real-IP"] == "$remote_addr"
+    message = error_of(tmp_path, http("forwarded_headers maybe;\n" + SITE))
+    assert message.startswith(f"{tmp_path}/nginx.conf:3: \"forwarded_headers\": "), message

@@ -860,3 +860,30 @@ def test_idle_timeout_counts_both_ways_and_lifetime_ends_tunnels(make_proxy, tmp
     wait_until(lambda: proxy.status()["engine"]["closes"]["lifetime"] == 1)
     assert proxy.status()["engine"]["closes"]["idle_timeout"] == 1
     backend.close()
+
+
+def test_forwarded_headers_replace_believes_only_trusted_peers(make_proxy, tmp_path):
+    from support import NamedBackend
+    backend = NamedBackend("b")
+    port = free_port()
+    config = {"upstream": [{"name": "b", "servers": [backend.address]}],
+              "server": [{"listen": [f"127.0.0.1:{port}"], "forwarded_headers": "replace",
+                          "real_ip": {"from": ["127.0.0.0/24"], "header": "X-Forwarded-For"},
+                          "location": [{"path": "/", "proxy_pass": "b"}]}]}
+    make_proxy(config, port=port)
+
+    def sent(source: str, extra: str) -> dict[str, str]:
+        with socket.create_connection(("127.0.0.1", port), timeout=10,
+                                      source_address=(source, 0)) as s:
+            s.sendall(f"GET / HTTP/1.1\r\nHost: x\r\n{extra}Connection: close\r\n\r\n".encode())
+            assert read_all(s).startswith(b"HTTP/1.1 200")
+        return {k.lower(): v for k, v in backend.take()[-1][1]}
+    forged = "X-Forwarded-For: 6.6.6.6\r\nX-Real-IP: 6.6.6.6\r\nForwarded: for=6.6.6.6\r\n"
+    head = sent("127.1.0.5", forged)          # not a trusted proxy: its claims are dropped
+    assert head["x-forwarded-for"] == "127.1.0.5" and head["x-real-ip"] == "127.1.0.5"
+    assert "forwarded" not in head
+    head = sent("127.0.0.5", "X-Forwarded-For: 203.0.113.7\r\nForwarded: for=203.0.113.7\r\n")
+    assert head["x-real-ip"] == "203.0.113.7"  # a trusted one names the client
+    assert head["x-forwarded-for"] == "203.0.113.7, 203.0.113.7"
+    assert head["forwarded"] == "for=203.0.113.7"
+    backend.close()

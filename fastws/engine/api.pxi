@@ -210,6 +210,7 @@ cdef class Engine:
             loc.group = spec.group
             loc.pass_tpl = arena_template(&self.arena, spec.pass_parts) \
                 if spec.pass_parts is not None else NULL
+            loc.forwarded_replace = spec.forwarded_replace
             loc.norigins = len(spec.origins)
             loc.origins = <char **>arena_alloc(&self.arena, sizeof(char *) * (loc.norigins + 1))
             loc.origin_lens = <int *>arena_alloc(&self.arena, sizeof(int) * (loc.norigins + 1))

@@ -497,6 +497,9 @@ cdef int request_head_upstream(Eng *e, Conn *c, Head *h, const char *base, char 
         if kind == H_EXPECT and not req.upgrading:
             continue
         name = base + hd.name.off
+        if loc.forwarded_replace and not c.peer_trusted and hd.name.len == 9 and \
+                strncasecmp(name, "forwarded", 9) == 0:
+            continue                  # RFC 7239's header, from a peer that is not trusted
         if h.count[<int>H_CONNECTION] and named_by_connection(h, name, hd.name.len):
             continue
         if loc.nops and op_named(loc, name, hd.name.len):

@@ -140,7 +140,8 @@ cdef void real_ip(Server *s, Conn *c, Head *h, const char *base) noexcept nogil:
     cdef char text[64]
     cdef sockaddr_in6 found
     memcpy(&c.raddr, &c.paddr, sizeof(sockaddr_in6))
-    if not s.ntrusted or not rules_match(s.trusted, s.ntrusted, &c.paddr, False):
+    c.peer_trusted = s.ntrusted > 0 and rules_match(s.trusted, s.ntrusted, &c.paddr, False)
+    if not c.peer_trusted:
         return
     hd = head_find(h, s.real_ip_header, s.real_ip_header_len)
     if hd == NULL:

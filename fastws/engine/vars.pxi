@@ -219,7 +219,8 @@ cdef void var_put(Eng *e, Conn *c, LogRec *lr, int var, const char *arg, int arg
     elif var == V_REQUEST_METHOD:
         buf_add(out, h.base + h.method_name.off, h.method_name.len)
     elif var == V_PROXY_ADD_X_FORWARDED_FOR:
-        if h.first[<int>H_X_FORWARDED_FOR] >= 0:
+        if h.first[<int>H_X_FORWARDED_FOR] >= 0 and not (
+                c.loc != NULL and c.loc.forwarded_replace and not c.peer_trusted):
             head_join(h, NULL, 0, H_X_FORWARDED_FOR, out)
             buf_add(out, ", ", 2)
         n = sockaddr_text(<sockaddr *>&c.raddr, tmp, sizeof(tmp))

@@ -272,6 +272,7 @@ SPECS: dict[str, Spec] = {
     "websocket_origins": _use(HSL, 1, None),
     "websocket_origin_missing": _use(HSL, 1),
     "websocket_idle_timeout": _use(HSL, 1),
+    "forwarded_headers": _use(HSL, 1),
     "websocket_max_lifetime": _use(HSL, 1, 2),
     "allow": _use(HSL, 1),
     "deny": _use(HSL, 1),

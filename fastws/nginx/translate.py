@@ -82,6 +82,8 @@ def _template(d: Directive, text: str) -> str:
 # --- the walk ------------------------------------------------------------------------------------
 
 _FORWARDED = ("X-Real-IP", "X-Forwarded-For", "X-Forwarded-Proto")
+_OWN_FORWARDED = {"X-Real-IP": "$remote_addr", "X-Forwarded-For": "$proxy_add_x_forwarded_for",
+                  "X-Forwarded-Proto": "$scheme"}
 _LISTEN_IGNORED = {
     "reuseport": "reuseport: each fastws worker has its own listening socket already",
     "backlog": "backlog: fastws's listen queue is 4096 (capped by net.core.somaxconn)",
@@ -698,6 +700,10 @@ class _Translator:
         if missing is not None:
             loc["origin_missing"] = missing.args[0]
             self.at(f"{where}.origin_missing", missing)
+        fwd: Directive | None = settings.get("forwarded_headers")
+        if fwd is not None:
+            loc["forwarded_headers"] = fwd.args[0]
+            self.at(f"{where}.forwarded_headers", fwd)
         idle: Directive | None = settings.get("websocket_idle_timeout")
         if idle is not None:
             loc["idle_timeout"] = _time(idle, idle.args[0])
@@ -809,7 +815,9 @@ class _Translator:
         if e is not None and e.args != ["off"] and e.args != ["default"]:
             raise fail(e, "\"proxy_redirect\": fastws relays Location headers as the upstream "
                        "sent them (proxy_redirect off)")
-        self.headers(loc, where, d, settings.get("proxy_set_header", []))
+        fwd = settings.get("forwarded_headers")
+        self.headers(loc, where, d, settings.get("proxy_set_header", []),
+                     replace=fwd is not None and fwd.args[0] == "replace")
         self.upstream_tls(d, url, settings)
 
     def next_upstream(self, loc: dict[str, Any], where: str, e: Directive) -> None:
@@ -826,7 +834,7 @@ class _Translator:
         self.at(f"{where}.next_upstream_tries", e)
 
     def headers(self, loc: dict[str, Any], where: str, d: Directive,
-                lines: list[Directive]) -> None:
+                lines: list[Directive], *, replace: bool = False) -> None:
         """nginx sends Host: $proxy_host and the client's own X-Real-IP / X-Forwarded-* (none of
         its own) unless told otherwise; fastws's defaults add them, so the table says what
         nginx would send."""
@@ -857,8 +865,10 @@ class _Translator:
             out["Host"] = "$proxy_host"
         for name in _FORWARDED:
             if not any(k.lower() == name.lower() for k in out):
-                # nginx passes the client's own value on (and nothing when there is none)
-                out[name] = "$http_" + name.lower().replace("-", "_")
+                # nginx passes the client's own value on (and nothing when there is none);
+                # with forwarded_headers replace, fastws's own values are sent instead
+                out[name] = _OWN_FORWARDED[name] if replace else \
+                    "$http_" + name.lower().replace("-", "_")
         loc["set_headers"] = out
         self.at(f"{where}.set_headers", lines[0] if lines else d)
         for name, e in positions.items():
