@@ -280,6 +280,8 @@ def test_real_ip_settings():
 
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
+from support import fuzz_examples  # noqa: E402
+
 _KEYS = ["server", "upstream", "map", "location", "listen", "path", "proxy_pass", "servers",
          "address", "weight", "balance", "hash_key", "sticky", "cookie", "access", "origins",
          "real_ip", "from", "header", "set_headers", "return", "status", "tls", "values",
@@ -295,7 +297,8 @@ _VALUES = st.recursive(_SCALARS, lambda inner: st.one_of(
     max_leaves=25)
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=fuzz_examples(400), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(st.dictionaries(st.sampled_from(_KEYS), _VALUES, max_size=6))
 def test_any_table_is_a_configuration_or_one_error(data):
     try:

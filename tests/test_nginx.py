@@ -442,6 +442,8 @@ def test_fastws_own_directives_for_tunnel_idleness_and_lifetime(tmp_path: Path) 
 
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
+from support import fuzz_examples  # noqa: E402
+
 _WORDS = st.sampled_from([
     "server", "location", "upstream", "map", "listen", "proxy_pass", "http", "events",
     "include", "return", "set_real_ip_from", "allow", "deny", "sticky", "hash", "ip_hash",
@@ -453,7 +455,7 @@ _TOKENS = st.one_of(_WORDS, st.sampled_from([";", "{", "}", " ", "\n"]),
                     st.text(alphabet="abc$/{};'\"\\ \n#~*:=.", max_size=6))
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+@settings(max_examples=fuzz_examples(400), deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                      HealthCheck.function_scoped_fixture])
 @given(st.lists(_TOKENS, max_size=60))
 def test_any_text_is_a_configuration_or_one_error(tmp_path: Path, tokens: list[str]) -> None:

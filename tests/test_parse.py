@@ -30,6 +30,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fastws import _engine as E
+from support import fuzz_examples
 
 BASE = settings(deadline=None, database=None, suppress_health_check=list(HealthCheck))
 
@@ -525,7 +526,7 @@ def mutate(rng: random.Random, data: bytes) -> bytes:
 # --- the differential tests ----------------------------------------------------------------
 
 BATCH = 200          # heads checked per hypothesis example: the generated one and its mutations
-EXAMPLES = 520       # so 104,000 heads of each kind
+EXAMPLES = fuzz_examples(520)   # so 104,000 heads of each kind (`make fuzz`: many more)
 
 
 def _leading_lf_prefix(data: bytes) -> bool:
