@@ -611,3 +611,67 @@ def test_config_errors_are_one_line(tmp_path):
         assert out.returncode == 1
         lines = (out.stderr + out.stdout).strip().splitlines()
         assert len(lines) == 1 and key in lines[0] and problem in lines[0], lines
+
+
+# --- the head sent upstream, for any head a client may send ---------------------------------
+
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+from engine_support import EngineRunner  # noqa: E402
+from support import fuzz_examples  # noqa: E402
+
+_HOP = {b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"upgrade",
+        b"host", b"x-real-ip", b"x-forwarded-for", b"x-forwarded-proto", b"expect",
+        b"transfer-encoding", b"content-length"}
+_NAMES = st.one_of(
+    st.sampled_from([b"Accept", b"Cookie", b"X-Thing", b"x-thing", b"Via", b"Forwarded",
+                     b"X-Forwarded-For", b"X-Real-IP", b"Connection", b"Keep-Alive", b"TE",
+                     b"Upgrade", b"Authorization", b"User-Agent", b"Origin"]),
+    st.text(alphabet="abcXYZ019-_!#$%&'*+.^`|~", min_size=1, max_size=12).map(str.encode))
+_VALUES = st.text(alphabet=st.characters(min_codepoint=0x20, max_codepoint=0x7e),
+                  max_size=40).map(lambda v: v.strip().encode())
+
+
+@pytest.fixture(scope="module")
+def rewriting():
+    b = HttpBackend()
+    r = EngineRunner(http_config(free_port(), b.address))
+    yield r, b
+    r.close()
+    b.close()
+
+
+@settings(max_examples=fuzz_examples(150), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(st.lists(st.tuples(_NAMES, _VALUES), max_size=12),
+       st.text(alphabet="abc/%20-._~!$&'()*+,;=:@?", max_size=30))
+def test_the_head_sent_upstream_reads_the_same_under_a_strict_parser(rewriting, headers, path):
+    # whatever head fastws accepts, the one it sends upstream parses under llhttp, has one
+    # Host, and carries the client's end-to-end fields in order and byte for byte
+    import httptools
+    runner, backend = rewriting
+    named = {t.strip().lower() for n, v in headers if n.lower() == b"connection"
+             for t in v.split(b",")}
+    raw = b"GET /" + path.encode() + b" HTTP/1.1\r\nHost: example.com\r\n" + b"".join(
+        n + b": " + v + b"\r\n" for n, v in headers) + b"Connection: close\r\n\r\n"
+    before = len(backend.requests)
+    with socket.create_connection(("127.0.0.1", runner.port), timeout=10) as s:
+        s.sendall(raw)
+        answer = read_all(s)
+    if not answer.startswith(b"HTTP/1.1 200"):
+        assert answer.startswith(b"HTTP/1.1 4"), answer[:100]   # refused, never forwarded
+        assert len(backend.requests) == before
+        return
+    sent = backend.requests[-1].raw
+    seen: list[tuple[bytes, bytes]] = []
+
+    class Collect:
+        def on_header(self, name: bytes, value: bytes) -> None:
+            seen.append((name.lower(), value))
+
+    httptools.HttpRequestParser(Collect()).feed_data(sent)     # raises on a malformed head
+    assert [n for n, _ in seen].count(b"host") == 1
+    kept = [(n.lower(), v) for n, v in headers
+            if n.lower() not in _HOP and n.lower() not in named]
+    assert [(n, v) for n, v in seen if n in {k for k, _ in kept}] == kept
+    assert dict(seen)[b"host"] == b"example.com"
