@@ -298,9 +298,10 @@ _VALUES = st.recursive(_SCALARS, lambda inner: st.one_of(
 
 
 @settings(max_examples=fuzz_examples(400), deadline=None,
-          suppress_health_check=[HealthCheck.too_slow])
-@given(st.dictionaries(st.sampled_from(_KEYS), _VALUES, max_size=6))
-def test_any_table_is_a_configuration_or_one_error(data):
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(data=st.dictionaries(st.sampled_from(_KEYS), _VALUES, max_size=6))
+def test_any_table_is_a_configuration_or_one_error(tmp_path, monkeypatch, data):
+    monkeypatch.chdir(tmp_path)          # log files a table names are opened (made) here
     try:
         config.from_dict(data)
     except ConfigError as exc:
