@@ -39,22 +39,21 @@ def fail(d: Directive, problem: str) -> ConfigError:
 
 # --- values in nginx's units -------------------------------------------------------------------
 
-def _time(d: Directive, text: str) -> str:
+def _checked(d: Directive, text: str, parse: Any, example: str) -> str:
+    """The value as written, once nginx's unit parser (config.py's) accepts it."""
     try:
-        parse_duration(text)
+        parse(text)
     except ValueError:
-        raise fail(d, f"\"{d.name}\": invalid value \"{text}\" (a time such as 60s, 5m, 1h "
-                   "or 7d)") from None
+        raise fail(d, f"\"{d.name}\": invalid value \"{text}\" ({example})") from None
     return text
+
+
+def _time(d: Directive, text: str) -> str:
+    return _checked(d, text, parse_duration, "a time such as 60s, 5m, 1h or 7d")
 
 
 def _size(d: Directive, text: str) -> str:
-    try:
-        parse_size(text)
-    except ValueError:
-        raise fail(d, f"\"{d.name}\": invalid value \"{text}\" (a size such as 512, 16k or "
-                   "1m)") from None
-    return text
+    return _checked(d, text, parse_size, "a size such as 512, 16k or 1m")
 
 
 def _int(d: Directive, text: str, minimum: int = 0) -> int:
