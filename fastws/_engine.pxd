@@ -381,6 +381,7 @@ cdef struct Server:
     char *real_ip_header     # lower case; "x-forwarded-for" is read right to left
     int real_ip_header_len
     int real_ip_recursive
+    int real_ip_pp           # real_ip_header proxy_protocol: the PROXY header names the client
 
 cdef struct AccessRule:
     # nginx's allow/deny (ngx_http_access_module): a network, or every address (family 0)
@@ -435,6 +436,7 @@ cdef struct Listener:
     Io io
     int family
     int tls
+    int proxy_protocol       # a PROXY protocol header comes first
     char *addr_text          # $server_addr
     int addr_len
     int port                 # $server_port
@@ -505,6 +507,7 @@ cdef enum ConnState:
     CS_LINGER                # answer written; reading what the client still sends, then close
     CS_CLOSED
     CS_ROUTE                 # a head is read: the request is being routed (nginx: writing)
+    CS_PROXY                 # reading the PROXY protocol header (engine/proxy.pxi)
 
 cdef struct Up:
     # A connection to an upstream server: connecting, in use, or idle in its group's pool.
@@ -519,6 +522,12 @@ cdef struct Up:
     Up *prev                 # the pool's list, least recently used first
     Up *next
 
+cdef struct ProxyHeader:
+    # What a PROXY protocol header named: the client and the address it connected to
+    sockaddr_in6 src
+    sockaddr_in6 dst
+    int known                # 0: LOCAL or UNKNOWN, no addresses
+
 cdef struct Conn:
     Io io
     Timer timer
@@ -531,6 +540,7 @@ cdef struct Conn:
                              # after realip: the address a trusted proxy named
     sockaddr_in6 paddr       # the TCP peer, as accepted
     int peer_trusted         # the peer is one of the server's real_ip proxies
+    ProxyHeader *pp          # the PROXY protocol header's addresses (malloc'ed), or NULL
     char *in_                # client bytes read but not consumed (a partial head, pipelined)
     int in_len
     int in_cap
@@ -638,6 +648,8 @@ cdef struct Pool:
     int max_requests
     unsigned long long opened
     unsigned long long reused
+    int send_proxy           # 1 or 2: a PROXY protocol header of that version opens each
+                             # connection (no keepalive then: the connection names one client)
 
 cdef struct Counters:
     # Every field a 64-bit word: the master's status board maps a worker's Counters into shared
@@ -672,6 +684,7 @@ cdef struct Counters:
     unsigned long long accept_errors
     unsigned long long paused
     unsigned long long log_lines
+    unsigned long long proxy_protocol_errors     # headers invalid or not sent in time
 
 cdef struct Eng:
     int epfd
@@ -778,6 +791,10 @@ cdef enum Var:
     V_CONNECTION
     V_CONNECTION_REQUESTS
     V_PID
+    V_PROXY_PROTOCOL_ADDR    # what a PROXY protocol header named; empty without one
+    V_PROXY_PROTOCOL_PORT
+    V_PROXY_PROTOCOL_SERVER_ADDR
+    V_PROXY_PROTOCOL_SERVER_PORT
     V_MAP                    # a map's variable; its argument is the map's index
     # log phase: known when the line is written
     V_UPSTREAM_ADDR

@@ -130,6 +130,7 @@ class UpstreamConfig:
     peers: tuple[PeerSpec, ...] = ()  # the servers resolved and checked, primaries first
     balancer_class: Any = None  # the custom balancer's class, imported
     sticky: StickyConfig | None = None
+    send_proxy_protocol: int = 0  # 1 or 2: each connection opens with a PROXY header
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +193,7 @@ class ServerBlock:
     real_ip_from: tuple[str, ...] = ()  # peers trusted to name the client (nginx's realip)
     real_ip_header: str = "X-Real-IP"
     real_ip_recursive: bool = False
+    proxy_protocol: bool = False  # its addresses read a PROXY protocol header first
 
 
 @dataclass(frozen=True, slots=True)
@@ -375,6 +377,13 @@ def _read_upstream(source: str, table: Any, index: int) -> UpstreamConfig:
     sticky = _read_sticky(r)
     if sticky is not None and balancer is not None:
         raise r.fail("sticky", "a custom balancer chooses its servers itself")
+    send_proxy = r.get("send_proxy_protocol", str, None)
+    if send_proxy is not None and send_proxy not in ("v1", "v2"):
+        raise r.fail("send_proxy_protocol", f"{send_proxy!r}: expected \"v1\" or \"v2\"")
+    if send_proxy is not None and keepalive:
+        # HAProxy keeps such connections private to one client; fastws does not keep them
+        raise r.fail("send_proxy_protocol", "a connection that opens with a PROXY header names "
+                     "one client, so it cannot be kept alive for others: remove keepalive")
     r.finish()
     peers = resolve(source, r.where, servers)
     if balance == "hash" and consistent and balancer is None and \
@@ -385,7 +394,7 @@ def _read_upstream(source: str, table: Any, index: int) -> UpstreamConfig:
     return UpstreamConfig(name, servers, balance, hash_key, consistent, float(factor), balancer,
                           keepalive, tls=up_tls, keepalive_timeout=keepalive_timeout,
                           keepalive_requests=keepalive_requests, peers=peers, balancer_class=cls,
-                          sticky=sticky)
+                          sticky=sticky, send_proxy_protocol=int(send_proxy[1]) if send_proxy else 0)
 
 
 _COOKIE_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -684,7 +693,11 @@ def _read_server(source: str, table: Any, index: int, implicit: dict[str, Upstre
     if redirect_https and server_tls is not None:
         raise r.fail("redirect_https", "applies to a plain-HTTP server, and this one has tls")
     http = _read_http_limits(r, _HTTP_DEFAULTS)
+    proxy_protocol = r.get("proxy_protocol", bool, False)
     real_ip = _read_real_ip(r)
+    if real_ip[1].lower() == "proxy_protocol" and not proxy_protocol:
+        raise r.fail("real_ip", "header = \"proxy_protocol\" needs proxy_protocol = true on "
+                     "the server (its listen addresses read the PROXY protocol)")
     access = _read_access(r, ())
     forwarded = r.get("forwarded_headers", str, "append")
     if forwarded not in ("append", "replace"):
@@ -706,7 +719,7 @@ def _read_server(source: str, table: Any, index: int, implicit: dict[str, Upstre
         locations.append(lc)
     r.finish()
     return ServerBlock(tuple(listen), names, default, tuple(locations), header_timeout,
-                       max_line, max_head, server_tls, redirect_https, *real_ip)
+                       max_line, max_head, server_tls, redirect_https, *real_ip, proxy_protocol)
 
 
 def _read_real_ip(server: _Reader) -> tuple[tuple[str, ...], str, bool]:
@@ -727,7 +740,9 @@ def _read_real_ip(server: _Reader) -> tuple[tuple[str, ...], str, bool]:
     if not trusted:
         raise r.fail("from", "is required: the addresses of the proxies in front")
     header = r.get("header", str, "X-Real-IP")
-    if not _HEADER_NAME.fullmatch(header):
+    if header.lower() == "proxy_protocol":
+        header = "proxy_protocol"         # nginx's name for the PROXY protocol's address
+    elif not _HEADER_NAME.fullmatch(header):
         raise r.fail("header", f"{header!r} is not a header name")
     recursive = r.get("recursive", bool, False)
     r.finish()
@@ -802,15 +817,22 @@ def _read_upstream_tls(upstream: _Reader) -> UpstreamTLS | None:
 
 
 def _check_listeners(source: str, servers: tuple[ServerBlock, ...]) -> None:
-    """An address is TLS or plain for every server on it (nginx's `listen ... ssl`)."""
-    seen: dict[tuple[str, int], tuple[int, bool]] = {}
+    """An address is TLS or plain, and reads the PROXY protocol or not, for every server on it
+    (nginx's `listen ... ssl proxy_protocol`)."""
+    seen: dict[tuple[str, int], tuple[int, bool, bool]] = {}
     for si, server in enumerate(servers):
         for addr in server.listen:
-            first = seen.setdefault((addr.host, addr.port), (si, server.tls is not None))
+            first = seen.setdefault((addr.host, addr.port),
+                                    (si, server.tls is not None, server.proxy_protocol))
             if first[1] != (server.tls is not None):
                 raise ConfigError(source, f"server[{si}].tls",
                                   f"{addr.text} is {'TLS' if first[1] else 'plain HTTP'} in "
                                   f"server[{first[0]}]: every server on an address must agree")
+            if first[2] != server.proxy_protocol:
+                raise ConfigError(source, f"server[{si}].proxy_protocol",
+                                  f"{addr.text} {'reads' if first[2] else 'does not read'} the "
+                                  f"PROXY protocol in server[{first[0]}]: every server on an "
+                                  "address must agree")
 
 
 def from_dict(data: Mapping[str, Any], source: str = "<config>") -> Config:

@@ -34,6 +34,7 @@ class ListenerTable:
     tail: list[tuple[str, int]]      # "www.example.*" as "www.example.", longest first
     default: int
     regex: list[tuple[str, int]] = field(default_factory=list)  # "~pattern" names, in order
+    proxy_protocol: bool = False     # a PROXY protocol header comes first
 
 
 @dataclass
@@ -107,6 +108,7 @@ class GroupTable:
     keepalive_timeout: float
     keepalive_requests: int
     sticky: tuple[str, str, list[str]] | None = None  # cookie, attributes, each peer's id
+    send_proxy: int = 0              # the PROXY protocol version sent first, 0: none
 
 
 @dataclass
@@ -213,7 +215,7 @@ def build(config: Config, sockets: list[socket.socket], groups: dict[str, Any],
             grp, name, [_host(p.server) for p in grp.peers],
             _parts(up.hash_key), up.keepalive, up.keepalive_timeout, up.keepalive_requests,
             (up.sticky.cookie, up.sticky.attributes(), [sticky_id(p.name) for p in grp.peers])
-            if up.sticky is not None else None))
+            if up.sticky is not None else None, up.send_proxy_protocol))
     server_index: dict[int, int] = {}
     for server in config.servers:
         server_index[id(server)] = len(t.servers)
@@ -274,7 +276,8 @@ def _listener(sock: socket.socket, host: str, port: int, servers: list[ServerBlo
     tail.sort(key=lambda item: -len(item[0]))
     default = next((s for s in servers if s.default), servers[0])
     return ListenerTable(sock.fileno(), sock.family, default.tls is not None, host.strip("[]"),
-                         port, exact, head, tail, index[id(default)], regex)
+                         port, exact, head, tail, index[id(default)], regex,
+                         default.proxy_protocol)
 
 
 def _server(t: Tables, server: ServerBlock, groups: dict[str, int], logs: _Logs,

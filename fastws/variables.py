@@ -47,6 +47,10 @@ _TABLE: tuple[tuple[str, int], ...] = (
     ("connection", REQUEST),
     ("connection_requests", REQUEST),
     ("pid", REQUEST),
+    ("proxy_protocol_addr", REQUEST),
+    ("proxy_protocol_port", REQUEST),
+    ("proxy_protocol_server_addr", REQUEST),
+    ("proxy_protocol_server_port", REQUEST),
     ("map_", REQUEST),            # a variable made by a `map` (its argument: the map's index)
     ("upstream_addr", LOG),
     ("status", LOG),

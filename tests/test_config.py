@@ -276,6 +276,34 @@ def test_real_ip_settings():
         assert info.value.key == f"server[0].{key}"
 
 
+def test_proxy_protocol_settings():
+    data = minimal()
+    data["server"][0].update(proxy_protocol=True,
+                             real_ip={"from": ["10.0.0.0/8"], "header": "PROXY_protocol"})
+    data["upstream"][0]["send_proxy_protocol"] = "v2"
+    cfg = config.from_dict(data)
+    assert cfg.servers[0].proxy_protocol and cfg.servers[0].real_ip_header == "proxy_protocol"
+    assert cfg.upstreams[0].send_proxy_protocol == 2
+    bad_cases = (
+        ({"proxy_protocol": False}, {}, "server[0].real_ip", "needs proxy_protocol = true"),
+        ({}, {"send_proxy_protocol": "v3"}, "upstream.backend.send_proxy_protocol", "v3"),
+        ({}, {"keepalive": 2}, "upstream.backend.send_proxy_protocol", "cannot be kept alive"),
+    )
+    for server, upstream, key, words in bad_cases:
+        broken = minimal()
+        broken["server"][0].update(data["server"][0], **server)
+        broken["upstream"][0].update(data["upstream"][0], **upstream)
+        with pytest.raises(ConfigError, match=words) as info:
+            config.from_dict(broken)
+        assert info.value.key == key
+    # every server on an address agrees (as on TLS)
+    data["server"].append({"listen": ["127.0.0.1:8080"], "server_name": ["b"],
+                           "location": [{"path": "/", "return": 204}]})
+    with pytest.raises(ConfigError, match="reads the PROXY protocol in server\\[0\\]") as info:
+        config.from_dict(data)
+    assert info.value.key == "server[1].proxy_protocol"
+
+
 # --- robustness: any table is a configuration or one ConfigError, never another exception ----
 
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
@@ -286,11 +314,12 @@ _KEYS = ["server", "upstream", "map", "location", "listen", "path", "proxy_pass"
          "address", "weight", "balance", "hash_key", "sticky", "cookie", "access", "origins",
          "real_ip", "from", "header", "set_headers", "return", "status", "tls", "values",
          "variable", "source", "default", "idle_timeout", "max_tunnel_lifetime",
-         "lifetime_spread", "log_format", "access_log", "processes", "user", "error_log"]
+         "lifetime_spread", "log_format", "access_log", "processes", "user", "error_log",
+         "proxy_protocol", "send_proxy_protocol"]
 _SCALARS = st.one_of(st.sampled_from(["127.0.0.1:8080", "/", "~ ^/a", "= /x", "backend",
                                       "http://backend", "http://$host", "allow all",
                                       "deny 10.0.0.0/8", "60s", "5q", "$uri", "https://*.a",
-                                      "hash", "ip_hash", "x", ""]),
+                                      "hash", "ip_hash", "x", "", "v1", "proxy_protocol"]),
                      st.integers(-2, 70000), st.booleans())
 _VALUES = st.recursive(_SCALARS, lambda inner: st.one_of(
     st.lists(inner, max_size=4), st.dictionaries(st.sampled_from(_KEYS), inner, max_size=5)),

@@ -386,9 +386,28 @@ def test_cli_convert_and_errors(tmp_path: Path) -> None:
 
 
 def test_docs_name_every_directive_of_the_table() -> None:
+    from fastws.nginx.directives import markdown
     text = (Path(__file__).parent.parent / "docs" / "nginx.md").read_text()
     missing = [name for name in SPECS if f"`{name}" not in text]
     assert missing == []
+    # the ignored and refused directives are listed as the table has them, with its words
+    assert markdown(IGNORE) in text and markdown(REFUSE) in text
+
+
+def test_proxy_protocol_directives(tmp_path: Path) -> None:
+    cfg = load(str(write(tmp_path, http(
+        "upstream backend { server 127.0.0.1:9001; send_proxy_protocol v2; }\n"
+        "server { listen 127.0.0.1:8080; listen 127.0.0.1:8081 proxy_protocol;\n"
+        "  set_real_ip_from 10.0.0.0/8; real_ip_header proxy_protocol;\n"
+        "  location / { proxy_pass http://backend; } }"))))
+    assert cfg.upstream("backend").send_proxy_protocol == 2
+    # one server block per kind of address, as for ssl
+    assert [(s.listen[0].port, s.proxy_protocol) for s in cfg.servers] == [(8080, False),
+                                                                            (8081, True)]
+    # the plain listener's block reads no PROXY header, so no address comes from one there
+    assert [s.real_ip_from for s in cfg.servers] == [(), ("10.0.0.0/8",)]
+    assert "send_proxy_protocol" in error_of(tmp_path, http(
+        "server { listen 127.0.0.1:8080; proxy_protocol on; location / { return 204; } }"))
 
 
 def test_sticky_cookie_as_nginx_writes_it(tmp_path: Path) -> None:

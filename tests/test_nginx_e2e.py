@@ -47,20 +47,25 @@ def documented(line: str, fields: list[tuple[str, str]]) -> Head:
 
 # --- clients ----------------------------------------------------------------------------------
 
-Request = tuple[str, str, str, str, str]   # (kind "ws" or "get", path, source, Host, headers)
+# (kind "ws" or "get", path, source, Host, headers, bytes sent first: a PROXY protocol header)
+Request = tuple[str, str, str, str, str, bytes]
 LOCAL = "127.0.0.1"
 
 
-def ws(path: str, source: str = LOCAL, host: str = "example.com", extra: str = "") -> Request:
-    return ("ws", path, source, host, extra)
+def ws(path: str, source: str = LOCAL, host: str = "example.com", extra: str = "",
+       preamble: bytes = b"") -> Request:
+    return ("ws", path, source, host, extra, preamble)
 
 
-def get(path: str, source: str = LOCAL, host: str = "example.com", extra: str = "") -> Request:
-    return ("get", path, source, host, extra)
+def get(path: str, source: str = LOCAL, host: str = "example.com", extra: str = "",
+        preamble: bytes = b"") -> Request:
+    return ("get", path, source, host, extra, preamble)
 
 
-def _connect(port: int, source: str, tls: ssl.SSLContext | None) -> socket.socket:
+def _connect(port: int, source: str, tls: ssl.SSLContext | None,
+             preamble: bytes) -> socket.socket:
     s = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
+    s.sendall(preamble)
     if tls is not None:
         s = tls.wrap_socket(s, server_hostname="example.com")
     return s
@@ -71,8 +76,8 @@ def run_requests(port: int, requests: list[Request],
     """Each request on its own connection: (status, what came back: the echo of a tunnel, or
     the body)."""
     out = []
-    for n, (kind, path, source, host, extra) in enumerate(requests):
-        with _connect(port, source, tls) as s:
+    for n, (kind, path, source, host, extra, preamble) in enumerate(requests):
+        with _connect(port, source, tls, preamble) as s:
             if kind == "ws":
                 # the same keys in both runs, so that the heads compare whole
                 key = base64.b64encode(hashlib.md5(b"%d" % n).digest()).decode()
@@ -540,4 +545,28 @@ def test_the_clients_own_forwarding_headers_as_nginx(tmp_path: Path) -> None:
     results = compare(tmp_path, "Complete configuration example",
                       [ws("/ws", extra=own), get("/", extra=own), get("/ws", extra=own),
                        get("/")], extra=lambda text: text)
+    assert_same(results)
+
+
+@pytest.mark.parametrize("trusted", ["127.0.0.0/24", "10.0.0.0/8"])
+def test_proxy_protocol_as_nginx(tmp_path: Path, trusted: str) -> None:
+    # `listen ... proxy_protocol` and `real_ip_header proxy_protocol`: from a trusted sender
+    # the header names the client (the recipe's headers, the access log, the rules); from an
+    # untrusted one only $proxy_protocol_addr does
+    def variant(text: str) -> str:
+        text = re.sub(r"listen ([\d.:]+);", r"listen \1 proxy_protocol;", text)
+        return text.replace("server_name example.com;", "server_name example.com;\n"
+                            f"    set_real_ip_from {trusted};\n"
+                            "    real_ip_header proxy_protocol;\n"
+                            "    proxy_set_header X-PP $proxy_protocol_addr:$proxy_protocol_port;"
+                            "\n    deny 198.51.100.1;", 1)
+    v1 = b"PROXY TCP4 203.0.113.7 192.0.2.1 40000 80\r\n"
+    v2 = (b"\r\n\r\n\x00\r\nQUIT\n\x21\x21\x00\x24" + socket.inet_pton(socket.AF_INET6, "2001:db8::7")
+          + socket.inet_pton(socket.AF_INET6, "2001:db8::1") + b"\x9c\x40\x00\x50")
+    denied = b"PROXY TCP4 198.51.100.1 192.0.2.1 40000 80\r\n"
+    results = compare(tmp_path, "Basic configuration",
+                      [ws("/ws", preamble=v1), get("/ws", preamble=v2), get("/ws", preamble=denied),
+                       ws("/ws", preamble=b"PROXY UNKNOWN\r\n")], extra=variant)
+    expected = [101, 200, 403, 101] if trusted.startswith("127.") else [101, 200, 200, 101]
+    assert [a[0] for a in results["fastws"]["answers"]] == expected
     assert_same(results)

@@ -187,6 +187,7 @@ cdef class Engine:
             e.pools[i].size = spec.keepalive
             e.pools[i].timeout = spec.keepalive_timeout
             e.pools[i].max_requests = spec.keepalive_requests
+            e.pools[i].send_proxy = spec.send_proxy
             e.sticky[i] = self._sticky(spec.sticky) if spec.sticky is not None else NULL
 
     cdef _load_servers(self, tables):
@@ -302,6 +303,7 @@ cdef class Engine:
             s.real_ip_header = arena_str(&self.arena, spec.real_ip_header.lower(),
                                          &s.real_ip_header_len)
             s.real_ip_recursive = spec.real_ip_recursive
+            s.real_ip_pp = spec.real_ip_header.lower() == "proxy_protocol"
             s.log = self._als[spec.access_log] if spec.access_log >= 0 else NULL
         e.nlis = len(tables.listeners)
         e.lis = <Listener *>arena_alloc(&self.arena, sizeof(Listener) * (e.nlis + 1))
@@ -311,6 +313,7 @@ cdef class Engine:
             l.io.fd = spec.fd
             l.family = spec.family
             l.tls = spec.tls
+            l.proxy_protocol = spec.proxy_protocol
             l.addr_text = arena_str(&self.arena, spec.addr_text, &l.addr_len)
             l.port = spec.port
             l.nexact = len(spec.exact)

@@ -49,7 +49,11 @@ cdef void accept_run(Eng *e, Listener *l) noexcept nogil:
         close(fd)
         return
     e.n.handled += 1
-    if l.tls:
+    if l.proxy_protocol:
+        conn_set_state(e, c, CS_PROXY)
+        c.io.rd_ready = 1
+        pp_read(e, c)
+    elif l.tls:
         tls_accept_start(e, c)
     else:
         conn_set_state(e, c, CS_HEAD)
@@ -208,6 +212,8 @@ cdef double conn_deadline(Eng *e, Conn *c) noexcept nogil:
         return c.t_state + LINGER_TIMEOUT
     if state == CS_TLS:
         return c.t_state + c.lis.default_server.handshake_timeout
+    if state == CS_PROXY:
+        return c.t_state + c.lis.default_server.client_header_timeout
     return NEVER
 
 
@@ -227,6 +233,8 @@ cdef void conn_timeout(Eng *e, Conn *c) noexcept nogil:
     elif state == CS_TLS:
         eng_log(e, LOG_INFO, "client %s timed out in the TLS handshake", conn_addr(e, c))
         conn_close(e, c)
+    elif state == CS_PROXY:
+        pp_refuse(e, c, "no PROXY protocol header in time")
 
 
 # --- one place that runs a connection ------------------------------------------------------
@@ -248,6 +256,8 @@ cdef void conn_run(Eng *e, Conn *c) noexcept nogil:
         linger_run(e, c)
     elif state == CS_TLS:
         tls_accept_run(e, c)
+    elif state == CS_PROXY:
+        pp_read(e, c)
 
 
 cdef inline void conn_ready(Eng *e, Conn *c) noexcept nogil:
@@ -547,6 +557,7 @@ cdef void conn_unlink(Eng *e, Conn *c) noexcept nogil:
 
 cdef void conn_free(Eng *e, Conn *c) noexcept nogil:
     held_count(e, DBG_CONNS, -1)
+    free(c.pp)
     free(c)
 
 

@@ -24,7 +24,7 @@ HELD_NAMES = ("connections", "upstream_connections", "tunnels", "requests", "pip
 
 
 STATE_NAMES = ("none", "tls", "head", "idle", "upstream", "exchange", "tunnel", "answer",
-               "linger", "closed", "route", "spare")
+               "linger", "closed", "route", "proxy")
 GAUGES = frozenset(["conns", "tunnels_active", "pipes_total", "pipes_free", "paused_now"]
                    + ["states." + name for name in STATE_NAMES]
                    + ["held." + name for name in HELD_NAMES])
@@ -63,6 +63,7 @@ cdef dict counters_dict(Counters *n):
         "accept_errors": n.accept_errors,
         "paused": n.paused,
         "log_lines": n.log_lines,
+        "proxy_protocol_errors": n.proxy_protocol_errors,
     }
 
 

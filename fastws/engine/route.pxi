@@ -143,6 +143,11 @@ cdef void real_ip(Server *s, Conn *c, Head *h, const char *base) noexcept nogil:
     c.peer_trusted = s.ntrusted > 0 and rules_match(s.trusted, s.ntrusted, &c.paddr, False)
     if not c.peer_trusted:
         return
+    if s.real_ip_pp:
+        # real_ip_header proxy_protocol: the address and port the PROXY header named
+        if c.pp != NULL:
+            memcpy(&c.raddr, &c.pp.src, sizeof(sockaddr_in6))
+        return
     hd = head_find(h, s.real_ip_header, s.real_ip_header_len)
     if hd == NULL:
         return

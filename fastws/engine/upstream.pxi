@@ -168,7 +168,23 @@ cdef void upstream_run(Eng *e, Conn *c) noexcept nogil:
     if u.state == UP_CONNECTING:
         if not u.io.wr_ready:
             return
-        if c.loc.upstream_tls:
+        if e.pools[req.group].send_proxy:
+            # The PROXY header first, alone and in the clear (before TLS too); its send says
+            # whether the connect is complete.  The head then goes as held bytes.
+            r = pp_send(e, c, e.pools[req.group].send_proxy)
+            if r == 0:
+                return
+            if r < 0:
+                upstream_failed(e, c, -r, "connect() failed", "while connecting to upstream", 0)
+                return
+            up_connected(e, c)
+            if c.loc.upstream_tls:
+                tls_connect_start(e, c)
+                return
+            if flow_hold(e, c, 0, req.uhead, req.uhead_len) < 0:
+                conn_close(e, c)
+                return
+        elif c.loc.upstream_tls:
             r = socket_error(u.io.fd)
             if r == EINPROGRESS or r == EALREADY or (r == 0 and not u.io.wr_ready):
                 return
@@ -178,18 +194,20 @@ cdef void upstream_run(Eng *e, Conn *c) noexcept nogil:
             up_connected(e, c)
             tls_connect_start(e, c)
             return
-        n = io_send(e, &u.io, req.uhead, req.uhead_len)
-        if n == -EAGAIN:
-            return
-        if n < 0:
-            upstream_failed(e, c, <int>-n, "connect() failed", "while connecting to upstream", 0)
-            return
-        up_connected(e, c)
-        if n < req.uhead_len and flow_hold(e, c, 0, req.uhead + n, req.uhead_len - n) < 0:
-            conn_close(e, c)
-            return
-        if n == req.uhead_len:
-            request_sent(e, c)
+        else:
+            n = io_send(e, &u.io, req.uhead, req.uhead_len)
+            if n == -EAGAIN:
+                return
+            if n < 0:
+                upstream_failed(e, c, <int>-n, "connect() failed", "while connecting to upstream",
+                                0)
+                return
+            up_connected(e, c)
+            if n < req.uhead_len and flow_hold(e, c, 0, req.uhead + n, req.uhead_len - n) < 0:
+                conn_close(e, c)
+                return
+            if n == req.uhead_len:
+                request_sent(e, c)
     elif u.state == UP_TLS:
         tls_connect_run(e, c)
         return

@@ -179,6 +179,15 @@ cdef void var_put(Eng *e, Conn *c, LogRec *lr, int var, const char *arg, int arg
         buf_fmt(out, "%d", c.nreq)
     elif var == V_PID:
         buf_fmt(out, "%d", <int>getpid())
+    elif var == V_PROXY_PROTOCOL_ADDR or var == V_PROXY_PROTOCOL_SERVER_ADDR:
+        if c.pp != NULL:
+            n = sockaddr_text(<sockaddr *>(&c.pp.src if var == V_PROXY_PROTOCOL_ADDR
+                                           else &c.pp.dst), tmp, sizeof(tmp))
+            buf_add(out, tmp, n)
+    elif var == V_PROXY_PROTOCOL_PORT or var == V_PROXY_PROTOCOL_SERVER_PORT:
+        if c.pp != NULL:
+            buf_fmt(out, "%d", sockaddr_port(<sockaddr *>(&c.pp.src if var == V_PROXY_PROTOCOL_PORT
+                                                          else &c.pp.dst)))
     elif var == V_MAP:
         map_put(e, c, lr, arg, out)
     elif var == V_PROXY_HOST:

@@ -133,6 +133,7 @@ cdef extern from "compat.h" nogil:
     int getsockopt(int sockfd, int level, int optname, void *optval, unsigned int *optlen)
     enum:
         MSG_DONTWAIT
+        MSG_PEEK
         MSG_NOSIGNAL
         MSG_MORE
         SHUT_WR

@@ -259,7 +259,8 @@ SPECS: dict[str, Spec] = {
                                      "upstreams yet"),
     "proxy_ssl_certificate_key": _refuse(HSL, "fastws does not present client certificates "
                                          "to upstreams yet"),
-    "proxy_protocol": _refuse(SERVER, "fastws does not speak the PROXY protocol yet"),
+    "proxy_protocol": _refuse(SERVER, "the stream module's; to send the PROXY protocol to "
+                              "upstreams, write send_proxy_protocol v1|v2 in the upstream block"),
     "ssl_client_certificate": _refuse(HS, "fastws does not verify client certificates yet"),
     "ssl_verify_client": _refuse(HS, "fastws does not verify client certificates yet"),
     "ssl_trusted_certificate": _refuse(HS, "fastws does not staple OCSP answers"),
@@ -274,6 +275,7 @@ SPECS: dict[str, Spec] = {
     "websocket_idle_timeout": _use(HSL, 1),
     "forwarded_headers": _use(HSL, 1),
     "websocket_max_lifetime": _use(HSL, 1, 2),
+    "send_proxy_protocol": _use((UPSTREAM,), 1),
     "allow": _use(HSL, 1),
     "deny": _use(HSL, 1),
     "auth_basic": _refuse(HSL, "fastws does not authenticate clients: let the upstream do it"),
@@ -297,3 +299,12 @@ SPECS: dict[str, Spec] = {
     "internal": _refuse(LOCATION, "fastws has no internal redirects"),
     "satisfy": _refuse(HSL, "fastws does not authenticate clients"),
 }
+
+
+def markdown(action: str) -> str:
+    """docs/nginx.md's table of the directives fastws ignores or refuses (a test keeps the
+    page equal to this)."""
+    head = "why it changes nothing" if action == IGNORE else "what to do instead"
+    rows = [f"| `{name}` | {spec.advice} |" for name, spec in sorted(SPECS.items())
+            if spec.action == action]
+    return "\n".join([f"| directive | {head} |", "|---|---|", *rows]) + "\n"

@@ -23,6 +23,9 @@ from .directives import (EVENTS, HTTP, IGNORE, LOCATION, MAIN, REFUSE, SERVER, S
                          UPSTREAM)
 from .syntax import Directive, Tree, one_line
 
+# a `listen`: address, ssl, default_server, the directive, proxy_protocol
+Listen = tuple[str, bool, bool, Directive, bool]
+
 
 @dataclass(slots=True)
 class Translation:
@@ -252,9 +255,6 @@ class _Translator:
                 raise fail(d, "\"set_real_ip_from\": fastws listens on IP addresses only")
             settings["real_ip_from"].append(d)
             return
-        if d.name == "real_ip_header" and d.args[0] == "proxy_protocol":
-            raise fail(d, "\"real_ip_header proxy_protocol\": fastws does not speak the PROXY "
-                       "protocol yet")
         if d.name in ("allow", "deny"):
             # nginx's access module: a level with any rule replaces the inherited ones
             if settings.get("@own_access") is not settings:
@@ -411,6 +411,9 @@ class _Translator:
             elif e.name == "keepalive":
                 up["keepalive"] = _int(e, e.args[0], 1)
                 self.at(f"{where}.keepalive", e)
+            elif e.name == "send_proxy_protocol":
+                up["send_proxy_protocol"] = e.args[0]
+                self.at(f"{where}.send_proxy_protocol", e)
             elif e.name == "keepalive_timeout":
                 up["keepalive_timeout"] = _time(e, e.args[0])
                 self.at(f"{where}.keepalive_timeout", e)
@@ -472,7 +475,7 @@ class _Translator:
     def server(self, d: Directive, http: dict[str, Any]) -> None:
         settings = dict(http)
         settings.pop("@own_log", None)
-        listens: list[tuple[str, bool, bool, Directive]] = []
+        listens: list[Listen] = []
         names: list[str] = []
         locations: list[Directive] = []
         server_return: Directive | None = None
@@ -492,14 +495,16 @@ class _Translator:
             else:
                 self.setting(settings, e)
         if not listens:
-            listens.append(("0.0.0.0:80", False, False, d))
-        plain = [x for x in listens if not x[1]]
-        secure = [x for x in listens if x[1]]
-        for group, tls in ((plain, False), (secure, True)):
-            if group:
-                self.server_block(d, group, names, locations, server_return, settings, tls)
+            listens.append(("0.0.0.0:80", False, False, d, False))
+        # one server block per kind of address: plain or TLS, with the PROXY protocol or not
+        for tls in (False, True):
+            for pp in (False, True):
+                group = [x for x in listens if x[1] == tls and x[4] == pp]
+                if group:
+                    self.server_block(d, group, names, locations, server_return, settings, tls,
+                                      pp)
 
-    def listen(self, d: Directive) -> tuple[str, bool, bool, Directive]:
+    def listen(self, d: Directive) -> Listen:
         addr = d.args[0]
         if addr.startswith("unix:"):
             raise fail(d, "\"listen\": fastws listens on IP addresses, not unix sockets")
@@ -509,7 +514,7 @@ class _Translator:
             addr = "0.0.0.0:80"
         elif not addr.isdigit() and not re.search(r":\d+$", addr):
             addr += ":80"
-        ssl = default = False
+        ssl = default = pp = False
         for p in d.args[1:]:
             key = p.split("=", 1)[0]
             if p == "ssl":
@@ -522,11 +527,11 @@ class _Translator:
             elif key in ("http2", "quic"):
                 raise fail(d, f"\"listen\": {key}: fastws speaks HTTP/1.1 (and WebSocket over "
                            "it)")
-            elif key == "proxy_protocol":
-                raise fail(d, "\"listen\": proxy_protocol is not supported by fastws yet")
+            elif p == "proxy_protocol":
+                pp = True
             else:
                 raise fail(d, f"\"listen\": invalid parameter \"{p}\"")
-        return addr, ssl, default, d
+        return addr, ssl, default, d, pp
 
     def server_names(self, d: Directive) -> list[str]:
         out = []
@@ -539,10 +544,10 @@ class _Translator:
                 out.append(name)
         return out
 
-    def server_block(self, d: Directive, listens: list[tuple[str, bool, bool, Directive]],
+    def server_block(self, d: Directive, listens: list[Listen],
                      names: list[str], locations: list[Directive],
                      server_return: Directive | None, settings: dict[str, Any],
-                     tls: bool) -> None:
+                     tls: bool, pp: bool = False) -> None:
         servers = self.out.data["server"]
         where = f"server[{len(servers)}]"
         block: dict[str, Any] = {"listen": [x[0] for x in listens]}
@@ -551,6 +556,9 @@ class _Translator:
             self.at(f"{where}.listen[{i}]", x[3])
         if names:
             block["server_name"] = names
+        if pp:
+            block["proxy_protocol"] = True
+            self.at(f"{where}.proxy_protocol", listens[0][3])
         if any(x[2] for x in listens):
             block["default"] = True
             self.at(f"{where}.default", next(x[3] for x in listens if x[2]))
@@ -569,9 +577,11 @@ class _Translator:
         if tls:
             block["tls"] = self.server_tls(d, settings, f"{where}.tls")
         trusted = settings.get("real_ip_from") or []
+        header = settings.get("real_ip_header")
+        if header is not None and header.args[0] == "proxy_protocol" and not pp:
+            trusted = []      # nginx: no PROXY header on these listeners, so no address from it
         if trusted:
             real_ip: dict[str, Any] = {"from": [e.args[0] for e in trusted]}
-            header = settings.get("real_ip_header")
             if header is not None:
                 real_ip["header"] = header.args[0]
             recursive = settings.get("real_ip_recursive")
