@@ -235,6 +235,7 @@ cdef enum IoKind:
 
 from fastws.includes.openssl cimport FASTWS_SSL, FASTWS_SSL_CTX
 from fastws.includes.pcre2 cimport fastws_regex
+from fastws.includes.zone cimport fastws_zone
 
 cdef struct Io:
     # What epoll's data.ptr points at: every pollable object starts with one.  Readiness is
@@ -310,6 +311,28 @@ cdef enum LocKind:
     LOC_RETURN
     LOC_STATUS
 
+cdef enum LimitKind:
+    LIMIT_CONN = 0
+    LIMIT_REQ = 1
+
+cdef struct Zone:
+    # A limit zone: its shared memory (includes/zone.h), and the key its entries count by
+    fastws_zone *shm
+    char *name
+    Template *key
+    int kind                 # LimitKind
+
+cdef struct LimitRule:
+    int zone                 # in the engine's zones
+    int kind
+    long long max            # limit_conn: connections; limit_req: burst, in 1/1000 requests
+    long long delay          # limit_req: excess served at once, in 1/1000 (nodelay: no limit)
+
+cdef struct LimitHold:
+    # A connection counted in a limit_conn zone, given back when its request ends
+    int zone
+    unsigned long long hash
+
 cdef struct Loc:
     char *path
     int pathlen
@@ -327,6 +350,10 @@ cdef struct Loc:
     int *origin_lens
     int norigins
     int origin_missing_deny
+    LimitRule *limits        # limit_conn and limit_req, in the configuration's order
+    int nlimits
+    int limit_conn_status    # 503 unless configured (nginx's limit_conn_status)
+    int limit_req_status
     char *proxy_uri          # replaces the matched prefix, or NULL
     int proxy_uri_len
     char *proxy_host         # $proxy_host
@@ -541,6 +568,8 @@ cdef struct Conn:
     sockaddr_in6 paddr       # the TCP peer, as accepted
     int peer_trusted         # the peer is one of the server's real_ip proxies
     ProxyHeader *pp          # the PROXY protocol header's addresses (malloc'ed), or NULL
+    LimitHold *holds         # limit_conn entries held (malloc'ed), or NULL
+    int nholds
     char *in_                # client bytes read but not consumed (a partial head, pipelined)
     int in_len
     int in_cap
@@ -591,6 +620,7 @@ cdef struct LogRec:
 cdef struct Req:
     # One request, from its head to the end of its answer (freed then; a tunnel keeps none).
     Head *head               # while the head is at hand (synchronous part of routing), else NULL
+    double delay_until       # limit_req: the request waits until then before its upstream
     const char *hbase        # the head's bytes while at hand
     double t_start
     int method
@@ -730,6 +760,9 @@ cdef struct Eng:
     int number_step          # $connection = serial * number_step + number_base
     int number_base
     int control_ready        # the control plane's loop has something to do
+    Zone *zones              # limit zones, by index
+    int nzones
+    int pid                  # the lock word of a zone this engine holds
     int wakefd               # an eventfd the engine writes to itself for that work
     int reserve_fd           # a descriptor kept in reserve (/dev/null): given up to tell a
                              # client 503 when accept() finds the descriptors exhausted
@@ -795,6 +828,7 @@ cdef enum Var:
     V_PROXY_PROTOCOL_PORT
     V_PROXY_PROTOCOL_SERVER_ADDR
     V_PROXY_PROTOCOL_SERVER_PORT
+    V_BINARY_REMOTE_ADDR
     V_MAP                    # a map's variable; its argument is the map's index
     # log phase: known when the line is written
     V_UPSTREAM_ADDR

@@ -30,7 +30,7 @@ from libc.errno cimport (errno, EAGAIN, EALREADY, ECONNABORTED, ECONNRESET, EINP
                          EINVAL, EMFILE, ENFILE, ENOSYS, EPIPE, EPROTO)
 from libc.stdio cimport snprintf
 from libc.stdlib cimport RAND_MAX, calloc, free, malloc, rand, realloc, srand
-from libc.string cimport memchr, memcmp, memcpy, memmove, memset, strerror, strlen
+from libc.string cimport memchr, memcmp, memcpy, memmove, memset, strcmp, strerror, strlen
 from libc.time cimport localtime_r, strftime, time_t, tm
 from posix.unistd cimport getpid
 
@@ -38,6 +38,7 @@ from fastws.includes.buf cimport buf_add, buf_fmt, buf_reserve, fastws_buf
 from fastws.includes.linux cimport *
 from fastws.includes.openssl cimport *
 from fastws.includes.pcre2 cimport fastws_regex, fastws_regex_compile, fastws_regex_free, fastws_regex_match
+from fastws.includes.zone cimport *
 
 cdef extern from "<strings.h>" nogil:
     int strncasecmp(const char *s1, const char *s2, size_t n)
@@ -69,6 +70,7 @@ include "engine/http.pxi"
 include "engine/conn.pxi"
 include "engine/tls.pxi"
 include "engine/proxy.pxi"
+include "engine/limits.pxi"
 include "engine/tables.pxi"
 include "engine/turn.pxi"
 include "engine/export.pxi"

@@ -11,6 +11,7 @@ import ipaddress
 import os
 import re
 import tomllib
+from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Mapping
 
@@ -170,6 +171,10 @@ class LocationConfig:
     origins: tuple[str, ...] = ()  # allowed Origins of WebSocket handshakes; () checks none
     origin_missing: str = "allow"  # a handshake without Origin: "allow" or "deny"
     forwarded_headers: str = "append"  # "replace": an untrusted client's are not believed
+    limit_conn: tuple["LimitRule", ...] = ()   # nginx's limit_conn, limit_req, in order
+    limit_req: tuple["LimitRule", ...] = ()
+    limit_conn_status: int = 503
+    limit_req_status: int = 503
 
     @property
     def written(self) -> str:
@@ -194,6 +199,27 @@ class ServerBlock:
     real_ip_header: str = "X-Real-IP"
     real_ip_recursive: bool = False
     proxy_protocol: bool = False  # its addresses read a PROXY protocol header first
+
+
+@dataclass(frozen=True, slots=True)
+class LimitZone:
+    """A limit zone (nginx's limit_conn_zone, limit_req_zone): counted across all workers."""
+
+    name: str
+    kind: str              # "conn" or "req"
+    key: Template          # what a client is counted by, e.g. $binary_remote_addr
+    size: int              # bytes of shared memory (32 bytes an entry)
+    rate: int = 0          # "req": requests per 1000 s (nginx's rate, r/s * 1000)
+
+
+@dataclass(frozen=True, slots=True)
+class LimitRule:
+    """limit_conn (max: connections per key) or limit_req (burst, and delay: requests over
+    the rate served at once; None for nodelay) in a location."""
+
+    zone: str
+    max: int = 0
+    delay: int | None = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +258,7 @@ class Config:
     ignored: tuple[str, ...] = ()       # nginx directives accepted that change nothing
     differences: tuple[str, ...] = ()   # where fastws keeps a stricter behaviour than nginx
     maps: tuple[MapConfig, ...] = ()
+    limit_zones: tuple[LimitZone, ...] = ()
 
     def upstream(self, name: str) -> UpstreamConfig:
         for up in self.upstreams:
@@ -463,11 +490,90 @@ def _read_http_limits(r: _Reader, inherited: Mapping[str, Any]) -> dict[str, Any
     out["client_body_timeout"] = r.duration("client_body_timeout", out["client_body_timeout"])
     if out["client_body_timeout"] <= 0:
         raise r.fail("client_body_timeout", "must be greater than zero")
+    for kind in ("conn", "req"):
+        name = f"limit_{kind}"
+        if name in r.table:
+            out[name] = _read_limits(r, kind)
+        status = r.get(f"{name}_status", int, out[f"{name}_status"])
+        if not 400 <= status <= 599:
+            raise r.fail(f"{name}_status", "expected a status between 400 and 599 (nginx's "
+                         "default is 503; 429 is Too Many Requests)")
+        out[f"{name}_status"] = status
     return out
 
 
 _HTTP_DEFAULTS = {"keepalive_timeout": 75.0, "keepalive_requests": 1000,
-                  "client_max_body_size": 1 << 20, "client_body_timeout": 60.0}
+                  "client_max_body_size": 1 << 20, "client_body_timeout": 60.0,
+                  "limit_conn": (), "limit_req": (), "limit_conn_status": 503,
+                  "limit_req_status": 503}
+
+# The zones of the configuration being read (name -> kind), for the limits that name them.
+_ZONES: ContextVar[Mapping[str, str]] = ContextVar("zones", default={})
+
+
+def _read_limits(r: _Reader, kind: str) -> tuple[LimitRule, ...]:
+    """`limit_conn = [{ zone = "perip", max = 10 }]`, `limit_req = [{ zone = "one", burst = 5,
+    nodelay = true }]` (or `delay = 3`): a level that sets any replaces the inherited ones, as
+    in nginx."""
+    name = f"limit_{kind}"
+    value = r.get(name, (list, dict), [])
+    rules = []
+    for i, table in enumerate([value] if isinstance(value, dict) else value):
+        if not isinstance(table, dict):
+            raise ConfigError(r.source, f"{r.key(name)}[{i}]", "expected a table "
+                              "{ zone = \"NAME\", ... }")
+        t = _Reader(r.source, table, f"{r.key(name)}[{i}]")
+        zone = t.get("zone", str, required=True)
+        known = _ZONES.get().get(zone)
+        if known is None:
+            raise t.fail("zone", f"unknown {name}_zone {zone!r}")
+        if known != kind:
+            raise t.fail("zone", f"{zone!r} is a limit_{known}_zone, not a {name}_zone")
+        if kind == "conn":
+            if "max" not in table:
+                raise t.fail("max", "is required: the connections one key may have open")
+            rules.append(LimitRule(zone, _positive_int(t, "max", 1, minimum=1)))
+        else:
+            burst = _positive_int(t, "burst", 0)
+            nodelay = t.get("nodelay", bool, False)
+            delay = _positive_int(t, "delay", 0)
+            if nodelay and "delay" in table:
+                raise t.fail("delay", "conflicts with nodelay")
+            rules.append(LimitRule(zone, burst, None if nodelay else delay))
+        t.finish()
+    return tuple(rules)
+
+
+_RATE = re.compile(r"(\d+)r/([sm])")
+
+
+def _read_zones(r: _Reader) -> tuple[LimitZone, ...]:
+    """`[[limit_conn_zone]]` and `[[limit_req_zone]]`: name, key, size, and a req zone's rate
+    ("10r/s", "30r/m")."""
+    zones: list[LimitZone] = []
+    for kind in ("conn", "req"):
+        for i, table in enumerate(r.get(f"limit_{kind}_zone", list, [])):
+            t = _Reader(r.source, table, f"limit_{kind}_zone[{i}]")
+            name = t.get("name", str, required=True)
+            if any(z.name == name for z in zones):
+                raise t.fail("name", f"duplicate zone {name!r}")
+            key = t.convert("key", _template_value, None)
+            if key is None:
+                raise t.fail("key", "is required (for example \"$binary_remote_addr\")")
+            size = t.size("size", 1 << 20)
+            if size < 32 * 1024:
+                raise t.fail("size", "must be at least 32k")
+            rate = 0
+            if kind == "req":
+                text = t.get("rate", str, required=True)
+                m = _RATE.fullmatch(text)
+                if m is None or int(m.group(1)) == 0:
+                    raise t.fail("rate", f"{text!r}: expected requests per second or minute, "
+                                 "such as \"10r/s\" or \"30r/m\"")
+                rate = int(m.group(1)) * 1000 // (1 if m.group(2) == "s" else 60) or 1
+            t.finish()
+            zones.append(LimitZone(name, kind, key, size, rate))
+    return tuple(zones)
 
 
 def _template_value(value: Any) -> Template:
@@ -843,7 +949,12 @@ def from_dict(data: Mapping[str, Any], source: str = "<config>") -> Config:
     with variables.maps_known(names):
         maps = tuple(_read_map(source, table, i) for i, table in enumerate(maps_raw))
         _check_map_cycles(source, maps, names)
-        return replace(_from_dict(r, source), maps=maps)
+        zones = _read_zones(r)
+        token = _ZONES.set({z.name: z.kind for z in zones})
+        try:
+            return replace(_from_dict(r, source), maps=maps, limit_zones=zones)
+        finally:
+            _ZONES.reset(token)
 
 
 def _map_names(source: str, maps_raw: list[Any]) -> dict[str, int]:

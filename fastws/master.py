@@ -23,7 +23,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from . import accesslog, balancer, config as config_mod, metrics, tls
+from . import accesslog, balancer, config as config_mod, limits, metrics, tls
 from .config import Address, Config
 from .errors import ConfigError
 
@@ -103,6 +103,8 @@ class Master:
             log.warning("%s", short)
         slots = max(8, 4 * max(self.config.processes, os.cpu_count() or 1))
         self.board = metrics.Board(slots)
+        self.zones = limits.Zones()
+        self.zone_addresses = self.zones.prepare(self.config)
         self._generation(1)
         for i in range(self.config.processes):
             self._spawn(i)
@@ -160,11 +162,14 @@ class Master:
             assert slot is not None
         cfg = self.config
         socks = [socks[index] for socks in self.sockets.values()]
+        # the master's pid as the parent knows it: a child that asked getppid() would get 1 if
+        # the master died before it asked, and would then never notice that it is gone
+        master = os.getpid()
         pid = os.fork()
         if pid == 0:
             code = 0
             try:
-                self._in_worker(cfg, socks, slot, index)
+                self._in_worker(cfg, socks, slot, index, master)
             except BaseException:                                     # noqa: BLE001
                 log.exception("worker failed")
                 code = 1
@@ -174,8 +179,7 @@ class Master:
         self.workers[pid] = WorkerProc(pid, index, self.generation, slot, time.monotonic())
 
     def _in_worker(self, cfg: Config, socks: list[socket.socket], slot: metrics.Slot,
-                   index: int) -> None:
-        master = os.getppid()
+                   index: int, master: int) -> None:
         keep = {s.fileno() for s in socks}
         for others in self.sockets.values():
             for s in others:
@@ -187,7 +191,7 @@ class Master:
         from .worker import Worker
         # The event loop is created here, after the fork (uvloop cannot cross one).
         Worker(cfg, socks, board=self.board, slot=slot, generation=self.generation,
-               master=master, index=index).run()
+               master=master, index=index, zones=self.zone_addresses).run()
 
     # --- watch -------------------------------------------------------------------------------
 
@@ -260,6 +264,9 @@ class Master:
             if w is None:
                 continue
             self.board.retire(w.slot)
+            for name in self.zones.force_unlock(pid):
+                log.error("worker process %d died holding the lock of limit zone \"%s\"; "
+                          "released", pid, name)
             if os.WIFSIGNALED(status):
                 how = f"on signal {os.WTERMSIG(status)}"
             else:
@@ -325,6 +332,7 @@ class Master:
                     _write_pid(cfg.pid)
                 except OSError as exc:
                     log.error("cannot write the pid file %s: %s", cfg.pid, exc.strerror)
+        self.zone_addresses = self.zones.prepare(cfg)
         self._generation(self.generation + 1)
         self.reload_started = time.monotonic()
         olds = list(self.workers.values())

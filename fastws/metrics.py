@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import orjson
 
-from . import _engine
+from . import _engine, limits
 
 if TYPE_CHECKING:
     from .worker import Worker
@@ -236,6 +236,8 @@ def totals(w: "Worker") -> dict[str, Any]:
         "upstreams": upstreams,
         # upstream keep-alive pools are per worker: these are the answering worker's
         "keepalive_pools": w.engine.pools(),
+        # limit zones are shared: every worker's counts, in one place
+        "limits": limits.figures(w.zone_addresses, w.config),
     }
 
 
@@ -292,6 +294,16 @@ def prometheus(data: dict[str, Any]) -> str:
     metric("relay_timeouts_total", "counter", "Tunnels closed by a timeout.",
            [('{kind="read"}', e["read_timeouts"]), ('{kind="send"}', e["send_timeouts"])])
     metric("relay_pipes", "gauge", "Pipes in the pools.", [("", e["pipes_total"])])
+    metric("proxy_protocol_errors_total", "counter",
+           "Connections closed for an invalid or missing PROXY protocol header.",
+           [("", e["proxy_protocol_errors"])])
+    zones = [(f'{{zone="{_label(name)}",kind="{z["kind"]}"', z)
+             for name, z in data["limits"].items()]
+    metric("limit_requests_total", "counter", "Requests checked by a limit zone, by result.",
+           [(lbl + f',result="{r}"}}', z[r]) for lbl, z in zones
+            for r in ("passed", "delayed", "rejected", "full")])
+    metric("limit_entries", "gauge", "Keys a limit zone holds now.",
+           [(lbl + "}", z["entries"]) for lbl, z in zones])
     ups = [(f'{{upstream="{_label(u)}",server="{_label(s["server"])}"}}', s)
            for u, servers in data["upstreams"].items() for s in servers]
     metric("upstream_up", "gauge", "1 if the server is up, 0 if down.",

@@ -11,9 +11,9 @@ import hashlib
 import ipaddress
 import socket
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
-from . import accesslog, balancer, tls
+from . import accesslog, balancer, limits, tls
 from .config import Config, LocationConfig, ServerBlock
 from .variables import Template
 
@@ -96,6 +96,19 @@ class LocationTable:
     max_lifetime: float = 0.0
     lifetime_spread: float = 0.0
     forwarded_replace: bool = False
+    # limit_conn and limit_req: (zone index, kind (0 conn, 1 req), max connections or burst in
+    # 1/1000 requests, delay in 1/1000 requests), in order
+    limits: list[tuple[int, int, int, int]] = field(default_factory=list)
+    limit_conn_status: int = 503
+    limit_req_status: int = 503
+
+
+@dataclass
+class ZoneTable:
+    name: str
+    kind: int                        # 0: limit_conn, 1: limit_req
+    address: int                     # its shared memory (limits.py)
+    key: Any                         # template parts
 
 
 @dataclass
@@ -143,6 +156,8 @@ class Tables:
     log_formats: list[LogFormatTable] = field(default_factory=list)
     access_logs: list[AccessLogTable] = field(default_factory=list)
     maps: list[MapTableSpec] = field(default_factory=list)
+    zones: list[ZoneTable] = field(default_factory=list)
+    keep: list[Any] = field(default_factory=list)     # what must outlive the engine's use
 
 
 @dataclass
@@ -197,10 +212,20 @@ class _Logs:
 
 
 def build(config: Config, sockets: list[socket.socket], groups: dict[str, Any],
-          contexts: "tls.Contexts") -> Tables:
+          contexts: "tls.Contexts", zones: Mapping[str, int] | None = None) -> Tables:
     """The tables for one worker: its listening sockets, the configuration's servers and
-    locations, the upstream groups balancer.py built, the TLS contexts of tls.py."""
+    locations, the upstream groups balancer.py built, the TLS contexts of tls.py, and the
+    limit zones' shared memory the master mapped (a private mapping when there is none)."""
     t = Tables()
+    if zones is None:
+        own = limits.Zones()
+        zones = own.prepare(config)
+        t.keep.append(own)
+    zone_index = {}
+    for z in config.limit_zones:
+        zone_index[z.name] = len(t.zones)
+        t.zones.append(ZoneTable(z.name, 0 if z.kind == "conn" else 1, zones[z.name],
+                                 _parts(z.key)))
     for m in config.maps:
         t.maps.append(MapTableSpec(
             _parts(m.source), _parts(m.default), m.hostnames,
@@ -219,7 +244,7 @@ def build(config: Config, sockets: list[socket.socket], groups: dict[str, Any],
     server_index: dict[int, int] = {}
     for server in config.servers:
         server_index[id(server)] = len(t.servers)
-        t.servers.append(_server(t, server, group_index, logs, contexts))
+        t.servers.append(_server(t, server, group_index, logs, contexts, zone_index))
     for sock in sockets:
         host, port = sock.getsockname()[:2]
         on = [s for s in config.servers if any((a.host, a.port) == (host, port) or
@@ -281,9 +306,9 @@ def _listener(sock: socket.socket, host: str, port: int, servers: list[ServerBlo
 
 
 def _server(t: Tables, server: ServerBlock, groups: dict[str, int], logs: _Logs,
-            contexts: "tls.Contexts") -> ServerTable:
+            contexts: "tls.Contexts", zones: dict[str, int]) -> ServerTable:
     first = len(t.locations)
-    locs = [_location(loc, groups, logs, contexts) for loc in server.locations]
+    locs = [_location(loc, groups, logs, contexts, zones) for loc in server.locations]
     t.locations.extend(locs)
     exact = sorted((first + i for i, loc in enumerate(locs) if loc.exact),
                    key=lambda i: t.locations[i].path.encode())
@@ -306,7 +331,7 @@ def _server(t: Tables, server: ServerBlock, groups: dict[str, int], logs: _Logs,
 
 
 def _location(loc: LocationConfig, groups: dict[str, int], logs: _Logs,
-              contexts: "tls.Contexts") -> LocationTable:
+              contexts: "tls.Contexts", zones: dict[str, int]) -> LocationTable:
     if loc.return_status is not None:
         kind = LOC_RETURN
     elif loc.status is not None:
@@ -327,7 +352,16 @@ def _location(loc: LocationConfig, groups: dict[str, int], logs: _Logs,
         loc.client_max_body_size, loc.client_body_timeout, loc.noregex, loc.regex,
         loc.caseless, _parts(loc.proxy_pass_template), [_rule(a, n) for a, n in loc.access],
         loc.origins, loc.origin_missing == "deny", loc.idle_timeout, loc.max_tunnel_lifetime,
-        loc.lifetime_spread, loc.forwarded_headers == "replace")
+        loc.lifetime_spread, loc.forwarded_headers == "replace",
+        # limit_req before limit_conn, as nginx's PREACCESS handlers run: a request refused
+        # for its rate is never counted as a connection
+        [(zones[r.zone], 1, r.max * 1000, NODELAY if r.delay is None else r.delay * 1000)
+         for r in loc.limit_req]
+        + [(zones[r.zone], 0, r.max, 0) for r in loc.limit_conn],
+        loc.limit_conn_status, loc.limit_req_status)
+
+
+NODELAY = 1 << 60                    # limit_req nodelay: no excess is ever delayed
 
 
 def _rule(allow: bool, network: str) -> tuple[bool, int, bytes, int]:

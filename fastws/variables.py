@@ -51,6 +51,7 @@ _TABLE: tuple[tuple[str, int], ...] = (
     ("proxy_protocol_port", REQUEST),
     ("proxy_protocol_server_addr", REQUEST),
     ("proxy_protocol_server_port", REQUEST),
+    ("binary_remote_addr", REQUEST),   # the client's address as 4 or 16 bytes (limit keys)
     ("map_", REQUEST),            # a variable made by a `map` (its argument: the map's index)
     ("upstream_addr", LOG),
     ("status", LOG),

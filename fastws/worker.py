@@ -17,7 +17,7 @@ import resource
 import signal
 import socket
 import time
-from typing import Any
+from typing import Any, Mapping
 
 import uvloop
 
@@ -105,8 +105,11 @@ def bind_listener(addr: Address) -> socket.socket:
 class Worker:
     def __init__(self, config: Config, sockets: list[socket.socket] | None = None, *,
                  board: metrics.Board | None = None, slot: metrics.Slot | None = None,
-                 generation: int = 0, master: int = 0, index: int = 0) -> None:
+                 generation: int = 0, master: int = 0, index: int = 0,
+                 zones: Mapping[str, int] | None = None) -> None:
         self.config = config
+        self.zones = zones              # the limit zones the master mapped (None: our own)
+        self.zone_addresses: dict[str, int] = {}
         self.groups = balancer.build_upstreams(config)
         if board is None or slot is None:
             board = metrics.private_board()
@@ -208,7 +211,9 @@ class Worker:
             number_step=self.board.count, number_base=self.stats.index,
             counters=self.stats.counters)
         self.engine.serial = self.stats.serial
-        self.engine.load(tables.build(config, socks, self.groups, tls.Contexts(config)))
+        built = tables.build(config, socks, self.groups, tls.Contexts(config), self.zones)
+        self.zone_addresses = {z.name: z.address for z in built.zones}
+        self.engine.load(built)
         drop_privileges(config)
         self._stopped = self.loop.create_future()
         if self.master:

@@ -304,6 +304,40 @@ def test_proxy_protocol_settings():
     assert info.value.key == "server[1].proxy_protocol"
 
 
+def test_limit_settings():
+    data = minimal(limit_req=[{"zone": "r", "burst": 3, "delay": 1}], limit_req_status=429)
+    data["limit_conn_zone"] = [{"name": "c", "key": "$binary_remote_addr", "size": "1m"}]
+    data["limit_req_zone"] = [{"name": "r", "key": "$remote_addr", "rate": "30r/m"}]
+    data["server"][0]["limit_conn"] = {"zone": "c", "max": 4}      # inherited by the location
+    cfg = config.from_dict(data)
+    assert cfg.limit_zones[1].rate == 500                           # nginx's units
+    loc = cfg.servers[0].locations[0]
+    assert loc.limit_conn == (config.LimitRule("c", 4),)
+    assert loc.limit_req == (config.LimitRule("r", 3, 1),) and loc.limit_req_status == 429
+    for change, key, words in (
+            ({"limit_conn": {"zone": "r", "max": 1}}, "limit_conn[0].zone", "limit_req_zone"),
+            ({"limit_conn": {"zone": "x", "max": 1}}, "limit_conn[0].zone", "unknown"),
+            ({"limit_conn": {"zone": "c"}}, "limit_conn[0].max", "required"),
+            ({"limit_req": {"zone": "r", "nodelay": True, "delay": 2}}, "limit_req[0].delay",
+             "conflicts"),
+            ({"limit_req_status": 200}, "limit_req_status", "between 400 and 599")):
+        bad = minimal(**change)
+        bad["limit_conn_zone"], bad["limit_req_zone"] = data["limit_conn_zone"], \
+            data["limit_req_zone"]
+        with pytest.raises(ConfigError, match=words) as info:
+            config.from_dict(bad)
+        assert info.value.key == f"server[0].location['/ws'].{key}"
+    for zone, key, words in (({"rate": "fast"}, "rate", "requests per second"),
+                             ({"size": "1k"}, "size", "at least 32k"),
+                             ({"key": None}, "key", "required")):
+        bad = minimal()
+        bad["limit_req_zone"] = [{k: v for k, v in dict(data["limit_req_zone"][0], **zone)
+                                  .items() if v is not None}]
+        with pytest.raises(ConfigError, match=words) as info:
+            config.from_dict(bad)
+        assert info.value.key == f"limit_req_zone[0].{key}"
+
+
 # --- robustness: any table is a configuration or one ConfigError, never another exception ----
 
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
@@ -315,11 +349,12 @@ _KEYS = ["server", "upstream", "map", "location", "listen", "path", "proxy_pass"
          "real_ip", "from", "header", "set_headers", "return", "status", "tls", "values",
          "variable", "source", "default", "idle_timeout", "max_tunnel_lifetime",
          "lifetime_spread", "log_format", "access_log", "processes", "user", "error_log",
-         "proxy_protocol", "send_proxy_protocol"]
+         "proxy_protocol", "send_proxy_protocol", "limit_conn_zone", "limit_req_zone",
+         "limit_conn", "limit_req", "zone", "rate", "burst", "max"]
 _SCALARS = st.one_of(st.sampled_from(["127.0.0.1:8080", "/", "~ ^/a", "= /x", "backend",
                                       "http://backend", "http://$host", "allow all",
                                       "deny 10.0.0.0/8", "60s", "5q", "$uri", "https://*.a",
-                                      "hash", "ip_hash", "x", "", "v1", "proxy_protocol"]),
+                                      "hash", "ip_hash", "x", "", "v1", "proxy_protocol", "1r/s"]),
                      st.integers(-2, 70000), st.booleans())
 _VALUES = st.recursive(_SCALARS, lambda inner: st.one_of(
     st.lists(inner, max_size=4), st.dictionaries(st.sampled_from(_KEYS), inner, max_size=5)),

@@ -252,3 +252,130 @@ def test_keepalive_and_send_proxy_protocol_are_refused_together(tmp_path):
                         "location": [{"path": "/", "proxy_pass": "b"}]}]}
     with pytest.raises(ConfigError, match="send_proxy_protocol.*cannot be kept alive"):
         cfg.from_dict(data)
+
+
+# --- limits ----------------------------------------------------------------------------------
+
+def limits_config(port: int, backend: str, **location: Any) -> dict[str, Any]:
+    """Two workers (the zones are shared), IPv4 and IPv6, a status page on /status."""
+    loc = {"path": "/", "proxy_pass": "b"}
+    loc.update(location)
+    return {"processes": 2,
+            "limit_conn_zone": [{"name": "addr", "key": "$binary_remote_addr", "size": "64k"}],
+            "limit_req_zone": [{"name": "slow", "key": "$remote_addr", "size": "64k",
+                                "rate": "1r/m"},
+                               {"name": "fast", "key": "$remote_addr", "size": "64k",
+                                "rate": "20r/s"}],
+            "upstream": [{"name": "b", "servers": [backend]}],
+            "server": [{"listen": [f"127.0.0.1:{port}", f"[::1]:{port}"],
+                        "location": [loc, {"path": "= /status", "status": "json"}]}]}
+
+
+def handshake(host: str, port: int, source: str | None = None) -> tuple[int, socket.socket]:
+    s = socket.create_connection((host, port), timeout=10,
+                                 source_address=(source, 0) if source else None)
+    s.sendall(upgrade_request("/"))
+    head, _ = read_head(s)
+    return int(head.split(b" ")[1]), s
+
+
+def test_limit_conn_counts_tunnels_across_workers(make_proxy):
+    # one address may hold two tunnels, whichever worker took them; a third is refused, other
+    # addresses are not, and a tunnel that closes gives its place back
+    backend = NamedBackend("b")
+    port = free_port()
+    proxy = make_proxy(limits_config(port, backend.address,
+                                     limit_conn={"zone": "addr", "max": 2}), port=port)
+    for host, other in (("127.0.0.1", "127.0.0.2"), ("::1", None)):
+        held = [handshake(host, port, host if ":" not in host else None) for _ in range(2)]
+        assert [code for code, _ in held] == [101, 101]
+        code, s = handshake(host, port, host if ":" not in host else None)
+        assert code == 503
+        s.close()
+        if other is not None:
+            code, s = handshake(host, port, other)
+            assert code == 101
+            s.close()
+        held[0][1].close()
+        # the count comes back when the tunnel's close is seen
+        wait_until(lambda: proxy.status()["tunnels"]["active"] == 1)
+        code, s = handshake(host, port, host if ":" not in host else None)
+        assert code == 101
+        for _, t in held[1:]:
+            t.close()
+        s.close()
+        wait_until(lambda: proxy.status()["limits"]["addr"]["entries"] == 0)
+    figures = proxy.status()["limits"]["addr"]
+    assert figures["rejected"] == 2 and figures["kind"] == "conn"
+    backend.close()
+
+
+def test_limit_req_refuses_over_the_burst_with_the_configured_status(make_proxy):
+    backend = NamedBackend("b")
+    port = free_port()
+    proxy = make_proxy(limits_config(port, backend.address, limit_req_status=429,
+                                     limit_req={"zone": "slow", "burst": 2, "nodelay": True}),
+                       port=port)
+
+    def get(source: str) -> int:
+        with socket.create_connection(("127.0.0.1", port), timeout=10,
+                                      source_address=(source, 0)) as s:
+            s.sendall(GET)
+            return int(read_all(s).split(b" ")[1])
+    # a storm from one address: the first and the burst pass, the rest are refused at once,
+    # and an address beside it is served all the while
+    assert [get("127.0.0.5") for _ in range(6)] == [200, 200, 200, 429, 429, 429]
+    assert get("127.0.0.6") == 200
+    for _ in range(3):
+        code, s = handshake("127.0.0.1", port, "127.0.0.5")   # handshakes count too
+        s.close()
+        assert code == 429
+    figures = proxy.status()["limits"]["slow"]
+    assert (figures["passed"], figures["rejected"]) == (4, 6)
+    assert len(backend.take()) == 4
+    backend.close()
+
+
+def test_limit_req_delays_the_excess_instead_of_refusing_it(make_proxy):
+    # without nodelay, requests over the rate wait their turn (nginx's default) and are served
+    backend = NamedBackend("b")
+    port = free_port()
+    proxy = make_proxy(limits_config(port, backend.address,
+                                     limit_req={"zone": "fast", "burst": 10}), port=port)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        for i in range(4):
+            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            head, body = read_head(s)
+            assert head.startswith(b"HTTP/1.1 200"), head
+            while len(body) < 1:
+                body += s.recv(10)
+    figures = proxy.status()["limits"]["fast"]
+    assert figures["delayed"] == 3 and figures["rejected"] == 0
+    backend.close()
+
+
+def test_a_handed_over_tunnel_keeps_its_limit_conn_count(make_proxy, tmp_path: Path):
+    import os
+    import signal
+    from support import to_toml
+    backend = NamedBackend("b")
+    port = free_port()
+    config = limits_config(port, backend.address, limit_conn={"zone": "addr", "max": 1})
+    proxy = make_proxy(config, port=port)
+    code, held = handshake("127.0.0.1", port, "127.0.0.7")
+    assert code == 101
+    config["server"][0]["location"][0]["read_timeout"] = "61s"      # a reload that changes
+    proxy.path.write_text(to_toml(config))
+    os.kill(proxy.pid, signal.SIGHUP)
+    wait_until(lambda: {w["generation"] for w in proxy.status()["workers"]} == {2})
+    held.sendall(b"still here")
+    assert held.recv(100) == b"still here"
+    code, s = handshake("127.0.0.1", port, "127.0.0.7")
+    s.close()
+    assert code == 503                       # the tunnel still counts, in the new workers
+    held.close()
+    wait_until(lambda: proxy.status()["limits"]["addr"]["entries"] == 0)
+    code, s = handshake("127.0.0.1", port, "127.0.0.7")
+    s.close()
+    assert code == 101
+    backend.close()

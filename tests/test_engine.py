@@ -388,3 +388,32 @@ def test_a_custom_balancer_reads_the_request_through_the_engine(echo):
     assert ("connected", echo.address) in group.custom.events
     r.close()
     other.close()
+
+
+def test_a_graceful_stop_never_resets_a_kept_alive_client(runner_for):
+    # close_idle (a worker retiring) with a request already in the socket: it is answered,
+    # with Connection: close; without one: an end of stream, then what the client sends is
+    # read and dropped, so a request crossing the close meets an EOF it can retry on
+    # (RFC 9112 9.3.1), not a reset
+    from http_support import HttpBackend
+    backend = HttpBackend()
+    r = runner_for(backend.address, websocket=False)
+    req = b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n"
+    crossing, quiet = connect(r.port), connect(r.port)
+    for s in (crossing, quiet):
+        s.sendall(req)
+        head, _ = read_head(s)
+        assert head.startswith(b"HTTP/1.1 200") and b"keep-alive" in head.lower()
+    wait_until(lambda: r.call(lambda: r.engine.stats()["states"]["idle"]) == 2)
+
+    def stop_with_a_request_in_flight() -> None:
+        crossing.sendall(req)           # in the socket, not yet seen by the engine
+        r.engine.close_idle()
+    r.call(stop_with_a_request_in_flight)
+    answer = read_all(crossing)
+    assert answer.startswith(b"HTTP/1.1 200") and b"connection: close" in answer.lower()
+    quiet.sendall(req)                  # after the FIN: read and dropped, no reset
+    assert read_all(quiet) == b""
+    crossing.close()
+    quiet.close()
+    backend.close()

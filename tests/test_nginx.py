@@ -410,6 +410,35 @@ def test_proxy_protocol_directives(tmp_path: Path) -> None:
         "server { listen 127.0.0.1:8080; proxy_protocol on; location / { return 204; } }"))
 
 
+def test_limit_directives(tmp_path: Path) -> None:
+    cfg = load(str(write(tmp_path, http(
+        "limit_conn_zone $binary_remote_addr zone=addr:1m;\n"
+        "limit_req_zone $binary_remote_addr zone=one:2m rate=30r/m;\n"
+        "limit_conn addr 10; limit_req_status 429;\n"
+        "server { listen 127.0.0.1:8080;\n"
+        "  location / { return 204; }\n"
+        "  location /ws { limit_req zone=one burst=5 delay=2; limit_conn addr 3;\n"
+        "                 proxy_pass http://127.0.0.1:9001; } }"))))
+    assert [(z.name, z.kind, z.size, z.rate) for z in cfg.limit_zones] == [
+        ("addr", "conn", 1 << 20, 0), ("one", "req", 2 << 20, 500)]
+    plain, ws = cfg.servers[0].locations
+    assert plain.limit_conn == (config.LimitRule("addr", 10),) and plain.limit_req == ()
+    assert ws.limit_conn == (config.LimitRule("addr", 3),)        # its own replace http's
+    assert ws.limit_req == (config.LimitRule("one", 5, 2),) and ws.limit_req_status == 429
+    for text, words in (
+            ("limit_req_zone $binary_remote_addr zone=one:1m;", "invalid number of arguments"),
+            ("limit_req_zone $binary_remote_addr zone=one:1m x=1;", "invalid parameter"),
+            ("limit_req_zone $binary_remote_addr zone=one:1m rate=1r/s sync;", "NGINX Plus"),
+            ("limit_conn_zone $binary_remote_addr zone=a:1m; limit_req zone=a;",
+             "is a limit_conn_zone"),
+            ("limit_req_zone $uri zone=a:1m rate=1r/s; limit_req zone=a rush=1;",
+             "invalid parameter \"rush=1\""),
+            ("limit_conn_dry_run on;", "fastws enforces its limits")):
+        message = error_of(tmp_path, http(text + "\nserver { listen 127.0.0.1:8080; "
+                                          "location / { proxy_pass http://127.0.0.1:1; } }"))
+        assert words in message and "nginx.conf:" in message, message
+
+
 def test_sticky_cookie_as_nginx_writes_it(tmp_path: Path) -> None:
     cfg = load(str(write(tmp_path, http(
         "upstream backend { server 127.0.0.1:9001; server 127.0.0.1:9002;\n"

@@ -570,3 +570,23 @@ def test_proxy_protocol_as_nginx(tmp_path: Path, trusted: str) -> None:
     expected = [101, 200, 403, 101] if trusted.startswith("127.") else [101, 200, 200, 101]
     assert [a[0] for a in results["fastws"]["answers"]] == expected
     assert_same(results)
+
+
+def test_limit_req_and_limit_conn_as_nginx(tmp_path: Path) -> None:
+    # a burst from one address: nginx's leaky bucket lets the first and the burst through and
+    # refuses the rest with limit_req_status, while another address is served (limit_conn's
+    # refusals are in test_edge.py: here a closed tunnel's count would race the next request)
+    def variant(text: str) -> str:
+        text = text.replace("http {", "http {\n"
+                            "    limit_req_zone $binary_remote_addr zone=one:1m rate=1r/m;\n"
+                            "    limit_conn_zone $binary_remote_addr zone=addr:1m;", 1)
+        return text.replace("server_name example.com;", "server_name example.com;\n"
+                            "    limit_req zone=one burst=2 nodelay;\n"
+                            "    limit_req_status 429;\n"
+                            "    limit_conn addr 5;", 1)
+    results = compare(tmp_path, "Basic configuration",
+                      [get("/ws", "127.0.0.5"), ws("/ws", "127.0.0.5"), get("/ws", "127.0.0.5"),
+                       get("/ws", "127.0.0.5"), ws("/ws", "127.0.0.5"), get("/ws", "127.0.0.6")],
+                      extra=variant)
+    assert [a[0] for a in results["fastws"]["answers"]] == [200, 101, 200, 429, 429, 200]
+    assert_same(results)

@@ -61,7 +61,8 @@ def test_every_variable_as_the_engine_renders_it(tmp_path):
         "remote_user": "user", "server_protocol": "HTTP/1.1", "connection_requests": "1",
         "upstream_addr": backend.address, "status": "101", "upstream_status": "101",
         "tunnel": "close", "tunnel_close": "client", "http_x_test": "v", "arg_y": "2",
-        "cookie_c": "3",
+        "cookie_c": "3", "binary_remote_addr": "\\x7F\\x00\\x00\\x01",
+        "proxy_protocol_addr": "",
     }
     for name, value in expected.items():
         assert line[name] == value, name

@@ -101,8 +101,22 @@ cdef class Engine:
         self._load_logs(tables)
         self._load_maps(tables)
         self._load_groups(tables)
+        self._load_zones(tables)
         self._load_servers(tables)
+        self._keep.append(tables.keep)
         self.loaded = True
+
+    cdef _load_zones(self, tables):
+        cdef Eng *e = self.e
+        cdef int i
+        e.pid = getpid()
+        e.nzones = len(tables.zones)
+        e.zones = <Zone *>arena_alloc(&self.arena, sizeof(Zone) * (e.nzones + 1))
+        for i, spec in enumerate(tables.zones):
+            e.zones[i].shm = <fastws_zone *><Py_ssize_t>spec.address
+            e.zones[i].name = arena_str(&self.arena, spec.name)
+            e.zones[i].key = arena_template(&self.arena, spec.key)
+            e.zones[i].kind = spec.kind
 
     cdef _load_logs(self, tables):
         cdef int i
@@ -218,6 +232,15 @@ cdef class Engine:
             for j, origin in enumerate(spec.origins):
                 loc.origins[j] = arena_str(&self.arena, origin, &loc.origin_lens[j])
             loc.origin_missing_deny = spec.origin_missing_deny
+            loc.nlimits = len(spec.limits)
+            loc.limits = <LimitRule *>arena_alloc(&self.arena, sizeof(LimitRule) * (loc.nlimits + 1))
+            for j, (zone, kind, most, delay) in enumerate(spec.limits):
+                loc.limits[j].zone = zone
+                loc.limits[j].kind = kind
+                loc.limits[j].max = most
+                loc.limits[j].delay = delay
+            loc.limit_conn_status = spec.limit_conn_status
+            loc.limit_req_status = spec.limit_req_status
             loc.nrules = len(spec.access)
             loc.rules = <AccessRule *>arena_alloc(&self.arena, sizeof(AccessRule) * (loc.nrules + 1))
             for j, (allow, family, packed, prefix) in enumerate(spec.access):
@@ -496,13 +519,27 @@ cdef class Engine:
         """A graceful stop: no more keep-alive; connections waiting between requests close."""
         cdef Conn *c
         cdef Conn *nxt
+        cdef char one
+        cdef unsigned long long counter = 1
         self.e.stopping = 1
+        self.e.now = fastws_monotonic()
         c = self.e.all
         while c != NULL:
             nxt = c.all_next
             if c.state == CS_IDLE:
-                conn_close(self.e, c)
+                if recv(c.io.fd, &one, 1, MSG_PEEK | MSG_DONTWAIT) > 0:
+                    # a request came before this close: it is served (with Connection: close)
+                    c.io.rd_ready = 1
+                    conn_set_state(self.e, c, CS_HEAD)
+                    conn_ready(self.e, c)
+                else:
+                    # a FIN, and what the client sends meanwhile is read and dropped: a request
+                    # that crosses the close meets an end of stream the client retries on
+                    # (RFC 9112 9.3.1), not a reset (a plain close with unread input)
+                    conn_linger(self.e, c)
             c = nxt
+        if self.e.ready != NULL:
+            write(self.e.wakefd, &counter, sizeof(counter))   # run them in the next turn
         with nogil:
             engine_reap(self.e)
 
@@ -686,6 +723,10 @@ cdef class Engine:
         t.upstream = e.group_names[u.group].decode() if u.group >= 0 else ""
         t.peer = e.groups[u.group].peers[u.peer].name.decode() if u.group >= 0 else ""
         t.log = self._exported_log(c) if c.log != NULL else None
+        # its limit_conn counts go with it: given back here (by conn_close), taken in the
+        # new worker's zones of the same names
+        t.limits = [[e.zones[c.holds[i].zone].name.decode(), c.holds[i].hash]
+                    for i in range(c.nholds)]
         # the fds are the caller's now: forget them without closing
         c.io.fd = -1
         u.io.fd = -1
@@ -730,8 +771,6 @@ cdef class Engine:
         e.wall = fastws_realtime()
         memset(&sa, 0, sizeof(sa))
         getpeername(t.client_fd, <sockaddr *>&sa, &salen)
-        if not self.loaded or e.nlis == 0 and False:
-            pass
         c = <Conn *>calloc(1, sizeof(Conn))
         u = <Up *>calloc(1, sizeof(Up))
         if c == NULL or u == NULL:
@@ -774,6 +813,13 @@ cdef class Engine:
             c.flow[i].last_rx = e.now
         c.flow[0].nbytes = t.up
         c.flow[1].nbytes = t.down
+        for name, h in t.limits or ():
+            i = zone_index(e, name.encode())
+            if i >= 0 and e.zones[i].kind == LIMIT_CONN:
+                # counted whatever the limit now: the tunnel exists already
+                if fastws_conn_acquire(e.zones[i].shm, h, 0, e.pid, 1) == 1 and \
+                        limits_hold(e, c, i, h) < 0:
+                    fastws_conn_release(e.zones[i].shm, h, e.pid)
         if _hold_bytes(e, &c.flow[0], t.to_upstream) < 0 or _hold_bytes(e, &c.flow[1], t.to_client) < 0:
             raise MemoryError()
         if access_log >= 0 and t.log is not None:

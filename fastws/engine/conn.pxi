@@ -521,6 +521,8 @@ cdef void conn_close(Eng *e, Conn *c) noexcept nogil:
     exchange_drop_upstream(e, c, 0)   # first: the attempt's free belongs to the request
     if c.req != NULL or c.log != NULL:
         request_end(e, c)
+    if c.nholds:
+        limits_release(e, c)
     flow_drop(e, &c.flow[0])
     flow_drop(e, &c.flow[1])
     timer_stop(e, &c.timer)

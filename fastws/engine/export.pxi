@@ -23,9 +23,10 @@ cdef class ExportedTunnel:
     cdef readonly str upstream
     cdef readonly str peer
     cdef readonly object log        # None, or what the tunnel's access log line needs
+    cdef readonly list limits       # [zone name, key hash] of each limit_conn count it holds
 
     _FIELDS = ("up", "down", "age", "first_eof", "read_timeout", "send_timeout", "idle_timeout",
-               "lifetime_left", "relay", "upstream", "peer", "log")
+               "lifetime_left", "relay", "upstream", "peer", "log", "limits")
 
     def header(self):
         """Everything but the fds and the bytes in flight, as plain data (JSON-safe)."""
@@ -53,6 +54,7 @@ cdef class ExportedTunnel:
         t.relay = header["relay"]
         t.upstream = header["upstream"]
         t.peer = header["peer"]
+        t.limits = header.get("limits", [])
         log = header.get("log")
         t.log = dict(log, early=log["early"].encode("latin-1")) if log is not None else None
         return t

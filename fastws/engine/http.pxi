@@ -280,7 +280,7 @@ cdef double exchange_deadline(Eng *e, Conn *c) noexcept nogil:
         return NEVER
     if c.state == CS_UPSTREAM:
         if c.up == NULL:
-            return NEVER
+            return req.delay_until if req.delay_until > 0 else NEVER
         if c.up.state != UP_READY:
             return req.t_connect + loc.connect_timeout
         if c.flow[0].blocked_since > 0:
@@ -309,6 +309,10 @@ cdef void exchange_timeout(Eng *e, Conn *c) noexcept nogil:
     cdef Loc *loc = c.loc
     if req == NULL:
         conn_close(e, c)
+        return
+    if c.state == CS_UPSTREAM and c.up == NULL and req.delay_until > 0:
+        req.delay_until = 0           # limit_req's delay is over
+        upstream_next(e, c)
         return
     if not req.body_done and not c.peer_closed and c.flow[0].blocked_since == 0 \
             and c.flow[0].last_rx + loc.client_body_timeout <= e.now:

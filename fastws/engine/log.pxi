@@ -27,7 +27,10 @@ cdef void log_begin(Eng *e, Conn *c, AccessLog *al) noexcept nogil:
     b.failed = 0
     for i in range(fmt.nearly):
         p = &fmt.tpl.parts[fmt.early[i]]
-        var_put(e, c, NULL, p.var, p.text, p.len, b)
+        if p.var == V_BINARY_REMOTE_ADDR:
+            log_binary_addr(c, b)     # raw bytes (a NUL among them) as nginx logs them
+        else:
+            var_put(e, c, NULL, p.var, p.text, p.len, b)
         buf_add(b, "", 1)             # its NUL
     if b.len and not b.failed:
         lr.early = <char *>malloc(b.len)
@@ -35,6 +38,19 @@ cdef void log_begin(Eng *e, Conn *c, AccessLog *al) noexcept nogil:
             memcpy(lr.early, b.p, b.len)
             lr.early_len = b.len
     c.log = lr
+
+
+cdef void log_binary_addr(Conn *c, fastws_buf *b) noexcept nogil:
+    cdef const unsigned char *a
+    cdef int i, n
+    if c.raddr.sin6_family == AF_INET:
+        a = <const unsigned char *>&(<sockaddr_in *>&c.raddr).sin_addr
+        n = 4
+    else:
+        a = <const unsigned char *>&c.raddr.sin6_addr
+        n = 16
+    for i in range(n):
+        buf_fmt(b, "\\x%02X", a[i])
 
 
 cdef void log_free(Eng *e, Conn *c) noexcept nogil:

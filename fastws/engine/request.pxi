@@ -180,6 +180,8 @@ cdef void request_start(Eng *e, Conn *c, char *base, int end, char *rest, int re
         eng_log(e, LOG_ERROR, "access forbidden by rule, client: %s", conn_addr(e, c))
         request_refuse(e, c, rest, restlen, 403, "access forbidden by rule")
         return
+    if loc.nlimits and limits_check(e, c) < 0:
+        return
     if loc.kind == LOC_RETURN:
         request_local(e, c, rest, restlen)
         if loc.return_body_len == 0 and loc.return_status >= 400:
@@ -217,6 +219,10 @@ cdef void request_start(Eng *e, Conn *c, char *base, int end, char *rest, int re
     req.head = NULL                   # the buffer it points into is about to be reused
     conn_set_state(e, c, CS_UPSTREAM)
     req.t_first = e.now
+    if req.delay_until > e.now:
+        conn_arm(e, c)                # limit_req: exchange_timeout goes on at delay_until
+        return
+    req.delay_until = 0
     upstream_next(e, c)
 
 
@@ -577,6 +583,8 @@ cdef void request_end(Eng *e, Conn *c) noexcept nogil:
     cdef Req *req = c.req
     if c.log != NULL and c.state != CS_TUNNEL:
         log_end(e, c)
+    if c.nholds and c.state != CS_TUNNEL:
+        limits_release(e, c)          # a tunnel keeps its limit_conn counts to its close
     if req == NULL:
         return
     if req.sel_live:

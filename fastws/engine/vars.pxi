@@ -179,6 +179,11 @@ cdef void var_put(Eng *e, Conn *c, LogRec *lr, int var, const char *arg, int arg
         buf_fmt(out, "%d", c.nreq)
     elif var == V_PID:
         buf_fmt(out, "%d", <int>getpid())
+    elif var == V_BINARY_REMOTE_ADDR:
+        if c.raddr.sin6_family == AF_INET:
+            buf_add(out, <const char *>&(<sockaddr_in *>&c.raddr).sin_addr, 4)
+        else:
+            buf_add(out, <const char *>&c.raddr.sin6_addr, 16)
     elif var == V_PROXY_PROTOCOL_ADDR or var == V_PROXY_PROTOCOL_SERVER_ADDR:
         if c.pp != NULL:
             n = sockaddr_text(<sockaddr *>(&c.pp.src if var == V_PROXY_PROTOCOL_ADDR

@@ -282,12 +282,20 @@ SPECS: dict[str, Spec] = {
     "auth_basic_user_file": _refuse(HSL, "fastws does not authenticate clients: let the "
                                     "upstream do it"),
     "auth_request": _refuse(HSL, "fastws makes no subrequests: let the upstream authenticate"),
-    "limit_req": _refuse(HSL, "not supported by fastws yet: limit in front of it, or remove "
-                         "the line"),
-    "limit_req_zone": _refuse(HTTP, "not supported by fastws yet"),
-    "limit_conn": _refuse(HSL, "not supported by fastws yet: limit in front of it, or remove "
-                          "the line"),
-    "limit_conn_zone": _refuse(HTTP, "not supported by fastws yet"),
+    "limit_req": _use(HSL, 1, 3),
+    "limit_req_zone": _use(HTTP, 3, 4),
+    "limit_conn": _use(HSL, 2),
+    "limit_conn_zone": _use(HTTP, 2),
+    "limit_req_status": _use(HSL, 1),
+    "limit_conn_status": _use(HSL, 1),
+    "limit_req_log_level": _ignore(HSL, "fastws logs a refusal at error and a delay at warn, "
+                                   "nginx's default levels", 1, 1),
+    "limit_conn_log_level": _ignore(HSL, "fastws logs a refusal at error, nginx's default "
+                                    "level", 1, 1),
+    "limit_req_dry_run": _refuse(HSL, "fastws enforces its limits: remove the limit_req "
+                                 "lines instead"),
+    "limit_conn_dry_run": _refuse(HSL, "fastws enforces its limits: remove the limit_conn "
+                                  "lines instead"),
     "limit_rate": _refuse(HSL, "fastws does not slow down answers"),
     "set_real_ip_from": _use(HS, 1),
     "real_ip_header": _use(HS, 1),

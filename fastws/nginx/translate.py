@@ -222,6 +222,8 @@ class _Translator:
                 self.map(d)
             elif d.name == "log_format":
                 self.log_format(d)
+            elif d.name in ("limit_conn_zone", "limit_req_zone"):
+                self.limit_zone(d)
             elif d.name == "server":
                 servers.append(d)
             elif d.name == "error_log":
@@ -254,6 +256,13 @@ class _Translator:
             if d.args[0].startswith("unix:"):
                 raise fail(d, "\"set_real_ip_from\": fastws listens on IP addresses only")
             settings["real_ip_from"].append(d)
+            return
+        if d.name in ("limit_conn", "limit_req"):
+            # a level with any replaces the inherited ones (nginx's limit modules' merge)
+            if settings.get(f"@own_{d.name}") is not settings:
+                settings[d.name] = []
+                settings[f"@own_{d.name}"] = settings
+            settings[d.name].append(d)
             return
         if d.name in ("allow", "deny"):
             # nginx's access module: a level with any rule replaces the inherited ones
@@ -423,6 +432,52 @@ class _Translator:
         if not up["servers"]:
             raise fail(d, f"no servers are inside upstream \"{name}\"")
         self.upstreams[name] = up
+
+    def limit_zone(self, d: Directive) -> None:
+        """`limit_conn_zone KEY zone=NAME:SIZE`, `limit_req_zone KEY zone=NAME:SIZE rate=R`."""
+        kind = d.name
+        table: dict[str, Any] = {"key": _template(d, d.args[0])}
+        for p in d.args[1:]:
+            key, eq, value = p.partition("=")
+            if key == "zone" and eq:
+                name, colon, size = value.partition(":")
+                if not name or not colon:
+                    raise fail(d, f"\"{d.name}\": invalid zone \"{value}\" (NAME:SIZE)")
+                table["name"] = name
+                table["size"] = parse_size(_size(d, size))
+            elif key == "rate" and eq and kind == "limit_req_zone":
+                table["rate"] = value
+            elif p == "sync":
+                raise fail(d, f"\"{d.name}\": sync is NGINX Plus's; fastws's zones are shared "
+                           "by the workers of one instance")
+            else:
+                raise fail(d, f"\"{d.name}\": invalid parameter \"{p}\"")
+        if "name" not in table:
+            raise fail(d, f"\"{d.name}\": no zone=NAME:SIZE")
+        if kind == "limit_req_zone" and "rate" not in table:
+            raise fail(d, "\"limit_req_zone\": no rate=")
+        zones = self.out.data.setdefault(kind, [])
+        where = f"{kind}[{len(zones)}]"
+        zones.append(table)
+        for key in ("", ".name", ".key", ".size", ".rate"):
+            self.at(where + key, d)
+
+    def limit_req(self, d: Directive) -> dict[str, Any]:
+        """`limit_req zone=NAME [burst=N] [nodelay | delay=N]`."""
+        out: dict[str, Any] = {}
+        for p in d.args:
+            key, eq, value = p.partition("=")
+            if key == "zone" and eq:
+                out["zone"] = value
+            elif key in ("burst", "delay") and eq:
+                out[key] = _int(d, value, 0)
+            elif p == "nodelay":
+                out["nodelay"] = True
+            else:
+                raise fail(d, f"\"limit_req\": invalid parameter \"{p}\"")
+        if "zone" not in out:
+            raise fail(d, "\"limit_req\": no zone=NAME")
+        return out
 
     def sticky(self, d: Directive) -> dict[str, Any]:
         """nginx's `sticky cookie NAME [expires=] [domain=] [path=] [httponly] [secure]
@@ -725,6 +780,19 @@ class _Translator:
                 loc["lifetime_spread"] = _time(life, life.args[1])
             for key in ("max_tunnel_lifetime", "lifetime_spread"):
                 self.at(f"{where}.{key}", life)
+        for e in settings.get("limit_conn") or []:
+            loc.setdefault("limit_conn", []).append({"zone": e.args[0],
+                                                     "max": _int(e, e.args[1], 1)})
+            self.at(f"{where}.limit_conn[{len(loc['limit_conn']) - 1}]", e)
+            self.at(f"{where}.limit_conn[{len(loc['limit_conn']) - 1}].zone", e)
+        for e in settings.get("limit_req") or []:
+            loc.setdefault("limit_req", []).append(self.limit_req(e))
+            self.at(f"{where}.limit_req[{len(loc['limit_req']) - 1}]", e)
+            self.at(f"{where}.limit_req[{len(loc['limit_req']) - 1}].zone", e)
+        for name in ("limit_conn_status", "limit_req_status"):
+            if name in settings:
+                loc[name] = _int(settings[name], settings[name].args[0], 400)
+                self.at(f"{where}.{name}", settings[name])
         rules = settings.get("access") or []
         if rules:
             loc["access"] = [f"{e.name} {e.args[0]}" for e in rules]
