@@ -129,7 +129,7 @@ class Runner:
             rec["error"] = f"port {port} is no longer the bench backend's: not measured"
             return
         conns = idle_tunnels(sc) if sc.idle else sc.conns
-        timeout = 60.0 if sc.idle else 20.0
+        timeout = 60.0 if sc.idle or sc.mode == "chat" else 20.0
         # the burst is a fixed count of connections, bounded by its own time limit
         duration = BURST_LIMIT_S if sc.burst else self.duration
         cmd = [str(self.exes["wsload"]), "--mode", sc.mode, "--host", host, "--port", str(port),
@@ -145,6 +145,8 @@ class Runner:
             cmd += ["--src", SRC_ADDRS]
         if sc.idle:
             cmd += ["--hold", "120", "--inflight", "256"]
+        if sc.mode == "chat":
+            cmd += ["--inflight", "256"]
         rec["conns"] = conns
         rec["command"] = " ".join(["wsload", *cmd[1:]])
         wall_limit = duration + self.warmup + timeout + 150

@@ -43,6 +43,10 @@ SCENARIOS = [
     Scenario("bulk-down", "Bulk one way, firehose to client, 64 KB frames", "recv", 8, 65536, "MB",
              "MB/s", 1e3, "proxy CPU ms/MB",
              what="8 connections reading 64 KiB frames from /firehose, every byte checked"),
+    Scenario("chat-5k", "Chat-shaped: 5,000 connections, one 64 B message each a second", "chat", 5000, 64,
+             "message", "messages/s", 1e6, "proxy CPU µs/message", latency=True, uses_src=True,
+             what="5,000 WebSocket connections, mostly idle, each sending a 64 B message about once a "
+                  "second (at a random point of the first second), echo checked byte for byte"),
     Scenario("handshake", "Handshake rate (connect + upgrade + one echo + close)", "handshake", 32, 64,
              "handshake", "handshakes/s", 1e6, "proxy CPU µs/handshake", latency=True, uses_src=True,
              what="32 concurrent loops of TCP connect, upgrade, one 64 B echo, close handshake"),

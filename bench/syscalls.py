@@ -1,14 +1,17 @@
-"""System calls per handshake and per request: fastws beside nginx and HAProxy.
+"""System calls per handshake, per request and per message: fastws beside nginx and HAProxy.
 
-    python -m bench.syscalls [--targets fastws,nginx,haproxy] [--handshakes 2000] [--requests 10000]
+    python -m bench.syscalls [--targets fastws,nginx,haproxy] [--kinds handshake,http,echo,chat]
+        [--handshakes 2000] [--requests 10000] [--seconds 5]
 
 For each target and each kind of work, one after the other: starts the target as `python -m
 bench` does (same generated config, proxy pinned to its own CPU, in front of the bench's C
 backend), runs a short untraced warm-up, attaches `strace -c -f` to the proxy's processes by
 PID (all of them: master and workers, every thread), runs a fixed number of handshakes
 (wsload --mode handshake --count N: connect, upgrade, one 64 B echo, close) or of small
-keep-alive GETs (wsload --mode http --count N), detaches strace (SIGINT), and divides each
-system call's count by the work wsload reports on its RESULT line. strace slows the proxy
+keep-alive GETs (wsload --mode http --count N), or --seconds of 64 B echoes (the echo-64
+ping-pong, and the chat-5k scenario's 5,000 connections with a message each a second),
+detaches strace (SIGINT), and divides each system call's count by the work wsload reports on
+its RESULT line. strace slows the proxy
 down many times over: the counts are the figure, not the time.
 
 Prints a Markdown table per kind of work, the targets side by side: calls per unit in total
@@ -38,6 +41,8 @@ KINDS = {
     # kind: (wsload mode, unit, scenario it mirrors)
     "handshake": ("handshake", "handshake", "handshake"),
     "http": ("http", "request", "http"),
+    "echo": ("echo", "message", "echo-64"),
+    "chat": ("chat", "message", "chat-5k"),
 }
 TARGETS = ("fastws", "nginx", "haproxy", "haproxy-splice")
 
@@ -155,19 +160,55 @@ def wait_attached(strace: subprocess.Popen, pids: list[int], timeout: float = 15
     return f"strace did not attach to every thread of {pids} within {timeout:g} s"
 
 
-def run_wsload(exe: Path, mode: str, host: str, port: int, conns: int, count: int, limit: float,
-               cpus) -> tuple[dict | None, str | None, str]:
-    """wsload with a fixed --count; returns (RESULT, error, command)."""
+def run_wsload(exe: Path, mode: str, host: str, port: int, conns: int, count: float, limit: float,
+               cpus, attach=None, detach=None) -> tuple[dict | None, str | None, str]:
+    """wsload with a fixed --count (or, for echo and chat, --duration `count`); returns (RESULT,
+    error, command).  With `attach`, wsload waits once its connections are set up ("MARK
+    open") until attach() has run, and detach() runs at "MARK end" (the closes after it are not
+    counted: the RESULT's "count", the messages of the measured window, is the unit then)."""
     cmd = [str(exe), "--mode", mode, "--host", host, "--port", str(port), "--conns", str(conns),
-           "--count", str(count), "--warmup", "0", "--duration", f"{limit:g}", "--timeout", "60"]
+           "--warmup", "0", "--timeout", "60"]
+    if mode in ("echo", "chat"):
+        # messages are counted over a time (count is in seconds here)
+        cmd += ["--size", "64", "--duration", f"{count:g}"]
+    else:
+        cmd += ["--count", str(count), "--duration", f"{limit:g}"]
     if mode == "handshake":
         cmd += ["--size", "64", "--src", SRC_ADDRS]
+    if mode == "chat":
+        cmd += ["--src", SRC_ADDRS, "--inflight", "256"]
+    if attach is not None:
+        cmd += ["--wait-go"]
     shown = " ".join(["wsload", *cmd[1:]])
+    p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, preexec_fn=_affinity(cpus))
+    timer = threading.Timer(limit + 120, p.kill)
+    timer.start()
+    lines = []
     try:
-        r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=limit + 120,
-                           preexec_fn=_affinity(cpus))
-    except subprocess.TimeoutExpired:
+        assert p.stdout is not None and p.stdin is not None
+        for line in p.stdout:
+            lines.append(line)
+            if line.startswith("MARK open") and attach is not None:
+                err = attach()
+                if err:
+                    p.kill()
+                    return None, err, shown
+                p.stdin.write("go\n")
+                p.stdin.flush()
+            elif line.startswith("MARK end") and detach is not None:
+                detach()
+        p.wait()
+    finally:
+        timer.cancel()
+    if p.returncode == -9:
         return None, f"wsload exceeded {limit + 120:g} s and was stopped", shown
+
+    class R:
+        stdout = "".join(lines)
+        stderr = p.stderr.read() if p.stderr else ""
+        returncode = p.returncode
+    r = R()
     res = None
     for line in r.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -198,8 +239,9 @@ def strace_columns(strace_exe: str) -> list[str]:
 def measure(t, kind: str, runner: Runner, exes: dict, args, workdir: Path, strace_exe: str,
             columns: list[str]) -> dict:
     mode, unit, _ = KINDS[kind]
-    count = args.handshakes if kind == "handshake" else args.requests
-    conns = args.conns_handshake if kind == "handshake" else args.conns_http
+    count = {"handshake": args.handshakes, "http": args.requests}.get(kind, args.seconds)
+    conns = {"handshake": args.conns_handshake, "http": args.conns_http, "echo": BY_KEY["echo-64"].conns,
+             "chat": args.conns_chat}[kind]
     rec: dict = {"target": t.name, "kind": kind, "unit": unit, "ok": False, "error": None}
     err = t.start(workdir, runner.backend_addr, runner.proxy_cpus)
     if err:
@@ -209,7 +251,8 @@ def measure(t, kind: str, runner: Runner, exes: dict, args, workdir: Path, strac
     try:
         host, port = t.address(runner.backend_addr)
         if args.warmup_count:
-            res, err, _ = run_wsload(exes["wsload"], mode, host, port, conns, args.warmup_count, 60, runner.load_cpus)
+            warm = args.warmup_count if kind in ("handshake", "http") else 1   # (echoes: 1 s)
+            res, err, _ = run_wsload(exes["wsload"], mode, host, port, conns, warm, 60, runner.load_cpus)
             if err:
                 rec["error"] = f"warm-up: {err}"
                 return rec
@@ -220,18 +263,38 @@ def measure(t, kind: str, runner: Runner, exes: dict, args, workdir: Path, strac
         for p in pids:
             cmd += ["-p", str(p)]
         rec["strace"] = " ".join(["strace", *cmd[1:]]).replace(str(workdir), "$WORKDIR")
-        errf = open(workdir / f"strace-{kind}.stderr", "w")
-        strace = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errf,
-                                  preexec_fn=_affinity(runner.load_cpus))
-        errf.close()
-        err = wait_attached(strace, pids)
-        if err:
-            rec["error"] = err + ": " + (workdir / f"strace-{kind}.stderr").read_text()[-300:]
-            return rec
-        res, err, shown = run_wsload(exes["wsload"], mode, host, port, conns, count, args.limit, runner.load_cpus)
+
+        def stop_tracing() -> None:
+            if strace is not None and strace.poll() is None:
+                strace.send_signal(signal.SIGINT)   # detach: strace writes its summary and exits
+                strace.wait(timeout=60)
+
+        def attach() -> str | None:
+            nonlocal strace
+            errf = open(workdir / f"strace-{kind}.stderr", "w")
+            strace = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errf,
+                                      preexec_fn=_affinity(runner.load_cpus))
+            errf.close()
+            err = wait_attached(strace, pids)
+            return err + ": " + (workdir / f"strace-{kind}.stderr").read_text()[-300:] if err else None
+        if mode in ("echo", "chat"):
+            # the connections are set up untraced: strace attaches once wsload says so
+            res, err, shown = run_wsload(exes["wsload"], mode, host, port, conns, count, args.limit,
+                                         runner.load_cpus, attach, stop_tracing)
+        else:
+            err = attach()
+            if err:
+                rec["error"] = err
+                return rec
+            res, err, shown = run_wsload(exes["wsload"], mode, host, port, conns, count, args.limit,
+                                         runner.load_cpus)
         rec["command"] = shown
-        time.sleep(0.3)   # let the proxy finish the closes the load generator just made
-        strace.send_signal(signal.SIGINT)   # detach: strace writes its summary and exits
+        if strace is None:
+            rec["error"] = err or "strace never attached"
+            return rec
+        if strace.poll() is None:
+            time.sleep(0.3)   # let the proxy finish the closes the load generator just made
+            strace.send_signal(signal.SIGINT)   # detach: strace writes its summary and exits
         try:
             strace.wait(timeout=60)
         except subprocess.TimeoutExpired:
@@ -247,7 +310,7 @@ def measure(t, kind: str, runner: Runner, exes: dict, args, workdir: Path, strac
         except (OSError, ParseError) as e:
             rec["error"] = f"strace summary: {e}"
             return rec
-        n = res["total_count"]
+        n = res["count"] if mode in ("echo", "chat") else res["total_count"]
         if n <= 0:
             rec["error"] = "wsload counted no work"
             return rec
@@ -354,7 +417,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.syscalls", description=__doc__.split("\n\n")[0])
     ap.add_argument("--targets", default="fastws,nginx,haproxy",
                     help=f"comma list from: {','.join(TARGETS)} (default fastws,nginx,haproxy)")
-    ap.add_argument("--kinds", default="handshake,http", help="comma list from: handshake,http")
+    ap.add_argument("--kinds", default="handshake,http,echo,chat",
+                    help="comma list from: handshake,http,echo,chat")
+    ap.add_argument("--seconds", type=float, default=5, help="seconds of echoes traced per target (echo, chat)")
+    ap.add_argument("--conns-chat", type=int, default=1000,
+                    help="chat connections (default 1000: a traced proxy cannot echo chat-5k's 5,000 a second)")
     ap.add_argument("--handshakes", type=int, default=2000, help="handshakes traced per target (default 2000)")
     ap.add_argument("--requests", type=int, default=10000, help="GETs traced per target (default 10000)")
     ap.add_argument("--conns-handshake", type=int, default=BY_KEY["handshake"].conns,

@@ -75,6 +75,37 @@ def test_clean_backend_passes(exes, mode, size):
     assert "MARK start" in out and "MARK end" in out
 
 
+def test_chat_sends_each_connection_a_message_an_interval(exes):
+    # 200 connections, a message each 0.2 s: about 1,000 messages a second, every echo checked
+    p, port = _backend(exes)
+    try:
+        rc, res, out = _load(exes, port, "--mode", "chat", "--conns", "200", "--interval", "0.2",
+                             "--inflight", "64")
+    finally:
+        p.terminate()
+        p.wait(5)
+    assert rc == 0 and res["errors"] == 0 and res["opened"] == 200, res
+    assert 600 <= res["rate"] <= 1100, res       # paced, not a ping-pong
+    assert "MARK start" in out and "MARK end" in out
+
+
+def test_wait_go_holds_the_run_until_told(exes):
+    p, port = _backend(exes)
+    try:
+        w = subprocess.Popen([str(exes["wsload"]), "--port", str(port), "--mode", "echo", "--conns", "4",
+                              "--duration", "0.5", "--warmup", "0", "--wait-go"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert w.stdout.readline().startswith("MARK open")
+        w.stdin.write("go\n")
+        w.stdin.flush()
+        out = w.stdout.read()
+        w.wait(30)
+    finally:
+        p.terminate()
+        p.wait(5)
+    assert w.returncode == 0 and "MARK start" in out and '"errors": 0' in out
+
+
 @pytest.mark.parametrize("size", ["64", "4096"])
 def test_corrupted_echo_is_caught(exes, size):
     p, port = _backend(exes, "-x", "1000")

@@ -13,6 +13,11 @@
  *   idle       opens --conns N tunnels (upgrade + one checked echo each, --inflight at a
  *              time), prints "READY n", holds them until a line arrives on stdin or
  *              --hold seconds pass, then closes them.
+ *   chat       --conns N WebSocket connections (opened --inflight at a time), each sending
+ *              one --size byte message every --interval seconds (1 by default, the first
+ *              at a random point of the first interval) and checking its echo: the shape
+ *              of a chat or notification server, mostly idle connections. Reports
+ *              messages/s and round-trip latency.
  *   http       --conns N keep-alive connections sending GET requests one at a time,
  *              checking status and body. Reports requests/s and latency.
  *   burst      --count N connections, --conns C at a time, each sending one request
@@ -29,6 +34,9 @@
  * done (no new ones start after the Nth; those in flight finish). In burst mode
  * "MARK start" comes before the first connect, "MARK end" after the last close, and
  * --duration bounds the whole burst (not finishing in time is an error).
+ * With --wait-go (echo, chat, http), "MARK open" is printed once every connection is set
+ * up, and the run goes on when a line arrives on stdin (bench.syscalls attaches its
+ * tracer in between, so that the set-up is not counted).
  * The last line is "RESULT {json}". Everything is bounded by --duration, --timeout
  * and --hold; the program always stops by itself.
  */
@@ -54,7 +62,7 @@
 #define IP_BIND_ADDRESS_NO_PORT 24
 #endif
 
-enum { MODE_ECHO, MODE_SEND, MODE_RECV, MODE_HS, MODE_IDLE, MODE_HTTP, MODE_BURST };
+enum { MODE_ECHO, MODE_SEND, MODE_RECV, MODE_HS, MODE_IDLE, MODE_HTTP, MODE_BURST, MODE_CHAT };
 enum { ST_FREE, ST_CONNECTING, ST_UPGRADING, ST_OPEN, ST_WAIT_ECHO, ST_CLOSE_SENT, ST_WAIT_EOF, ST_IDLE, ST_DEAD };
 
 typedef struct {
@@ -70,6 +78,8 @@ typedef struct {
     size_t send_off;
     int send_cut;                  /* burst: the peer stopped reading before the head was sent */
     size_t got;                    /* burst: answer bytes read */
+    uint64_t due;                  /* chat: when the next message goes */
+    int wnext;                     /* chat: the next connection in its wheel slot, -1 */
 } conn_t;
 
 /* ---- options ---- */
@@ -81,6 +91,14 @@ static int port = 8080;
 static struct sockaddr_in dst;
 static struct in_addr srcs[64]; static int nsrc;
 static unsigned long long max_count;   /* --count: 0 = bounded by time only */
+static double interval_s = 1.0;        /* chat: seconds between a connection's messages */
+static int wait_go;                    /* --wait-go: "MARK open", then a line on stdin */
+static int go_pending;
+
+/* chat: a timing wheel of 1 ms slots for the connections' next messages */
+#define WHEEL 4096
+static int wheel[WHEEL];
+static uint64_t wheel_ms;              /* the last slot run */
 
 /* ---- state ---- */
 static int ep;
@@ -313,6 +331,32 @@ static void count_unit(uint64_t lat, uint64_t bytes) {
 
 static void next_cycle(conn_t *c);
 
+static void chat_schedule(conn_t *c, uint64_t due) {
+    c->due = due;
+    int slot = (int)((due / 1000000ull) % WHEEL);
+    c->wnext = wheel[slot];
+    wheel[slot] = c->id;
+}
+
+/* send every message that is due; a connection whose echo is still awaited sends when it
+ * comes back (chat_echoed) */
+static void chat_run(uint64_t t) {
+    uint64_t ms = t / 1000000ull;
+    if (wheel_ms == 0 || ms - wheel_ms > WHEEL) wheel_ms = ms - 1;
+    while (wheel_ms < ms) {
+        wheel_ms++;
+        int slot = (int)(wheel_ms % WHEEL), id = wheel[slot];
+        wheel[slot] = -1;
+        while (id >= 0) {
+            conn_t *c = &C[id];
+            id = c->wnext;
+            if (c->fd < 0) continue;
+            if (c->due / 1000000ull > wheel_ms) { chat_schedule(c, c->due); continue; }   /* a later round */
+            if (c->state == ST_OPEN && phase < 3) send_echo(c);
+        }
+    }
+}
+
 /* feed recv-mode stream: verify every header and payload byte */
 static int fire_feed(conn_t *c, const uint8_t *p, size_t n) {
     while (n) {
@@ -423,6 +467,12 @@ static void on_readable(conn_t *c) {
                     count_unit(t - c->t0, len);
                     c->state = ST_OPEN;
                     if (phase < 3) send_echo(c); else { conn_drop(c, ST_FREE); active--; return; }
+                } else if (mode == MODE_CHAT) {
+                    count_unit(t - c->t0, len);
+                    c->state = ST_OPEN;
+                    if (phase >= 3) { conn_drop(c, ST_FREE); active--; return; }
+                    uint64_t next = c->due + (uint64_t)(interval_s * 1e9);
+                    chat_schedule(c, next > t ? next : t);
                 } else if (mode == MODE_HS) {
                     uint8_t code[2] = { 0x03, 0xe8 };
                     put_frame(c, 8, code, 2);
@@ -447,6 +497,7 @@ static void conn_ready(conn_t *c) {
     c->state = ST_OPEN;
     switch (mode) {
     case MODE_ECHO: opened++; if (phase >= 1) send_echo(c); break;
+    case MODE_CHAT: opened++; next_cycle(c); break;
     case MODE_HS: case MODE_IDLE: send_echo(c); break;
     case MODE_SEND: opened++; set_ev(c, phase >= 1); break;
     case MODE_RECV: opened++; if (c->rlen) { if (fire_feed(c, c->rb, c->rlen) < 0) { conn_drop(c, ST_DEAD); active--; } c->rlen = 0; } break;
@@ -458,7 +509,7 @@ static int next_id;   /* handshake / idle: next slot to start */
 static void next_cycle(conn_t *c) {
     if (mode == MODE_HS) {
         if (phase < 3 && (!max_count || started < max_count)) { started++; start_connect(c); } else active--;
-    } else if (mode == MODE_IDLE) {
+    } else if (mode == MODE_IDLE || mode == MODE_CHAT) {
         if (next_id < nconns) start_connect(&C[next_id++]);
     }
 }
@@ -576,9 +627,9 @@ static void on_event(conn_t *c, uint32_t evs) {
 }
 
 static void usage(void) {
-    fprintf(stderr, "usage: wsload --mode echo|send|recv|handshake|idle|http|burst [--host H] [--port P] [--path P]\n"
+    fprintf(stderr, "usage: wsload --mode echo|send|recv|handshake|idle|http|burst|chat [--host H] [--port P] [--path P]\n"
                     "  [--conns N] [--size B] [--duration S] [--warmup S] [--timeout S] [--hold S]\n"
-                    "  [--inflight N] [--src A,B,...] [--count N]\n");
+                    "  [--inflight N] [--src A,B,...] [--count N] [--interval S]\n");
     exit(2);
 }
 
@@ -589,7 +640,7 @@ int main(int argc, char **argv) {
         {"mode", 1, 0, 'm'}, {"host", 1, 0, 'H'}, {"port", 1, 0, 'p'}, {"path", 1, 0, 'P'},
         {"conns", 1, 0, 'c'}, {"size", 1, 0, 's'}, {"duration", 1, 0, 'd'}, {"warmup", 1, 0, 'w'},
         {"timeout", 1, 0, 't'}, {"hold", 1, 0, 'h'}, {"inflight", 1, 0, 'i'}, {"src", 1, 0, 'S'},
-        {"count", 1, 0, 'n'}, {0, 0, 0, 0}};
+        {"count", 1, 0, 'n'}, {"interval", 1, 0, 'I'}, {"wait-go", 0, 0, 'G'}, {0, 0, 0, 0}};
     int o;
     const char *mname = "echo";
     while ((o = getopt_long(argc, argv, "", lo, NULL)) != -1) {
@@ -606,6 +657,8 @@ int main(int argc, char **argv) {
         case 'h': hold_s = atof(optarg); break;
         case 'i': inflight = atoi(optarg); break;
         case 'n': max_count = strtoull(optarg, NULL, 10); break;
+        case 'I': interval_s = atof(optarg); break;
+        case 'G': wait_go = 1; break;
         case 'S': {
             char *s = strdup(optarg), *tok, *save;
             for (tok = strtok_r(s, ",", &save); tok && nsrc < 64; tok = strtok_r(NULL, ",", &save))
@@ -622,6 +675,7 @@ int main(int argc, char **argv) {
     else if (!strcmp(mname, "idle")) mode = MODE_IDLE;
     else if (!strcmp(mname, "http")) mode = MODE_HTTP;
     else if (!strcmp(mname, "burst")) mode = MODE_BURST;
+    else if (!strcmp(mname, "chat")) mode = MODE_CHAT;
     else usage();
     if (!path) path = mode == MODE_SEND ? "/sink" : mode == MODE_RECV ? "/firehose" : mode == MODE_BURST ? "/burst" : "/echo";
     if (mode == MODE_BURST) {
@@ -630,6 +684,8 @@ int main(int argc, char **argv) {
     }
     if (mode == MODE_HS || mode == MODE_IDLE) { if (msize > 125 || mode == MODE_IDLE) msize = mode == MODE_IDLE ? 16 : msize; }
     if (nconns < 1 || duration <= 0 || duration > 3600 || hold_s > 3600 || timeout_s > 600) usage();
+    if (interval_s < 0.01 || interval_s > 4.0) usage();
+    for (int i = 0; i < WHEEL; i++) wheel[i] = -1;
 
     raise_nofile();
     signal(SIGPIPE, SIG_IGN);
@@ -641,7 +697,7 @@ int main(int argc, char **argv) {
     for (int i = 0; i < nconns; i++) {
         C[i].id = i; C[i].fd = -1;
         C[i].explen = msize;
-        if (mode == MODE_ECHO || mode == MODE_HS || mode == MODE_IDLE) {
+        if (mode == MODE_ECHO || mode == MODE_HS || mode == MODE_IDLE || mode == MODE_CHAT) {
             C[i].exp = malloc(msize + 1);
             for (size_t j = 0; j < msize; j++) C[i].exp[j] = (uint8_t)(xrand() >> 11);
         }
@@ -679,7 +735,7 @@ int main(int argc, char **argv) {
     t_setup0 = now_ns();
     uint64_t setup_deadline = t_setup0 + (uint64_t)(timeout_s * 1e9);
     active = nconns;
-    if (mode == MODE_IDLE) {
+    if (mode == MODE_IDLE || mode == MODE_CHAT) {
         next_id = nconns < inflight ? nconns : inflight;
         for (int i = 0; i < next_id; i++) start_connect(&C[i]);
     } else if (mode == MODE_HS) {
@@ -713,7 +769,16 @@ int main(int argc, char **argv) {
         if (phase == 0 && mode != MODE_IDLE) {
             if ((int)opened == nconns - (int)errors) {
                 if (errors) { phase = 3; drain_deadline = t; }
-                else {
+                else if (wait_go && !go_pending) {
+                    /* set up: wait for the go-ahead on stdin (the tracer is attaching) */
+                    struct epoll_event ev = { .events = EPOLLIN, .data.u32 = 0xFFFFFFFEu };
+                    epoll_ctl(ep, EPOLL_CTL_ADD, 0, &ev);
+                    go_pending = 1;
+                    mark("open");
+                    setup_deadline = t + (uint64_t)(timeout_s * 1e9);
+                } else if (wait_go && go_pending == 1) {
+                    /* (waiting) */
+                } else {
                     phase = 1;
                     t_mstart = t + (uint64_t)(warmup * 1e9);
                     t_mend = t_mstart + (uint64_t)(duration * 1e9);
@@ -721,11 +786,14 @@ int main(int argc, char **argv) {
                         conn_t *c = &C[i];
                         if (c->state != ST_OPEN || c->fd < 0) continue;
                         if (mode == MODE_ECHO) send_echo(c);
+                        else if (mode == MODE_CHAT)   /* the first message somewhere in the first interval */
+                            chat_schedule(c, t + (uint64_t)((double)(xrand() % 1000000) / 1e6 * interval_s * 1e9));
                         else if (mode == MODE_HTTP) send_http(c);
                         else if (mode == MODE_SEND) set_ev(c, 1);
                     }
                 }
             } else if (t > setup_deadline) { err(NULL, "setup timed out: %llu of %d open", opened, nconns); phase = 3; drain_deadline = t; }
+            if (go_pending == 1 && t > setup_deadline) { err(NULL, "no go-ahead on stdin"); phase = 3; drain_deadline = t; }
         }
         if (mode == MODE_BURST && phase == 2) {
             if (t_measured0 == 0) t_measured0 = t_mstart;
@@ -778,18 +846,20 @@ int main(int argc, char **argv) {
                 }
             }
         }
-        int wait_ms = 10;
+        if (mode == MODE_CHAT && phase >= 1 && phase < 3) chat_run(t);
+        int wait_ms = mode == MODE_CHAT ? 1 : 10;
         int n = epoll_wait(ep, evs, 1024, wait_ms);
         for (int i = 0; i < n; i++) {
             uint32_t id = evs[i].data.u32;
             if (id == 0xFFFFFFFFu) { hold_deadline = 0; continue; }
+            if (id == 0xFFFFFFFEu) { char line[64]; (void)!read(0, line, sizeof line); epoll_ctl(ep, EPOLL_CTL_DEL, 0, NULL); go_pending = 2; continue; }
             on_event(&C[id], evs[i].events);
         }
     }
     if (mode == MODE_IDLE) t_measured1 = now_ns();
     (void)stdin_added;
     double secs = t_measured1 > t_measured0 ? (t_measured1 - t_measured0) / 1e9 : 0;
-    if (!errors && (mode == MODE_ECHO || mode == MODE_HTTP || mode == MODE_HS) && phase == 3) {
+    if (!errors && (mode == MODE_ECHO || mode == MODE_HTTP || mode == MODE_HS || mode == MODE_CHAT) && phase == 3) {
         /* every answer normally arrives within milliseconds: one still awaited DRAIN_S after
          * the measured window means the peer stalled (a proxy that accepts and never
          * answers would otherwise pass with nothing counted) */
@@ -802,7 +872,7 @@ int main(int argc, char **argv) {
         err(NULL, "no %s completed", mode == MODE_HS ? "handshake" : mode == MODE_HTTP ? "request" :
                                      mode == MODE_BURST ? "head" : "message or frame");
     for (int i = 0; i < nconns; i++) if (C[i].fd >= 0) close(C[i].fd);
-    static const char *mnames[] = {"echo", "send", "recv", "handshake", "idle", "http", "burst"};
+    static const char *mnames[] = {"echo", "send", "recv", "handshake", "idle", "http", "burst", "chat"};
     printf("RESULT {\"mode\": \"%s\", \"conns\": %d, \"size\": %zu, \"seconds\": %.6f, "
            "\"count\": %llu, \"total_count\": %llu, \"rate\": %.3f, \"bytes\": %llu, \"mb_per_s\": %.3f, "
            "\"opened\": %llu, \"reconnects\": %llu, \"errors\": %llu, \"connect_errors\": %llu, "
