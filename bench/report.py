@@ -321,6 +321,12 @@ def evaluate_targets(summary: dict, available: list[str]) -> list[dict]:
         add(f"echo CPU per message ({size}) <= 0.8x best peer", v, None if b is None else 0.8 * b,
             None if v is None or b is None else v <= 0.8 * b, f"best peer {LABELS.get(who, '—')}: {_num(b)} µs",
             part="info")
+    if "chat-5k" in summary:
+        ref = _med(summary, "chat-5k", "nginx", "cpu_per_unit")
+        v = _med(summary, "chat-5k", "fastws", "cpu_per_unit") if fw else None
+        add("chat-5k: proxy CPU per message <= 0.8x nginx's", v, None if ref is None else 0.8 * ref,
+            None if v is None or ref is None else v <= 0.8 * ref, others("chat-5k", "cpu_per_unit", " µs"),
+            part="info")
     for sk, size in (("echo-64", "64 B"), ("echo-4k", "4 KB")):
         if sk not in summary:
             continue

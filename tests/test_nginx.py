@@ -439,6 +439,16 @@ def test_limit_directives(tmp_path: Path) -> None:
         assert words in message and "nginx.conf:" in message, message
 
 
+def test_rules_before_a_return_are_said_to_differ(tmp_path: Path) -> None:
+    # nginx answers `return` in its rewrite phase, before allow/deny and the limits
+    path = write(tmp_path, http(
+        "server { listen 127.0.0.1:8080; location / { deny all; return 200; }\n"
+        "  location /x { return 204; } }"))
+    assert read_translation(str(path)).differences == [
+        f"{path}:3: return with allow/deny or limits: fastws applies the rules and limits "
+        "first (nginx answers a return before them)"]
+
+
 def test_sticky_cookie_as_nginx_writes_it(tmp_path: Path) -> None:
     cfg = load(str(write(tmp_path, http(
         "upstream backend { server 127.0.0.1:9001; server 127.0.0.1:9002;\n"

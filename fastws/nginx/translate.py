@@ -747,6 +747,10 @@ class _Translator:
             self.proxy(loc, where, handler, settings)
         elif handler.name == "return":
             self.return_(loc, where, handler, server)
+            if any(settings.get(k) for k in ("access", "limit_conn", "limit_req")):
+                self.differ(handler, "return with allow/deny or limits: fastws applies the rules "
+                            "and limits first (nginx answers a return before them)",
+                            once="return-rules")
         elif not handler.args or _flag(handler):
             loc["stub_status"] = True
             self.at(f"{where}.stub_status", handler)
