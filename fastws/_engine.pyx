@@ -39,6 +39,8 @@ from fastws.includes.linux cimport *
 from fastws.includes.openssl cimport *
 from fastws.includes.pcre2 cimport fastws_regex, fastws_regex_compile, fastws_regex_free, fastws_regex_match
 from fastws.includes.zone cimport *
+from fastws.includes.wsframe cimport fastws_wsframe, fastws_ws_feed
+from libc.stdint cimport uint8_t
 
 cdef extern from "<strings.h>" nogil:
     int strncasecmp(const char *s1, const char *s2, size_t n)
@@ -71,6 +73,7 @@ include "engine/conn.pxi"
 include "engine/tls.pxi"
 include "engine/proxy.pxi"
 include "engine/limits.pxi"
+include "engine/frames.pxi"
 include "engine/tables.pxi"
 include "engine/turn.pxi"
 include "engine/export.pxi"
