@@ -265,10 +265,11 @@ def limits_config(port: int, backend: str, **location: Any) -> dict[str, Any]:
             "limit_req_zone": [{"name": "slow", "key": "$remote_addr", "size": "64k",
                                 "rate": "1r/m"},
                                {"name": "fast", "key": "$remote_addr", "size": "64k",
-                                "rate": "20r/s"}],
+                                "rate": "5r/s"}],
             "upstream": [{"name": "b", "servers": [backend]}],
             "server": [{"listen": [f"127.0.0.1:{port}", f"[::1]:{port}"],
-                        "location": [loc, {"path": "= /status", "status": "json"}]}]}
+                        "location": [loc, {"path": "= /status", "status": "json"},
+                                     {"path": "= /metrics", "status": "prometheus"}]}]}
 
 
 def handshake(host: str, port: int, source: str | None = None) -> tuple[int, socket.socket]:
@@ -307,6 +308,13 @@ def test_limit_conn_counts_tunnels_across_workers(make_proxy):
         wait_until(lambda: proxy.status()["limits"]["addr"]["entries"] == 0)
     figures = proxy.status()["limits"]["addr"]
     assert figures["rejected"] == 2 and figures["kind"] == "conn"
+    from prometheus_client.parser import text_string_to_metric_families
+    code, text = proxy.get("/metrics")
+    samples = {(s.name, s.labels.get("zone"), s.labels.get("result")): s.value
+               for family in text_string_to_metric_families(text.decode())
+               for s in family.samples}
+    assert samples[("fastws_limit_requests_total", "addr", "rejected")] == 2
+    assert samples[("fastws_limit_entries", "addr", None)] == 0
     backend.close()
 
 
@@ -337,7 +345,9 @@ def test_limit_req_refuses_over_the_burst_with_the_configured_status(make_proxy)
 
 
 def test_limit_req_delays_the_excess_instead_of_refusing_it(make_proxy):
-    # without nodelay, requests over the rate wait their turn (nginx's default) and are served
+    # without nodelay, requests over the rate wait their turn (nginx's default) and are served:
+    # at 5 r/s each one after the first waits about 200 ms, so each is over the rate however
+    # slowly the test runs (unless it pauses longer than that between two requests)
     backend = NamedBackend("b")
     port = free_port()
     proxy = make_proxy(limits_config(port, backend.address,
