@@ -328,7 +328,7 @@ class Load:
             await asyncio.sleep(pause)
 
 
-async def run(seconds: float, tmp: Path, out: dict[str, Any]) -> Proxy:
+async def run(seconds: float, tmp: Path, out: dict[str, Any]) -> None:
     server = await asyncio.start_server(backend, "127.0.0.1", 0, limit=1 << 20)
     upstream = server.sockets[0].getsockname()[1]
     port, status_port = free_port(), free_port()
@@ -371,7 +371,8 @@ async def run(seconds: float, tmp: Path, out: dict[str, Any]) -> Proxy:
         out["dropped_tunnels"] = load.dropped
     finally:
         server.close()
-    return proxy
+        proxy.stop()                    # whatever happened: the soak leaves nothing running
+        out["proxy_log_tail"] = (tmp / "fastws.log").read_text(errors="replace").splitlines()[-5:]
 
 
 async def settle(proxy: Proxy, connections: int) -> None:
@@ -420,16 +421,10 @@ def main(argv: list[str] | None = None) -> int:
     seconds = args.seconds + 60 * args.minutes or 60
     out: dict[str, Any] = {"seconds": seconds}
     with tempfile.TemporaryDirectory(prefix="fastws-soak-") as tmp:
-        proxy = None
         try:
-            proxy = asyncio.run(run(seconds, Path(tmp), out))
+            asyncio.run(run(seconds, Path(tmp), out))
         except Exception as exc:                                  # noqa: BLE001
             out.setdefault("errors", {})[f"soak: {type(exc).__name__} {exc}"] = 1
-        finally:
-            if proxy is not None:
-                proxy.stop()
-                out["proxy_log_tail"] = (Path(tmp) / "fastws.log").read_text(
-                    errors="replace").splitlines()[-5:]
     problems = verdict(out)
     out["problems"] = problems
     if args.json:

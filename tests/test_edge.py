@@ -243,17 +243,6 @@ def _engine_parse(data: bytes) -> tuple[int, Any, Any]:
     return parsed
 
 
-def test_keepalive_and_send_proxy_protocol_are_refused_together(tmp_path):
-    from fastws import config as cfg
-    from fastws.errors import ConfigError
-    data = {"upstream": [{"name": "b", "servers": ["127.0.0.1:9"], "keepalive": 4,
-                          "send_proxy_protocol": "v1"}],
-            "server": [{"listen": ["127.0.0.1:1"],
-                        "location": [{"path": "/", "proxy_pass": "b"}]}]}
-    with pytest.raises(ConfigError, match="send_proxy_protocol.*cannot be kept alive"):
-        cfg.from_dict(data)
-
-
 # --- limits ----------------------------------------------------------------------------------
 
 def limits_config(port: int, backend: str, **location: Any) -> dict[str, Any]:

@@ -144,7 +144,6 @@ cdef void accept_resume(Eng *e) noexcept nogil:
 
 cdef Conn *conn_new(Eng *e, Listener *l, int fd, sockaddr_in6 *sa) noexcept nogil:
     cdef Conn *c = <Conn *>calloc(1, sizeof(Conn))
-    cdef sockaddr_in *sin
     if c == NULL:
         return NULL
     held_count(e, DBG_CONNS, 1)
@@ -160,13 +159,8 @@ cdef Conn *conn_new(Eng *e, Listener *l, int fd, sockaddr_in6 *sa) noexcept nogi
     c.started = e.now
     c.t_state = e.now
     # An IPv4 client of an IPv6 listener is an IPv4 client ($remote_addr without ::ffff:).
-    if sa.sin6_family == AF_INET6 and memcmp(sa.sin6_addr.s6_addr, V4MAPPED, 12) == 0:
-        sin = <sockaddr_in *>&c.raddr
-        sin.sin_port = sa.sin6_port
-        memcpy(&sin.sin_addr, sa.sin6_addr.s6_addr + 12, 4)
-        sin.sin_family = AF_INET
-    else:
-        memcpy(&c.raddr, sa, sizeof(sockaddr_in6))
+    memcpy(&c.raddr, sa, sizeof(sockaddr_in6))
+    sockaddr_unmap(&c.raddr)
     memcpy(&c.paddr, &c.raddr, sizeof(sockaddr_in6))
     e.serial += 1
     c.number = e.serial * e.number_step + e.number_base

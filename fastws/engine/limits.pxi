@@ -18,7 +18,7 @@ cdef int limits_check(Eng *e, Conn *c) noexcept nogil:
     cdef fastws_buf *b = &e.xbuf
     cdef unsigned long long h
     cdef long long r, delay_ms = 0, wait
-    cdef int i, got
+    cdef int i, got, delayed_by = -1
     for i in range(loc.nlimits):
         rule = &loc.limits[i]
         z = &e.zones[rule.zone]
@@ -58,12 +58,10 @@ cdef int limits_check(Eng *e, Conn *c) noexcept nogil:
             wait = (r - rule.delay) * 1000 // z.shm.rate
             if wait > delay_ms:
                 delay_ms = wait
+                delayed_by = rule.zone
     if delay_ms > 0 and loc.kind == LOC_PROXY:
         c.req.delay_until = e.now + delay_ms / 1000.0
-        for i in range(loc.nlimits):
-            if loc.limits[i].kind == LIMIT_REQ:
-                __atomic_add(&e.zones[loc.limits[i].zone].shm.delayed, 1)
-                break
+        __atomic_add(&e.zones[delayed_by].shm.delayed, 1)
         eng_log(e, LOG_WARN, "delaying request by %lld ms, client: %s", delay_ms,
                 conn_addr(e, c))
     return 0

@@ -41,14 +41,8 @@ cdef void log_begin(Eng *e, Conn *c, AccessLog *al) noexcept nogil:
 
 
 cdef void log_binary_addr(Conn *c, fastws_buf *b) noexcept nogil:
-    cdef const unsigned char *a
     cdef int i, n
-    if c.raddr.sin6_family == AF_INET:
-        a = <const unsigned char *>&(<sockaddr_in *>&c.raddr).sin_addr
-        n = 4
-    else:
-        a = <const unsigned char *>&c.raddr.sin6_addr
-        n = 16
+    cdef const unsigned char *a = sockaddr_bytes(&c.raddr, &n)
     for i in range(n):
         buf_fmt(b, "\\x%02X", a[i])
 

@@ -214,7 +214,7 @@ cdef int pp_write(Conn *c, int version, char *out) noexcept nogil:
     else:
         memset(&dst, 0, sizeof(dst))
         getsockname(c.io.fd, <sockaddr *>&dst, &dlen)
-        pp_unmap(&dst)
+        sockaddr_unmap(&dst)
     if src.sin6_family != dst.sin6_family:
         pp_map(&src)                  # one family for both, as HAProxy: IPv4 as ::ffff:a.b.c.d
         pp_map(&dst)
@@ -243,20 +243,6 @@ cdef int pp_write(Conn *c, int version, char *out) noexcept nogil:
     memcpy(out + 48, &src.sin6_port, 2)
     memcpy(out + 50, &dst.sin6_port, 2)
     return 52
-
-
-cdef void pp_unmap(sockaddr_in6 *sa) noexcept nogil:
-    # ::ffff:a.b.c.d (a dual-stack socket's IPv4 peer) as the IPv4 address it is
-    cdef sockaddr_in *sin = <sockaddr_in *>sa
-    cdef unsigned char v4[4]
-    cdef unsigned short port
-    if sa.sin6_family == AF_INET6 and memcmp(sa.sin6_addr.s6_addr, V4MAPPED, 12) == 0:
-        port = sa.sin6_port
-        memcpy(v4, sa.sin6_addr.s6_addr + 12, 4)
-        memset(sa, 0, sizeof(sockaddr_in6))
-        sin.sin_family = AF_INET
-        sin.sin_port = port
-        memcpy(&sin.sin_addr, v4, 4)
 
 
 cdef void pp_map(sockaddr_in6 *sa) noexcept nogil:

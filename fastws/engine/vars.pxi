@@ -72,6 +72,29 @@ cdef int sockaddr_text(const sockaddr *sa, char *out, int cap) noexcept nogil:
     return <int>strlen(out)
 
 
+cdef void sockaddr_unmap(sockaddr_in6 *sa) noexcept nogil:
+    # ::ffff:a.b.c.d (a dual-stack socket's IPv4 peer) as the IPv4 address it is
+    cdef sockaddr_in *sin = <sockaddr_in *>sa
+    cdef unsigned char v4[4]
+    cdef unsigned short port
+    if sa.sin6_family == AF_INET6 and memcmp(sa.sin6_addr.s6_addr, V4MAPPED, 12) == 0:
+        port = sa.sin6_port
+        memcpy(v4, sa.sin6_addr.s6_addr + 12, 4)
+        memset(sa, 0, sizeof(sockaddr_in6))
+        sin.sin_family = AF_INET
+        sin.sin_port = port
+        memcpy(&sin.sin_addr, v4, 4)
+
+
+cdef inline const unsigned char *sockaddr_bytes(sockaddr_in6 *sa, int *n) noexcept nogil:
+    # the address itself: 4 bytes for IPv4, 16 for IPv6 ($binary_remote_addr)
+    if sa.sin6_family == AF_INET:
+        n[0] = 4
+        return <const unsigned char *>&(<sockaddr_in *>sa).sin_addr
+    n[0] = 16
+    return <const unsigned char *>&sa.sin6_addr
+
+
 cdef inline int sockaddr_port(const sockaddr *sa) noexcept nogil:
     if sa.sa_family == AF_INET:
         return ntohs((<sockaddr_in *>sa).sin_port)
@@ -180,10 +203,8 @@ cdef void var_put(Eng *e, Conn *c, LogRec *lr, int var, const char *arg, int arg
     elif var == V_PID:
         buf_fmt(out, "%d", <int>getpid())
     elif var == V_BINARY_REMOTE_ADDR:
-        if c.raddr.sin6_family == AF_INET:
-            buf_add(out, <const char *>&(<sockaddr_in *>&c.raddr).sin_addr, 4)
-        else:
-            buf_add(out, <const char *>&c.raddr.sin6_addr, 16)
+        t = <const char *>sockaddr_bytes(&c.raddr, &n)
+        buf_add(out, t, n)
     elif var == V_PROXY_PROTOCOL_ADDR or var == V_PROXY_PROTOCOL_SERVER_ADDR:
         if c.pp != NULL:
             n = sockaddr_text(<sockaddr *>(&c.pp.src if var == V_PROXY_PROTOCOL_ADDR

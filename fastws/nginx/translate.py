@@ -86,6 +86,10 @@ def _template(d: Directive, text: str) -> str:
 _FORWARDED = ("X-Real-IP", "X-Forwarded-For", "X-Forwarded-Proto")
 _OWN_FORWARDED = {"X-Real-IP": "$remote_addr", "X-Forwarded-For": "$proxy_add_x_forwarded_for",
                   "X-Forwarded-Proto": "$scheme"}
+# directives that make a list at each level: the settings key each adds to
+_LISTED = {"set_real_ip_from": "real_ip_from", "allow": "access", "deny": "access",
+           "limit_conn": "limit_conn", "limit_req": "limit_req",
+           "proxy_set_header": "proxy_set_header"}
 _LISTEN_IGNORED = {
     "reuseport": "reuseport: each fastws worker has its own listening socket already",
     "backlog": "backlog: fastws's listen queue is 4096 (capped by net.core.somaxconn)",
@@ -249,37 +253,15 @@ class _Translator:
     def setting(self, settings: dict[str, Any], d: Directive) -> None:
         """A directive that lower levels inherit: kept as written until a location or
         server needs it."""
-        if d.name == "set_real_ip_from":
-            if settings.get("@own_real_ip") is not settings:
-                settings["real_ip_from"] = []
-                settings["@own_real_ip"] = settings
-            if d.args[0].startswith("unix:"):
-                raise fail(d, "\"set_real_ip_from\": fastws listens on IP addresses only")
-            settings["real_ip_from"].append(d)
-            return
-        if d.name in ("limit_conn", "limit_req"):
-            # a level with any replaces the inherited ones (nginx's limit modules' merge)
-            if settings.get(f"@own_{d.name}") is not settings:
-                settings[d.name] = []
-                settings[f"@own_{d.name}"] = settings
-            settings[d.name].append(d)
-            return
-        if d.name in ("allow", "deny"):
-            # nginx's access module: a level with any rule replaces the inherited ones
-            if settings.get("@own_access") is not settings:
-                settings["access"] = []
-                settings["@own_access"] = settings
-            if d.args[0].startswith("unix:"):
+        listed = _LISTED.get(d.name)
+        if listed is not None:
+            if d.name in ("set_real_ip_from", "allow", "deny") and d.args[0].startswith("unix:"):
                 raise fail(d, f"\"{d.name}\": fastws listens on IP addresses only")
-            settings["access"].append(d)
-            return
-        if d.name == "proxy_set_header":
-            # a level that sets any header replaces the inherited list (nginx's merge)
-            own = settings.get("@own_headers")
-            if own is not settings:
-                settings["proxy_set_header"] = []
-                settings["@own_headers"] = settings
-            settings["proxy_set_header"].append(d)
+            # nginx's merge of these: a level with any replaces the whole inherited list
+            if settings.get(f"@own_{listed}") is not settings:
+                settings[listed] = []
+                settings[f"@own_{listed}"] = settings
+            settings[listed].append(d)
         elif d.name == "access_log":
             if settings.get("@own_log") is settings:
                 raise fail(d, "\"access_log\": fastws writes one access log per level "
