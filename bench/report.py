@@ -340,6 +340,37 @@ def evaluate_targets(summary: dict, available: list[str]) -> list[dict]:
         add(f"p99 latency added over no proxy, echo {size} <= best peer's", v, b,
             None if v is None or b is None else v <= b,
             f"no proxy p99 {_num(base)} µs; best peer {LABELS.get(who, '—')} adds {_num(b)} µs", part="info")
+    if fw and "fastws-blind" in available:
+        rows += frames_cost(summary)
+    return rows
+
+
+def frames_cost(summary: dict) -> list[dict]:
+    """What following WebSocket frames costs: fastws against fastws with frames = false, from
+    the same run (docs/websocket.md)."""
+    rows = []
+
+    def add(name, value, bound, ok, detail):
+        rows.append({"target": name, "fastws": value, "bound": bound, "pass": ok, "detail": detail,
+                     "part": "frames"})
+
+    for sk in ("echo-64", "echo-4k", "chat-5k"):
+        v, ref = _med(summary, sk, "fastws", "cpu_per_unit"), _med(summary, sk, "fastws-blind", "cpu_per_unit")
+        if v is not None and ref is not None:
+            add(f"{sk}: CPU per message <= 1.1x frames off", v, 1.1 * ref, v <= 1.1 * ref,
+                f"frames off {_num(ref)} µs ({v / ref:.3f}x)")
+    for sk in ("bulk-up", "bulk-down"):
+        v, ref = _med(summary, sk, "fastws", "cpu_per_unit"), _med(summary, sk, "fastws-blind", "cpu_per_unit")
+        tp, ref_tp = _med(summary, sk, "fastws", "throughput"), _med(summary, sk, "fastws-blind", "throughput")
+        if None not in (v, ref, tp, ref_tp):
+            add(f"{sk}: CPU per MB <= 1.05x frames off, MB/s the same (>= 0.95x)", v, 1.05 * ref,
+                v <= 1.05 * ref and tp >= 0.95 * ref_tp,
+                f"frames off {_num(ref)} ms/MB ({v / ref:.3f}x); {_num(tp)} against {_num(ref_tp)} MB/s")
+    v, ref = _med(summary, "idle-5k", "fastws", "pss_per_tunnel_b"), _med(summary, "idle-5k", "fastws-blind", "pss_per_tunnel_b")
+    if v is not None and ref is not None:
+        add("idle-5k: PSS per tunnel <= frames off + 64 B", v, ref + 64, v <= ref + 64,
+            f"frames off {_num(ref)} B (the frame state is in every tunnel's struct, used or not: "
+            "56 B more than before frames existed)")
     return rows
 
 
@@ -377,6 +408,10 @@ def targets_table(rows: list[dict], fastws_note: str | None) -> str:
     if info:
         lines += ["", "### For information: a later issue's targets (not part of this check)", ""]
         lines += _target_rows(info)
+    frames = [r for r in rows if r.get("part") == "frames"]
+    if frames:
+        lines += ["", "### What following WebSocket frames costs (fastws against `frames = false`)", ""]
+        lines += _target_rows(frames)
     lines.append("")
     return "\n".join(lines)
 

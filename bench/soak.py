@@ -53,6 +53,36 @@ def free_port() -> int:
 
 # --- the backend ---------------------------------------------------------------------------
 
+def _mask(data: bytes, key: bytes) -> bytes:
+    # XOR with the repeated key, as one big integer (fast for a 1 MiB payload)
+    n = len(data)
+    keys = int.from_bytes((key * (n // 4 + 1))[:n], "big")
+    return (int.from_bytes(data, "big") ^ keys).to_bytes(n, "big") if n else b""
+
+
+def frame(payload: bytes, mask: bool = True) -> bytes:
+    """A binary WebSocket frame: masked as a client sends it, or not, as a server does."""
+    n = len(payload)
+    bit = 0x80 if mask else 0
+    head = b"\x82" + (bytes([bit | n]) if n < 126 else bytes([bit | 126]) + n.to_bytes(2, "big")
+                      if n < 65536 else bytes([bit | 127]) + n.to_bytes(8, "big"))
+    if not mask:
+        return head + payload
+    key = os.urandom(4)
+    return head + key + _mask(payload, key)
+
+
+async def read_frame(reader: asyncio.StreamReader) -> bytes:
+    """The payload of the next frame, unmasked."""
+    head = await reader.readexactly(2)
+    n = head[1] & 0x7f
+    if n >= 126:
+        n = int.from_bytes(await reader.readexactly(2 if n == 126 else 8), "big")
+    key = await reader.readexactly(4) if head[1] & 0x80 else b""
+    data = await reader.readexactly(n)
+    return _mask(data, key) if key else data
+
+
 async def backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     try:
         await _serve(reader, writer)
@@ -78,9 +108,12 @@ async def _serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> 
                     await reader.read(65536)
                     writer.transport.abort()              # an upstream reset
                     return
-                while data := await reader.read(262144):
-                    writer.write(data)
-                    await writer.drain()
+                try:
+                    while True:                  # each message echoed, as a server frames it
+                        writer.write(frame(await read_frame(reader), mask=False))
+                        await writer.drain()
+                except asyncio.IncompleteReadError:
+                    pass
                 writer.close()
                 return
             body = b"ok" * 64
@@ -234,8 +267,8 @@ class Load:
         try:
             while self.running():
                 msg = b"long %d %d|" % (i, n)
-                w.write(msg)
-                got = await asyncio.wait_for(r.readexactly(len(msg)), 15)
+                w.write(frame(msg))
+                got = await asyncio.wait_for(read_frame(r), 15)
                 if got != msg:
                     self.errors["long tunnel: wrong echo"] += 1
                     self.dropped += 1
@@ -250,8 +283,8 @@ class Load:
 
     async def churn(self) -> None:
         r, w = await self.handshake()
-        w.write(b"hello")
-        assert await r.readexactly(5) == b"hello"
+        w.write(frame(b"hello"))
+        assert await read_frame(r) == b"hello"
         w.close()
 
     async def keepalive_gets(self, path: str = "/") -> None:
@@ -287,24 +320,24 @@ class Load:
 
     async def client_reset(self) -> None:
         r, w = await self.handshake()
-        w.write(b"x" * 1000)
-        await r.readexactly(1000)
+        w.write(frame(b"x" * 1000))
+        await read_frame(r)
         sock = w.get_extra_info("socket")
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
         w.transport.abort()
 
     async def upstream_reset(self) -> None:
         r, w = await self.handshake("/ws-reset")
-        w.write(b"bye")
+        w.write(frame(b"bye"))
         await r.read()                  # the proxy passes the end on
         w.close()
 
     async def slow_reader(self) -> None:
         r, w = await self.handshake()
         payload = os.urandom(1 << 20)
-        w.write(payload)
-        got = 0
-        while got < len(payload):
+        w.write(frame(payload))
+        got, expected = 0, len(frame(payload, mask=False))
+        while got < expected:
             chunk = await r.read(16384)
             if not chunk:
                 raise RuntimeError("closed during a slow read")

@@ -298,11 +298,12 @@ backend be
 
 class FastWS(Target):
     def __init__(self, *a, cmd: list[str] | None = None, processes: int | None = None,
-                 options: dict[str, str] | None = None, **kw):
+                 options: dict[str, str] | None = None, location: str = "", **kw):
         super().__init__(*a, **kw)
         self.cmd = cmd
         self.processes = processes
         self.options = options or {}
+        self.location = location        # more keys for the location, in TOML
 
     def command(self, workdir, backend):
         top = f"processes = {self.processes}\n" if self.processes else ""
@@ -328,7 +329,7 @@ keepalive_requests = 1000000
 [[server.location]]
 path = "/"
 proxy_pass = "backend"
-"""
+{self.location}"""
         (workdir / "fastws.toml").write_text(conf)
         return [*self.cmd, "-c", str(workdir / "fastws.toml")]
 
@@ -337,10 +338,11 @@ proxy_pass = "backend"
         super().stop()
 
 
-ALL = ("noproxy", "fastws", "nginx", "haproxy", "haproxy-splice")
+ALL = ("noproxy", "fastws", "fastws-blind", "nginx", "haproxy", "haproxy-splice")
 LABELS = {
     "noproxy": "no proxy",
     "fastws": "fastws",
+    "fastws-blind": "fastws, frames off",
     "nginx": "nginx",
     "haproxy": "HAProxy",
     "haproxy-splice": "HAProxy + splice",
@@ -363,9 +365,12 @@ def make_targets(names: list[str], base_port: int, fastws_processes: int | None,
             t = HAProxy(name, label, port, splice=name.endswith("splice"), splice_mode=haproxy_splice)
             if not deps.which("haproxy"):
                 t.available, t.note = False, "haproxy is not installed: skipped"
-        elif name == "fastws":
+        elif name in ("fastws", "fastws-blind"):
+            # fastws-blind: WebSocket tunnels relayed as bytes (frames = false), to show what
+            # following the frames costs (docs/websocket.md)
             cmd, env, why = deps.fastws_command()
-            t = FastWS(name, label, port, cmd=cmd, processes=fastws_processes, options=fastws_options)
+            t = FastWS(name, label, port, cmd=cmd, processes=fastws_processes, options=fastws_options,
+                       location="frames = false\n" if name == "fastws-blind" else "")
             t.env = env
             if cmd is None:
                 t.available, t.note = False, why

@@ -226,11 +226,12 @@ def free_port() -> int:
 
 
 def fastws_config(port: int, upstream: str) -> dict[str, Any]:
-    """What `python -m bench` runs fastws with (bench/targets.py), on `port`."""
+    """What `python -m bench` runs fastws with (bench/targets.py), on `port`; its tunnels carry
+    raw bytes here, so they are relayed blind (as the selectors relay does)."""
     return {"upstream": [{"name": "backend", "servers": [upstream], "keepalive": 64,
                           "keepalive_requests": 1000000}],
             "server": [{"listen": [f"127.0.0.1:{port}"], "keepalive_requests": 1000000,
-                        "location": [{"path": "/", "proxy_pass": "backend"}]}]}
+                        "location": [{"path": "/", "proxy_pass": "backend", "frames": False}]}]}
 
 
 class EngineProxy:

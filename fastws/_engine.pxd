@@ -236,6 +236,7 @@ cdef enum IoKind:
 from fastws.includes.openssl cimport FASTWS_SSL, FASTWS_SSL_CTX
 from fastws.includes.pcre2 cimport fastws_regex
 from fastws.includes.zone cimport fastws_zone
+from fastws.includes.wsframe cimport fastws_wsframe
 
 cdef struct Io:
     # What epoll's data.ptr points at: every pollable object starts with one.  Readiness is
@@ -333,6 +334,18 @@ cdef struct LimitHold:
     int zone
     unsigned long long hash
 
+cdef struct TunnelPolicy:
+    # How a tunnel is kept and ended: its location's, or one an adopted tunnel brought along.
+    double idle_timeout      # silence both ways this long closes it; 0: no limit
+    int frames               # a WebSocket tunnel follows its frames (engine/frames.pxi);
+                             # 0: bytes relayed blind
+    unsigned long long max_message   # a message over this closes with 1009; 0: no limit
+    double ping_interval     # a side silent this long is pinged; 0: never
+    double ping_timeout      # ... and closed (1011) when no pong came this long after
+    double close_timeout     # the closing handshake is waited for this long
+    int ping_to              # PING_CLIENT | PING_UPSTREAM
+    int checks               # masking and opcode rules enforced (1002)
+
 cdef struct Loc:
     char *path
     int pathlen
@@ -364,9 +377,9 @@ cdef struct Loc:
     double connect_timeout
     double send_timeout
     double read_timeout
-    double idle_timeout      # a tunnel silent both ways this long closes; 0: no limit
     double max_lifetime      # a tunnel closes this long after its 101; 0: no limit
     double lifetime_spread   # ... less a random part of this, so a fleet does not reconnect at once
+    TunnelPolicy tunnel
     int next_upstream_tries
     double next_upstream_timeout
     HeaderOp *ops
@@ -502,6 +515,7 @@ cdef struct Pipe:
 
 cdef enum FlowMode:
     FLOW_RAW = 0             # a tunnel: bytes as they come, EOF passed on as a half-close
+    FLOW_FRAMES              # a WebSocket tunnel that follows its frames (engine/frames.pxi)
     FLOW_LENGTH              # a body of `left` bytes
     FLOW_CHUNKED             # a chunked body, re-framed (or unchunked for HTTP/1.0 clients)
     FLOW_CLOSE               # a response body that ends when the upstream closes
@@ -520,8 +534,10 @@ cdef struct Flow:
     unsigned char eof        # the source ended (or the body did)
     unsigned char shut       # the half-close was passed on
     unsigned char mode       # FlowMode
-    long long left           # FLOW_LENGTH: bytes still to come
+    long long left           # FLOW_LENGTH: bytes still to come; a tunnel that follows its
+                             # frames: bytes to the next frame boundary
     Chunked *chunk           # FLOW_CHUNKED
+    fastws_wsframe ws        # a tunnel that follows its frames: what its frames said
 
 cdef enum ConnState:
     CS_TLS = 1               # TLS handshake with the client
@@ -584,10 +600,13 @@ cdef struct Conn:
     unsigned char peer_closed    # the client half-closed
     unsigned char queued     # on the ready list
     unsigned char websocket  # a WebSocket tunnel: it ends when its upstream has closed
+    signed char ws_why       # tunnel: the close reason of the proxy's closing handshake
+    unsigned short ws_code   # tunnel: the close code the proxy sends (at end_at, if that is
+                             # still to come; else its closing handshake runs since t_state)
+    TunnelPolicy *tp         # tunnel: its location's policy (or the one it was adopted with)
     double read_timeout      # tunnel
     double send_timeout      # tunnel, exchange and answers
     double started           # tunnel: from its 101
-    double idle_timeout      # tunnel: silence both ways, 0: none
     double end_at            # tunnel: when its lifetime ends, NEVER: no limit
     unsigned long long number    # $connection
     LogRec *log              # the access log line being gathered, if the location logs
@@ -704,7 +723,7 @@ cdef struct Counters:
     unsigned long long pipe_shortage
     unsigned long long switches_to_splice
     unsigned long long switches_to_copy
-    unsigned long long closes[12]        # tunnels by close reason: index -reason
+    unsigned long long closes[16]        # tunnels by close reason: index -reason
     unsigned long long loops
     unsigned long long tls_tunnels_total
     unsigned long long tls_handshakes
@@ -715,6 +734,10 @@ cdef struct Counters:
     unsigned long long paused
     unsigned long long log_lines
     unsigned long long proxy_protocol_errors     # headers invalid or not sent in time
+    unsigned long long ws_codes[8]       # WebSocket tunnels by their close code's class (WS_CODE_*)
+    unsigned long long ws_pings          # pings the proxy sent
+    unsigned long long ws_pongs          # ... and the pongs it took back
+    unsigned long long ws_goodbyes       # closing handshakes the proxy began
 
 cdef struct Eng:
     int epfd
@@ -848,4 +871,10 @@ cdef enum Var:
     V_UPSTREAM_BYTES_RECEIVED
     V_TUNNEL
     V_TUNNEL_CLOSE
+    V_WS_CLOSE_CODE
+    V_WS_CLOSE_REASON
+    V_WS_CLOSED_BY
+    V_WS_MESSAGES_IN
+    V_WS_MESSAGES_OUT
+    V_WS_PINGS
     V_COUNT

@@ -39,7 +39,7 @@ from fastws.includes.linux cimport *
 from fastws.includes.openssl cimport *
 from fastws.includes.pcre2 cimport fastws_regex, fastws_regex_compile, fastws_regex_free, fastws_regex_match
 from fastws.includes.zone cimport *
-from fastws.includes.wsframe cimport fastws_wsframe, fastws_ws_feed
+from fastws.includes.wsframe cimport *
 from libc.stdint cimport uint8_t
 
 cdef extern from "<strings.h>" nogil:
@@ -47,6 +47,7 @@ cdef extern from "<strings.h>" nogil:
 
 include "includes/consts.pxi"
 
+cdef double DEFAULT_CLOSE_TIMEOUT = 5.0   # a closing handshake of the proxy's is waited for
 cdef double LINGER_TIMEOUT = 2.0          # nginx's lingering_timeout is 5s; its close waits 30s
 cdef double DEFAULT_SEND_TIMEOUT = 60.0
 cdef double DEFAULT_KEEPALIVE_TIMEOUT = 75.0  # the server default of keepalive_timeout

@@ -134,6 +134,21 @@ class UpstreamConfig:
     send_proxy_protocol: int = 0  # 1 or 2: each connection opens with a PROXY header
 
 
+PING_TO = {"client": 1, "upstream": 2, "both": 3}
+
+
+@dataclass(frozen=True, slots=True)
+class FramesConfig:
+    """What a location's WebSocket tunnels do with their frames (engine/frames.pxi)."""
+    on: bool = True                # follow the frames; false: relay bytes blind (nginx's way)
+    max_message_size: int = 0      # a message over it closes both ways with 1009; 0: no limit
+    checks: bool = True            # masking and opcode rules (RFC 6455 5.1, 5.2): 1002
+    ping_interval: float = 0.0     # a side silent this long is pinged; 0: never
+    ping_timeout: float = 30.0     # ... and closed with 1011 if its pong is this late
+    ping_to: str = "client"        # "client", "upstream" or "both"
+    close_timeout: float = 5.0     # the proxy's closing handshake waits this long for answers
+
+
 @dataclass(frozen=True, slots=True)
 class LocationConfig:
     path: str
@@ -173,6 +188,7 @@ class LocationConfig:
     forwarded_headers: str = "append"  # "replace": an untrusted client's are not believed
     limit_conn: tuple["LimitRule", ...] = ()   # nginx's limit_conn, limit_req, in order
     limit_req: tuple["LimitRule", ...] = ()
+    frames: FramesConfig = FramesConfig()
     limit_conn_status: int = 503
     limit_req_status: int = 503
 
@@ -247,6 +263,7 @@ class Config:
     max_pipes: int = 0  # 0: worker_connections / 2
     pid: str | None = None
     shutdown_timeout: float = 0.0  # 0: old workers wait for their tunnels to end (nginx's default)
+    close_spread: float = 1.0  # a shutdown's closing handshakes are spread over this long
     handover: bool = True  # on reload, old workers pass their tunnels to the new ones
     error_log: Any = None  # accesslog.ErrorLogConfig
     user: tuple[str, str] | None = None  # workers run as this user and group
@@ -680,6 +697,7 @@ def _read_location(source: str, table: Any, where: str, implicit: dict[str, Upst
     spread = r.duration("lifetime_spread", 0.0)
     if spread and (not lifetime or spread >= lifetime):
         raise r.fail("lifetime_spread", "is a part of max_tunnel_lifetime (smaller than it)")
+    frames = _read_frames(r)
     tries = _positive_int(r, "next_upstream_tries", 0)
     next_timeout = r.duration("next_upstream_timeout", 0.0)
     set_headers = _read_set_headers(r)
@@ -731,7 +749,30 @@ def _read_location(source: str, table: Any, where: str, implicit: dict[str, Upst
                           noregex=regex is None and raw_path.startswith("^~"), regex=regex,
                           caseless=modifier == "~*", proxy_pass_template=pass_template,
                           access=access, origins=origins, origin_missing=origin_missing,
-                          forwarded_headers=forwarded)
+                          forwarded_headers=forwarded, frames=frames)
+
+
+def _read_frames(r: "_Reader") -> FramesConfig:
+    on = r.get("frames", bool, True)
+    size = r.size("max_message_size", 0)
+    if size >= 1 << 32:
+        raise r.fail("max_message_size", "must be below 4g")
+    checks = r.get("frame_checks", bool, True)
+    interval = r.duration("ping_interval", 0.0)
+    timeout = r.duration("ping_timeout", 30.0)
+    if interval and timeout <= 0:
+        raise r.fail("ping_timeout", "must be greater than zero")
+    ping_to = r.get("ping_to", str, "client")
+    if ping_to not in PING_TO:
+        raise r.fail("ping_to", f"expected one of {', '.join(PING_TO)}, not {ping_to!r}")
+    close_timeout = r.duration("close_timeout", 5.0)
+    if close_timeout <= 0:
+        raise r.fail("close_timeout", "must be greater than zero")
+    if not on:
+        for key in ("max_message_size", "ping_interval"):
+            if key in r.table and r.table[key]:
+                raise r.fail(key, "needs frames = true (a blind tunnel does not see messages)")
+    return FramesConfig(on, size, checks, interval, timeout, ping_to, close_timeout)
 
 
 _ORIGIN = re.compile(r"(https?)://(\*\.)?([a-z0-9-]+(?:\.[a-z0-9-]+)*|\[[0-9a-f:.]+\])"
@@ -1068,6 +1109,7 @@ def _from_dict(r: _Reader, source: str) -> Config:
     pid = r.get("pid", str, None)
     user = r.convert("user", _user, None)
     shutdown_timeout = r.duration("shutdown_timeout", 0.0)
+    close_spread = r.duration("close_spread", 1.0)
     handover = r.get("handover", bool, True)
     error_log = accesslog.read_error_log(source, r.get("error_log", (str, dict), None))
     logs = (accesslog.read_formats(source, r.get("log_format", dict, None)), None)
@@ -1099,7 +1141,7 @@ def _from_dict(r: _Reader, source: str) -> Config:
     r.finish()
     return Config(source, tuple(upstreams) + tuple(implicit.values()), servers, processes,
                   worker_connections, pipe_size, max_pipes, pid, shutdown_timeout,
-                  handover, error_log, user, files=(source,))
+                  close_spread, handover, error_log, user, files=(source,))
 
 
 def _user(value: Any) -> tuple[str, str]:

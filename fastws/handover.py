@@ -202,7 +202,7 @@ async def hand_over(w: "Worker") -> None:
             await asyncio.sleep(0.05)
     if sock is None:
         log.error("the new worker cannot take the tunnels; draining them here")
-        await w.drain_then_stop()
+        await w.drain_then_stop("reload")
         return
     moved = in_flight = 0
     broken = False
@@ -224,7 +224,7 @@ async def hand_over(w: "Worker") -> None:
         sock.close()
     log.info("%d tunnels handed to the new workers (%d bytes in flight)", moved, in_flight)
     if w.engine.active:
-        await w.drain_then_stop()
+        await w.drain_then_stop("reload")
     else:
         w.finish()
 

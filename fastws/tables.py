@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from . import accesslog, balancer, limits, tls
-from .config import Config, LocationConfig, ServerBlock
+from .config import PING_TO, Config, FramesConfig, LocationConfig, ServerBlock
 from .variables import Template
 
 # The engine's constants (engine/... and includes/consts.pxi).
@@ -101,6 +101,9 @@ class LocationTable:
     limits: list[tuple[int, int, int, int]] = field(default_factory=list)
     limit_conn_status: int = 503
     limit_req_status: int = 503
+    # WebSocket frames (engine/frames.pxi): on, max message, checks, ping interval, ping
+    # timeout, ping_to (1 client, 2 upstream, 3 both), close timeout
+    frames: tuple[bool, int, bool, float, float, int, float] = (False, 0, True, 0.0, 30.0, 1, 5.0)
 
 
 @dataclass
@@ -358,7 +361,12 @@ def _location(loc: LocationConfig, groups: dict[str, int], logs: _Logs,
         [(zones[r.zone], 1, r.max * 1000, NODELAY if r.delay is None else r.delay * 1000)
          for r in loc.limit_req]
         + [(zones[r.zone], 0, r.max, 0) for r in loc.limit_conn],
-        loc.limit_conn_status, loc.limit_req_status)
+        loc.limit_conn_status, loc.limit_req_status, _frames(loc.frames))
+
+
+def _frames(f: "FramesConfig") -> tuple[bool, int, bool, float, float, int, float]:
+    return (f.on, f.max_message_size, f.checks, f.ping_interval, f.ping_timeout,
+            PING_TO[f.ping_to], f.close_timeout)
 
 
 NODELAY = 1 << 60                    # limit_req nodelay: no excess is ever delayed

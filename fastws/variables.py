@@ -70,6 +70,14 @@ _TABLE: tuple[tuple[str, int], ...] = (
     ("upstream_bytes_received", LOG),
     ("tunnel", LOG),
     ("tunnel_close", LOG),
+    # a WebSocket tunnel that follows its frames (engine/frames.pxi), on its close line
+    ("ws_close_code", LOG),       # the first close frame's code (1006: none either way)
+    ("ws_close_reason", LOG),     # that code's name (RFC 6455 7.4.1): normal, going_away, ...
+    ("ws_closed_by", LOG),        # who sent that close frame, or ended the stream: client,
+                                  # upstream or proxy
+    ("ws_messages_in", LOG),      # data messages from the client
+    ("ws_messages_out", LOG),     # data messages to the client
+    ("ws_pings", LOG),            # pings the proxy sent (either way)
 )
 
 NUMBERS: dict[str, int] = {name: i for i, (name, _) in enumerate(_TABLE)}

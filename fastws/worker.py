@@ -261,10 +261,23 @@ class Worker:
         if self._stopped is not None and not self._stopped.done():
             self._stopped.set_result(None)
 
-    async def drain_then_stop(self) -> None:
+    async def drain_then_stop(self, why: str = "shutdown") -> None:
         # nginx's graceful stop: no new connection; the ones open end by themselves, or when
-        # shutdown_timeout (worker_shutdown_timeout) has passed.
+        # shutdown_timeout (worker_shutdown_timeout) has passed.  WebSocket tunnels that follow
+        # their frames are not waited for: the proxy closes them politely, at frame boundaries
+        # (1001 going away on a shutdown, 1012 service restart on a reload), spread over
+        # close_spread so that their clients do not all reconnect at once.
         timeout = self.config.shutdown_timeout
+        spread = self.config.close_spread
+        if timeout:
+            spread = min(spread, timeout / 2)   # the handshakes end before shutdown_timeout
+        # (a reload with handover = false keeps nginx's way: the old worker relays its
+        # tunnels until they end)
+        reloaded = self.master and self.board.slots[0].generation > self.stats.generation
+        if why == "reload" or not reloaded:
+            n = self.engine.goodbye(1012 if why == "reload" else 1001, spread, why)
+            if n:
+                log.info("closing %d WebSocket tunnels (%s) over %gs", n, why, spread)
         deadline = time.monotonic() + timeout if timeout else float("inf")
         while self.engine.active and not self.stopped:
             if time.monotonic() >= deadline:

@@ -227,7 +227,7 @@ def http_config(port: int, upstream: str, *, keepalive: int = 0, server: dict[st
     loc.update(location)
     srv: dict[str, Any] = {"listen": [f"127.0.0.1:{port}"]}
     srv.update(server or {})
-    srv["location"] = [loc, {"path": "/ws", "proxy_pass": "backend"},
+    srv["location"] = [loc, {"path": "/ws", "proxy_pass": "backend", "frames": False},
                        {"path": "= /status", "status": "json"}]
     return {"upstream": [up], "server": [srv]}
 

@@ -215,6 +215,55 @@ def ws_accept(key: bytes) -> bytes:
     return base64.b64encode(hashlib.sha1(key + WS_GUID).digest())
 
 
+def ws_frame(payload: bytes, opcode: int = 1, mask: bool = True, fin: bool = True) -> bytes:
+    """One WebSocket frame (RFC 6455 5.2), masked as a client sends it unless `mask` is false."""
+    n = len(payload)
+    head = bytes([(0x80 if fin else 0) | opcode])
+    bit = 0x80 if mask else 0
+    if n < 126:
+        head += bytes([bit | n])
+    elif n < 65536:
+        head += bytes([bit | 126]) + n.to_bytes(2, "big")
+    else:
+        head += bytes([bit | 127]) + n.to_bytes(8, "big")
+    if not mask:
+        return head + payload
+    key = os.urandom(4)
+    return head + key + bytes(b ^ key[i & 3] for i, b in enumerate(payload))
+
+
+def ws_read_frame(s: socket.socket, buf: bytes = b"") -> tuple[int, bytes, bytes] | None:
+    """The next frame from `s` (`buf`: bytes already read): opcode, payload (unmasked), what
+    was read past it; None at EOF."""
+    def need(n: int) -> bool:
+        nonlocal buf
+        while len(buf) < n:
+            data = s.recv(65536)
+            if not data:
+                return False
+            buf += data
+        return True
+    if not need(2):
+        return None
+    n, at = buf[1] & 0x7f, 2
+    if n >= 126:
+        size = 2 if n == 126 else 8
+        if not need(at + size):
+            return None
+        n, at = int.from_bytes(buf[at:at + size], "big"), at + size
+    key = b""
+    if buf[1] & 0x80:
+        if not need(at + 4):
+            return None
+        key, at = buf[at:at + 4], at + 4
+    if not need(at + n):
+        return None
+    payload = buf[at:at + n]
+    if key:
+        payload = bytes(b ^ key[i & 3] for i, b in enumerate(payload))
+    return buf[0] & 0x0f, payload, buf[at + n:]
+
+
 def upgrade_request(path: str = "/ws", host: str = "example.com", key: bytes | None = None,
                     extra: str = "") -> bytes:
     key = key or ws_key()
@@ -293,10 +342,13 @@ def raw_echo_handler(conn: socket.socket, backend: RawBackend) -> None:
 
 
 class EchoBackend:
-    """A `websockets` echo server in its own thread; records each request's headers in order."""
+    """A `websockets` echo server in its own thread; records each request's headers in order,
+    and the close code and reason each connection ended with as the server saw them."""
 
-    def __init__(self) -> None:
+    def __init__(self, compression: str | None = None) -> None:
+        self.compression = compression
         self.requests: list[list[tuple[str, str]]] = []
+        self.closes: list[tuple[int | None, str | None]] = []
         self._ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Future[None] | None = None
@@ -321,13 +373,15 @@ class EchoBackend:
                     await ws.send(message)
             except ConnectionClosed:
                 pass
+            await ws.wait_closed()
+            self.closes.append((ws.close_code, ws.close_reason))
 
         def record(connection: Any, request: Any) -> None:
             self.requests.append(list(request.headers.raw_items()))
 
         self._loop = asyncio.get_running_loop()
         self._stop = self._loop.create_future()
-        async with serve(echo, sock=self.sock, max_size=None, compression=None,
+        async with serve(echo, sock=self.sock, max_size=None, compression=self.compression,
                          process_request=record, ping_interval=None):
             self._ready.set()
             await self._stop
@@ -381,9 +435,13 @@ class NamedBackend:
                         key = named["sec-websocket-key"].encode()
                         conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket"
                                      b"\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: "
-                                     + ws_accept(key) + b"\r\n\r\n" + buf)
-                        while data := conn.recv(65536):
-                            conn.sendall(data)
+                                     + ws_accept(key) + b"\r\n\r\n")
+                        # each message echoed, unmasked as a server sends it
+                        while (frame := ws_read_frame(conn, buf)) is not None:
+                            opcode, payload, buf = frame
+                            conn.sendall(ws_frame(payload, opcode, mask=False))
+                            if opcode == 8:
+                                return
                         return
                     body = self.name.encode()
                     conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n"

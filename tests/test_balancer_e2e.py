@@ -23,7 +23,7 @@ import websockets.asyncio.server as websockets_server
 
 from fastws.balancer import build_upstreams
 from fastws.config import load
-from support import to_toml
+from support import to_toml, ws_frame, ws_read_frame
 from balancer_support import Ctx, start
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -290,19 +290,17 @@ def test_sticky_cookie_keeps_a_client_on_its_server(tmp_path: Path) -> None:
             s.sendall(upgrade_request(path="/socket.io/", extra=f"Cookie: {value}\r\n"))
             head, _ = read_head(s)
             assert head.startswith(b"HTTP/1.1 101") and b"Set-Cookie" not in head
-            s.sendall(b"echo")
-            assert s.recv(4) == b"echo"
+            s.sendall(ws_frame(b"echo"))
+            assert ws_read_frame(s)[:2] == (1, b"echo")
         assert servers[int(chosen[1])].heads[-1][0].startswith("GET /socket.io/")
         # a WebSocket client without the cookie gets it with its 101, then relays as usual
         with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-            s.sendall(upgrade_request(path="/ws") + b"early")
+            s.sendall(upgrade_request(path="/ws") + ws_frame(b"early"))
             head, rest = read_head(s)
             assert head.startswith(b"HTTP/1.1 101") and head.endswith(b"\r\n\r\n")
             cookies = [line for line in head.split(b"\r\n") if line.startswith(b"Set-Cookie")]
             assert len(cookies) == 1 and cookies[0].startswith(b"Set-Cookie: srv=")
-            while len(rest) < 5:
-                rest += s.recv(100)
-            assert rest == b"early"
+            assert ws_read_frame(s, rest)[:2] == (1, b"early")
         # a cookie naming no server (or garbage) is balanced and replaced
         name, cookie = _get(port, "/", "srv=" + "0" * 32)
         assert cookie is not None and cookie.startswith(f"srv={sticky_id(servers[int(name[1])].address)}")

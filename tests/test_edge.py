@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from support import (NamedBackend, RawBackend, free_port, raw_exchange, read_all, read_head,
-                     upgrade_request, wait_until, ws_accept)
+                     upgrade_request, wait_until, ws_accept, ws_frame, ws_read_frame)
 from test_tls import client_context, write_cert
 
 V2_SIG = b"\r\n\r\n\x00\r\nQUIT\n"
@@ -38,7 +38,7 @@ def pp_config(port: int, backend: str, **server: Any) -> dict[str, Any]:
     block = {"listen": [f"127.0.0.1:{port}", f"[::1]:{port}"], "proxy_protocol": True,
              "real_ip": {"from": ["127.0.0.0/8", "::1"], "header": "proxy_protocol"},
              "client_header_timeout": "1s",
-             "location": [{"path": "/", "proxy_pass": "b",
+             "location": [{"path": "/", "proxy_pass": "b", "frames": False,   # raw bytes
                            "set_headers": {"X-PP": "$proxy_protocol_addr:$proxy_protocol_port "
                                                    "$proxy_protocol_server_addr:"
                                                    "$proxy_protocol_server_port"}}]}
@@ -367,8 +367,8 @@ def test_a_handed_over_tunnel_keeps_its_limit_conn_count(make_proxy, tmp_path: P
     proxy.path.write_text(to_toml(config))
     os.kill(proxy.pid, signal.SIGHUP)
     wait_until(lambda: {w["generation"] for w in proxy.status()["workers"]} == {2})
-    held.sendall(b"still here")
-    assert held.recv(100) == b"still here"
+    held.sendall(ws_frame(b"still here"))
+    assert ws_read_frame(held)[:2] == (1, b"still here")
     code, s = handshake("127.0.0.1", port, "127.0.0.7")
     s.close()
     assert code == 503                       # the tunnel still counts, in the new workers

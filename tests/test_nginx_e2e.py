@@ -28,7 +28,7 @@ import trustme
 
 from nginx_support import Nginx, Site, render
 from support import NamedBackend as Backend
-from support import Proxy, free_port, read_all, read_head, wait_until, ws_accept
+from support import Proxy, free_port, read_all, read_head, wait_until, ws_accept, ws_frame
 
 Head = tuple[str, tuple[tuple[str, str], ...]]   # request line, sorted (name, value) pairs
 
@@ -89,8 +89,9 @@ def run_requests(port: int, requests: list[Request],
                 status = int(head.split(b" ")[1])
                 echoed = rest
                 if status == 101:
-                    s.sendall(b"ping-" + path.encode())
-                    while len(echoed) < 5 + len(path):
+                    # a WebSocket message, masked as a client's; the backend echoes it unmasked
+                    s.sendall(ws_frame(b"ping-" + path.encode()))
+                    while len(echoed) < 2 + 5 + len(path):
                         data = s.recv(65536)
                         if not data:
                             break

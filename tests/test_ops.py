@@ -40,7 +40,8 @@ def ops_config(tmp: Path, port: int, backend: str, *, body: str = "v1",
     config["server"] = [{
         "listen": [f"127.0.0.1:{port}"],
         "location": [
-            {"path": "/ws", "proxy_pass": "backend"},
+            # the tests speak raw bytes through the tunnels: relayed blind
+            {"path": "/ws", "proxy_pass": "backend", "frames": False},
             {"path": "/", "return": [200, body]},
             {"path": "= /nginx_status", "stub_status": True, "access_log": False},
             {"path": "= /status", "status": "json", "access_log": False},
@@ -456,7 +457,7 @@ def test_access_log_of_a_tunnel_and_of_a_plain_request(make_proxy, tmp_path, por
     json_log = tmp_path / "tunnels.jsonl"
     config = ops_config(tmp_path, port, backend.address, processes=1)
     config["server"][0]["location"].append(
-        {"path": "/json/ws", "proxy_pass": "backend",
+        {"path": "/json/ws", "proxy_pass": "backend", "frames": False,
          "access_log": {"path": str(json_log), "format": "json", "open": True}})
     proxy = make_proxy(config, port=port)
     access = tmp_path / "access.log"
@@ -828,7 +829,7 @@ def test_idle_timeout_counts_both_ways_and_lifetime_ends_tunnels(make_proxy, tmp
     config["server"][0]["location"][0].update(idle_timeout="1s", read_timeout="1h")
     config["server"][0]["location"].append(
         {"path": "/short", "proxy_pass": "backend", "max_tunnel_lifetime": "1s",
-         "lifetime_spread": "500ms"})
+         "lifetime_spread": "500ms", "frames": False})
     proxy = make_proxy(config, port=port)
     # the client's bytes keep a tunnel alive although the upstream never answers
     # (nginx's proxy_read_timeout would count only the upstream's)

@@ -55,7 +55,8 @@ def tls_config(port: int, status_port: int, tls: dict[str, Any], upstream: str,
         "upstream": [{"name": "backend", "servers": [upstream]}],
         "server": [
             {"listen": [f"127.0.0.1:{port}"], "server_name": ["localhost"], "tls": tls, **server,
-             "location": [{"path": "/ws", "proxy_pass": "backend"},
+             # the tests speak raw bytes through the tunnels: relayed blind
+             "location": [{"path": "/ws", "proxy_pass": "backend", "frames": False},
                           {"path": "/hello", "return": [200, "hello over tls"]},
                           {"path": "= /status", "status": "json"}]},
             {"listen": [f"127.0.0.1:{status_port}"],
@@ -305,7 +306,7 @@ def upstream_config(port: int, backend: TLSBackend, tls: Any) -> dict[str, Any]:
     return {
         "upstream": [{"name": "backend", "servers": [backend.address], "tls": tls}],
         "server": [{"listen": [f"127.0.0.1:{port}"],
-                    "location": [{"path": "/ws", "proxy_pass": "backend"}]}],
+                    "location": [{"path": "/ws", "proxy_pass": "backend", "frames": False}]}],
     }
 
 

@@ -127,7 +127,7 @@ def test_early_bytes_both_ways_are_delivered_first(make_proxy, port, relay):
         raw_echo_loop(conn)
 
     backend = RawBackend(handler)
-    make_proxy(ws_config(port, backend.address, relay=relay), port=port)
+    make_proxy(ws_config(port, backend.address, frames=False, relay=relay), port=port)
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         s.sendall(upgrade_request() + b"client-early|")   # frames sent before the 101
         head, rest = read_head(s)
@@ -252,7 +252,7 @@ def test_half_close_propagates(make_proxy, port, relay):
         conn.shutdown(socket.SHUT_WR)
 
     backend = RawBackend(handler)
-    make_proxy(ws_config(port, backend.address, relay=relay), port=port)
+    make_proxy(ws_config(port, backend.address, frames=False, relay=relay), port=port)
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         s.sendall(upgrade_request())
         head, rest = read_head(s)
@@ -266,7 +266,7 @@ def test_half_close_propagates(make_proxy, port, relay):
 
 def test_read_timeout_closes_a_silent_tunnel_but_not_a_busy_one(make_proxy, port):
     backend = RawBackend(raw_echo_handler)
-    proxy = make_proxy(ws_config(port, backend.address, read_timeout="700ms"), port=port)
+    proxy = make_proxy(ws_config(port, backend.address, frames=False, read_timeout="700ms"), port=port)
     with socket.create_connection(("127.0.0.1", port), timeout=10) as busy, \
             socket.create_connection(("127.0.0.1", port), timeout=10) as idle:
         for s in (busy, idle):
@@ -297,7 +297,7 @@ def test_send_timeout_closes_a_tunnel_whose_client_does_not_read(make_proxy, por
             backend.received.append(b"closed")
 
     backend = RawBackend(flood)
-    proxy = make_proxy(ws_config(port, backend.address, send_timeout="500ms"), port=port)
+    proxy = make_proxy(ws_config(port, backend.address, frames=False, send_timeout="500ms"), port=port)
     s = socket.create_connection(("127.0.0.1", port), timeout=10)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     s.sendall(upgrade_request())
@@ -355,7 +355,7 @@ def test_connect_timeout_is_504(make_proxy, port):
         "short-key", "no-location", "long-line", "big-head"])
 def test_bad_requests_get_a_clear_status(make_proxy, port, request_bytes, status):
     backend = RawBackend(raw_echo_handler)
-    config = ws_config(port, backend.address)
+    config = ws_config(port, backend.address, frames=False)
     config["server"][0]["location"][0]["path"] = "/ws"
     make_proxy(config, port=port)
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
@@ -397,7 +397,7 @@ def test_200_concurrent_tunnels(make_proxy, echo_backend, port):
 
 def test_no_fd_left_behind_after_1000_tunnels(make_proxy, port):
     backend = RawBackend(raw_echo_handler)
-    proxy = make_proxy(ws_config(port, backend.address), port=port)
+    proxy = make_proxy(ws_config(port, backend.address, frames=False), port=port)
     proxy.status()
     time.sleep(0.3)          # let the status request's connection finish closing
     before = proxy.fds()
@@ -512,7 +512,7 @@ def test_valid_101_variants_are_tunnelled(make_proxy, port, answer):
         raw_echo_loop(conn)
 
     backend = RawBackend(handler)
-    make_proxy(ws_config(port, backend.address), port=port)
+    make_proxy(ws_config(port, backend.address, frames=False), port=port)
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         s.sendall(upgrade_request())
         head, rest = read_head(s)

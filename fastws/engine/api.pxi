@@ -27,6 +27,7 @@ cdef class Engine:
     cdef int _nformats
     cdef bint loaded
     cdef bint stopped
+    cdef dict _policies               # adopted tunnels' TunnelPolicy, by value: address
 
     def __cinit__(self, object control=None, *, int pipe_size=262144, int max_pipes=1024,
                   int bufsize=65536, int worker_connections=4096, int log_level=20,
@@ -62,6 +63,7 @@ cdef class Engine:
         self._status_formats = []
         self._access_logs = []
         self._format_specs = []
+        self._policies = {}
         e.epfd = _errcheck(epoll_create1(EPOLL_CLOEXEC))
         e.tio.kind = IO_TIMER
         e.tio.fd = _errcheck(timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC))
@@ -261,7 +263,10 @@ cdef class Engine:
             loc.connect_timeout = spec.connect_timeout
             loc.send_timeout = spec.send_timeout
             loc.read_timeout = spec.read_timeout
-            loc.idle_timeout = spec.idle_timeout
+            loc.tunnel.idle_timeout = spec.idle_timeout
+            (loc.tunnel.frames, loc.tunnel.max_message, loc.tunnel.checks,
+             loc.tunnel.ping_interval, loc.tunnel.ping_timeout, loc.tunnel.ping_to,
+             loc.tunnel.close_timeout) = spec.frames
             loc.max_lifetime = spec.max_lifetime
             loc.lifetime_spread = spec.lifetime_spread
             loc.next_upstream_tries = spec.next_upstream_tries
@@ -543,6 +548,38 @@ cdef class Engine:
         with nogil:
             engine_reap(self.e)
 
+    def goodbye(self, int code, double spread, str why="shutdown"):
+        """Begin a closing handshake (close `code`: 1001 going away, 1012 service restart) on
+        each WebSocket tunnel that follows its frames, each at a random moment within `spread`
+        seconds so that the clients do not all reconnect at once; the number of tunnels."""
+        cdef Eng *e = self.e
+        cdef Conn *c
+        cdef Conn *nxt
+        cdef double at
+        cdef int n = 0
+        cdef int reason = CLOSE_RELOAD if why == "reload" else CLOSE_SHUTDOWN
+        e.now = fastws_monotonic()
+        e.wall = fastws_realtime()
+        c = e.all
+        while c != NULL:
+            nxt = c.all_next
+            if c.state == CS_TUNNEL and c.flow[0].mode == FLOW_FRAMES and not ws_closing(c):
+                n += 1
+                if spread > 0:
+                    at = e.now + spread * (rand() / (RAND_MAX + 1.0))
+                    if at < c.end_at:
+                        c.end_at = at
+                    c.ws_code = <unsigned short>code
+                    c.ws_why = <signed char>reason
+                    conn_arm(e, c)
+                else:
+                    with nogil:
+                        ws_goodbye(e, c, code, reason, 1)
+            c = nxt
+        with nogil:
+            engine_reap(e)
+        return n
+
     def stop(self):
         """Close everything now (tunnels with reason "shutdown")."""
         cdef Conn *c
@@ -717,7 +754,10 @@ cdef class Engine:
         t.first_eof = c.first_eof
         t.read_timeout = c.read_timeout
         t.send_timeout = c.send_timeout
-        t.idle_timeout = c.idle_timeout
+        t.idle_timeout = c.tp.idle_timeout
+        t.websocket = c.websocket
+        t.policy = _policy_dict(c.tp)
+        t.frames = _frames_state(c)
         t.lifetime_left = c.end_at - e.now if c.end_at < NEVER else -1.0
         t.relay = _RELAYS[c.relay]
         t.upstream = e.group_names[u.group].decode() if u.group >= 0 else ""
@@ -803,7 +843,8 @@ cdef class Engine:
         c.relay = _RELAYS.index(t.relay)
         c.read_timeout = t.read_timeout
         c.send_timeout = t.send_timeout
-        c.idle_timeout = t.idle_timeout
+        c.tp = self._adopted_policy(t)
+        c.websocket = t.websocket
         c.end_at = e.now + t.lifetime_left if t.lifetime_left >= 0 else NEVER
         c.first_eof = t.first_eof
         c.started = e.now - t.age
@@ -811,6 +852,8 @@ cdef class Engine:
             c.flow[i].mode = FLOW_RAW
             c.flow[i].splicing = c.relay == RELAY_SPLICE
             c.flow[i].last_rx = e.now
+        if t.frames is not None and c.tp.frames:
+            _frames_restore(c, t.frames)
         c.flow[0].nbytes = t.up
         c.flow[1].nbytes = t.down
         for name, h in t.limits or ():
@@ -842,6 +885,28 @@ cdef class Engine:
         conn_set_state(e, c, CS_TUNNEL)
         with nogil:
             tunnel_run(e, c)
+
+    cdef TunnelPolicy *_adopted_policy(self, ExportedTunnel t) except NULL:
+        # The policy an adopted tunnel brought: one per distinct policy, for the engine's life.
+        cdef TunnelPolicy *tp
+        p = t.policy
+        key = (t.idle_timeout, tuple(sorted(p.items())))
+        address = self._policies.get(key)
+        if address is not None:
+            return <TunnelPolicy *><size_t>address
+        tp = <TunnelPolicy *>arena_alloc(&self.arena, sizeof(TunnelPolicy))
+        if tp == NULL:
+            raise MemoryError()
+        tp.idle_timeout = t.idle_timeout
+        tp.frames = p.get("frames", 0)
+        tp.max_message = p.get("max_message", 0)
+        tp.ping_interval = p.get("ping_interval", 0.0)
+        tp.ping_timeout = p.get("ping_timeout", 0.0)
+        tp.close_timeout = p.get("close_timeout", DEFAULT_CLOSE_TIMEOUT)
+        tp.ping_to = p.get("ping_to", 0)
+        tp.checks = p.get("checks", 1)
+        self._policies[key] = <size_t>tp
+        return tp
 
     cdef void _adopt_log(self, Conn *c, AccessLog *al, dict log):
         cdef LogRec *lr = <LogRec *>calloc(1, sizeof(LogRec))
@@ -920,19 +985,8 @@ def regex_problem(str pattern, bint caseless=False):
 
 cdef tuple _RELAYS = ("auto", "splice", "copy")
 
-cdef dict _REASONS = {
-    CLOSE_CLIENT: "client",
-    CLOSE_UPSTREAM: "upstream",
-    CLOSE_CLIENT_ERROR: "client_error",
-    CLOSE_UPSTREAM_ERROR: "upstream_error",
-    CLOSE_READ_TIMEOUT: "read_timeout",
-    CLOSE_SEND_TIMEOUT: "send_timeout",
-    CLOSE_SHUTDOWN: "shutdown",
-    CLOSE_ERROR: "error",
-    CLOSE_EXPORTED: "exported",
-    CLOSE_IDLE_TIMEOUT: "idle_timeout",
-    CLOSE_LIFETIME: "lifetime",
-}
+# tunnels' close reasons by name, as $tunnel_close writes them (log.pxi's close_reason)
+cdef dict _REASONS = {r: close_reason(r).decode() for r in range(-1, -CLOSE_REASONS, -1)}
 
 
 cdef extern from "Python.h":

@@ -221,7 +221,7 @@ cdef void conn_timeout(Eng *e, Conn *c) noexcept nogil:
     elif state == CS_IDLE or state == CS_LINGER or state == CS_ANSWER:
         conn_close(e, c)
     elif state == CS_TUNNEL:
-        tunnel_close(e, c, c.reason if c.reason < 0 else CLOSE_READ_TIMEOUT)
+        tunnel_timeout(e, c)
     elif state == CS_UPSTREAM or state == CS_EXCHANGE:
         exchange_timeout(e, c)
     elif state == CS_TLS:

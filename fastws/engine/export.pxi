@@ -24,9 +24,13 @@ cdef class ExportedTunnel:
     cdef readonly str peer
     cdef readonly object log        # None, or what the tunnel's access log line needs
     cdef readonly list limits       # [zone name, key hash] of each limit_conn count it holds
+    cdef readonly bint websocket
+    cdef readonly dict policy       # its TunnelPolicy, past idle_timeout (frames, pings, ...)
+    cdef readonly list frames       # a tunnel that follows its frames: each flow's tracker
 
     _FIELDS = ("up", "down", "age", "first_eof", "read_timeout", "send_timeout", "idle_timeout",
-               "lifetime_left", "relay", "upstream", "peer", "log", "limits")
+               "lifetime_left", "relay", "upstream", "peer", "log", "limits", "websocket",
+               "policy", "frames")
 
     def header(self):
         """Everything but the fds and the bytes in flight, as plain data (JSON-safe)."""
@@ -55,9 +59,50 @@ cdef class ExportedTunnel:
         t.upstream = header["upstream"]
         t.peer = header["peer"]
         t.limits = header.get("limits", [])
+        t.websocket = header.get("websocket", False)
+        t.policy = header.get("policy") or {}
+        t.frames = header.get("frames")
         log = header.get("log")
         t.log = dict(log, early=log["early"].encode("latin-1")) if log is not None else None
         return t
+
+
+cdef dict _policy_dict(TunnelPolicy *tp):
+    return {"frames": tp.frames, "max_message": tp.max_message,
+            "ping_interval": tp.ping_interval, "ping_timeout": tp.ping_timeout,
+            "close_timeout": tp.close_timeout, "ping_to": tp.ping_to, "checks": tp.checks}
+
+
+cdef list _frames_state(Conn *c):
+    cdef Flow *f
+    if c.flow[0].mode != FLOW_FRAMES:
+        return None
+    out = []
+    for d in range(2):
+        f = &c.flow[d]
+        out.append({"left": f.left, "msg_bytes": f.ws.msg_bytes, "messages": f.ws.messages,
+                    "close_code": f.ws.close_code, "flags": f.ws.flags, "pings": f.ws.pings,
+                    "carry": PyBytes_FromStringAndSize(<char *>f.ws.carry, f.ws.ncarry)
+                    .decode("latin-1")})
+    return out
+
+
+cdef void _frames_restore(Conn *c, list state):
+    cdef Flow *f
+    cdef bytes carry
+    for d in range(2):
+        f = &c.flow[d]
+        s = state[d]
+        f.mode = FLOW_FRAMES
+        f.left = s["left"]
+        f.ws.msg_bytes = s["msg_bytes"]
+        f.ws.messages = s["messages"]
+        f.ws.close_code = s["close_code"]
+        f.ws.flags = s["flags"]
+        f.ws.pings = s["pings"]
+        carry = s["carry"].encode("latin-1")[:sizeof(f.ws.carry)]
+        f.ws.ncarry = len(carry)
+        memcpy(f.ws.carry, <char *>carry, len(carry))
 
 
 cdef bytes _held(Flow *f):

@@ -64,7 +64,15 @@ cdef dict counters_dict(Counters *n):
         "paused": n.paused,
         "log_lines": n.log_lines,
         "proxy_protocol_errors": n.proxy_protocol_errors,
+        "ws_close_codes": {name: n.ws_codes[i] for i, name in enumerate(WS_CODE_NAMES)},
+        "ws_pings": n.ws_pings,
+        "ws_pongs": n.ws_pongs,
+        "ws_goodbyes": n.ws_goodbyes,
     }
+
+
+# the classes of WebSocket close codes the status pages count (WS_CODE_*), by index
+WS_CODE_NAMES = ("1000", "1001", "1002", "1009", "1012", "other", "application", "none")
 
 
 COUNTERS_SIZE = sizeof(Counters)

@@ -5,9 +5,9 @@
 # take is held (copied out of the shared buffer, or left in a pipe) and the source is not read
 # again until it is written: backpressure with at most one read's worth of bytes per flow.
 #
-# In a tunnel (FLOW_RAW) bytes go as they come, by splice(2) through a pipe taken from the pool
-# while bytes are in flight, or by recv/send through the one shared buffer, chosen per flow as
-# HAProxy's splice-auto does; an EOF is passed on as shutdown(SHUT_WR) once the bytes before it
+# In a tunnel (FLOW_RAW; FLOW_FRAMES follows a WebSocket's frames too: frames.pxi) bytes go as
+# they come, by splice(2) through a pipe taken from the pool while bytes are in flight, or by
+# recv/send through the one shared buffer, chosen per flow as HAProxy's splice-auto does; an EOF is passed on as shutdown(SHUT_WR) once the bytes before it
 # are written.  In an exchange a flow carries a body with its framing: a Content-Length body is
 # cut at its length, a chunked body is checked and re-framed in place, a close-delimited
 # response runs to the upstream's EOF; whatever comes past the end belongs to what follows.
@@ -178,7 +178,7 @@ cdef int flow_flush(Eng *e, Conn *c, int d) noexcept nogil:
     if f.pipe != NULL:
         pipe_put(e, f.pipe)
         f.pipe = NULL
-    if f.eof and not f.shut and f.mode == FLOW_RAW:
+    if f.eof and not f.shut and flow_tunnel(f):
         f.shut = 1
         if c.flow[1 - d].shut or (d == 1 and c.websocket):
             # the tunnel ends now (both ways are done, or a WebSocket server closed): close()
@@ -237,6 +237,10 @@ cdef int flow_forward(Eng *e, Conn *c, int d, Py_ssize_t n) noexcept nogil:
     cdef ssize_t w = 0
     cdef int r
     f.last_rx = e.now
+    if f.mode == FLOW_FRAMES:
+        f.nbytes += n - f.ws.ncarry   # (a carried unit was counted when it was read)
+        e.n.bytes_copied += n - f.ws.ncarry
+        return ws_forward(e, c, d, n)
     e.n.bytes_copied += n
     if f.mode != FLOW_RAW:
         r = flow_frame(e, c, d, e.buf, &n)
@@ -259,6 +263,27 @@ cdef int flow_forward(Eng *e, Conn *c, int d, Py_ssize_t n) noexcept nogil:
     return 0
 
 
+cdef int flow_feed(Eng *e, Conn *c, int d, const char *p, Py_ssize_t n) noexcept nogil:
+    # Bytes the flow's source sent before the flow ran (a tunnel's first frames, which came with
+    # a head): on the path a read takes, a buffer's worth at a time.  As flow_forward.
+    cdef Flow *f = &c.flow[d]
+    cdef Py_ssize_t k, m
+    cdef int r, rc = 0
+    while n > 0:
+        k = f.ws.ncarry if f.mode == FLOW_FRAMES else 0
+        if k:
+            memcpy(e.buf, f.ws.carry, k)
+        m = n if n < e.bufsize - k else e.bufsize - k
+        memmove(e.buf + k, p, m)      # (p may be in the shared buffer itself)
+        r = flow_forward(e, c, d, m + k)
+        if r < 0:
+            return r
+        rc |= r
+        p += m
+        n -= m
+    return rc
+
+
 cdef int flow_pump(Eng *e, Conn *c, int d) noexcept nogil:
     # Move what the source has to the destination.  0: done for now, <0: a close reason.
     cdef Flow *f = &c.flow[d]
@@ -266,10 +291,14 @@ cdef int flow_pump(Eng *e, Conn *c, int d) noexcept nogil:
     cdef Io *dst = flow_dst(c, d)
     cdef int r
     cdef ssize_t n
-    cdef Py_ssize_t budget = PUMP_BUDGET
+    cdef Py_ssize_t budget = PUMP_BUDGET, want, k
     r = flow_flush(e, c, d)
     if r != 0:
         return r if r < 0 else 0
+    if f.mode == FLOW_FRAMES and f.ws.flags & FASTWS_WS_STOP and f.left == 0:
+        r = ws_inject(e, c, d)        # the proxy's frame, now that the flow is at a boundary
+        if r != 0:
+            return r if r < 0 else 0
     while src.rd_ready and not f.eof:
         if budget <= 0:
             conn_ready(e, c)          # more to read, and no edge will say so: come back soon
@@ -281,11 +310,31 @@ cdef int flow_pump(Eng *e, Conn *c, int d) noexcept nogil:
                 src.rd_ready = 0
                 src.eof = 1
                 return flow_eof(e, c, d)
-            n = splice(src.fd, NULL, f.pipe.prod, NULL, <size_t>e.pipe_size,
+            want = e.pipe_size
+            if f.mode == FLOW_FRAMES:
+                if f.left == 0:
+                    r = ws_splice_head(e, c, d)
+                    if r == 1:
+                        break
+                    if r == 2:
+                        continue
+                    if r == WS_EOF:
+                        src.rd_ready = 0
+                        src.eof = 1
+                        return flow_eof(e, c, d)
+                    if r < 0:
+                        return r
+                    if not f.splicing:
+                        continue      # the flow copies from now on (the proxy's close went)
+                if f.left < want:
+                    want = <Py_ssize_t>f.left
+            n = splice(src.fd, NULL, f.pipe.prod, NULL, <size_t>want,
                        SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
             e.n.splice_calls += 1
             if n > 0:
-                if n < e.pipe_size:
+                if f.mode == FLOW_FRAMES:
+                    f.left -= n
+                if n < want:
                     if not src.rdhup:
                         src.rd_ready = 0
                     elif not src.rderr:
@@ -321,16 +370,20 @@ cdef int flow_pump(Eng *e, Conn *c, int d) noexcept nogil:
                 f.splicing = 0        # this socket cannot splice: copy from now on
                 continue
             return flow_error(d, True)
-        n = io_recv(e, src, e.buf, e.bufsize)
+        k = 0
+        if f.mode == FLOW_FRAMES and f.ws.ncarry:
+            k = f.ws.ncarry           # a unit the last read cut goes first
+            memcpy(e.buf, f.ws.carry, k)
+        n = io_recv(e, src, e.buf + k, e.bufsize - k)
         e.n.copy_calls += 1
         if n > 0:
             budget -= n
-            r = flow_forward(e, c, d, n)
+            r = flow_forward(e, c, d, n + k)
             if r != 0:
                 return r if r < 0 else 0
             if f.eof:
                 return flow_done(e, c, d)
-            if f.mode == FLOW_RAW and c.relay == RELAY_AUTO and src.ssl == NULL:
+            if flow_tunnel(f) and c.relay == RELAY_AUTO and src.ssl == NULL:
                 if n == e.bufsize:
                     f.streak += 1
                     if f.streak >= COPY_FULL_STREAK:
@@ -356,7 +409,7 @@ cdef int flow_eof(Eng *e, Conn *c, int d) noexcept nogil:
     # any other body ends too soon.
     cdef Flow *f = &c.flow[d]
     cdef int r
-    if f.mode == FLOW_RAW:
+    if flow_tunnel(f):
         f.eof = 1
         if c.first_eof < 0:
             c.first_eof = d

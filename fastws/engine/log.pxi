@@ -336,9 +336,31 @@ cdef void log_var_put(Eng *e, Conn *c, LogRec *lr, int var, fastws_buf *out) noe
     elif var == V_TUNNEL_CLOSE:
         if lr.event == LOG_EVENT_CLOSE:
             buf_add(out, close_reason(lr.reason), <int>strlen(close_reason(lr.reason)))
+    elif var >= V_WS_CLOSE_CODE and var <= V_WS_PINGS:
+        if lr.event == LOG_EVENT_CLOSE and c != NULL and c.flow[0].mode == FLOW_FRAMES:
+            log_ws_var(c, var, out)
+
+
+cdef void log_ws_var(Conn *c, int var, fastws_buf *out) noexcept nogil:
+    cdef const char *s
+    if var == V_WS_CLOSE_CODE:
+        buf_fmt(out, "%d", ws_close_code(c))
+    elif var == V_WS_CLOSE_REASON:
+        s = ws_code_name(ws_close_code(c))
+        buf_add(out, s, <int>strlen(s))
+    elif var == V_WS_CLOSED_BY:
+        s = ws_closed_by(c)
+        buf_add(out, s, <int>strlen(s))
+    elif var == V_WS_MESSAGES_IN:
+        buf_fmt(out, "%u", c.flow[0].ws.messages)
+    elif var == V_WS_MESSAGES_OUT:
+        buf_fmt(out, "%u", c.flow[1].ws.messages)
+    elif var == V_WS_PINGS:
+        buf_fmt(out, "%u", <unsigned int>(c.flow[0].ws.pings + c.flow[1].ws.pings))
 
 
 cdef const char *close_reason(int reason) noexcept nogil:
+    # $tunnel_close: the names of the status pages (api.pxi's _REASONS)
     if reason == CLOSE_CLIENT: return "client"
     if reason == CLOSE_UPSTREAM: return "upstream"
     if reason == CLOSE_CLIENT_ERROR: return "client_error"
@@ -347,6 +369,12 @@ cdef const char *close_reason(int reason) noexcept nogil:
     if reason == CLOSE_SEND_TIMEOUT: return "send_timeout"
     if reason == CLOSE_SHUTDOWN: return "shutdown"
     if reason == CLOSE_EXPORTED: return "exported"
+    if reason == CLOSE_IDLE_TIMEOUT: return "idle_timeout"
+    if reason == CLOSE_LIFETIME: return "lifetime"
+    if reason == CLOSE_WS_PROTOCOL: return "protocol_error"
+    if reason == CLOSE_WS_TOO_BIG: return "message_too_big"
+    if reason == CLOSE_PING_TIMEOUT: return "ping_timeout"
+    if reason == CLOSE_RELOAD: return "reload"
     return "error"
 
 

@@ -27,7 +27,7 @@ cdef void tunnel_start(Eng *e, Conn *c, char *data, int end, int total) noexcept
         c.log.peer = c.up.peer
     c.read_timeout = loc.read_timeout
     c.send_timeout = loc.send_timeout
-    c.idle_timeout = loc.idle_timeout
+    c.tp = &loc.tunnel
     c.end_at = NEVER
     if loc.max_lifetime > 0:
         # a random share of the spread off each tunnel's lifetime: tunnels opened together
@@ -44,30 +44,41 @@ cdef void tunnel_start(Eng *e, Conn *c, char *data, int end, int total) noexcept
         c.flow[i].mode = FLOW_RAW
         c.flow[i].splicing = c.relay == RELAY_SPLICE
         c.flow[i].last_rx = e.now
+    if c.websocket and c.tp.frames:
+        ws_tunnel_start(e, c)
     c.first_eof = -1
     c.started = e.now
     if st != NULL and req.sticky_from != c.up.peer and end >= 4:
-        # the head without its empty line, the Set-Cookie, the empty line and what followed
+        # the head without its empty line, the Set-Cookie, the empty line
         r = flow_hold(e, c, 1, data, end - 2)
         r |= flow_hold(e, c, 1, st.set_head, st.set_head_len)
         r |= flow_hold(e, c, 1, st.ids[c.up.peer], 32)
         r |= flow_hold(e, c, 1, st.attrs, st.attrs_len)
-        r |= flow_hold(e, c, 1, data + end - 2, total - end + 2)
+        r |= flow_hold(e, c, 1, data + end - 2, 2)
         if c.log != NULL:
             c.log.head_sent = total + st.set_head_len + 32 + st.attrs_len
     else:
-        r = flow_hold(e, c, 1, data, total)
+        r = flow_hold(e, c, 1, data, end)
+    if r >= 0 and total > end:
+        # the upstream's first frames (read with the 101)
+        if c.flow[1].mode == FLOW_FRAMES:
+            r = flow_feed(e, c, 1, data + end, total - end)
+        else:
+            r = flow_hold(e, c, 1, data + end, total - end)
+    c.flow[1].blocked_since = 0
+    if r >= 0 and req.early_len:
+        # the client's first frames, held until the 101 was checked: the tunnel's first bytes
+        if c.flow[0].mode == FLOW_FRAMES:
+            r = flow_feed(e, c, 0, req.early, req.early_len)
+        else:
+            c.flow[0].held = req.early
+            c.flow[0].held_len = req.early_len
+            c.flow[0].nbytes = req.early_len
+            req.early = NULL
+            held_count(e, DBG_BUFFERS, 1)
     if r < 0:
         conn_close(e, c)
         return
-    c.flow[1].blocked_since = 0
-    if req.early_len:
-        # the client's first frames, held until the 101 was checked: the tunnel's first bytes
-        c.flow[0].held = req.early
-        c.flow[0].held_len = req.early_len
-        c.flow[0].nbytes = req.early_len
-        req.early = NULL
-        held_count(e, DBG_BUFFERS, 1)
     e.n.tunnels_total += 1
     e.n.tunnels_active += 1
     pr.tunnels_total += 1
@@ -86,7 +97,10 @@ cdef void tunnel_run(Eng *e, Conn *c) noexcept nogil:
     cdef int r = flow_pump(e, c, 0)
     if r == 0:
         r = flow_pump(e, c, 1)
-    if r == 0 and (c.flow[0].shut and c.flow[1].shut or c.websocket and c.flow[1].shut):
+    if r == 0 and ws_closing(c) and ws_goodbye_done(c):
+        r = c.ws_why                  # the proxy's closing handshake is over
+    if r == 0 and (c.flow[0].shut and c.flow[1].shut
+                   or c.websocket and c.flow[1].shut and not ws_closing(c)):
         # Both ways are done; or the upstream of a WebSocket closed and all it sent is with
         # the client: RFC 6455 (7.1.1) has the server close the TCP connection once the closing
         # handshake is over, so nothing the client sends after it has a reader (nginx closes
@@ -104,6 +118,17 @@ cdef double tunnel_deadline(Conn *c) noexcept nogil:
     cdef double d = NEVER
     cdef double t
     cdef int i
+    if ws_closing(c):
+        # the proxy's closing handshake: waited for close_timeout, and writes for send_timeout
+        d = c.t_state + c.tp.close_timeout
+        c.reason = c.ws_why
+        for i in range(2):
+            if c.flow[i].blocked_since > 0:
+                t = c.flow[i].blocked_since + c.send_timeout
+                if t < d:
+                    d = t
+                    c.reason = CLOSE_SEND_TIMEOUT
+        return d
     c.reason = CLOSE_READ_TIMEOUT
     if not c.flow[1].eof:
         if c.flow[1].blocked_since == 0:
@@ -116,17 +141,40 @@ cdef double tunnel_deadline(Conn *c) noexcept nogil:
             if t < d:
                 d = t
                 c.reason = CLOSE_SEND_TIMEOUT
-    if c.idle_timeout > 0:
+    if c.tp.idle_timeout > 0:
         # silence both ways (nginx's proxy_read_timeout counts only the upstream's bytes)
         t = (c.flow[0].last_rx if c.flow[0].last_rx > c.flow[1].last_rx
-             else c.flow[1].last_rx) + c.idle_timeout
+             else c.flow[1].last_rx) + c.tp.idle_timeout
         if t < d:
             d = t
             c.reason = CLOSE_IDLE_TIMEOUT
     if c.end_at < d:
         d = c.end_at
         c.reason = CLOSE_LIFETIME
+    if c.tp.ping_interval > 0 and c.flow[0].mode == FLOW_FRAMES:
+        d = ws_deadline(c, d)
     return d
+
+
+cdef void tunnel_timeout(Eng *e, Conn *c) noexcept nogil:
+    # Its deadline came (tunnel_deadline said why, in c.reason).  A tunnel that follows its
+    # frames pings, or ends with a closing handshake of the proxy's where a blind one closes.
+    cdef int why = c.reason
+    if why == TUNNEL_PING_CLIENT:
+        ws_ping(e, c, 1)
+        return
+    if why == TUNNEL_PING_UPSTREAM:
+        ws_ping(e, c, 0)
+        return
+    if why >= 0:
+        why = CLOSE_READ_TIMEOUT
+    if c.flow[0].mode == FLOW_FRAMES and not ws_closing(c) and why != CLOSE_SEND_TIMEOUT:
+        if why == CLOSE_LIFETIME and c.ws_code:
+            ws_goodbye(e, c, c.ws_code, c.ws_why, 1)     # a shutdown's or a reload's, at its turn
+        else:
+            ws_goodbye(e, c, 1011 if why == CLOSE_PING_TIMEOUT else 1001, why, 1)
+        return
+    tunnel_close(e, c, why)
 
 
 cdef void tunnel_close(Eng *e, Conn *c, int reason) noexcept nogil:
@@ -136,6 +184,8 @@ cdef void tunnel_close(Eng *e, Conn *c, int reason) noexcept nogil:
         conn_close(e, c)
         return
     e.n.closes[-reason] += 1
+    if c.flow[0].mode == FLOW_FRAMES:
+        ws_count_close(e, c)
     e.n.tunnels_active -= 1
     held_count(e, DBG_TUNNELS, -1)
     if u != NULL and u.group >= 0:
@@ -153,7 +203,8 @@ cdef void tunnel_close(Eng *e, Conn *c, int reason) noexcept nogil:
 cdef inline bint tunnel_exportable(Conn *c) noexcept nogil:
     # Only a tunnel whose whole state is its two sockets and its counters can move to another
     # process (state kept in this process's memory, as a TLS session's, cannot).
-    return c.state == CS_TUNNEL and c.up != NULL and c.io.ssl == NULL and c.up.io.ssl == NULL
+    return (c.state == CS_TUNNEL and c.up != NULL and c.io.ssl == NULL and c.up.io.ssl == NULL
+            and not ws_closing(c))
 
 
 cdef int tunnel_detach(Eng *e, Conn *c) noexcept nogil:

@@ -11,6 +11,32 @@ cdef enum:
     CLOSE_EXPORTED = -9          # taken out of the engine whole, to go on in another process
     CLOSE_IDLE_TIMEOUT = -10     # no byte either way for idle_timeout
     CLOSE_LIFETIME = -11         # max_tunnel_lifetime reached
+    CLOSE_WS_PROTOCOL = -12      # a frame broke RFC 6455's rules (1002)
+    CLOSE_WS_TOO_BIG = -13       # a message over max_message_size (1009)
+    CLOSE_PING_TIMEOUT = -14     # no pong came for the proxy's ping (1011)
+    CLOSE_RELOAD = -15           # a reload that could not hand the tunnel over (1012)
+    CLOSE_REASONS = 16           # the size of the tables indexed by -reason
+
+    # a tunnel's deadline that is not a close (tunnel_deadline sets c.reason to it)
+    TUNNEL_PING_CLIENT = 1
+    TUNNEL_PING_UPSTREAM = 2
+
+    # ws_splice_head: the source ended
+    WS_EOF = 3
+
+    # whom a tunnel's pings go to (ping_to)
+    PING_CLIENT = 1
+    PING_UPSTREAM = 2
+
+    # WebSocket close codes by class, as the status pages count them
+    WS_CODE_NORMAL = 0           # 1000
+    WS_CODE_GOING_AWAY = 1       # 1001
+    WS_CODE_PROTOCOL = 2         # 1002
+    WS_CODE_TOO_BIG = 3          # 1009
+    WS_CODE_RESTART = 4          # 1012
+    WS_CODE_OTHER = 5            # the other codes of RFC 6455 and its registry (1003-2999)
+    WS_CODE_APPLICATION = 6      # 3000-4999
+    WS_CODE_NONE = 7             # no close frame either way (1006)
 
     RELAY_AUTO = 0
     RELAY_SPLICE = 1
