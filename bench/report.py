@@ -370,7 +370,7 @@ def frames_cost(summary: dict) -> list[dict]:
     if v is not None and ref is not None:
         add("idle-5k: PSS per tunnel <= frames off + 64 B", v, ref + 64, v <= ref + 64,
             f"frames off {_num(ref)} B (the frame state is in every tunnel's struct, used or not: "
-            "56 B more than before frames existed)")
+            "64 B more than before frames existed)")
     return rows
 
 

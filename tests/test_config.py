@@ -338,6 +338,26 @@ def test_limit_settings():
         assert info.value.key == f"limit_req_zone[0].{key}"
 
 
+def test_frame_settings():
+    loc = config.from_dict(minimal()).servers[0].locations[0]
+    assert loc.frames == config.FramesConfig()           # on, no limit, checked, no pings
+    assert loc.frames.on and loc.frames.checks and not loc.frames.ping_interval
+    loc = config.from_dict(minimal(max_message_size="1m", ping_interval="20s",
+                                   ping_timeout="5s", ping_to="both", close_timeout="2s",
+                                   frame_checks=False)).servers[0].locations[0]
+    assert loc.frames == config.FramesConfig(True, 1 << 20, False, 20.0, 5.0, "both", 2.0)
+    assert config.from_dict(dict(minimal(), close_spread="5s")).close_spread == 5.0
+    for location, key, words in (
+            ({"ping_to": "server"}, "ping_to", "client, upstream, both"),
+            ({"max_message_size": "4g"}, "max_message_size", "below 4g"),
+            ({"close_timeout": "0s"}, "close_timeout", "greater than zero"),
+            ({"frames": False, "ping_interval": "10s"}, "ping_interval", "frames = true"),
+            ({"frames": False, "max_message_size": "1m"}, "max_message_size", "frames = true")):
+        with pytest.raises(ConfigError, match=words) as info:
+            config.from_dict(minimal(**location))
+        assert info.value.key.endswith(f".{key}")
+
+
 # --- robustness: any table is a configuration or one ConfigError, never another exception ----
 
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
@@ -350,7 +370,8 @@ _KEYS = ["server", "upstream", "map", "location", "listen", "path", "proxy_pass"
          "variable", "source", "default", "idle_timeout", "max_tunnel_lifetime",
          "lifetime_spread", "log_format", "access_log", "processes", "user", "error_log",
          "proxy_protocol", "send_proxy_protocol", "limit_conn_zone", "limit_req_zone",
-         "limit_conn", "limit_req", "zone", "rate", "burst", "max"]
+         "limit_conn", "limit_req", "zone", "rate", "burst", "max", "frames",
+         "max_message_size", "ping_interval", "ping_to", "close_spread"]
 _SCALARS = st.one_of(st.sampled_from(["127.0.0.1:8080", "/", "~ ^/a", "= /x", "backend",
                                       "http://backend", "http://$host", "allow all",
                                       "deny 10.0.0.0/8", "60s", "5q", "$uri", "https://*.a",

@@ -313,6 +313,11 @@ cdef int flow_pump(Eng *e, Conn *c, int d) noexcept nogil:
             want = e.pipe_size
             if f.mode == FLOW_FRAMES:
                 if f.left == 0:
+                    if f.ws.flags & FASTWS_WS_STOP and f.pipe.data > 0:
+                        r = flow_flush(e, c, d)   # the proxy's frame goes after these
+                        if r != 0:
+                            return r if r < 0 else 0
+                        continue                  # (the flush gave the empty pipe back)
                     r = ws_splice_head(e, c, d)
                     if r == 1:
                         break
@@ -326,6 +331,14 @@ cdef int flow_pump(Eng *e, Conn *c, int d) noexcept nogil:
                         return r
                     if not f.splicing:
                         continue      # the flow copies from now on (the proxy's close went)
+                # whole frames gather in the pipe (up to its size) while the socket has more;
+                # one that does not fit waits for the pipe to be written out
+                if f.pipe.data > 0 and f.left > want - f.pipe.data:
+                    r = flow_flush(e, c, d)
+                    if r != 0:
+                        return r if r < 0 else 0
+                    continue                      # (the flush gave the empty pipe back)
+                want -= f.pipe.data
                 if f.left < want:
                     want = <Py_ssize_t>f.left
             n = splice(src.fd, NULL, f.pipe.prod, NULL, <size_t>want,
@@ -334,6 +347,17 @@ cdef int flow_pump(Eng *e, Conn *c, int d) noexcept nogil:
             if n > 0:
                 if f.mode == FLOW_FRAMES:
                     f.left -= n
+                    if n == want and f.left == 0 and f.pipe.data + n < e.pipe_size \
+                            and budget > n:
+                        # a whole frame is in and the socket has more: the next one joins it
+                        # before the pipe is written out (one splice out for several frames)
+                        f.pipe.data += n
+                        f.nbytes += n
+                        f.last_rx = e.now
+                        e.n.bytes_spliced += n
+                        budget -= n
+                        f.streak = 0
+                        continue
                 if n < want:
                     if not src.rdhup:
                         src.rd_ready = 0
@@ -348,7 +372,7 @@ cdef int flow_pump(Eng *e, Conn *c, int d) noexcept nogil:
                 r = flow_flush(e, c, d)
                 if r != 0:
                     return r if r < 0 else 0
-                if n < SPLICE_SMALL:
+                if n < SPLICE_SMALL and n < want:   # (not a frame's end that was asked for)
                     f.streak += 1
                     if c.relay == RELAY_AUTO and f.streak >= SPLICE_SMALL_STREAK:
                         f.splicing = 0
@@ -364,6 +388,12 @@ cdef int flow_pump(Eng *e, Conn *c, int d) noexcept nogil:
             if errno == EINTR:
                 continue
             if errno == EAGAIN:
+                if f.pipe.data > 0:
+                    # frames gathered: the pipe may be what is full, not the socket empty
+                    r = flow_flush(e, c, d)
+                    if r != 0:
+                        return r if r < 0 else 0
+                    continue
                 src.rd_ready = 0
                 break
             if errno == EINVAL or errno == ENOSYS:
@@ -398,6 +428,10 @@ cdef int flow_pump(Eng *e, Conn *c, int d) noexcept nogil:
         if n == -EAGAIN:
             break
         return flow_error(d, True)
+    if f.pipe != NULL and f.pipe.data > 0:
+        r = flow_flush(e, c, d)       # frames gathered in the pipe
+        if r < 0:
+            return r
     if f.pipe != NULL and f.pipe.data == 0:
         pipe_put(e, f.pipe)
         f.pipe = NULL
