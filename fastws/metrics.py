@@ -297,6 +297,18 @@ def prometheus(data: dict[str, Any]) -> str:
     metric("proxy_protocol_errors_total", "counter",
            "Connections closed for an invalid or missing PROXY protocol header.",
            [("", e["proxy_protocol_errors"])])
+    metric("tunnels_closed_total", "counter", "Tunnels closed, by reason ($tunnel_close).",
+           [(f'{{reason="{r}"}}', n) for r, n in e["closes"].items()])
+    metric("websocket_close_codes_total", "counter",
+           "WebSocket tunnels that followed their frames, by the class of their close code.",
+           [(f'{{code="{k}"}}', n) for k, n in e["ws_close_codes"].items()])
+    metric("websocket_pings_total", "counter", "Pings the proxy sent on WebSocket tunnels.",
+           [("", e["ws_pings"])])
+    metric("websocket_pongs_total", "counter", "Pongs to the proxy's pings, taken back.",
+           [("", e["ws_pongs"])])
+    metric("websocket_proxy_closes_total", "counter",
+           "Closing handshakes the proxy began (shutdown, reload, timeouts, limits).",
+           [("", e["ws_goodbyes"])])
     zones = [(f'{{zone="{_label(name)}",kind="{z["kind"]}"', z)
              for name, z in data["limits"].items()]
     metric("limit_requests_total", "counter", "Requests checked by a limit zone, by result.",

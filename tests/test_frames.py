@@ -170,6 +170,7 @@ def frames_config(tmp: Path, port: int, upstream: str, **location: Any) -> dict[
     config["server"][0]["location"][0]["access_log"] = {"path": str(tmp / "ws.log"),
                                                         "format": "ws"}
     config["close_spread"] = "0s"
+    config["server"][0]["location"].append({"path": "= /metrics", "status": "prometheus"})
     return config
 
 
@@ -380,6 +381,14 @@ def test_a_tunnel_closed_by_the_client_logs_its_code(make_proxy, server, tmp_pat
     codes = status(port)["ws_close_codes"]
     assert codes["application"] == 1 and sum(codes.values()) == 1
     assert server.closes == [(4001, "done")]
+    # the same on the Prometheus page, as a scraper reads it
+    from prometheus_client.parser import text_string_to_metric_families
+    code, body = http_get("127.0.0.1", port, "/metrics")
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(body.decode())
+               for s in family.samples}
+    assert samples[("fastws_websocket_close_codes_total", (("code", "application"),))] == 1
+    assert samples[("fastws_tunnels_closed_total", (("reason", "upstream"),))] == 1
 
 
 def test_wss_tunnels_follow_their_frames_too(make_proxy, server, tmp_path, port):
