@@ -496,6 +496,25 @@ def test_fastws_own_directives_for_tunnel_idleness_and_lifetime(tmp_path: Path) 
     assert message.startswith(f"{tmp_path}/nginx.conf:6: \"websocket_max_lifetime\": "), message
 
 
+def test_fastws_own_directives_for_websocket_frames(tmp_path: Path) -> None:
+    from fastws.config import FramesConfig
+    cfg = load(str(write(tmp_path, "websocket_close_spread 3s;\n" + http(
+        "upstream backend { server 127.0.0.1:9001; }\nwebsocket_ping 20s 5s both;\n"
+        "server { listen 127.0.0.1:8080;\n"
+        "  location /ws { proxy_pass http://backend; websocket_max_message_size 1m;\n"
+        "    websocket_frame_checks off; websocket_close_timeout 2s; }\n"
+        "  location /raw { proxy_pass http://backend; websocket_frames off; } }"))))
+    ws, raw = cfg.servers[0].locations
+    assert ws.frames == FramesConfig(True, 1 << 20, False, 20.0, 5.0, "both", 2.0)
+    assert not raw.frames.on and raw.frames.ping_interval == 0     # inherited, moot when blind
+    assert cfg.close_spread == 3.0
+    message = error_of(tmp_path, http("upstream backend { server 127.0.0.1:9001; }\n"
+                                      "server { listen 127.0.0.1:8080; location / {\n"
+                                      "proxy_pass http://backend;\n"
+                                      "websocket_ping 10s sometimes; } }"))
+    assert message.startswith(f"{tmp_path}/nginx.conf:6: \"websocket_ping\": "), message
+
+
 # --- robustness: any text gives a configuration or one ConfigError, never another exception --
 
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402

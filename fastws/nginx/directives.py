@@ -275,6 +275,13 @@ SPECS: dict[str, Spec] = {
     "websocket_idle_timeout": _use(HSL, 1),
     "forwarded_headers": _use(HSL, 1),
     "websocket_max_lifetime": _use(HSL, 1, 2),
+    # ... and the frames of WebSocket tunnels (docs/websocket.md)
+    "websocket_frames": _use(HSL, 1),
+    "websocket_frame_checks": _use(HSL, 1),
+    "websocket_max_message_size": _use(HSL, 1),
+    "websocket_ping": _use(HSL, 1, 3),
+    "websocket_close_timeout": _use(HSL, 1),
+    "websocket_close_spread": _use(MAIN, 1),
     "send_proxy_protocol": _use((UPSTREAM,), 1),
     "allow": _use(HSL, 1),
     "deny": _use(HSL, 1),

@@ -180,6 +180,9 @@ class _Translator:
             elif d.name == "worker_shutdown_timeout":
                 data["shutdown_timeout"] = _time(d, d.args[0])
                 self.at("shutdown_timeout", d)
+            elif d.name == "websocket_close_spread":
+                data["close_spread"] = _time(d, d.args[0])
+                self.at("close_spread", d)
             elif d.name == "events":
                 for e in d.block or ():
                     if self.check(e, EVENTS) == IGNORE:
@@ -675,6 +678,36 @@ class _Translator:
         return out
 
     # location
+    def frames(self, loc: dict[str, Any], where: str, settings: dict[str, Any]) -> None:
+        # fastws's own directives for WebSocket frames (docs/websocket.md)
+        for name, key, read in (("websocket_frames", "frames", _flag),
+                                ("websocket_frame_checks", "frame_checks", _flag),
+                                ("websocket_max_message_size", "max_message_size",
+                                 lambda d: _size(d, d.args[0])),
+                                ("websocket_close_timeout", "close_timeout",
+                                 lambda d: _time(d, d.args[0]))):
+            d: Directive | None = settings.get(name)
+            if d is not None:
+                loc[key] = read(d)
+                self.at(f"{where}.{key}", d)
+        ping: Directive | None = settings.get("websocket_ping")
+        if loc.get("frames") is False:
+            # a blind location does not see messages: what it inherits about them is moot
+            loc.pop("max_message_size", None)
+            ping = None
+        if ping is not None:
+            # websocket_ping INTERVAL [TIMEOUT] [client|upstream|both]
+            args = list(ping.args)
+            if len(args) > 1 and args[-1] in ("client", "upstream", "both"):
+                loc["ping_to"] = args.pop()
+            loc["ping_interval"] = _time(ping, args[0])
+            if len(args) == 2:
+                loc["ping_timeout"] = _time(ping, args[1])
+            elif len(args) > 2:
+                raise fail(ping, "expected INTERVAL [TIMEOUT] [client|upstream|both]")
+            for key in ("ping_interval", "ping_timeout", "ping_to"):
+                self.at(f"{where}.{key}", ping)
+
     def location(self, d: Directive, server: dict[str, Any], server_where: str,
                  inherited: dict[str, Any], *, forced_return: Directive | None = None,
                  seen: set[str] | None = None) -> None:
@@ -766,6 +799,7 @@ class _Translator:
                 loc["lifetime_spread"] = _time(life, life.args[1])
             for key in ("max_tunnel_lifetime", "lifetime_spread"):
                 self.at(f"{where}.{key}", life)
+        self.frames(loc, where, settings)
         for e in settings.get("limit_conn") or []:
             loc.setdefault("limit_conn", []).append({"zone": e.args[0],
                                                      "max": _int(e, e.args[1], 1)})
