@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import Close, Frame, Opcode
 from websockets.sync.client import connect
@@ -472,3 +472,25 @@ def test_a_reload_without_handover_leaves_tunnels_to_end_by_themselves(make_prox
         assert old <= set(proxy.workers())
     wait_until(lambda: not set(proxy.workers()) & old)        # it ends with its last tunnel
     assert server.closes == [(1000, "")]
+
+
+@settings(max_examples=fuzz_examples(25), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(garbage=st.lists(st.binary(min_size=1, max_size=300), min_size=1, max_size=4))
+def test_whatever_a_client_sends_after_the_101_the_proxy_keeps_serving(
+        make_proxy, server, port, garbage) -> None:
+    # random bytes where frames belong: relayed if they are frames, else a 1002 close; never a
+    # crash, and the next client is served
+    if not getattr(server, "proxied", False):    # (the fixtures serve every example: one proxy)
+        make_proxy(ws_config(port, server.address), port=port)
+        server.proxied = True
+    with _mute_client(port) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            for piece in garbage:
+                s.sendall(piece)
+        except OSError:
+            pass                                 # closed on us: what came before was refused
+    with connect(f"ws://127.0.0.1:{port}/ws") as ws:
+        ws.send("still serving")
+        assert ws.recv(timeout=10) == "still serving"
