@@ -23,8 +23,8 @@ from websockets.sync.client import connect
 
 from conftest import ws_config
 from fastws import _engine
-from support import (EchoBackend, free_port, fuzz_examples, http_get, read_head, upgrade_request,
-                     wait_until, ws_frame, ws_read_frame)
+from support import (EchoBackend, RawBackend, free_port, fuzz_examples, http_get, read_head,
+                     upgrade_request, wait_until, ws_frame, ws_read_frame, ws_upgrade_handler)
 
 
 def wire(frames: list[Frame], client: bool) -> bytes:
@@ -494,3 +494,25 @@ def test_whatever_a_client_sends_after_the_101_the_proxy_keeps_serving(
     with connect(f"ws://127.0.0.1:{port}/ws") as ws:
         ws.send("still serving")
         assert ws.recv(timeout=10) == "still serving"
+
+
+def test_a_broken_frame_behind_spliced_frames_closes_after_them(make_proxy, port) -> None:
+    # whole frames gathered in the pipe go to the upstream before the proxy's 1002 close
+    def record(conn: socket.socket, backend: RawBackend) -> None:
+        rest = ws_upgrade_handler(conn, backend)
+        while (frame := ws_read_frame(conn, rest)) is not None:
+            opcode, payload, rest = frame
+            backend.received.append(bytes([opcode]) + payload[:1])
+            if opcode == 8:
+                return
+    backend = RawBackend(record)
+    try:
+        make_proxy(ws_config(port, backend.address, relay="splice"), port=port)
+        with _mute_client(port) as s:
+            s.sendall(b"".join(ws_frame(bytes([65 + i]) * 100_000, opcode=2) for i in range(3))
+                      + ws_frame(b"unmasked", mask=False))
+            assert _read_close(s) == (1002, b"protocol error")
+        wait_until(lambda: backend.received and backend.received[-1][0] == 8)
+        assert backend.received == [b"\x02A", b"\x02B", b"\x02C", b"\x08\x03"]
+    finally:
+        backend.close()

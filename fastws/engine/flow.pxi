@@ -7,8 +7,8 @@
 #
 # In a tunnel (FLOW_RAW; FLOW_FRAMES follows a WebSocket's frames too: frames.pxi) bytes go as
 # they come, by splice(2) through a pipe taken from the pool while bytes are in flight, or by
-# recv/send through the one shared buffer, chosen per flow as HAProxy's splice-auto does; an EOF is passed on as shutdown(SHUT_WR) once the bytes before it
-# are written.  In an exchange a flow carries a body with its framing: a Content-Length body is
+# recv/send through the one shared buffer, chosen per flow as HAProxy's splice-auto does; an
+# EOF is passed on as shutdown(SHUT_WR) once the bytes before it are written.  In an exchange a flow carries a body with its framing: a Content-Length body is
 # cut at its length, a chunked body is checked and re-framed in place, a close-delimited
 # response runs to the upstream's EOF; whatever comes past the end belongs to what follows.
 
@@ -347,17 +347,6 @@ cdef int flow_pump(Eng *e, Conn *c, int d) noexcept nogil:
             if n > 0:
                 if f.mode == FLOW_FRAMES:
                     f.left -= n
-                    if n == want and f.left == 0 and f.pipe.data + n < e.pipe_size \
-                            and budget > n:
-                        # a whole frame is in and the socket has more: the next one joins it
-                        # before the pipe is written out (one splice out for several frames)
-                        f.pipe.data += n
-                        f.nbytes += n
-                        f.last_rx = e.now
-                        e.n.bytes_spliced += n
-                        budget -= n
-                        f.streak = 0
-                        continue
                 if n < want:
                     if not src.rdhup:
                         src.rd_ready = 0
@@ -368,6 +357,12 @@ cdef int flow_pump(Eng *e, Conn *c, int d) noexcept nogil:
                 f.last_rx = e.now
                 e.n.bytes_spliced += n
                 budget -= n
+                if f.mode == FLOW_FRAMES and n == want and f.left == 0 \
+                        and f.pipe.data < e.pipe_size and budget > 0:
+                    # a whole frame is in and the socket has more: the next one joins it
+                    # before the pipe is written out (one splice out for several frames)
+                    f.streak = 0
+                    continue
                 # As HAProxy: splice out right after splicing in, without waiting for a poll.
                 r = flow_flush(e, c, d)
                 if r != 0:
@@ -414,7 +409,7 @@ cdef int flow_pump(Eng *e, Conn *c, int d) noexcept nogil:
             if f.eof:
                 return flow_done(e, c, d)
             if flow_tunnel(f) and c.relay == RELAY_AUTO and src.ssl == NULL:
-                if n == e.bufsize:
+                if n + k == e.bufsize:
                     f.streak += 1
                     if f.streak >= COPY_FULL_STREAK:
                         f.splicing = 1

@@ -51,12 +51,16 @@ cdef int ws_code_class(int code) noexcept nogil:
 
 cdef int ws_emit(Eng *e, Conn *c, int d, const char *p, Py_ssize_t n) noexcept nogil:
     # Bytes for flow d's destination, behind what the flow holds.  0: sent, 1: held, <0: a
-    # close reason.  (Never while the flow's pipe holds bytes: those would come after.)
+    # close reason.
     cdef Flow *f = &c.flow[d]
     cdef Io *dst = flow_dst(c, d)
     cdef ssize_t w = 0
     if n <= 0:
         return 0
+    if f.pipe != NULL and f.pipe.data > 0 and flow_take_pipe(e, f) < 0:
+        # frames gathered in the pipe go first: held bytes are written before a pipe's (only
+        # a close of the proxy's, on a broken frame, can come while the pipe holds bytes)
+        return CLOSE_ERROR
     if f.held == NULL and dst.wr_ready:
         w = io_send(e, dst, p, n)
         if w < 0:
@@ -69,8 +73,8 @@ cdef int ws_emit(Eng *e, Conn *c, int d, const char *p, Py_ssize_t n) noexcept n
 
 
 cdef int ws_inject(Eng *e, Conn *c, int d) noexcept nogil:
-    # Flow d's destination has had whole frames only, and its pipe is empty: the frame the
-    # proxy has for it goes now (a close during the proxy's closing handshake, else a ping).
+    # Flow d's destination has had whole frames only: the frame the proxy has for it goes now
+    # (a close during the proxy's closing handshake, else a ping).
     cdef Flow *f = &c.flow[d]
     cdef uint8_t frame[2 + 4 + 125]
     cdef uint8_t data[125]
@@ -101,11 +105,19 @@ cdef int ws_inject(Eng *e, Conn *c, int d) noexcept nogil:
     return ws_emit(e, c, d, <const char *>frame, n)
 
 
-cdef inline void ws_close_seen(Conn *c, int d) noexcept nogil:
-    # A close frame came on flow d: is it the first of the tunnel?
+cdef inline void ws_note_close(Conn *c, int d) noexcept nogil:
+    # After a unit of flow d: if a close frame came, is it the first of the tunnel?
+    if (c.flow[d].ws.flags & (FASTWS_WS_CLOSE_SEEN | FASTWS_WS_CLOSE_NOTED)) != \
+            FASTWS_WS_CLOSE_SEEN:
+        return
     c.flow[d].ws.flags |= FASTWS_WS_CLOSE_NOTED
-    if not (c.flow[1 - d].ws.flags & FASTWS_WS_CLOSE_SEEN) and c.ws_code == 0:
+    if not (c.flow[1 - d].ws.flags & FASTWS_WS_CLOSE_SEEN) and not ws_closing(c):
         c.flow[d].ws.flags |= FASTWS_WS_CLOSE_FIRST
+
+
+cdef inline void ws_pong_taken(Eng *e, Conn *c) noexcept nogil:
+    e.n.ws_pongs += 1
+    conn_arm(e, c)                    # the next ping is due sooner than the pong's deadline
 
 
 cdef int ws_forward(Eng *e, Conn *c, int d, Py_ssize_t n) noexcept nogil:
@@ -131,19 +143,15 @@ cdef int ws_forward(Eng *e, Conn *c, int d, Py_ssize_t n) noexcept nogil:
         if r == FASTWS_WS_MORE:
             break
         if r == FASTWS_WS_DROP:
-            e.n.ws_pongs += 1
-            conn_arm(e, c)            # the next ping is due sooner than the pong's deadline
+            ws_pong_taken(e, c)
             pos += drop
             start = pos
             continue
         if r == FASTWS_WS_BOUNDARY:
-            if f.pipe == NULL or f.pipe.data == 0:
-                w = ws_inject(e, c, d)
-                if w < 0:
-                    return w
-                rc |= w
-            else:
-                f.ws.flags &= ~FASTWS_WS_STOP  # (cannot be: a copied read follows an empty pipe)
+            w = ws_inject(e, c, d)
+            if w < 0:
+                return w
+            rc |= w
             dropping = f.ws.flags & FASTWS_WS_CLOSE_SENT
             start = pos
             continue
@@ -155,8 +163,7 @@ cdef int ws_forward(Eng *e, Conn *c, int d, Py_ssize_t n) noexcept nogil:
     if pos < <size_t>n:
         f.ws.ncarry = <uint8_t>(n - pos)         # at most 13 bytes: a unit is at most 14
         memcpy(f.ws.carry, e.buf + pos, n - pos)
-    if (f.ws.flags & (FASTWS_WS_CLOSE_SEEN | FASTWS_WS_CLOSE_NOTED)) == FASTWS_WS_CLOSE_SEEN:
-        ws_close_seen(c, d)
+    ws_note_close(c, d)
     if f.ws.flags & FASTWS_WS_STOP and f.left == 0 and f.ws.ncarry == 0:
         w = ws_inject(e, c, d)                # the read ended at a boundary
         if w < 0:
@@ -166,8 +173,8 @@ cdef int ws_forward(Eng *e, Conn *c, int d, Py_ssize_t n) noexcept nogil:
 
 
 cdef int ws_splice_head(Eng *e, Conn *c, int d) noexcept nogil:
-    # A spliced flow at a frame boundary, its pipe empty: peek at the next frame's header and
-    # set f.left to the bytes to splice (the header and the payload).  0: splice them, 1: wait
+    # A spliced flow at a frame boundary (its pipe may hold whole frames): peek at the next
+    # frame's header and set f.left to the bytes to splice (the header and the payload).  0: splice them, 1: wait
     # for more bytes, 2: look again (a frame was put in or taken out), WS_EOF: the source
     # ended, <0: a close reason.
     cdef Flow *f = &c.flow[d]
@@ -198,11 +205,9 @@ cdef int ws_splice_head(Eng *e, Conn *c, int d) noexcept nogil:
     if fastws_ws_unit(&f.ws, h, need, hlen, length):
         recv(src.fd, h, need, MSG_DONTWAIT)   # the proxy's pong: read, and no further
         f.last_rx = e.now
-        e.n.ws_pongs += 1
-        conn_arm(e, c)
+        ws_pong_taken(e, c)
         return 2
-    if (f.ws.flags & (FASTWS_WS_CLOSE_SEEN | FASTWS_WS_CLOSE_NOTED)) == FASTWS_WS_CLOSE_SEEN:
-        ws_close_seen(c, d)
+    ws_note_close(c, d)
     f.left = hlen + <long long>length
     return 0
 
@@ -314,7 +319,7 @@ cdef int ws_close_code(Conn *c) noexcept nogil:
         return c.flow[0].ws.close_code
     if c.flow[1].ws.flags & FASTWS_WS_CLOSE_FIRST:
         return c.flow[1].ws.close_code
-    if c.ws_code and c.end_at >= NEVER:
+    if ws_closing(c):
         return c.ws_code
     return 1006
 
@@ -325,7 +330,7 @@ cdef const char *ws_closed_by(Conn *c) noexcept nogil:
         return "client"
     if c.flow[1].ws.flags & FASTWS_WS_CLOSE_FIRST:
         return "upstream"
-    if c.ws_code and c.end_at >= NEVER:
+    if ws_closing(c):
         return "proxy"
     if c.reason == CLOSE_CLIENT or c.reason == CLOSE_CLIENT_ERROR:
         return "client"
