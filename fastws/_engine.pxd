@@ -399,6 +399,11 @@ cdef struct Loc:
     int keepalive_requests
     long long client_max_body_size   # 0: no limit
     double client_body_timeout
+    int hook                 # the Python hook called before the upstream is chosen
+                             # (engine/hooks.pxi): its index in the engine's list, -1: none
+    int hook_requests        # ... for plain requests too, not only WebSocket handshakes
+    double hook_timeout      # a coroutine hook's answer is waited for this long (then 504)
+    int close_hook           # called with each closed tunnel's figures: its index, -1: none
 
 cdef struct Server:
     char *name               # first server_name ("" if none), for $server_name
@@ -498,6 +503,7 @@ from cpython.ref cimport PyObject
 
 cdef struct Conn
 cdef struct Req
+cdef struct Hooked
 cdef struct LogRec
 
 cdef struct Timer:
@@ -551,6 +557,7 @@ cdef enum ConnState:
     CS_CLOSED
     CS_ROUTE                 # a head is read: the request is being routed (nginx: writing)
     CS_PROXY                 # reading the PROXY protocol header (engine/proxy.pxi)
+    CS_HOOK                  # waiting for a coroutine hook's decision (engine/hooks.pxi)
 
 cdef struct Up:
     # A connection to an upstream server: connecting, in use, or idle in its group's pool.
@@ -610,9 +617,32 @@ cdef struct Conn:
     double end_at            # tunnel: when its lifetime ends, NEVER: no limit
     unsigned long long number    # $connection
     LogRec *log              # the access log line being gathered, if the location logs
+    Hooked *hk               # what a Python hook decided (engine/hooks.pxi), or NULL
     Conn *next               # the ready list, or the list freed at the end of the turn
     Conn *all_prev           # every connection of the engine
     Conn *all_next
+
+cdef struct Hooked:
+    # A request that went through a Python hook (engine/hooks.pxi), kept with its connection:
+    # the decision's parts the engine applies, and its $hook_NAME values (a tunnel keeps them
+    # for its close line and its close callback).  Reset at each call.
+    unsigned long long ticket    # a coroutine hook running for it (its key), 0: none
+    double t_call            # when the hook was called (hook_timeout counts from here)
+    PyObject *result         # a coroutine's decision, once it came
+    char *saved              # while a coroutine runs: the head and the bytes after it
+    int saved_head
+    int saved_len
+    int group                # the decision's upstream group, -1: the location's
+    int peer                 # ... and its server there, tried first; -1: the group's choice
+    char *drop               # request headers not sent upstream: lower-case names, each
+    int drop_len             # NUL-terminated
+    char *add                # header lines added upstream ("Name: value\r\n" ...)
+    int add_len
+    char *key                # the hash key the decision set
+    int keylen
+    int key_set
+    char *vars               # $hook_NAME values: "name\0value\0" ...
+    int vars_len
 
 cdef struct LogRec:
     # What an access log line needs once its request is gone (a tunnel keeps it to its close).
@@ -704,7 +734,7 @@ cdef struct Counters:
     # Every field a 64-bit word: the master's status board maps a worker's Counters into shared
     # memory, so that a status page sums every worker's live figures.  Gauges first.
     long long conns          # client connections open, tunnels included
-    long long states[12]     # client connections by ConnState
+    long long states[13]     # client connections by ConnState
     long long tunnels_active
     long long pipes_total
     long long pipes_free
@@ -853,6 +883,7 @@ cdef enum Var:
     V_PROXY_PROTOCOL_SERVER_PORT
     V_BINARY_REMOTE_ADDR
     V_MAP                    # a map's variable; its argument is the map's index
+    V_HOOK                   # $hook_NAME: a value a Python hook set (engine/hooks.pxi)
     # log phase: known when the line is written
     V_UPSTREAM_ADDR
     V_STATUS

@@ -5,7 +5,7 @@
 # batches (error-log messages; access-log lines are written by the engine itself).  A
 # connection that uses only built-in features runs no Python code from accept to close; the
 # engine calls Python only for the extension points a configuration names (a custom balancer,
-# a status page).
+# a status page, a hook or a tunnel-close callback).
 #
 # The engine is driven by whoever watches its epoll fd (`fd`): the worker's event loop calls
 # run_once() when it is readable.  Its own timerfd and a wake-up eventfd are in that set, so
@@ -22,6 +22,7 @@
 #   variables, access logs                  engine/vars.pxi, engine/log.pxi
 #   HTTP/1.1 heads, chunked bodies          engine/parse.pxi
 #   the tables                              engine/tables.pxi
+#   Python hooks, tunnel-close callbacks    engine/hooks.pxi
 
 cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
@@ -41,6 +42,12 @@ from fastws.includes.pcre2 cimport fastws_regex, fastws_regex_compile, fastws_re
 from fastws.includes.zone cimport *
 from fastws.includes.wsframe cimport *
 from libc.stdint cimport uint8_t
+
+import asyncio as _asyncio
+import functools as _functools
+import inspect as _inspect
+
+from fastws.hooks import PENDING as _HOOK_PENDING, TunnelClosed as _TunnelClosed
 
 cdef extern from "<strings.h>" nogil:
     int strncasecmp(const char *s1, const char *s2, size_t n)
@@ -79,4 +86,5 @@ include "engine/tables.pxi"
 include "engine/turn.pxi"
 include "engine/export.pxi"
 include "engine/extend.pxi"
+include "engine/hooks.pxi"
 include "engine/api.pxi"

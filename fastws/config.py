@@ -150,6 +150,17 @@ class FramesConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class HookConfig:
+    """A location's Python hooks (fastws/hooks.py), or its server's, which it inherits."""
+    hook: str | None = None        # "package.module:function": called before the upstream
+    hook_fn: Any = None            # ... imported
+    requests: bool = False         # plain requests too, not only WebSocket handshakes
+    timeout: float = 5.0           # a coroutine hook's decision is waited for this long (504)
+    on_tunnel_close: str | None = None   # "package.module:function": each closed tunnel
+    close_fn: Any = None
+
+
+@dataclass(frozen=True, slots=True)
 class LocationConfig:
     path: str
     exact: bool
@@ -189,6 +200,7 @@ class LocationConfig:
     limit_conn: tuple["LimitRule", ...] = ()   # nginx's limit_conn, limit_req, in order
     limit_req: tuple["LimitRule", ...] = ()
     frames: FramesConfig = FramesConfig()
+    hooks: HookConfig = HookConfig()
     limit_conn_status: int = 503
     limit_req_status: int = 503
 
@@ -628,7 +640,8 @@ def _read_location(source: str, table: Any, where: str, implicit: dict[str, Upst
                    logs: tuple[Any, Any] = ({}, None),
                    http: Mapping[str, Any] | None = None,
                    access: tuple[tuple[bool, str], ...] = (),
-                   forwarded_default: str = "append") -> LocationConfig:
+                   forwarded_default: str = "append",
+                   hooks: HookConfig = HookConfig()) -> LocationConfig:
     r = _Reader(source, table, where)
     raw_path = r.get("path", str, required=True)
     modifier, _, rest = raw_path.partition(" ")
@@ -737,6 +750,10 @@ def _read_location(source: str, table: Any, where: str, implicit: dict[str, Upst
     origin_missing = r.get("origin_missing", str, "allow")
     if origin_missing not in ("allow", "deny"):
         raise r.fail("origin_missing", "expected \"allow\" or \"deny\"")
+    hooks = _read_hooks(r, hooks)
+    if r.table.get("hook") and (return_status is not None or status is not None):
+        raise r.fail("hook", "a hook runs before an upstream is chosen: a location with "
+                     "return or status has none")
     r.finish()
     if regex is not None and proxy_uri is not None:
         raise r.fail("proxy_pass", "a regular-expression location cannot replace a matched "
@@ -749,7 +766,34 @@ def _read_location(source: str, table: Any, where: str, implicit: dict[str, Upst
                           noregex=regex is None and raw_path.startswith("^~"), regex=regex,
                           caseless=modifier == "~*", proxy_pass_template=pass_template,
                           access=access, origins=origins, origin_missing=origin_missing,
-                          forwarded_headers=forwarded, frames=frames)
+                          forwarded_headers=forwarded, frames=frames, hooks=hooks)
+
+
+def _read_hooks(r: "_Reader", inherited: HookConfig) -> HookConfig:
+    """hook, hook_requests, hook_timeout and on_tunnel_close, each inherited from the server
+    when the location does not set it ("" turns an inherited one off)."""
+    hook, hook_fn = _read_callable(r, "hook", inherited.hook, inherited.hook_fn)
+    close, close_fn = _read_callable(r, "on_tunnel_close", inherited.on_tunnel_close,
+                                     inherited.close_fn)
+    requests = r.get("hook_requests", bool, inherited.requests)
+    timeout = r.duration("hook_timeout", inherited.timeout)
+    if timeout <= 0:
+        raise r.fail("hook_timeout", "must be greater than zero")
+    return HookConfig(hook, hook_fn, requests, timeout, close, close_fn)
+
+
+def _read_callable(r: "_Reader", key: str, path: str | None, fn: Any) -> tuple[str | None, Any]:
+    if key not in r.table:
+        r.seen.add(key)
+        return path, fn
+    path = r.get(key, str) or None
+    if path is None:
+        return None, None
+    from .hooks import load as load_hook   # (imports nothing of the runtime)
+    try:
+        return path, load_hook(path)
+    except ValueError as exc:
+        raise r.fail(key, str(exc)) from None
 
 
 def _read_frames(r: "_Reader") -> FramesConfig:
@@ -849,6 +893,7 @@ def _read_server(source: str, table: Any, index: int, implicit: dict[str, Upstre
     forwarded = r.get("forwarded_headers", str, "append")
     if forwarded not in ("append", "replace"):
         raise r.fail("forwarded_headers", "expected \"append\" or \"replace\"")
+    hooks = _read_hooks(r, HookConfig())
     locs_raw = r.get("location", list, [])
     if not locs_raw and not redirect_https:
         raise r.fail("location", "a server needs at least one [[server.location]]")
@@ -856,7 +901,7 @@ def _read_server(source: str, table: Any, index: int, implicit: dict[str, Upstre
     seen: set[tuple[str, bool, bool, bool]] = set()
     for i, loc in enumerate(locs_raw):
         lc = _read_location(source, loc, f"{r.key('location')}[{i}]", implicit, logs, http,
-                            access, forwarded)
+                            access, forwarded, hooks)
         # "/a" and "^~ /a" are one prefix for nginx too
         key = (lc.path, lc.exact, lc.regex is not None, lc.caseless)
         if key in seen:

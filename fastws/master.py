@@ -22,6 +22,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Any, Mapping
 
 from . import accesslog, balancer, config as config_mod, limits, metrics, tls
 from .config import Address, Config
@@ -68,6 +69,7 @@ class Master:
     stop_deadline: float = 0.0
     reload_pending: bool = False  # a SIGHUP came while the last reload was handing over
     reload_started: float = 0.0
+    data: Mapping[str, Any] | None = None   # fastws.serve(dict): reloads check it again
 
     # --- start -------------------------------------------------------------------------------
 
@@ -308,7 +310,10 @@ class Master:
         end or shutdown_timeout passes); if bad, keep serving with the old one."""
         log.info("reloading %s", self.path)
         try:
-            cfg = config_mod.load(self.path, self.config.format, self.config.prefix)
+            if self.data is not None:
+                cfg = config_mod.from_dict(self.data, self.path)
+            else:
+                cfg = config_mod.load(self.path, self.config.format, self.config.prefix)
             tls.check_engine(cfg)
             balancer.build_upstreams(cfg)
         except ConfigError as exc:

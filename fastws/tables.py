@@ -13,7 +13,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from . import accesslog, balancer, limits, tls
+from . import accesslog, balancer, hooks, limits, tls
 from .config import PING_TO, Config, FramesConfig, LocationConfig, ServerBlock
 from .variables import Template
 
@@ -104,6 +104,11 @@ class LocationTable:
     # WebSocket frames (engine/frames.pxi): on, max message, checks, ping interval, ping
     # timeout, ping_to (1 client, 2 upstream, 3 both), close timeout
     frames: tuple[bool, int, bool, float, float, int, float] = (False, 0, True, 0.0, 30.0, 1, 5.0)
+    # Python hooks (engine/hooks.pxi): indexes into Tables.hooks and Tables.close_hooks, -1: none
+    hook: int = -1
+    hook_requests: bool = False
+    hook_timeout: float = 5.0
+    close_hook: int = -1
 
 
 @dataclass
@@ -160,6 +165,8 @@ class Tables:
     access_logs: list[AccessLogTable] = field(default_factory=list)
     maps: list[MapTableSpec] = field(default_factory=list)
     zones: list[ZoneTable] = field(default_factory=list)
+    hooks: list[hooks.Hook] = field(default_factory=list)
+    close_hooks: list[tuple[Any, str]] = field(default_factory=list)  # (function, its path)
     keep: list[Any] = field(default_factory=list)     # what must outlive the engine's use
 
 
@@ -214,6 +221,33 @@ class _Logs:
         return al
 
 
+class _Hooks:
+    """The configuration's hooks, each function once, with where a decision may send a
+    request."""
+
+    def __init__(self, tables: Tables, targets: hooks.Targets) -> None:
+        self.t = tables
+        self.targets = targets
+        self.hooks: dict[str, int] = {}
+        self.close: dict[str, int] = {}
+
+    def hook(self, path: str | None, fn: Any) -> int:
+        if path is None:
+            return -1
+        if path not in self.hooks:
+            self.hooks[path] = len(self.t.hooks)
+            self.t.hooks.append(hooks.Hook(fn, path, self.targets))
+        return self.hooks[path]
+
+    def close_hook(self, path: str | None, fn: Any) -> int:
+        if path is None:
+            return -1
+        if path not in self.close:
+            self.close[path] = len(self.t.close_hooks)
+            self.t.close_hooks.append((fn, path))
+        return self.close[path]
+
+
 def build(config: Config, sockets: list[socket.socket], groups: dict[str, Any],
           contexts: "tls.Contexts", zones: Mapping[str, int] | None = None) -> Tables:
     """The tables for one worker: its listening sockets, the configuration's servers and
@@ -244,10 +278,17 @@ def build(config: Config, sockets: list[socket.socket], groups: dict[str, Any],
             _parts(up.hash_key), up.keepalive, up.keepalive_timeout, up.keepalive_requests,
             (up.sticky.cookie, up.sticky.attributes(), [sticky_id(p.name) for p in grp.peers])
             if up.sticky is not None else None, up.send_proxy_protocol))
+    # a hook's decision may name a group, or a server of one (the first group that has it)
+    addresses: dict[str, tuple[int, int]] = {}
+    for gi, spec in enumerate(t.groups):
+        for pi, peer in enumerate(spec.group.peers):
+            addresses.setdefault(peer.name, (gi, pi))
+    hook_tables = _Hooks(t, hooks.Targets(dict(group_index), addresses))
     server_index: dict[int, int] = {}
     for server in config.servers:
         server_index[id(server)] = len(t.servers)
-        t.servers.append(_server(t, server, group_index, logs, contexts, zone_index))
+        t.servers.append(_server(t, server, group_index, logs, contexts, zone_index,
+                                 hook_tables))
     for sock in sockets:
         host, port = sock.getsockname()[:2]
         on = [s for s in config.servers if any((a.host, a.port) == (host, port) or
@@ -309,9 +350,10 @@ def _listener(sock: socket.socket, host: str, port: int, servers: list[ServerBlo
 
 
 def _server(t: Tables, server: ServerBlock, groups: dict[str, int], logs: _Logs,
-            contexts: "tls.Contexts", zones: dict[str, int]) -> ServerTable:
+            contexts: "tls.Contexts", zones: dict[str, int], hook_tables: _Hooks) -> ServerTable:
     first = len(t.locations)
-    locs = [_location(loc, groups, logs, contexts, zones) for loc in server.locations]
+    locs = [_location(loc, groups, logs, contexts, zones, hook_tables)
+            for loc in server.locations]
     t.locations.extend(locs)
     exact = sorted((first + i for i, loc in enumerate(locs) if loc.exact),
                    key=lambda i: t.locations[i].path.encode())
@@ -334,7 +376,8 @@ def _server(t: Tables, server: ServerBlock, groups: dict[str, int], logs: _Logs,
 
 
 def _location(loc: LocationConfig, groups: dict[str, int], logs: _Logs,
-              contexts: "tls.Contexts", zones: dict[str, int]) -> LocationTable:
+              contexts: "tls.Contexts", zones: dict[str, int], hook_tables: _Hooks
+              ) -> LocationTable:
     if loc.return_status is not None:
         kind = LOC_RETURN
     elif loc.status is not None:
@@ -361,7 +404,11 @@ def _location(loc: LocationConfig, groups: dict[str, int], logs: _Logs,
         [(zones[r.zone], 1, r.max * 1000, NODELAY if r.delay is None else r.delay * 1000)
          for r in loc.limit_req]
         + [(zones[r.zone], 0, r.max, 0) for r in loc.limit_conn],
-        loc.limit_conn_status, loc.limit_req_status, _frames(loc.frames))
+        loc.limit_conn_status, loc.limit_req_status, _frames(loc.frames),
+        hook_tables.hook(loc.hooks.hook, loc.hooks.hook_fn) if kind == LOC_PROXY else -1,
+        loc.hooks.requests, loc.hooks.timeout,
+        hook_tables.close_hook(loc.hooks.on_tunnel_close, loc.hooks.close_fn)
+        if kind == LOC_PROXY else -1)
 
 
 def _frames(f: "FramesConfig") -> tuple[bool, int, bool, float, float, int, float]:

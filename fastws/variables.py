@@ -53,6 +53,7 @@ _TABLE: tuple[tuple[str, int], ...] = (
     ("proxy_protocol_server_port", REQUEST),
     ("binary_remote_addr", REQUEST),   # the client's address as 4 or 16 bytes (limit keys)
     ("map_", REQUEST),            # a variable made by a `map` (its argument: the map's index)
+    ("hook_", REQUEST),           # $hook_NAME: a value the location's Python hook set
     ("upstream_addr", LOG),
     ("status", LOG),
     ("body_bytes_sent", LOG),
@@ -82,7 +83,7 @@ _TABLE: tuple[tuple[str, int], ...] = (
 
 NUMBERS: dict[str, int] = {name: i for i, (name, _) in enumerate(_TABLE)}
 PHASES: dict[str, int] = dict(_TABLE)
-FAMILIES = ("http_", "arg_", "cookie_")
+FAMILIES = ("http_", "arg_", "cookie_", "hook_")
 NAMED = FAMILIES + ("map_",)   # rows that are not variables by themselves
 
 # The variables the configuration's maps make: name -> the map's index, while a configuration

@@ -21,13 +21,14 @@ from typing import Any, Mapping
 
 import uvloop
 
-from . import _engine, accesslog, balancer, handover, metrics, tables, tls
+from . import _engine, accesslog, balancer, handover, hooks, metrics, tables, tls
 from .config import Address, Config
 
 log = logging.getLogger("fastws")
 
 PUBLISH_INTERVAL = 0.5
 CONTROL_INTERVAL = 0.05     # the control plane's timers run at most this late
+HOOK_INTERVAL = 0.005       # ... and a coroutine hook's, while one runs
 
 
 async def _one_pass() -> None:
@@ -132,6 +133,7 @@ class Worker:
         self._ticker: Any = None
         self._ticking = True            # the event loop runs the tick (serve()), or run() does
         self.stopping = False           # a graceful stop is under way
+        self.close_callbacks: hooks.CloseCallbacks | None = None
 
     # --- life cycle ------------------------------------------------------------------------
 
@@ -163,9 +165,14 @@ class Worker:
                     self._tick_once()
                     next_tick = now + PUBLISH_INTERVAL
                 wait = next_tick - now
+                hooked = self.engine.hooks_pending
                 if self._retiring:
                     wait = min(wait, CONTROL_INTERVAL)
-                if self.engine.wait(wait) or self._retiring:
+                if hooked:
+                    # coroutine hooks run on the loop: its timers (asyncio.sleep, timeouts) are
+                    # not in the engine's epoll set
+                    wait = min(wait, HOOK_INTERVAL)
+                if self.engine.wait(wait) or self._retiring or hooked:
                     # (each pass costs uvloop a socketpair for its signal wake-up fd: only
                     # when the loop has something to do)
                     loop.run_until_complete(_one_pass())
@@ -173,10 +180,12 @@ class Worker:
         finally:
             loop.close()
 
-    async def serve(self) -> None:
-        """Serve inside a running asyncio event loop, which watches the engine's fd."""
+    async def serve(self, signals: bool = True) -> None:
+        """Serve inside a running asyncio event loop, which watches the engine's fd (and,
+        with `signals`, handles the worker's signals)."""
         await self._start()
-        self._signals(self.loop.add_signal_handler)
+        if signals:
+            self._signals(self.loop.add_signal_handler)
         self.loop.add_reader(self.engine.fd, self.engine.run_once)
         assert self._stopped is not None
         try:
@@ -325,6 +334,8 @@ class Worker:
         self.engine.stop()
         if self._ticker is not None:
             self._ticker.cancel()
+        if self.close_callbacks is not None:
+            self.close_callbacks.close()
         metrics.publish(self)
 
     # --- what the engine asks of the control plane ----------------------------------------
@@ -337,3 +348,9 @@ class Worker:
     def log(self, level: int, text: str) -> None:
         """An error-log message from the engine."""
         log.log(level, "%s", text)
+
+    def tunnel_closed(self, fn: Any, path: str, record: hooks.TunnelClosed) -> None:
+        """A tunnel of a location with on_tunnel_close closed (after the engine's turn)."""
+        if self.close_callbacks is None:
+            self.close_callbacks = hooks.CloseCallbacks(self.loop)
+        self.close_callbacks.deliver(fn, path, record)

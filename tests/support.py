@@ -6,6 +6,7 @@ import asyncio
 import base64
 import hashlib
 import json
+import logging
 import os
 import signal
 import socket
@@ -459,3 +460,65 @@ class NamedBackend:
 
     def close(self) -> None:
         self.sock.close()
+
+
+class EmbeddedProxy:
+    """fastws.Proxy (one engine, in this process) on an event loop of its own thread, so that a
+    test drives it with plain blocking clients.  Error-log lines are kept in `messages`."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        import fastws
+        self.messages: list[str] = []
+        self._handler = _ListHandler(self.messages)
+        logging.getLogger("fastws").addHandler(self._handler)
+        self.proxy = fastws.Proxy(config)
+        self.loop = asyncio.new_event_loop()
+        self._started = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        self._started.wait(10)
+        if self._error is not None:
+            raise self._error
+        self.port = self.proxy.addresses[0][1]
+        self.engine = self.proxy.worker.engine
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        try:
+            self.loop.run_until_complete(self.proxy.start())
+        except BaseException as exc:        # handed to the test
+            self._error = exc
+            self._started.set()
+            return
+        self._started.set()
+        self.loop.run_forever()
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """fn() on the proxy's loop (the engine's thread)."""
+        done: "asyncio.Future[Any]" = asyncio.run_coroutine_threadsafe(_call(fn), self.loop)
+        return done.result(10)
+
+    def close(self) -> dict[str, int]:
+        """Stop; what the engine still held after (nothing, unless something leaked)."""
+        engine = self.engine
+        asyncio.run_coroutine_threadsafe(self.proxy.close(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
+        logging.getLogger("fastws").removeHandler(self._handler)
+        return {k: v for k, v in engine.stats()["held"].items() if v}
+
+
+async def _call(fn: Callable[[], Any]) -> Any:
+    return fn()
+
+
+class _ListHandler(logging.Handler):
+    def __init__(self, out: list[str]) -> None:
+        super().__init__()
+        self._out = out
+        self.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._out.append(self.format(record))

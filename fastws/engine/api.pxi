@@ -28,6 +28,10 @@ cdef class Engine:
     cdef bint loaded
     cdef bint stopped
     cdef dict _policies               # adopted tunnels' TunnelPolicy, by value: address
+    cdef list _hooks                  # hooks.Hook per index (Loc.hook)
+    cdef list _close_hooks            # (function, its import path) per index (Loc.close_hook)
+    cdef dict _pending                # coroutine hooks running: ticket -> (task, Conn, index)
+    cdef list _closed                 # closed tunnels' figures, for on_tunnel_close
 
     def __cinit__(self, object control=None, *, int pipe_size=262144, int max_pipes=1024,
                   int bufsize=65536, int worker_connections=4096, int log_level=20,
@@ -64,6 +68,10 @@ cdef class Engine:
         self._access_logs = []
         self._format_specs = []
         self._policies = {}
+        self._hooks = []
+        self._close_hooks = []
+        self._pending = {}
+        self._closed = []
         e.epfd = _errcheck(epoll_create1(EPOLL_CLOEXEC))
         e.tio.kind = IO_TIMER
         e.tio.fd = _errcheck(timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC))
@@ -105,6 +113,8 @@ cdef class Engine:
         self._load_groups(tables)
         self._load_zones(tables)
         self._load_servers(tables)
+        self._hooks = list(tables.hooks)
+        self._close_hooks = list(tables.close_hooks)
         self._keep.append(tables.keep)
         self.loaded = True
 
@@ -296,6 +306,10 @@ cdef class Engine:
             loc.keepalive_requests = spec.keepalive_requests
             loc.client_max_body_size = spec.client_max_body_size
             loc.client_body_timeout = spec.client_body_timeout
+            loc.hook = spec.hook
+            loc.hook_requests = spec.hook_requests
+            loc.hook_timeout = spec.hook_timeout
+            loc.close_hook = spec.close_hook
         servers = <Server *>arena_alloc(&self.arena, sizeof(Server) * (len(tables.servers) + 1))
         for i, spec in enumerate(tables.servers):
             s = &servers[i]
@@ -455,6 +469,8 @@ cdef class Engine:
             engine_turn(self.e, 0)
         if self.e.msgs.len:
             self._deliver_messages()
+        if self._closed:
+            self._deliver_closed()
 
     def watch_control(self, int fd):
         """Put the control plane's event loop (its epoll fd) in the engine's set, so that one
@@ -480,6 +496,8 @@ cdef class Engine:
                 why = engine_wait(self.e, end)
             if self.e.msgs.len:
                 self._deliver_messages()
+            if self._closed:
+                self._deliver_closed()
             if why == WAIT_SIGNAL:
                 # a signal interrupted the wait: its Python handler runs now
                 if PyErr_CheckSignals() < 0:
@@ -612,6 +630,15 @@ cdef class Engine:
                   flush=True)
         if self.e.msgs.len:
             self._deliver_messages()
+        if self._closed:
+            self._deliver_closed()
+        for task, _, _ in self._pending.values():
+            task.cancel()
+        self._pending.clear()
+        if self.e.n != &self.e.own:
+            # the figures leave the status board, which may go before this object does
+            memcpy(&self.e.own, self.e.n, sizeof(Counters))
+            self.e.n = &self.e.own
         self.stopped = True
         self._release_fds()
         # the control plane refers to the engine: without this the pair waits for the cycle
@@ -931,6 +958,73 @@ cdef class Engine:
         c.log = lr
 
     # --- extension points ---------------------------------------------------------------------
+
+    @property
+    def hooks_pending(self):
+        """Coroutine hooks running (connections waiting for their decision)."""
+        return len(self._pending)
+
+    def _hook_call(self, int index, RequestView view, unsigned long long ticket, size_t conn):
+        # A location's hook (engine/hooks.pxi, hook_call): its decision as hooks.Hook.decide
+        # prepares it, or _HOOK_PENDING once a coroutine is started on the control plane's loop.
+        hook = self._hooks[index]
+        try:
+            result = hook.fn(view)
+        except Exception as exc:
+            return hook.failed(exc)
+        if result is None:
+            return None
+        if _inspect.isawaitable(result):
+            try:
+                task = _asyncio.ensure_future(result, loop=self.control.loop)
+            except Exception as exc:
+                return hook.failed(exc)
+            self._pending[ticket] = (task, conn, index)
+            task.add_done_callback(_functools.partial(self._hook_done, ticket))
+            return _HOOK_PENDING
+        return hook.decide(result)
+
+    def _hook_done(self, unsigned long long ticket, task):
+        # A coroutine hook ended: its connection (still waiting, or it would have been
+        # forgotten) runs again in the engine's next turn with the decision.
+        cdef Conn *c
+        cdef unsigned long long one = 1
+        entry = self._pending.pop(ticket, None)
+        if entry is None or self.stopped:
+            return
+        _, conn, index = entry
+        hook = self._hooks[index]
+        if task.cancelled():
+            d = hook.failed(_asyncio.CancelledError("the hook's task was cancelled"))
+        elif task.exception() is not None:
+            d = hook.failed(task.exception())
+        else:
+            d = hook.decide(task.result())
+        c = <Conn *><size_t>conn
+        boxed = (d,)
+        Py_INCREF(boxed)
+        c.hk.ticket = 0
+        c.hk.result = <PyObject *>boxed
+        conn_ready(self.e, c)
+        write(self.e.wakefd, &one, sizeof(one))
+
+    def _hook_forget(self, unsigned long long ticket):
+        # its connection closed or timed out: the coroutine is cancelled, its end ignored
+        entry = self._pending.pop(ticket, None)
+        if entry is not None:
+            entry[0].cancel()
+
+    cdef _deliver_closed(self):
+        # closed tunnels' figures (engine/hooks.pxi, hook_tunnel_closed), to on_tunnel_close
+        records = self._closed
+        self._closed = []
+        if self.control is None:
+            return
+        for r in records:
+            fn, path = self._close_hooks[r[0]]
+            parts = (<bytes>r[14]).decode("utf-8", "replace").split("\0")
+            record = _TunnelClosed(*r[1:14], dict(zip(parts[0:-1:2], parts[1::2])))
+            self.control.tunnel_closed(fn, path, record)
 
     cdef int _status_answer(self, Conn *c) except -1:
         fmt = self._status_formats[c.loc.status_format]

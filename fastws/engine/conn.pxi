@@ -208,6 +208,8 @@ cdef double conn_deadline(Eng *e, Conn *c) noexcept nogil:
         return c.t_state + c.lis.default_server.handshake_timeout
     if state == CS_PROXY:
         return c.t_state + c.lis.default_server.client_header_timeout
+    if state == CS_HOOK:
+        return c.hk.t_call + c.loc.hook_timeout
     return NEVER
 
 
@@ -229,6 +231,8 @@ cdef void conn_timeout(Eng *e, Conn *c) noexcept nogil:
         conn_close(e, c)
     elif state == CS_PROXY:
         pp_refuse(e, c, "no PROXY protocol header in time")
+    elif state == CS_HOOK:
+        hook_timed_out(e, c)
 
 
 # --- one place that runs a connection ------------------------------------------------------
@@ -252,6 +256,8 @@ cdef void conn_run(Eng *e, Conn *c) noexcept nogil:
         tls_accept_run(e, c)
     elif state == CS_PROXY:
         pp_read(e, c)
+    elif state == CS_HOOK:
+        hook_resume(e, c)
 
 
 cdef inline void conn_ready(Eng *e, Conn *c) noexcept nogil:
@@ -515,6 +521,7 @@ cdef void conn_close(Eng *e, Conn *c) noexcept nogil:
     exchange_drop_upstream(e, c, 0)   # first: the attempt's free belongs to the request
     if c.req != NULL or c.log != NULL:
         request_end(e, c)
+    hooked_free(e, c)
     if c.nholds:
         limits_release(e, c)
     flow_drop(e, &c.flow[0])

@@ -24,7 +24,7 @@ HELD_NAMES = ("connections", "upstream_connections", "tunnels", "requests", "pip
 
 
 STATE_NAMES = ("none", "tls", "head", "idle", "upstream", "exchange", "tunnel", "answer",
-               "linger", "closed", "route", "proxy")
+               "linger", "closed", "route", "proxy", "hook")
 GAUGES = frozenset(["conns", "tunnels_active", "pipes_total", "pipes_free", "paused_now"]
                    + ["states." + name for name in STATE_NAMES]
                    + ["held." + name for name in HELD_NAMES])

@@ -11,18 +11,29 @@ cdef const char *status_reason(int status) noexcept nogil:
     if status == 204: return "No Content"
     if status == 301: return "Moved Permanently"
     if status == 302: return "Found"
+    if status == 303: return "See Other"
     if status == 304: return "Not Modified"
+    if status == 307: return "Temporary Redirect"
+    if status == 308: return "Permanent Redirect"
     if status == 400: return "Bad Request"
+    if status == 401: return "Unauthorized"
+    if status == 402: return "Payment Required"
     if status == 403: return "Forbidden"
     if status == 404: return "Not Found"
     if status == 405: return "Not Allowed"
+    if status == 406: return "Not Acceptable"
+    if status == 407: return "Proxy Authentication Required"
     if status == 408: return "Request Timeout"
+    if status == 409: return "Conflict"
+    if status == 410: return "Gone"
     if status == 413: return "Payload Too Large"
     if status == 414: return "URI Too Long"
     if status == 417: return "Expectation Failed"
     if status == 426: return "Upgrade Required"
+    if status == 428: return "Precondition Required"
     if status == 429: return "Too Many Requests"
     if status == 431: return "Request Header Fields Too Large"
+    if status == 451: return "Unavailable For Legal Reasons"
     if status == 500: return "Internal Server Error"
     if status == 502: return "Bad Gateway"
     if status == 503: return "Service Unavailable"
@@ -201,6 +212,17 @@ cdef void request_start(Eng *e, Conn *c, char *base, int end, char *rest, int re
         return
     if request_upgrade(e, c, h, base) < 0:
         return
+    if loc.hook >= 0 and (req.upgrading or loc.hook_requests):
+        if hook_start(e, c, base, end, rest, restlen) != HOOK_GO:
+            return                    # answered, or a coroutine decides (hook_resume goes on)
+    request_proceed(e, c, h, base, rest, restlen)
+
+
+cdef void request_proceed(Eng *e, Conn *c, Head *h, const char *base, char *rest,
+                          int restlen) noexcept nogil:
+    # The request routed and checked (and its hook's decision applied): its body's framing,
+    # the head sent upstream, the server chosen, the first attempt.
+    cdef Req *req = c.req
     if not req.upgrading and request_body(e, c, h, rest, &restlen) < 0:
         return
     if request_head_upstream(e, c, h, base, rest, 0 if req.upgrading else restlen) < 0:
@@ -443,6 +465,7 @@ cdef int request_head_upstream(Eng *e, Conn *c, Head *h, const char *base, char 
     cdef fastws_buf *b = &e.obuf
     cdef Req *req = c.req
     cdef Loc *loc = c.loc
+    cdef Hooked *hk = c.hk
     cdef Header *hd
     cdef HeaderOp *op
     cdef const char *name
@@ -482,6 +505,8 @@ cdef int request_head_upstream(Eng *e, Conn *c, Head *h, const char *base, char 
                     b.len = mark      # an empty value removes the header, as nginx's
                 else:
                     buf_add(b, "\r\n", 2)
+    if not host_set and hook_drops(hk, "host", 4):
+        host_set = 1                  # the hook's Host comes with its other headers
     if not host_set:
         buf_add(b, "Host: ", 6)
         i = h.first[<int>H_HOST]
@@ -510,6 +535,8 @@ cdef int request_head_upstream(Eng *e, Conn *c, Head *h, const char *base, char 
             continue
         if loc.nops and op_named(loc, name, hd.name.len):
             continue
+        if hk != NULL and hook_drops(hk, name, hd.name.len):
+            continue
         if name[hd.name.len] == b':' and name[hd.name.len + 1] == b' ' and \
                 name + hd.name.len + 2 == base + hd.value.off:
             buf_add(b, name, hd.name.len + 2 + hd.value.len)   # "Name: value" as it came
@@ -518,16 +545,17 @@ cdef int request_head_upstream(Eng *e, Conn *c, Head *h, const char *base, char 
             buf_add(b, ": ", 2)
             buf_add(b, base + hd.value.off, hd.value.len)
         buf_add(b, "\r\n", 2)
-    # the proxy's own headers, unless set_headers names them
-    if not op_has_kind(loc, H_X_REAL_IP):
+    # the proxy's own headers, unless set_headers or the hook names them
+    if not op_has_kind(loc, H_X_REAL_IP) and not hook_drops(hk, "x-real-ip", 9):
         buf_add(b, "X-Real-IP: ", 11)
         var_put(e, c, NULL, V_REMOTE_ADDR, NULL, 0, b)
         buf_add(b, "\r\n", 2)
-    if not op_has_kind(loc, H_X_FORWARDED_FOR):
+    if not op_has_kind(loc, H_X_FORWARDED_FOR) and not hook_drops(hk, "x-forwarded-for", 15):
         buf_add(b, "X-Forwarded-For: ", 17)
         var_put(e, c, NULL, V_PROXY_ADD_X_FORWARDED_FOR, NULL, 0, b)
         buf_add(b, "\r\n", 2)
-    if not op_has_kind(loc, H_X_FORWARDED_PROTO):
+    if not op_has_kind(loc, H_X_FORWARDED_PROTO) and \
+            not hook_drops(hk, "x-forwarded-proto", 17):
         buf_add(b, "X-Forwarded-Proto: ", 19)
         var_put(e, c, NULL, V_SCHEME, NULL, 0, b)
         buf_add(b, "\r\n", 2)
@@ -544,6 +572,8 @@ cdef int request_head_upstream(Eng *e, Conn *c, Head *h, const char *base, char 
             b.len = mark
         else:
             buf_add(b, "\r\n", 2)
+    if hk != NULL and hk.add != NULL:
+        buf_add(b, hk.add, hk.add_len)
     if req.upgrading:
         i = h.first[<int>H_UPGRADE]
         buf_add(b, "Upgrade: ", 9)
@@ -602,6 +632,8 @@ cdef void request_end(Eng *e, Conn *c) noexcept nogil:
     if req.ctx != NULL:
         with gil:
             Py_DECREF(<object>req.ctx)
+    if c.hk != NULL and c.state != CS_TUNNEL:
+        hooked_free(e, c)             # (a tunnel keeps its $hook_ values to its close)
     free(req)
     held_count(e, DBG_REQS, -1)
     c.req = NULL

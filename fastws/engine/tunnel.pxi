@@ -88,6 +88,8 @@ cdef void tunnel_start(Eng *e, Conn *c, char *data, int end, int total) noexcept
     # the attempt stays open as long as the tunnel: the connection frees it when it closes
     sel_detach(&req.sel)
     request_end(e, c)                 # the request is done with; the tunnel keeps its log line
+    if c.hk != NULL:
+        hooked_trim(c.hk)             # (and its $hook_ values)
     if c.log != NULL and c.log.log.open:
         log_tunnel(e, c, LOG_EVENT_OPEN, 0)
     tunnel_run(e, c)
@@ -183,6 +185,7 @@ cdef void tunnel_close(Eng *e, Conn *c, int reason) noexcept nogil:
     if c.state != CS_TUNNEL:
         conn_close(e, c)
         return
+    c.reason = reason                 # (who ended the stream, for $ws_closed_by)
     e.n.closes[-reason] += 1
     if c.flow[0].mode == FLOW_FRAMES:
         ws_count_close(e, c)
@@ -195,6 +198,8 @@ cdef void tunnel_close(Eng *e, Conn *c, int reason) noexcept nogil:
         pr.bytes_down += c.flow[1].nbytes
     if c.log != NULL:
         log_tunnel(e, c, LOG_EVENT_CLOSE, reason)
+    if c.loc != NULL and c.loc.close_hook >= 0:
+        hook_tunnel_closed(e, c, reason)
     conn_close(e, c)
 
 

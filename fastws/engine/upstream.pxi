@@ -19,6 +19,9 @@ cdef int upstream_select_init(Eng *e, Conn *c, Head *h) noexcept nogil:
     cdef int keylen = 0
     if g.method == BAL_IP_HASH:
         alen = iphash_addr(<SockAddr *>&c.raddr, addr)
+    elif (g.method == BAL_HASH or g.method == BAL_CHASH) and c.hk != NULL and c.hk.key_set:
+        key = c.hk.key                # the hook's key
+        keylen = c.hk.keylen
     elif (g.method == BAL_HASH or g.method == BAL_CHASH) and e.hash_keys[gi] != NULL:
         b.len = 0
         tpl_render(e, c, NULL, e.hash_keys[gi], b)
@@ -38,6 +41,8 @@ cdef int upstream_select_init(Eng *e, Conn *c, Head *h) noexcept nogil:
     if e.sticky[gi] != NULL:
         req.sticky_from = sticky_peer(e.sticky[gi], g, h, b)
         req.sel.sticky = req.sticky_from
+    if c.hk != NULL and c.hk.peer >= 0:
+        req.sel.sticky = c.hk.peer    # the hook's server, tried first (as a sticky cookie's)
     return 0
 
 

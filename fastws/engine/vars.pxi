@@ -214,6 +214,8 @@ cdef void var_put(Eng *e, Conn *c, LogRec *lr, int var, const char *arg, int arg
         if c.pp != NULL:
             buf_fmt(out, "%d", sockaddr_port(<sockaddr *>(&c.pp.src if var == V_PROXY_PROTOCOL_PORT
                                                           else &c.pp.dst)))
+    elif var == V_HOOK:
+        hook_var(c, arg, arglen, out)
     elif var == V_MAP:
         map_put(e, c, lr, arg, out)
     elif var == V_PROXY_HOST:

@@ -14,6 +14,7 @@
 #include <dlfcn.h>
 #include <errno.h>
 #include <stddef.h>
+#include <string.h>
 #include <Python.h>
 
 typedef struct ssl_st FASTWS_SSL;          /* opaque */
@@ -71,6 +72,12 @@ typedef struct {
     unsigned long (*err_peek)(void);
     void (*err_string)(unsigned long, char *, size_t);
     int (*session_reused)(const FASTWS_SSL *);
+    /* optional (a hook's view of the TLS session): NULL when the library lacks them */
+    void (*get0_alpn_selected)(const FASTWS_SSL *, const unsigned char **, unsigned int *);
+    void *(*get_peer_certificate)(const FASTWS_SSL *);
+    void *(*x509_get_subject_name)(const void *);
+    char *(*x509_name_oneline)(const void *, char *, int);
+    void (*x509_free)(void *);
 } fastws_ssl_api;
 
 static fastws_ssl_api fastws_ssl;
@@ -125,6 +132,13 @@ static int fastws_ssl_load(const char *hint)
     *(void **)&api.err_peek = dlsym(h, "ERR_peek_error");
     *(void **)&api.err_string = dlsym(h, "ERR_error_string_n");
     *(void **)&api.session_reused = dlsym(h, "SSL_session_reused");
+    *(void **)&api.get0_alpn_selected = dlsym(h, "SSL_get0_alpn_selected");
+    *(void **)&api.get_peer_certificate = dlsym(h, "SSL_get1_peer_certificate");
+    if (api.get_peer_certificate == NULL)   /* OpenSSL 1.1 */
+        *(void **)&api.get_peer_certificate = dlsym(h, "SSL_get_peer_certificate");
+    *(void **)&api.x509_get_subject_name = dlsym(h, "X509_get_subject_name");
+    *(void **)&api.x509_name_oneline = dlsym(h, "X509_NAME_oneline");
+    *(void **)&api.x509_free = dlsym(h, "X509_free");
     if (!api.read || !api.write || !api.get_error || !api.pending || !api.has_pending ||
             !api.shutdown || !api.ctrl || !api.get_fd || !api.free_buffers || !api.err_clear ||
             !api.new_ || !api.free || !api.set_fd || !api.set_accept_state ||
@@ -169,6 +183,40 @@ typedef struct {
 static inline FASTWS_SSL_CTX *fastws_ctx_of(PyObject *ctxobj)
 {
     return ((fastws_pyctx_head *)ctxobj)->ctx;
+}
+
+/* The protocol ALPN settled on, NUL-terminated in out; its length, 0 for none. */
+static inline int fastws_ssl_alpn(FASTWS_SSL *ssl, char *out, int cap)
+{
+    const unsigned char *p = NULL;
+    unsigned int n = 0;
+    if (fastws_ssl.get0_alpn_selected == NULL)
+        return 0;
+    fastws_ssl.get0_alpn_selected(ssl, &p, &n);
+    if (p == NULL || n == 0 || (int)n >= cap)
+        return 0;
+    memcpy(out, p, n);
+    out[n] = 0;
+    return (int)n;
+}
+
+/* The client certificate's subject ("/C=../CN=..", as nginx's $ssl_client_s_dn_legacy),
+ * NUL-terminated in out; its length, 0 for none. */
+static inline int fastws_ssl_peer_subject(FASTWS_SSL *ssl, char *out, int cap)
+{
+    void *cert, *name;
+    if (fastws_ssl.get_peer_certificate == NULL || fastws_ssl.x509_get_subject_name == NULL ||
+            fastws_ssl.x509_name_oneline == NULL || fastws_ssl.x509_free == NULL)
+        return 0;
+    cert = fastws_ssl.get_peer_certificate(ssl);
+    if (cert == NULL)
+        return 0;
+    name = fastws_ssl.x509_get_subject_name(cert);
+    out[0] = 0;
+    if (name != NULL)
+        fastws_ssl.x509_name_oneline(name, out, cap);
+    fastws_ssl.x509_free(cert);
+    return (int)strlen(out);
 }
 
 /* The servername callback's type (SSL_CTX_set_tlsext_servername_callback is a macro). */

@@ -45,6 +45,8 @@ cdef extern from "openssl.h" nogil:
         int (*session_reused)(const FASTWS_SSL *) noexcept nogil
     fastws_ssl_api fastws_ssl
     int fastws_ssl_load(const char *hint)
+    int fastws_ssl_alpn(FASTWS_SSL *ssl, char *out, int cap) noexcept nogil
+    int fastws_ssl_peer_subject(FASTWS_SSL *ssl, char *out, int cap) noexcept nogil
     FASTWS_SSL *fastws_ssl_of(PyObject *sslobj)
     void fastws_set_errno(int value)
     enum:

@@ -282,6 +282,11 @@ SPECS: dict[str, Spec] = {
     "websocket_ping": _use(HSL, 1, 3),
     "websocket_close_timeout": _use(HSL, 1),
     "websocket_close_spread": _use(MAIN, 1),
+    # ... and Python hooks (docs/extending.md)
+    "fastws_hook": _use(HSL, 1),
+    "fastws_hook_requests": _use(HSL, 1),
+    "fastws_hook_timeout": _use(HSL, 1),
+    "fastws_on_tunnel_close": _use(HSL, 1),
     "send_proxy_protocol": _use((UPSTREAM,), 1),
     "allow": _use(HSL, 1),
     "deny": _use(HSL, 1),

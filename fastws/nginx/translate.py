@@ -65,6 +65,11 @@ def _int(d: Directive, text: str, minimum: int = 0) -> int:
     return int(text)
 
 
+def _callable(d: Directive) -> str:
+    # "package.module:function", or off
+    return "" if d.args[0] == "off" else d.args[0]
+
+
 def _flag(d: Directive) -> bool:
     value = d.args[0].lower()
     if value not in ("on", "off"):
@@ -680,16 +685,11 @@ class _Translator:
     # location
     def frames(self, loc: dict[str, Any], where: str, settings: dict[str, Any]) -> None:
         # fastws's own directives for WebSocket frames (docs/websocket.md)
-        for name, key, read in (("websocket_frames", "frames", _flag),
-                                ("websocket_frame_checks", "frame_checks", _flag),
-                                ("websocket_max_message_size", "max_message_size",
-                                 lambda d: _size(d, d.args[0])),
-                                ("websocket_close_timeout", "close_timeout",
-                                 lambda d: _time(d, d.args[0]))):
-            d: Directive | None = settings.get(name)
-            if d is not None:
-                loc[key] = read(d)
-                self.at(f"{where}.{key}", d)
+        self.keys(loc, where, settings, (
+            ("websocket_frames", "frames", _flag),
+            ("websocket_frame_checks", "frame_checks", _flag),
+            ("websocket_max_message_size", "max_message_size", lambda d: _size(d, d.args[0])),
+            ("websocket_close_timeout", "close_timeout", lambda d: _time(d, d.args[0]))))
         ping: Directive | None = settings.get("websocket_ping")
         if loc.get("frames") is False:
             # a blind location does not see messages: what it inherits about them is moot
@@ -707,6 +707,23 @@ class _Translator:
                 raise fail(ping, "expected INTERVAL [TIMEOUT] [client|upstream|both]")
             for key in ("ping_interval", "ping_timeout", "ping_to"):
                 self.at(f"{where}.{key}", ping)
+
+    def hooks(self, loc: dict[str, Any], where: str, settings: dict[str, Any]) -> None:
+        # fastws's own directives for Python hooks (docs/extending.md); "off" for none
+        self.keys(loc, where, settings, (
+            ("fastws_hook", "hook", _callable),
+            ("fastws_on_tunnel_close", "on_tunnel_close", _callable),
+            ("fastws_hook_requests", "hook_requests", _flag),
+            ("fastws_hook_timeout", "hook_timeout", lambda d: _time(d, d.args[0]))))
+
+    def keys(self, loc: dict[str, Any], where: str, settings: dict[str, Any],
+             table: tuple[tuple[str, str, Any], ...]) -> None:
+        # one-argument directives, each the TOML key it stands for (its place recorded)
+        for name, key, read in table:
+            d: Directive | None = settings.get(name)
+            if d is not None:
+                loc[key] = read(d)
+                self.at(f"{where}.{key}", d)
 
     def location(self, d: Directive, server: dict[str, Any], server_where: str,
                  inherited: dict[str, Any], *, forced_return: Directive | None = None,
@@ -800,6 +817,7 @@ class _Translator:
             for key in ("max_tunnel_lifetime", "lifetime_spread"):
                 self.at(f"{where}.{key}", life)
         self.frames(loc, where, settings)
+        self.hooks(loc, where, settings)
         for e in settings.get("limit_conn") or []:
             loc.setdefault("limit_conn", []).append({"zone": e.args[0],
                                                      "max": _int(e, e.args[1], 1)})
