@@ -78,6 +78,13 @@ def ensure_matplotlib(log=print) -> str | None:
     return None
 
 
+def repo_path(env: dict | None) -> str:
+    """PYTHONPATH with the repository first (its `bench` package importable), after `env`'s."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    rest = (env or {}).get("PYTHONPATH") or os.environ.get("PYTHONPATH", "")
+    return repo + (os.pathsep + rest if rest and rest != repo else "")
+
+
 def fastws_command() -> tuple[list[str] | None, dict | None, str]:
     """How to start fastws: (command, extra environment, note), or (None, None, why it is skipped).
 

@@ -51,6 +51,15 @@ def summarize(runs: list[dict], scenario_keys: list[str], target_names: list[str
             for key in ("cpu_per_unit", "throughput", "pss_per_tunnel_b"):
                 out[sk]["fastws"][f"vs_blind_{key}"] = _stats(
                     [a[key] / b[key] for a, b in pairs if a.get(key) and b.get(key)])
+        if "fastws-hook" in out[sk] and "fastws" in out[sk]:
+            # what a trivial hook adds, round by round (the same pairing)
+            pairs = [(a, b) for a in runs for b in runs
+                     if a["scenario"] == b["scenario"] == sk and a["round"] == b["round"]
+                     and a["target"] == "fastws-hook" and b["target"] == "fastws"
+                     and a["ok"] and b["ok"]]
+            out[sk]["fastws-hook"]["added_cpu_per_unit"] = _stats(
+                [a["cpu_per_unit"] - b["cpu_per_unit"] for a, b in pairs
+                 if a.get("cpu_per_unit") is not None and b.get("cpu_per_unit") is not None])
     return out
 
 
@@ -352,7 +361,25 @@ def evaluate_targets(summary: dict, available: list[str]) -> list[dict]:
             f"no proxy p99 {_num(base)} µs; best peer {LABELS.get(who, '—')} adds {_num(b)} µs", part="info")
     if fw and "fastws-blind" in available:
         rows += frames_cost(summary)
+    if fw and "fastws-hook" in available:
+        rows += hook_cost(summary)
     return rows
+
+
+HOOK_BOUND_US = 15.0       # a trivial synchronous hook's cost per handshake
+
+
+def hook_cost(summary: dict) -> list[dict]:
+    """What a location's Python hook costs per handshake: fastws with a trivial hook against
+    fastws without, round by round in the same run (docs/extending.md)."""
+    v, ref = _med(summary, "handshake", "fastws-hook", "cpu_per_unit"), _med(summary, "handshake", "fastws", "cpu_per_unit")
+    added = _med(summary, "handshake", "fastws-hook", "added_cpu_per_unit")
+    if None in (v, ref, added):
+        return []
+    return [{"target": f"handshake-hook: CPU per handshake <= handshake's + {HOOK_BOUND_US:g} µs "
+                       "(round by round)", "fastws": added, "bound": HOOK_BOUND_US,
+             "pass": added <= HOOK_BOUND_US,
+             "detail": f"medians: {_num(v)} µs with the hook, {_num(ref)} µs without", "part": "hook"}]
 
 
 def frames_cost(summary: dict) -> list[dict]:
@@ -428,6 +455,10 @@ def targets_table(rows: list[dict], fastws_note: str | None) -> str:
     if frames:
         lines += ["", "### What following WebSocket frames costs (fastws against `frames = false`)", ""]
         lines += _target_rows(frames)
+    hook = [r for r in rows if r.get("part") == "hook"]
+    if hook:
+        lines += ["", "### What a Python hook costs (fastws with a trivial hook against none)", ""]
+        lines += _target_rows(hook)
     lines.append("")
     return "\n".join(lines)
 

@@ -100,7 +100,10 @@ class Runner:
     # -- one measurement -------------------------------------------------------
     @staticmethod
     def applies(t: Target, sc: Scenario) -> bool:
-        """The burst measures a proxy rejecting heads: without a proxy there is nothing to measure."""
+        """The burst measures a proxy rejecting heads: without a proxy there is nothing to measure;
+        a target made for some scenarios runs only those."""
+        if t.only is not None and sc.key not in t.only:
+            return False
         return t.is_proxy or not sc.burst
 
     def run_one(self, t: Target, sc: Scenario, rnd: int) -> dict:
