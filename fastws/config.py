@@ -978,8 +978,18 @@ def _read_server_tls(server: _Reader) -> TLSConfig | None:
     if timeout <= 0:
         raise r.fail("handshake_timeout", "must be greater than zero")
     tickets = r.get("session_tickets", bool, True)
+    verify_client = r.get("verify_client", (bool, str), "off")
+    verify_client = {True: "on", False: "off"}.get(verify_client, verify_client)
+    if verify_client not in ("on", "off", "optional"):
+        raise r.fail("verify_client", "expected \"on\", \"optional\" or \"off\"")
+    ca_raw = r.get("client_ca", str, None)
+    client_ca = _tls_path(r, "client_ca", ca_raw) if ca_raw is not None else None
+    if verify_client != "off" and client_ca is None:
+        raise r.fail("verify_client", "needs client_ca (the CA certificates that sign the "
+                     "clients' certificates, PEM)")
     r.finish()
-    conf = TLSConfig(cert, key, tuple(protocols), ciphers, timeout, tickets)
+    conf = TLSConfig(cert, key, tuple(protocols), ciphers, timeout, tickets, verify_client,
+                     client_ca)
     try:
         tls.server_context(conf)
     except tls.Problem as exc:

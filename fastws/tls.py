@@ -41,6 +41,8 @@ class TLSConfig:
     ciphers: str = "HIGH:!aNULL:!MD5"
     handshake_timeout: float = 60.0
     session_tickets: bool = True
+    verify_client: str = "off"     # "on": a client certificate signed by client_ca is required;
+    client_ca: str | None = None   # "optional": checked if the client sends one
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +171,15 @@ def server_context(conf: TLSConfig) -> ssl.SSLContext:
     if not conf.session_tickets:
         ctx.options |= ssl.OP_NO_TICKET
         ctx.num_tickets = 0
+    if conf.verify_client != "off" and conf.client_ca is not None:
+        # nginx's ssl_verify_client and ssl_client_certificate: a certificate that does not
+        # verify against client_ca ends the handshake (with "on", so does none at all)
+        try:
+            ctx.load_verify_locations(cafile=conf.client_ca)
+        except (ssl.SSLError, OSError) as exc:
+            raise Problem("client_ca", f"cannot load the CA certificates: "
+                          f"{getattr(exc, 'reason', None) or exc}") from None
+        ctx.verify_mode = ssl.CERT_REQUIRED if conf.verify_client == "on" else ssl.CERT_OPTIONAL
     return ctx
 
 

@@ -254,6 +254,26 @@ def test_a_server_with_plain_and_tls_listeners_becomes_two(tmp_path: Path) -> No
     assert plain.locations == secure.locations
 
 
+def test_client_certificate_directives(tmp_path: Path) -> None:
+    import trustme
+    ca = trustme.CA()
+    issued = ca.issue_cert("example.com")
+    issued.cert_chain_pems[0].write_to_path(str(tmp_path / "c.crt"))
+    issued.private_key_pem.write_to_path(str(tmp_path / "c.key"))
+    ca.cert_pem.write_to_path(str(tmp_path / "clients.pem"))
+    site = ("server { listen 127.0.0.1:8443 ssl; ssl_certificate c.crt; "
+            "ssl_certificate_key c.key; ssl_client_certificate clients.pem; "
+            "ssl_verify_client %s; location / { return 200 ok; } }")
+    cfg = load(str(write(tmp_path, http(site % "optional"))))
+    tls = cfg.servers[0].tls
+    assert tls is not None and (tls.verify_client, tls.client_ca) == (
+        "optional", str(tmp_path / "clients.pem"))
+    cfg = load(str(write(tmp_path, http(site % "on"))))
+    assert any("ssl_verify_client on" in d for d in cfg.differences)
+    with pytest.raises(ConfigError, match="optional_no_ca\\\": fastws checks every"):
+        load(str(write(tmp_path, http(site % "optional_no_ca"))))
+
+
 def test_redirect_to_https_and_server_level_return(tmp_path: Path) -> None:
     cfg = load(str(write(tmp_path, http("""
         server { listen 127.0.0.1:8080; return 301 https://$host$request_uri; }

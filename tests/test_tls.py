@@ -108,6 +108,51 @@ def wss_echo(url: str, ctx: ssl.SSLContext, messages: list[Any], *, clients: int
     asyncio.run(main())
 
 
+
+def test_client_certificates_and_what_a_hook_sees(make_proxy, ca, tmp_path, ports, monkeypatch):
+    # two servers on one address: the default one asks for no certificate, the one SNI names
+    # requires one signed by client_ca (its verification follows SNI's choice, as nginx's);
+    # a hook there reads the TLS session and answers with what it saw
+    port, sport = ports
+    clients = trustme.CA()
+    (tmp_path / "clients.pem").write_bytes(clients.cert_pem.bytes())
+    (tmp_path / "fastws_test_tlshook.py").write_text(
+        "from fastws.hooks import Deny\n"
+        "def seen(r):\n"
+        "    return Deny(200, f'{r.tls}|{r.tls_sni}|{r.tls_alpn}|{r.tls_client_subject}')\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    cfg = tls_config(port, sport, write_cert(ca, tmp_path, "a", "a.example"), "127.0.0.1:9")
+    cfg["server"][0]["server_name"] = ["a.example"]
+    secure = {**write_cert(ca, tmp_path, "s", "secure.example"), "verify_client": "on",
+              "client_ca": str(tmp_path / "clients.pem")}
+    optional = {**write_cert(ca, tmp_path, "o", "optional.example"),
+                "verify_client": "optional", "client_ca": str(tmp_path / "clients.pem")}
+    for name, tls in (("secure.example", secure), ("optional.example", optional)):
+        cfg["server"].insert(1, {"listen": [f"127.0.0.1:{port}"], "server_name": [name],
+                                 "tls": tls, "location": [{"path": "/", "proxy_pass": "backend",
+                                                           "hook": "fastws_test_tlshook:seen",
+                                                           "hook_requests": True}]})
+    make_proxy(cfg, port=port)
+    anonymous = client_context(ca)
+    identified = client_context(ca)
+    leaf = clients.issue_cert("alice@example.com", common_name="alice")
+    leaf.configure_cert(identified)
+    identified.set_alpn_protocols(["h2", "http/1.1"])
+    stranger = client_context(ca)
+    trustme.CA().issue_cert("mallory@example.com", common_name="mallory").configure_cert(stranger)
+    assert https_get(port, "/hello", anonymous, host="a.example")[:2] == (200, b"hello over tls")
+    code, body, _ = https_get(port, "/x", identified, host="secure.example")
+    assert code == 200 and body.startswith(b"True|secure.example|http/1.1|/O=trustme")
+    assert body.endswith(b"/CN=alice")
+    code, body, _ = https_get(port, "/x", anonymous, host="optional.example")
+    assert (code, body) == (200, b"True|optional.example|None|None")    # (no ALPN asked)
+    for ctx, host in ((anonymous, "secure.example"), (stranger, "secure.example"),
+                      (stranger, "optional.example")):
+        with pytest.raises((ssl.SSLError, ConnectionResetError, BrokenPipeError)):
+            https_get(port, "/x", ctx, host=host)
+    assert https_get(port, "/hello", anonymous, host="a.example")[0] == 200
+
+
 def check_config(tmp_path: Path, config: dict[str, Any]) -> subprocess.CompletedProcess[str]:
     path = tmp_path / "check.toml"
     path.write_text(to_toml(config))
@@ -559,6 +604,14 @@ def test_other_tls_settings_fail_the_config_check(ca, tmp_path):
     cfg = tls_config(8443, 8080, site, "127.0.0.1:1")
     cfg["server"][0]["location"][0]["proxy_pass"] = "wss://127.0.0.1:1"
     cases.append((cfg, "proxy_pass: ", "unsupported scheme 'wss'"))
+    cfg = tls_config(8443, 8080, {**site, "verify_client": "on"}, "127.0.0.1:1")
+    cases.append((cfg, "server[0].tls.verify_client: ", "needs client_ca"))
+    cfg = tls_config(8443, 8080, {**site, "verify_client": "sometimes",
+                                  "client_ca": site["certificate"]}, "127.0.0.1:1")
+    cases.append((cfg, "server[0].tls.verify_client: ", "expected \"on\", \"optional\""))
+    cfg = tls_config(8443, 8080, {**site, "verify_client": "optional",
+                                  "client_ca": site["key"]}, "127.0.0.1:1")
+    cases.append((cfg, "server[0].tls.client_ca: ", "cannot load the CA certificates"))
     for cfg, key, problem in cases:
         result = check_config(tmp_path, cfg)
         assert result.returncode == 1

@@ -25,6 +25,7 @@ cdef int tls_sni(FASTWS_SSL *ssl, int *alert, void *arg) noexcept nogil:
     s = route_server(c.lis, host, n)
     if s.tls_ctx != NULL and s.tls_ctx != fastws_ssl.get_ssl_ctx(ssl):
         fastws_ssl.set_ssl_ctx(ssl, s.tls_ctx)
+        fastws_ssl_copy_verify(ssl, s.tls_ctx)
     return FASTWS_SSL_TLSEXT_ERR_OK
 
 

@@ -78,6 +78,12 @@ typedef struct {
     void *(*x509_get_subject_name)(const void *);
     char *(*x509_name_oneline)(const void *, char *, int);
     void (*x509_free)(void *);
+    /* optional (client certificates on a server that SNI chose) */
+    int (*ctx_get_verify_mode)(const FASTWS_SSL_CTX *);
+    void *(*ctx_get_verify_callback)(const FASTWS_SSL_CTX *);
+    int (*ctx_get_verify_depth)(const FASTWS_SSL_CTX *);
+    void (*set_verify)(FASTWS_SSL *, int, void *);
+    void (*set_verify_depth)(FASTWS_SSL *, int);
 } fastws_ssl_api;
 
 static fastws_ssl_api fastws_ssl;
@@ -139,6 +145,11 @@ static int fastws_ssl_load(const char *hint)
     *(void **)&api.x509_get_subject_name = dlsym(h, "X509_get_subject_name");
     *(void **)&api.x509_name_oneline = dlsym(h, "X509_NAME_oneline");
     *(void **)&api.x509_free = dlsym(h, "X509_free");
+    *(void **)&api.ctx_get_verify_mode = dlsym(h, "SSL_CTX_get_verify_mode");
+    *(void **)&api.ctx_get_verify_callback = dlsym(h, "SSL_CTX_get_verify_callback");
+    *(void **)&api.ctx_get_verify_depth = dlsym(h, "SSL_CTX_get_verify_depth");
+    *(void **)&api.set_verify = dlsym(h, "SSL_set_verify");
+    *(void **)&api.set_verify_depth = dlsym(h, "SSL_set_verify_depth");
     if (!api.read || !api.write || !api.get_error || !api.pending || !api.has_pending ||
             !api.shutdown || !api.ctrl || !api.get_fd || !api.free_buffers || !api.err_clear ||
             !api.new_ || !api.free || !api.set_fd || !api.set_accept_state ||
@@ -217,6 +228,21 @@ static inline int fastws_ssl_peer_subject(FASTWS_SSL *ssl, char *out, int cap)
         fastws_ssl.x509_name_oneline(name, out, cap);
     fastws_ssl.x509_free(cert);
     return (int)strlen(out);
+}
+
+/* After SSL_set_SSL_CTX (SNI chose another server): its client-certificate verification too,
+ * which SSL_set_SSL_CTX leaves as the first context's (nginx's ngx_http_ssl_servername does
+ * the same).  0, or -1 when the library lacks the calls. */
+static inline int fastws_ssl_copy_verify(FASTWS_SSL *ssl, FASTWS_SSL_CTX *ctx)
+{
+    if (fastws_ssl.ctx_get_verify_mode == NULL || fastws_ssl.ctx_get_verify_callback == NULL ||
+            fastws_ssl.ctx_get_verify_depth == NULL || fastws_ssl.set_verify == NULL ||
+            fastws_ssl.set_verify_depth == NULL)
+        return -1;
+    fastws_ssl.set_verify(ssl, fastws_ssl.ctx_get_verify_mode(ctx),
+                          fastws_ssl.ctx_get_verify_callback(ctx));
+    fastws_ssl.set_verify_depth(ssl, fastws_ssl.ctx_get_verify_depth(ctx));
+    return 0;
 }
 
 /* The servername callback's type (SSL_CTX_set_tlsext_servername_callback is a macro). */

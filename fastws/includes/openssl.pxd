@@ -47,6 +47,7 @@ cdef extern from "openssl.h" nogil:
     int fastws_ssl_load(const char *hint)
     int fastws_ssl_alpn(FASTWS_SSL *ssl, char *out, int cap) noexcept nogil
     int fastws_ssl_peer_subject(FASTWS_SSL *ssl, char *out, int cap) noexcept nogil
+    int fastws_ssl_copy_verify(FASTWS_SSL *ssl, FASTWS_SSL_CTX *ctx) noexcept nogil
     FASTWS_SSL *fastws_ssl_of(PyObject *sslobj)
     void fastws_set_errno(int value)
     enum:

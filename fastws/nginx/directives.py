@@ -261,8 +261,8 @@ SPECS: dict[str, Spec] = {
                                          "to upstreams yet"),
     "proxy_protocol": _refuse(SERVER, "the stream module's; to send the PROXY protocol to "
                               "upstreams, write send_proxy_protocol v1|v2 in the upstream block"),
-    "ssl_client_certificate": _refuse(HS, "fastws does not verify client certificates yet"),
-    "ssl_verify_client": _refuse(HS, "fastws does not verify client certificates yet"),
+    "ssl_client_certificate": _use(HS, 1),
+    "ssl_verify_client": _use(HS, 1),
     "ssl_trusted_certificate": _refuse(HS, "fastws does not staple OCSP answers"),
     "fastcgi_pass": _refuse(LOCATION, "fastws proxies HTTP only: use proxy_pass"),
     "uwsgi_pass": _refuse(LOCATION, "fastws proxies HTTP only: use proxy_pass"),

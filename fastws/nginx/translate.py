@@ -680,6 +680,24 @@ class _Translator:
             self.at(f"{where}.ciphers", settings["ssl_ciphers"])
         if "ssl_session_tickets" in settings:
             out["session_tickets"] = _flag(settings["ssl_session_tickets"])
+        verify: Directive | None = settings.get("ssl_verify_client")
+        if verify is not None:
+            mode = verify.args[0]
+            if mode == "optional_no_ca":
+                raise fail(verify, "\"ssl_verify_client optional_no_ca\": fastws checks every "
+                           "client certificate it asks for (use optional)")
+            if mode not in ("on", "off", "optional"):
+                raise fail(verify, f"\"ssl_verify_client\": invalid value \"{mode}\"")
+            out["verify_client"] = mode
+            self.at(f"{where}.verify_client", verify)
+            if mode == "on":
+                self.differ(verify, "ssl_verify_client on: a client without a certificate "
+                            "fails the TLS handshake (nginx answers it 400)",
+                            once="ssl_verify_client")
+        ca: Directive | None = settings.get("ssl_client_certificate")
+        if ca is not None:
+            out["client_ca"] = self.path(ca.args[0], conf=True)
+            self.at(f"{where}.client_ca", ca)
         return out
 
     # location
