@@ -643,6 +643,9 @@ cdef struct Hooked:
     int key_set
     char *vars               # $hook_NAME values: "name\0value\0" ...
     int vars_len
+    int close_hook           # a tunnel: its on_tunnel_close (Engine._close_hooks), -1: none
+    char *place              # an adopted tunnel: "server_name\0location\0" for that callback
+    int place_len
 
 cdef struct LogRec:
     # What an access log line needs once its request is gone (a tunnel keeps it to its close).

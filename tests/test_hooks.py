@@ -586,3 +586,50 @@ def test_a_reload_runs_the_hooks_new_code(hook_module: Any, backends: list[Named
     head, rest, s = handshake(port)
     assert head.startswith(b"HTTP/1.1 101 ") and echo_once(s, rest) == b"ping?"
     s.close()
+
+
+def test_a_handed_over_tunnel_keeps_its_close_callback(hook_module: Any, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       make_proxy: Any) -> None:
+    # a reload hands the tunnel to a new worker: its callback (named the same in the new
+    # configuration) is called there once, with the whole tunnel's figures and $hook_ values
+    import json
+    import signal
+    from support import EchoBackend
+    records = tmp_path / "records.jsonl"
+    mod = hook_module(f"""
+        import dataclasses, json, os
+        from fastws.hooks import Decision
+        def check(r):
+            return Decision(log={{"customer": "acme"}})
+        def closed(t):
+            with open({str(records)!r}, "a") as f:
+                f.write(json.dumps(dict(dataclasses.asdict(t), pid=os.getpid())) + "\\n")
+    """)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    backend = EchoBackend()
+    try:
+        port = free_port()
+        cfg = {"upstream": [{"name": "app", "servers": [backend.address]}],
+               "server": [{"listen": [f"127.0.0.1:{port}"], "server_name": ["chat"],
+                           "location": [{"path": "/ws", "proxy_pass": "app",
+                                         "hook": f"{mod}:check",
+                                         "on_tunnel_close": f"{mod}:closed"}]}]}
+        p = make_proxy(cfg, port=port)
+        with connect(f"ws://127.0.0.1:{port}/ws") as ws:
+            ws.send(b"a" * 1000)
+            assert ws.recv() == b"a" * 1000
+            old = set(p.workers())
+            p.proc.send_signal(signal.SIGHUP)
+            wait_until(lambda: set(p.workers()) and not set(p.workers()) & old)
+            ws.send(b"b" * 1000)
+            assert ws.recv() == b"b" * 1000
+        wait_until(lambda: records.exists() and records.read_text().count("\n") == 1)
+        (t,) = [json.loads(line) for line in records.read_text().splitlines()]
+        assert t["pid"] not in old and t["hook"] == {"customer": "acme"}
+        assert (t["messages_from_client"], t["messages_to_client"]) == (2, 2)
+        assert t["bytes_from_client"] > 2000 and (t["server_name"], t["location"]) == ("chat",
+                                                                                        "/ws")
+        assert (t["close_code"], t["closed_by"]) == (1000, "client")
+    finally:
+        backend.close()

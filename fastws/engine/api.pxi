@@ -785,6 +785,7 @@ cdef class Engine:
         t.websocket = c.websocket
         t.policy = _policy_dict(c.tp)
         t.frames = _frames_state(c)
+        t.closing = self._exported_closing(c)
         t.lifetime_left = c.end_at - e.now if c.end_at < NEVER else -1.0
         t.relay = _RELAYS[c.relay]
         t.upstream = e.group_names[u.group].decode() if u.group >= 0 else ""
@@ -894,6 +895,8 @@ cdef class Engine:
             raise MemoryError()
         if access_log >= 0 and t.log is not None:
             self._adopt_log(c, self._als[access_log], t.log)
+        if t.closing is not None:
+            self._adopt_closing(c, t.closing)
         if group >= 0:
             # as if selected: peer_free gives it back when the tunnel closes
             peer_adopt(e.groups[group], peer)
@@ -1013,6 +1016,40 @@ cdef class Engine:
         entry = self._pending.pop(ticket, None)
         if entry is not None:
             entry[0].cancel()
+
+    cdef dict _exported_closing(self, Conn *c):
+        # a tunnel's on_tunnel_close goes with it to the new worker, by its import path
+        cdef Hooked *hk = c.hk
+        if hk == NULL or hk.close_hook < 0:
+            return None
+        if c.loc != NULL:
+            place = [c.srv.name[:c.srv.namelen].decode("utf-8", "replace"),
+                     c.loc.path[:c.loc.pathlen].decode("utf-8", "replace")]
+        else:
+            place = hk.place[:hk.place_len].decode("utf-8", "replace").split("\0")[:2]
+        return {"callback": self._close_hooks[hk.close_hook][1], "place": place,
+                "hook": hk.vars[:hk.vars_len].decode("utf-8", "replace") if hk.vars != NULL
+                else ""}
+
+    cdef int _adopt_closing(self, Conn *c, dict closing) except -1:
+        # called at its close if this worker's configuration still names that callback
+        cdef Hooked *hk
+        cdef bytes place, values
+        paths = [path for _, path in self._close_hooks]
+        if closing["callback"] not in paths:
+            return 0
+        hk = hooked_new(self.e, c)
+        if hk == NULL:
+            raise MemoryError()
+        hk.close_hook = paths.index(closing["callback"])
+        place = "\0".join(closing["place"]).encode() + b"\0"
+        hk.place = hook_copy(place, &hk.place_len)
+        values = closing["hook"].encode()
+        if values:
+            hk.vars = hook_copy(values, &hk.vars_len)
+        if hk.place == NULL or (values and hk.vars == NULL):
+            raise MemoryError()
+        return 0
 
     cdef _deliver_closed(self):
         # closed tunnels' figures (engine/hooks.pxi, hook_tunnel_closed), to on_tunnel_close

@@ -27,10 +27,12 @@ cdef class ExportedTunnel:
     cdef readonly bint websocket
     cdef readonly dict policy       # its TunnelPolicy, past idle_timeout (frames, pings, ...)
     cdef readonly list frames       # a tunnel that follows its frames: each flow's tracker
+    cdef readonly dict closing      # its on_tunnel_close: the callback's path, where the tunnel
+                                    # was (server, location) and its $hook_ values; or None
 
     _FIELDS = ("up", "down", "age", "first_eof", "read_timeout", "send_timeout", "idle_timeout",
                "lifetime_left", "relay", "upstream", "peer", "log", "limits", "websocket",
-               "policy", "frames")
+               "policy", "frames", "closing")
 
     def header(self):
         """Everything but the fds and the bytes in flight, as plain data (JSON-safe)."""
@@ -62,6 +64,7 @@ cdef class ExportedTunnel:
         t.websocket = header.get("websocket", False)
         t.policy = header.get("policy") or {}
         t.frames = header.get("frames")
+        t.closing = header.get("closing")
         log = header.get("log")
         t.log = dict(log, early=log["early"].encode("latin-1")) if log is not None else None
         return t

@@ -22,8 +22,20 @@ cdef void hooked_clear(Hooked *hk) noexcept nogil:
     free(hk.add)
     free(hk.key)
     free(hk.vars)
+    free(hk.place)
     memset(hk, 0, sizeof(Hooked))
-    hk.group = hk.peer = -1
+    hk.group = hk.peer = hk.close_hook = -1
+
+
+cdef Hooked *hooked_new(Eng *e, Conn *c) noexcept nogil:
+    # c.hk, made if it is not there
+    if c.hk == NULL:
+        c.hk = <Hooked *>calloc(1, sizeof(Hooked))
+        if c.hk == NULL:
+            return NULL
+        held_count(e, DBG_BUFFERS, 1)
+        c.hk.group = c.hk.peer = c.hk.close_hook = -1
+    return c.hk
 
 
 cdef void hooked_trim(Hooked *hk) noexcept nogil:
@@ -60,12 +72,10 @@ cdef int hook_start(Eng *e, Conn *c, const char *base, int end, char *rest,
     cdef Hooked *hk
     cdef int r
     hooked_free(e, c)
-    hk = c.hk = <Hooked *>calloc(1, sizeof(Hooked))
+    hk = hooked_new(e, c)
     if hk == NULL:
         conn_close(e, c)
         return HOOK_DONE
-    held_count(e, DBG_BUFFERS, 1)
-    hk.group = hk.peer = -1
     hk.t_call = e.now
     r = hook_call(e, c, rest, restlen)
     if r != HOOK_WAIT:
@@ -219,9 +229,17 @@ cdef void hook_var(Conn *c, const char *name, int n, fastws_buf *out) noexcept n
         pos += k + v + 2
 
 
+cdef void hook_tunnel_begins(Eng *e, Conn *c) noexcept nogil:
+    # A tunnel of a location with on_tunnel_close: the callback goes with it (to its close, or
+    # to the worker it is handed to on a reload).
+    cdef Hooked *hk = hooked_new(e, c)
+    if hk != NULL:
+        hk.close_hook = c.loc.close_hook
+
+
 cdef void hook_tunnel_closed(Eng *e, Conn *c, int reason) noexcept nogil:
-    # A tunnel of a location with on_tunnel_close: its figures, for the control plane to
-    # deliver after the turn.
+    # A tunnel with an on_tunnel_close callback: its figures, for the control plane to deliver
+    # after the turn.
     cdef const char *upstream = ""
     cdef const char *why = close_reason(reason)
     cdef const char *by = ""
@@ -233,13 +251,17 @@ cdef void hook_tunnel_closed(Eng *e, Conn *c, int reason) noexcept nogil:
         upstream = e.groups[c.up.group].peers[c.up.peer].name
     sockaddr_text(<sockaddr *>&c.raddr, e.addrbuf, sizeof(e.addrbuf))
     with gil:
+        if c.loc != NULL:
+            server = c.srv.name[:c.srv.namelen].decode("utf-8", "replace")
+            location = c.loc.path[:c.loc.pathlen].decode("utf-8", "replace")
+        else:                         # adopted: where it was
+            server, location = hk.place[:hk.place_len].decode("utf-8", "replace").split("\0")[:2]
         (<Engine>e.owner)._closed.append((
-            c.loc.close_hook, e.addrbuf.decode(), sockaddr_port(<sockaddr *>&c.raddr),
-            c.srv.name[:c.srv.namelen].decode("utf-8", "replace") if c.srv != NULL else "",
-            c.loc.path[:c.loc.pathlen].decode("utf-8", "replace"),
+            hk.close_hook, e.addrbuf.decode(), sockaddr_port(<sockaddr *>&c.raddr),
+            server, location,
             upstream[:strlen(upstream)].decode("utf-8", "replace"),
             c.flow[0].nbytes, c.flow[1].nbytes,
             c.flow[0].ws.messages if frames else 0, c.flow[1].ws.messages if frames else 0,
             e.now - c.started, why[:strlen(why)].decode(),
             ws_close_code(c) if frames else 0, by[:strlen(by)].decode(),
-            hk.vars[:hk.vars_len] if hk != NULL and hk.vars != NULL else b""))
+            hk.vars[:hk.vars_len] if hk.vars != NULL else b""))

@@ -90,6 +90,8 @@ cdef void tunnel_start(Eng *e, Conn *c, char *data, int end, int total) noexcept
     request_end(e, c)                 # the request is done with; the tunnel keeps its log line
     if c.hk != NULL:
         hooked_trim(c.hk)             # (and its $hook_ values)
+    if c.loc.close_hook >= 0:
+        hook_tunnel_begins(e, c)      # (out of memory: this tunnel's callback is lost)
     if c.log != NULL and c.log.log.open:
         log_tunnel(e, c, LOG_EVENT_OPEN, 0)
     tunnel_run(e, c)
@@ -198,7 +200,7 @@ cdef void tunnel_close(Eng *e, Conn *c, int reason) noexcept nogil:
         pr.bytes_down += c.flow[1].nbytes
     if c.log != NULL:
         log_tunnel(e, c, LOG_EVENT_CLOSE, reason)
-    if c.loc != NULL and c.loc.close_hook >= 0:
+    if c.hk != NULL and c.hk.close_hook >= 0:
         hook_tunnel_closed(e, c, reason)
     conn_close(e, c)
 
