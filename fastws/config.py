@@ -288,6 +288,10 @@ class Config:
     differences: tuple[str, ...] = ()   # where fastws keeps a stricter behaviour than nginx
     maps: tuple[MapConfig, ...] = ()
     limit_zones: tuple[LimitZone, ...] = ()
+    # nginx's worker_cpu_affinity: None (the kernel places the workers), "auto" (worker i on
+    # the i-th CPU this process may use, round the list), or one CPU set per worker (the last
+    # one for workers past the list)
+    cpu_affinity: str | tuple[frozenset[int], ...] | None = None
 
     def upstream(self, name: str) -> UpstreamConfig:
         for up in self.upstreams:
@@ -1166,6 +1170,7 @@ def _from_dict(r: _Reader, source: str) -> Config:
     shutdown_timeout = r.duration("shutdown_timeout", 0.0)
     close_spread = r.duration("close_spread", 1.0)
     handover = r.get("handover", bool, True)
+    affinity = r.convert("worker_cpu_affinity", _cpu_affinity, None)
     error_log = accesslog.read_error_log(source, r.get("error_log", (str, dict), None))
     logs = (accesslog.read_formats(source, r.get("log_format", dict, None)), None)
     logs = (logs[0], _access_log(r, logs))
@@ -1196,7 +1201,28 @@ def _from_dict(r: _Reader, source: str) -> Config:
     r.finish()
     return Config(source, tuple(upstreams) + tuple(implicit.values()), servers, processes,
                   worker_connections, pipe_size, max_pipes, pid, shutdown_timeout,
-                  close_spread, handover, error_log, user, files=(source,))
+                  close_spread, handover, error_log, user, files=(source,),
+                  cpu_affinity=affinity)
+
+
+def _cpu_affinity(value: Any) -> str | tuple[frozenset[int], ...]:
+    """`"auto"`, or nginx's masks: ["0001", "0010"] (the rightmost digit is CPU 0), one per
+    worker."""
+    if value == "auto":
+        return value
+    if not isinstance(value, list) or not value:
+        raise ValueError("expected \"auto\" or a list of CPU masks such as [\"01\", \"10\"]")
+    allowed = os.sched_getaffinity(0)
+    masks = []
+    for mask in value:
+        if not isinstance(mask, str) or not mask or set(mask) - {"0", "1"}:
+            raise ValueError(f"{mask!r} is not a CPU mask of 0s and 1s (\"0101\")")
+        cpus = frozenset(i for i, bit in enumerate(reversed(mask)) if bit == "1")
+        if not cpus or not cpus & allowed:
+            raise ValueError(f"{mask!r} names no CPU this process may run on "
+                             f"({', '.join(map(str, sorted(allowed)))})")
+        masks.append(cpus)
+    return tuple(masks)
 
 
 def _user(value: Any) -> tuple[str, str]:

@@ -190,7 +190,10 @@ class Master:
         for sig in SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
-        from .worker import Worker
+        from .worker import Worker, pin_worker
+        cpus = pin_worker(cfg, index)
+        if cpus is not None:
+            log.info("worker %d runs on CPU %s", index, ",".join(map(str, sorted(cpus))))
         # The event loop is created here, after the fork (uvloop cannot cross one).
         Worker(cfg, socks, board=self.board, slot=slot, generation=self.generation,
                master=master, index=index, zones=self.zone_addresses).run()

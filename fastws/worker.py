@@ -55,6 +55,20 @@ def descriptor_limit(config: Config, *, raise_soft: bool = True) -> str | None:
     return None
 
 
+def pin_worker(config: Config, index: int) -> set[int] | None:
+    """nginx's worker_cpu_affinity: the CPUs worker `index` is bound to (None: not bound)."""
+    spec = config.cpu_affinity
+    if spec is None:
+        return None
+    allowed = sorted(os.sched_getaffinity(0))
+    if spec == "auto":
+        cpus = {allowed[index % len(allowed)]}
+    else:
+        cpus = set(spec[min(index, len(spec) - 1)]) & set(allowed)
+    os.sched_setaffinity(0, cpus)
+    return cpus
+
+
 def drop_privileges(config: Config) -> None:
     """nginx's `user`: a worker started as root gives root up once its engine holds what
     needs it (the listeners, the log files, the TLS keys), as ngx_worker_process_init does

@@ -254,6 +254,16 @@ def test_a_server_with_plain_and_tls_listeners_becomes_two(tmp_path: Path) -> No
     assert plain.locations == secure.locations
 
 
+def test_worker_cpu_affinity(tmp_path: Path) -> None:
+    site = "server { listen 127.0.0.1:8080; location / { return 200 ok; } }"
+    cfg = load(str(write(tmp_path, "worker_cpu_affinity 01 10;\n" + http(site))))
+    assert cfg.cpu_affinity == (frozenset({0}), frozenset({1}))
+    cfg = load(str(write(tmp_path, "worker_cpu_affinity auto;\n" + http(site))))
+    assert cfg.cpu_affinity == "auto"
+    with pytest.raises(ConfigError, match="auto MASK"):
+        load(str(write(tmp_path, "worker_cpu_affinity auto 11;\n" + http(site))))
+
+
 def test_client_certificate_directives(tmp_path: Path) -> None:
     import trustme
     ca = trustme.CA()

@@ -110,6 +110,46 @@ def test_connections_spread_over_the_workers(make_proxy, tmp_path, port, backend
     assert sum(w["accepts"] for w in workers) >= 120
 
 
+def cpus_of(pid: int) -> set[int]:
+    return os.sched_getaffinity(pid)
+
+
+@pytest.mark.parametrize("affinity", ["auto", "masks"])
+def test_worker_cpu_affinity_binds_each_worker(make_proxy, tmp_path, port, backend, affinity):
+    allowed = sorted(os.sched_getaffinity(0))
+    if affinity == "auto":
+        spec: Any = "auto"
+        want = [{allowed[i % len(allowed)]} for i in range(3)]
+    else:
+        # worker 0 on the last CPU, the others on the first (the last mask serves the rest)
+        spec = ["1" + "0" * allowed[-1], "1" + "0" * allowed[0]]
+        want = [{allowed[-1]}, {allowed[0]}, {allowed[0]}]
+    proxy = make_proxy(ops_config(tmp_path, port, backend.address, processes=3,
+                                  worker_cpu_affinity=spec), port=port)
+    wait_until(lambda: len(proxy.workers()) == 3)
+    assert body_of(proxy) == b"v1"
+    got = [sorted(cpus_of(pid)) for pid in proxy.workers()]
+    assert sorted(got) == sorted(sorted(c) for c in want)
+    for i, cpus in enumerate(want):      # and which worker is where, as the error log says
+        wait_until(lambda: f"worker {i} runs on CPU {min(cpus)}" in
+                   (tmp_path / "error.log").read_text())
+    assert cpus_of(proxy.pid) == set(allowed)        # the master stays where it was
+
+
+@pytest.mark.parametrize("spec, problem", [
+    ("all", "expected \"auto\" or a list of CPU masks"),
+    (["012"], "is not a CPU mask of 0s and 1s"),
+    (["0"], "names no CPU this process may run on"),
+])
+def test_worker_cpu_affinity_mistakes(spec, problem):
+    from fastws import config
+    from fastws.errors import ConfigError
+    with pytest.raises(ConfigError, match=problem):
+        config.from_dict({"worker_cpu_affinity": spec, "upstream": [
+            {"name": "b", "servers": ["127.0.0.1:9"]}], "server": [
+            {"listen": ["127.0.0.1:8080"], "location": [{"path": "/", "proxy_pass": "b"}]}]})
+
+
 def test_a_killed_worker_is_replaced_and_service_goes_on(make_proxy, tmp_path, port, backend):
     proxy = make_proxy(ops_config(tmp_path, port, backend.address), port=port)
     wait_until(lambda: len(proxy.workers()) == 2)

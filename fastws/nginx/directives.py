@@ -65,7 +65,7 @@ SPECS: dict[str, Spec] = {
     "daemon": _ignore(MAIN, "fastws runs in the foreground (use a service manager)", 1, 1),
     "master_process": _ignore(MAIN, "fastws always runs a master and its workers", 1, 1),
     "pcre_jit": _ignore(MAIN, "fastws compiles its regular expressions itself", 1, 1),
-    "worker_cpu_affinity": _ignore(MAIN, "the kernel places fastws's workers", 1),
+    "worker_cpu_affinity": _use(MAIN, 1, None),
     "worker_priority": _ignore(MAIN, "set the priority with the service manager", 1, 1),
     "timer_resolution": _ignore(MAIN, "fastws's timers have their own resolution", 1, 1),
     "lock_file": _ignore(MAIN, "fastws takes no accept lock", 1, 1),

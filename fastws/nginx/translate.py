@@ -177,6 +177,16 @@ class _Translator:
             elif d.name == "worker_processes":
                 data["processes"] = "auto" if d.args[0] == "auto" else _int(d, d.args[0], 1)
                 self.at("processes", d)
+            elif d.name == "worker_cpu_affinity":
+                # "auto" (an optional mask after it restricts the CPUs: not supported), or masks
+                if d.args[0] == "auto":
+                    if len(d.args) > 1:
+                        raise fail(d, "\"worker_cpu_affinity auto MASK\": fastws's auto uses "
+                                   "every CPU the process may run on (use taskset to restrict)")
+                    data["worker_cpu_affinity"] = "auto"
+                else:
+                    data["worker_cpu_affinity"] = list(d.args)
+                self.at("worker_cpu_affinity", d)
             elif d.name == "pid":
                 data["pid"] = self.path(d.args[0])
                 self.at("pid", d)
