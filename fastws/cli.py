@@ -31,8 +31,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-T", dest="dump", action="store_true",
                    help="check the configuration, print it (every file read, then as fastws "
                    "runs it, in TOML) and exit")
-    p.add_argument("-s", dest="signal", choices=("reload", "quit", "stop", "reopen"),
-                   help="send a signal to the master process (through the pid file)")
+    p.add_argument("-s", dest="signal", choices=("reload", "quit", "stop", "reopen", "drain"),
+                   help="send a signal to the master process (through the pid file); drain "
+                   "(with drain_on_term) waits until it has drained and exited")
     p.add_argument("--log-level", default="info",
                    choices=("debug", "info", "warn", "error"), help="error log level")
     p.add_argument("-V", "--version", action="version", version=f"fastws {__version__}")

@@ -31,7 +31,7 @@ _SIZE = re.compile(r"(\d+)([kKmMgG]?)")
 
 BALANCE_METHODS = ("round_robin", "ip_hash", "hash", "least_conn")
 RELAY_MODES = ("auto", "splice", "copy")
-STATUS_FORMATS = ("stub", "json", "prometheus")
+STATUS_FORMATS = ("stub", "json", "prometheus", "ready", "live")
 
 def parse_duration(text: Any) -> float:
     """Turn an nginx time ('500ms', '60s', '5m', '1h30m', '7d', or a number of seconds) into seconds."""
@@ -292,6 +292,10 @@ class Config:
     # the i-th CPU this process may use, round the list), or one CPU set per worker (the last
     # one for workers past the list)
     cpu_affinity: str | tuple[frozenset[int], ...] | None = None
+    # SIGTERM drains (an orchestrator's stop): readiness fails at once, the listeners close
+    # drain_unready later, tunnels are closed over the rest of the window; 0: a fast stop
+    drain_on_term: float = 0.0
+    drain_unready: float = 5.0
 
     def upstream(self, name: str) -> UpstreamConfig:
         for up in self.upstreams:
@@ -1171,6 +1175,10 @@ def _from_dict(r: _Reader, source: str) -> Config:
     close_spread = r.duration("close_spread", 1.0)
     handover = r.get("handover", bool, True)
     affinity = r.convert("worker_cpu_affinity", _cpu_affinity, None)
+    drain = r.duration("drain_on_term", 0.0)
+    unready = r.duration("drain_unready", min(5.0, drain / 3))
+    if drain and not 0 <= unready < drain:
+        raise r.fail("drain_unready", "is a part of drain_on_term (smaller than it)")
     error_log = accesslog.read_error_log(source, r.get("error_log", (str, dict), None))
     logs = (accesslog.read_formats(source, r.get("log_format", dict, None)), None)
     logs = (logs[0], _access_log(r, logs))
@@ -1202,7 +1210,7 @@ def _from_dict(r: _Reader, source: str) -> Config:
     return Config(source, tuple(upstreams) + tuple(implicit.values()), servers, processes,
                   worker_connections, pipe_size, max_pipes, pid, shutdown_timeout,
                   close_spread, handover, error_log, user, files=(source,),
-                  cpu_affinity=affinity)
+                  cpu_affinity=affinity, drain_on_term=drain, drain_unready=unready)
 
 
 def _cpu_affinity(value: Any) -> str | tuple[frozenset[int], ...]:

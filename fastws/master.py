@@ -32,8 +32,9 @@ log = logging.getLogger("fastws")
 
 SIGNALS = {signal.SIGHUP, signal.SIGQUIT, signal.SIGTERM, signal.SIGINT, signal.SIGUSR1,
            signal.SIGCHLD}
-COMMANDS = {"reload": signal.SIGHUP, "quit": signal.SIGQUIT, "stop": signal.SIGTERM,
-            "reopen": signal.SIGUSR1}
+# (stop sends SIGINT: a fast stop even where SIGTERM drains, drain_on_term)
+COMMANDS = {"reload": signal.SIGHUP, "quit": signal.SIGQUIT, "stop": signal.SIGINT,
+            "reopen": signal.SIGUSR1, "drain": signal.SIGTERM}
 FAST_STOP_GRACE = 5.0          # after SIGTERM, workers still alive then are killed
 RESTART_MAX_DELAY = 5.0
 STABLE_AFTER = 10.0            # a worker that lived this long resets its index's backoff
@@ -70,6 +71,7 @@ class Master:
     reload_pending: bool = False  # a SIGHUP came while the last reload was handing over
     reload_started: float = 0.0
     data: Mapping[str, Any] | None = None   # fastws.serve(dict): reloads check it again
+    drain_at: float = 0.0        # a drain: when the listeners close
 
     # --- start -------------------------------------------------------------------------------
 
@@ -207,6 +209,9 @@ class Master:
                 log.info("fastws master %d: exiting", os.getpid())
                 return
             now = time.monotonic()
+            if self.stopping == "drain" and now >= self.drain_at:
+                # readiness has failed for drain_unready: no new client is sent here any more
+                self._stop("graceful", signal.SIGQUIT)
             if self.stopping == "fast" and now >= self.stop_deadline:
                 for w in self.workers.values():
                     _kill(w.pid, signal.SIGKILL)
@@ -238,9 +243,25 @@ class Master:
                 self._signal_all(signal.SIGUSR1)
             elif sig == signal.SIGQUIT and not self.stopping:
                 self._stop("graceful", signal.SIGQUIT)
+            elif sig == signal.SIGTERM and self.config.drain_on_term and not self.stopping:
+                self._drain()
             elif sig in (signal.SIGTERM, signal.SIGINT) and self.stopping != "fast":
+                # (a second SIGTERM during a drain stops at once)
                 self.stop_deadline = time.monotonic() + FAST_STOP_GRACE
                 self._stop("fast", signal.SIGTERM)
+
+    def _drain(self) -> None:
+        # An orchestrator's stop (Kubernetes sends SIGTERM as it takes the pod out of its
+        # Service): the readiness pages fail now, the workers keep accepting for
+        # drain_unready (clients routed here before the change took effect are served), then
+        # stop accepting and close their tunnels politely over the rest of drain_on_term.
+        cfg = self.config
+        now = time.monotonic()
+        self.stopping = "drain"
+        self.drain_at = now + cfg.drain_unready
+        self.board.slots[0].draining = int((now + cfg.drain_on_term) * 1000)
+        log.info("draining: not ready from now, accepting for %gs more, every connection "
+                 "closed within %gs", cfg.drain_unready, cfg.drain_on_term)
 
     def _stop(self, how: str, sig: int) -> None:
         # nginx's master closes its listening sockets as it stops: new connections are refused
@@ -424,7 +445,13 @@ def _remove_pid(path: str) -> None:
 
 
 def send_signal(cfg: Config, command: str) -> int:
-    """`fastws -s reload|quit|stop|reopen`: signal the master whose pid is in the pid file."""
+    """`fastws -s reload|quit|stop|reopen|drain`: signal the master whose pid is in the pid
+    file.  `drain` (a Kubernetes preStop command) sends SIGTERM, which drains with
+    drain_on_term, and returns once the master has exited."""
+    if command == "drain" and not cfg.drain_on_term:
+        print(f"fastws: {cfg.source}: drain_on_term: is not set, so SIGTERM would stop at once",
+              file=sys.stderr)
+        return 1
     if not cfg.pid:
         print(f"fastws: {cfg.source}: pid: is not set, so there is no master to signal",
               file=sys.stderr)
@@ -450,5 +477,27 @@ def send_signal(cfg: Config, command: str) -> int:
     except PermissionError:
         print(f"fastws: {cfg.pid}: not allowed to signal process {pid}", file=sys.stderr)
         return 1
+    if command == "drain":
+        deadline = time.monotonic() + cfg.drain_on_term + FAST_STOP_GRACE
+        while _alive(pid):
+            if time.monotonic() > deadline:
+                print(f"fastws: process {pid} still runs {cfg.drain_on_term:g}s after the "
+                      "drain began", file=sys.stderr)
+                return 1
+            time.sleep(0.05)
     return 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:        # a zombie has exited
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 

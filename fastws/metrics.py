@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 # A slot: the worker's control words, then its engine's figures (the engine writes them in
 # place, live: _engine.Counters), then a table of its upstream servers' figures.
-HEADER = ("pid", "generation", "processes", "serial", "retiring")
+HEADER = ("pid", "generation", "processes", "serial", "retiring", "draining")
 HEADER_WORDS = len(HEADER)
 ENGINE_WORDS = (_engine.COUNTERS_SIZE + 7) // 8
 KEPT = frozenset(("serial",))   # never moved nor cleared: connection numbers stay unique
@@ -72,6 +72,7 @@ class Slot:
     processes = _field("processes")
     serial = _field("serial")
     retiring = _field("retiring")
+    draining = _field("draining")  # slot 0: a drain's end, ms of CLOCK_MONOTONIC; 0: none
 
     def __init__(self, view: memoryview, index: int, address: int) -> None:
         self.v = view
@@ -241,8 +242,16 @@ def totals(w: "Worker") -> dict[str, Any]:
     }
 
 
-def render(w: "Worker", fmt: str) -> tuple[str, bytes]:
-    """A status location's answer: (content type, body)."""
+def render(w: "Worker", fmt: str) -> tuple[int, str, bytes]:
+    """A status location's answer: (status, content type, body).  `ready` fails (503) once a
+    stop or a drain began, so that a load balancer sends nothing new; `live` answers while the
+    worker runs."""
+    if fmt == "live":
+        return 200, "text/plain", b"alive\n"
+    if fmt == "ready":
+        if w.stopping or w.board.slots[0].draining:
+            return 503, "text/plain", b"draining\n"
+        return 200, "text/plain", b"ready\n"
     data = totals(w)
     c = data["connections"]
     if fmt == "stub":
@@ -251,10 +260,10 @@ def render(w: "Worker", fmt: str) -> tuple[str, bytes]:
                 "server accepts handled requests\n"
                 f" {c['accepted']} {c['handled']} {data['requests']} \n"
                 f"Reading: {c['reading']} Writing: {c['writing']} Waiting: {c['waiting']} \n")
-        return "text/plain", text.encode()
+        return 200, "text/plain", text.encode()
     if fmt == "prometheus":
-        return "text/plain; version=0.0.4; charset=utf-8", prometheus(data).encode()
-    return "application/json", orjson.dumps(data, option=orjson.OPT_INDENT_2)
+        return 200, "text/plain; version=0.0.4; charset=utf-8", prometheus(data).encode()
+    return 200, "application/json", orjson.dumps(data, option=orjson.OPT_INDENT_2)
 
 
 def _label(value: str) -> str:

@@ -61,7 +61,7 @@ def pin_worker(config: Config, index: int) -> set[int] | None:
     if spec is None:
         return None
     allowed = sorted(os.sched_getaffinity(0))
-    if spec == "auto":
+    if isinstance(spec, str):                  # "auto"
         cpus = {allowed[index % len(allowed)]}
     else:
         cpus = set(spec[min(index, len(spec) - 1)]) & set(allowed)
@@ -292,6 +292,11 @@ class Worker:
         # close_spread so that their clients do not all reconnect at once.
         timeout = self.config.shutdown_timeout
         spread = self.config.close_spread
+        drain_end = self.board.slots[0].draining / 1000.0
+        if drain_end:
+            # a drain (SIGTERM with drain_on_term): the rest of its window
+            timeout = max(drain_end - time.monotonic(), 0.001)
+            spread = timeout / 2
         if timeout:
             spread = min(spread, timeout / 2)   # the handshakes end before shutdown_timeout
         # (a reload with handover = false keeps nginx's way: the old worker relays its
@@ -354,9 +359,9 @@ class Worker:
 
     # --- what the engine asks of the control plane ----------------------------------------
 
-    def status_page(self, fmt: str) -> tuple[str, bytes]:
-        """The body of a status location: nginx's stub_status text, JSON or Prometheus text,
-        summed over every worker."""
+    def status_page(self, fmt: str) -> tuple[int, str, bytes]:
+        """A status location's answer: nginx's stub_status text, JSON or Prometheus text,
+        summed over every worker; or readiness and liveness."""
         return metrics.render(self, fmt)
 
     def log(self, level: int, text: str) -> None:

@@ -40,6 +40,15 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0) -> None:
         time.sleep(0.02)
 
 
+def port_refused(port: int, host: str = "127.0.0.1") -> bool:
+    """Nothing listens there (a connect is refused)."""
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
 def wait_port(host: str, port: int, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from support import (Proxy, RawBackend, free_port, http_get, raw_echo_handler, raw_exchange,
-                     read_all, read_head, to_toml, upgrade_request, wait_until)
+from support import (Proxy, RawBackend, free_port, http_get, port_refused, raw_echo_handler,
+                     raw_exchange, read_all, read_head, to_toml, upgrade_request, wait_until)
 
 WEBSOCKET_FORMAT = ('$remote_addr - $remote_user [$time_local] "$request" $status '
                     '$body_bytes_sent "$http_referer" "$http_user_agent" rt=$request_time '
@@ -430,14 +430,7 @@ def test_graceful_stop_lets_a_tunnel_finish(make_proxy, tmp_path, port, backend)
     subprocess.run([sys.executable, "-m", "fastws", "-c", str(proxy.path), "-s", "quit"],
                    check=True, timeout=30)
 
-    def refused() -> bool:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        except ConnectionRefusedError:
-            return True
-        return False
-
-    wait_until(refused)                 # no new connection...
+    wait_until(lambda: port_refused(port))   # no new connection...
     echo(s, b"two" * 1000)              # ...but the open tunnel goes on
     assert proxy.proc.poll() is None
     s.close()

@@ -1065,11 +1065,12 @@ cdef class Engine:
 
     cdef int _status_answer(self, Conn *c) except -1:
         fmt = self._status_formats[c.loc.status_format]
-        ctype, body = self.control.status_page(fmt)
+        answer = self.control.status_page(fmt)
+        status, ctype, body = answer if len(answer) == 3 else (200, *answer)
         cdef bytes ct = ctype.encode() if isinstance(ctype, str) else ctype
         cdef bytes data = body
-        conn_answer(self.e, c, 200, NULL, <const char *>data, <int>len(data), <const char *>ct,
-                    c.req.client_ka if c.req != NULL else 0)
+        conn_answer(self.e, c, status, NULL, <const char *>data, <int>len(data),
+                    <const char *>ct, c.req.client_ka if c.req != NULL else 0)
         return 0
 
     def __dealloc__(self):
