@@ -816,6 +816,9 @@ cdef struct Eng:
     int number_step          # $connection = serial * number_step + number_base
     int number_base
     int control_ready        # the control plane's loop has something to do
+    unsigned short goodbye_code  # a stop's closing handshakes began (Engine.goodbye): the code,
+    signed char goodbye_why      # the reason and until when they are spread, for the tunnels
+    double goodbye_until         # that begin after it
     Zone *zones              # limit zones, by index
     int nzones
     int pid                  # the lock word of a zone this engine holds

@@ -47,7 +47,11 @@ import asyncio as _asyncio
 import functools as _functools
 import inspect as _inspect
 
+import logging as _logging
+
 from fastws.hooks import PENDING as _HOOK_PENDING, TunnelClosed as _TunnelClosed
+
+_hook_log = _logging.getLogger("fastws")
 
 cdef extern from "<strings.h>" nogil:
     int strncasecmp(const char *s1, const char *s2, size_t n)

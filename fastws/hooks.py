@@ -173,7 +173,8 @@ class HookError(Exception):
 # --- running them -----------------------------------------------------------------------------
 
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_BAD_VALUE = re.compile(r"[\x00\r\n]")
+# a header value (RFC 9110 5.5): no CR, LF, NUL or other control character but tab
+_BAD_VALUE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _LOG_NAME = re.compile(r"[a-z0-9_]+")
 # headers whose change would break the exchange's framing or the upgrade
 _FRAMING = frozenset(["connection", "upgrade", "keep-alive", "proxy-connection", "te", "trailer",
@@ -188,7 +189,7 @@ class Targets:
     server's address ("127.0.0.1:8001", "[::1]:8001") as (group, server) indexes."""
 
     groups: Mapping[str, int]
-    addresses: Mapping[str, tuple[int, int]]
+    addresses: Mapping[str, Sequence[tuple[int, int]]]   # in the configuration's order
 
 
 _loaded: dict[str, int] = {}     # module name -> its file's mtime when it was (re)loaded
@@ -261,12 +262,16 @@ class Hook:
     def decide(self, result: Any) -> tuple[Any, ...] | None:
         """A hook's return value as the engine applies it (see `engine/hooks.pxi`):
         (status, extra head lines, body or None, content type, group, peer, header names
-        dropped, header lines added, hash key or None, $hook_ values); None: go on unchanged."""
+        dropped, header lines added, hash key or None, $hook_ values); None: go on unchanged.
+        Anything that cannot be applied is a 500 (a hook fails closed, never open)."""
         try:
             return self._decide(result)
         except HookError as exc:
             log.error("hook %s: %s", self.path, exc)
-            return error(500)
+        except Exception as exc:       # a field of the wrong type, a value that cannot encode
+            log.error("hook %s returned a decision that cannot be applied: %s: %s", self.path,
+                      type(exc).__name__, exc)
+        return error(500)
 
     def _decide(self, result: Any) -> tuple[Any, ...] | None:
         if result is None:
@@ -277,14 +282,12 @@ class Hook:
             raise HookError(f"returned {type(result).__name__}, not None, a Decision or a Deny")
         group = peer = -1
         if result.upstream is not None:
-            if result.address is not None:
-                raise HookError("a decision names an upstream or an address, not both")
             try:
                 group = self.targets.groups[result.upstream]
             except KeyError:
                 raise HookError(f"no upstream group {result.upstream!r}") from None
-        elif result.address is not None:
-            group, peer = self._address(result.address)
+        if result.address is not None:
+            group, peer = self._address(result.address, group)
         drop: list[bytes] = []
         add: list[bytes] = []
         for name, value in _pairs(result.set_headers):
@@ -296,6 +299,9 @@ class Hook:
                 raise HookError("add_headers cannot add a second Host (set_headers replaces it)")
             add.append(_header_line(name, value))
         for name in result.remove_headers:
+            if _header_name(name, "remove_headers") == "host":
+                raise HookError("remove_headers cannot remove Host (HTTP/1.1 requires it; "
+                                "set_headers replaces it)")
             drop.append(_header_name(name, "remove_headers").encode() + b"\0")
         key = None
         if result.hash_key is not None:
@@ -319,14 +325,21 @@ class Hook:
             if name.lower() in _ANSWER_OWN:
                 raise HookError(f"Deny cannot set {name} (the proxy writes it)")
             extra.append(_header_line(name, value))
-        body = d.body.encode() if isinstance(d.body, str) else d.body
+        if not isinstance(d.body, (str, bytes, bytearray, memoryview, type(None))):
+            raise HookError(f"Deny body is {type(d.body).__name__}, not text or bytes")
+        body = d.body.encode() if isinstance(d.body, str) else \
+            None if d.body is None else bytes(d.body)
+        if not isinstance(d.content_type, str) or _BAD_VALUE.search(d.content_type):
+            raise HookError("Deny content_type is not a one-line string")
         ctype = d.content_type.encode()
-        if _BAD_VALUE.search(d.content_type):
-            raise HookError("Deny content_type has a line break")
         return (d.status, b"".join(extra), body, ctype, -1, -1, b"", b"", None,
                 _log_values(d.log))
 
-    def _address(self, text: str) -> tuple[int, int]:
+    def _address(self, text: str, group: int) -> tuple[int, int]:
+        # (group, server) of a configured server: in `group` if given, else the first group
+        # that lists it
+        if not isinstance(text, str):
+            raise HookError(f"address {text!r} is not \"IP:port\"")
         host, sep, port = text.rpartition(":")
         try:
             ip = ipaddress.ip_address(host.strip("[]"))
@@ -335,10 +348,12 @@ class Hook:
         except ValueError:
             raise HookError(f"address {text!r} is not \"IP:port\"") from None
         key = f"[{ip}]:{int(port)}" if ip.version == 6 else f"{ip}:{int(port)}"
-        try:
-            return self.targets.addresses[key]
-        except KeyError:
-            raise HookError(f"address {text!r} is not a server of any upstream group") from None
+        for gi, pi in self.targets.addresses.get(key, ()):
+            if group < 0 or gi == group:
+                return gi, pi
+        if group >= 0:
+            raise HookError(f"address {text!r} is not a server of that upstream group")
+        raise HookError(f"address {text!r} is not a server of any upstream group")
 
 
 def error(status: int) -> tuple[Any, ...]:
@@ -372,8 +387,9 @@ def _log_values(values: Mapping[str, str]) -> bytes:
         if not isinstance(name, str) or _LOG_NAME.fullmatch(name.lower()) is None:
             raise HookError(f"log: {name!r} is not a variable name ([a-z0-9_])")
         text = str(value)
-        if "\0" in text:
-            raise HookError(f"log: the value of {name} has a NUL")
+        if _BAD_VALUE.search(text):
+            # (a $hook_ value may go into a header upstream through set_headers)
+            raise HookError(f"log: the value of {name} has a control character")
         out.append(f"{name.lower()}\0{text}\0".encode())
     return b"".join(out)
 
@@ -390,6 +406,7 @@ class CloseCallbacks:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.dropped = 0
+        self.tasks: set[asyncio.Task[Any]] = set()     # coroutine callbacks running
         self._queue: queue.SimpleQueue[tuple[Callable[..., Any], str, TunnelClosed] | None] = \
             queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -397,6 +414,7 @@ class CloseCallbacks:
     def deliver(self, fn: Callable[..., Any], path: str, record: TunnelClosed) -> None:
         if asyncio.iscoroutinefunction(fn):
             task = self.loop.create_task(fn(record))
+            self.tasks.add(task)
             task.add_done_callback(lambda t: self._done(path, t))
             return
         if self._queue.qsize() >= QUEUE_LIMIT:
@@ -423,8 +441,8 @@ class CloseCallbacks:
                 log.error("on_tunnel_close %s failed: %s: %s%s", path, type(exc).__name__, exc,
                           where(exc))
 
-    @staticmethod
-    def _done(path: str, task: "asyncio.Task[Any]") -> None:
+    def _done(self, path: str, task: "asyncio.Task[Any]") -> None:
+        self.tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             exc = task.exception()
             assert exc is not None

@@ -278,11 +278,11 @@ def build(config: Config, sockets: list[socket.socket], groups: dict[str, Any],
             _parts(up.hash_key), up.keepalive, up.keepalive_timeout, up.keepalive_requests,
             (up.sticky.cookie, up.sticky.attributes(), [sticky_id(p.name) for p in grp.peers])
             if up.sticky is not None else None, up.send_proxy_protocol))
-    # a hook's decision may name a group, or a server of one (the first group that has it)
-    addresses: dict[str, tuple[int, int]] = {}
+    # a hook's decision may name a group, or a server of one
+    addresses: dict[str, list[tuple[int, int]]] = {}
     for gi, spec in enumerate(t.groups):
         for pi, peer in enumerate(spec.group.peers):
-            addresses.setdefault(peer.name, (gi, pi))
+            addresses.setdefault(peer.name, []).append((gi, pi))
     hook_tables = _Hooks(t, hooks.Targets(dict(group_index), addresses))
     server_index: dict[int, int] = {}
     for server in config.servers:

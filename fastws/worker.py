@@ -35,6 +35,9 @@ async def _one_pass() -> None:
     await asyncio.sleep(0)
 
 
+SETTLE_TIMEOUT = 2.0        # at exit, coroutine on_tunnel_close callbacks get this long
+
+
 def descriptor_limit(config: Config, *, raise_soft: bool = True) -> str | None:
     """Raise the open-files soft limit as far as the hard one allows toward what
     worker_connections needs (a connection is one descriptor, a pipe in flight two, plus the
@@ -191,6 +194,10 @@ class Worker:
                     # when the loop has something to do)
                     loop.run_until_complete(_one_pass())
             self._shutdown()
+            if self.close_callbacks is not None and self.close_callbacks.tasks:
+                # coroutine on_tunnel_close callbacks of the last tunnels: a bounded chance
+                loop.run_until_complete(asyncio.wait(set(self.close_callbacks.tasks),
+                                                     timeout=SETTLE_TIMEOUT))
         finally:
             loop.close()
 

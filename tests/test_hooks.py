@@ -92,7 +92,7 @@ def test_headers_keep_their_order_and_look_up_ignoring_case() -> None:
 
 def _hook(**groups: int) -> hooks.Hook:
     targets = hooks.Targets(groups or {"one": 0, "two": 1},
-                            {"127.0.0.1:8001": (1, 0), "[::1]:8002": (1, 1)})
+                            {"127.0.0.1:8001": [(1, 0)], "[::1]:8002": [(1, 1), (0, 3)]})
     return hooks.Hook(lambda r: None, "m:f", targets)
 
 
@@ -105,6 +105,7 @@ def test_a_decision_becomes_what_the_engine_applies() -> None:
     assert d == (0, b"", None, b"", 1, -1, b"host\0cookie\0", b"Host: api\r\nX-A: 1\r\n",
                  b"k", b"user\0bob\0")
     assert h.decide(hooks.Decision(address="[0:0::1]:8002"))[4:6] == (1, 1)
+    assert h.decide(hooks.Decision(upstream="one", address="[::1]:8002"))[4:6] == (0, 3)
     deny = h.decide(hooks.Deny(401, "no", headers=[("WWW-Authenticate", "Bearer")]))
     assert deny[:4] == (401, b"WWW-Authenticate: Bearer\r\n", b"no", b"text/plain")
 
@@ -113,13 +114,18 @@ def test_a_decision_becomes_what_the_engine_applies() -> None:
     (hooks.Decision(upstream="nope"), "no upstream group 'nope'"),
     (hooks.Decision(address="127.0.0.1:9"), "is not a server of any upstream group"),
     (hooks.Decision(address="backend:80"), "is not \"IP:port\""),
-    (hooks.Decision(upstream="one", address="127.0.0.1:8001"), "not both"),
+    (hooks.Decision(upstream="one", address="127.0.0.1:8001"), "not a server of that upstream"),
     (hooks.Decision(set_headers={"Connection": "x"}), "belongs to the proxy"),
     (hooks.Decision(remove_headers=["Content-Length"]), "belongs to the proxy"),
     (hooks.Decision(set_headers={"X-A": "1\r\nX-B: 2"}), "not a one-line string"),
     (hooks.Decision(add_headers=[("Bad Name", "1")]), "is not a token"),
     (hooks.Decision(add_headers=[("Host", "x")]), "second Host"),
     (hooks.Decision(log={"a-b": "1"}), "not a variable name"),
+    (hooks.Decision(log={"user": "eve\r\nX-Admin: 1"}), "has a control character"),
+    (hooks.Decision(remove_headers=["Host"]), "cannot remove Host"),
+    (hooks.Deny(403, body=123), "not text or bytes"),               # type: ignore[arg-type]
+    (hooks.Deny(403, content_type=None), "not a one-line string"),  # type: ignore[arg-type]
+    (hooks.Decision(add_headers={"X-A": "1"}), "cannot be applied"),  # type: ignore[arg-type]
     (hooks.Deny(99), "is not 200-599"),
     (hooks.Deny(403, headers={"Content-Length": "1"}), "the proxy writes it"),
     ("yes", "returned str"),
@@ -633,3 +639,103 @@ def test_a_handed_over_tunnel_keeps_its_close_callback(hook_module: Any, tmp_pat
         assert (t["close_code"], t["closed_by"]) == (1000, "client")
     finally:
         backend.close()
+
+
+def test_a_hook_fails_closed(hook_module: Any, embedded: Any,
+                             backends: list[NamedBackend]) -> None:
+    # whatever its decision's fault, a refusal is never turned into a pass
+    mod = hook_module("""
+        from fastws.hooks import Decision, Deny
+        def check(r):
+            return {"/wrongtype": Deny(403, body=123),
+                    "/inject": Decision(set_headers={"X-User": "$hook_user"}.copy(),
+                                        log={"user": "eve\\r\\nX-Admin: 1"}),
+                    "/exit": None}[r.path] if r.path != "/exit" else _exit()
+        def _exit():
+            raise SystemExit(3)
+    """)
+    cfg = proxy_config(backends, hook=f"{mod}:check")
+    p = embedded(cfg)
+    for path in ("/wrongtype", "/inject", "/exit"):
+        head, _, s = handshake(p.port, path)
+        assert head.startswith(b"HTTP/1.1 500 "), (path, head)
+        s.close()
+    assert backends[0].heads == []
+
+
+def test_the_hook_wins_over_set_headers_and_shapes_its_answers(
+        hook_module: Any, embedded: Any, backends: list[NamedBackend]) -> None:
+    mod = hook_module("""
+        from fastws.hooks import Decision, Deny
+        def check(r):
+            if r.path == "/busy":
+                return Deny(503, headers={"Retry-After": "30"})
+            if r.path == "/refused":
+                return Deny(403, "not you\\n")
+            return Decision(set_headers={"Host": "from-hook", "X-Tag": "hook"})
+    """)
+    p = embedded(proxy_config(backends, hook=f"{mod}:check",
+                              set_headers={"Host": "from-config", "X-Tag": "config"}))
+    head, _, s = handshake(p.port, "/go")
+    assert head.startswith(b"HTTP/1.1 101 ")
+    s.close()
+    (_, fields), = backends[0].heads
+    assert [v for k, v in fields if k.lower() == "host"] == ["from-hook"]
+    assert [v for k, v in fields if k.lower() == "x-tag"] == ["hook"]
+    head, body, s = handshake(p.port, "/busy")
+    assert head.startswith(b"HTTP/1.1 503 ") and b"\r\nRetry-After: 30\r\n" in head
+    s.close()
+    # a refused handshake with a body: the answer, then the connection closes (what followed
+    # the head may be the client's first frames, never a next request)
+    s = socket.create_connection(("127.0.0.1", p.port), timeout=10)
+    s.sendall(upgrade_request(path="/refused", host="example.com") + ws_frame(b"early"))
+    answer = read_all(s)
+    assert answer.startswith(b"HTTP/1.1 403 ") and b"\r\nConnection: close\r\n" in answer
+    assert answer.endswith(b"not you\n")
+    s.close()
+
+
+def test_a_kept_view_outlives_its_connection_safely(hook_module: Any,
+                                                    backends: list[NamedBackend]) -> None:
+    import importlib
+    mod = hook_module("""
+        kept = []
+        def check(r):
+            kept.append(r)
+    """)
+    p = EmbeddedProxy(proxy_config(backends, hook=f"{mod}:check"))
+    head, _, s = handshake(p.port, "/chat?x=1")
+    s.close()
+    view = importlib.import_module(mod).kept[0]
+    assert view.variable("arg_x") == "1" and view.headers.get("host") == "example.com"
+    assert p.close() == {}
+    assert view.path == "/chat"                    # its own copy
+    with pytest.raises(RuntimeError, match="has stopped"):
+        view.variable("arg_x")
+
+
+def test_a_tunnel_that_begins_during_a_stop_is_closed_politely(
+        hook_module: Any, embedded: Any, backends: list[NamedBackend]) -> None:
+    # a handshake whose hook decides after the stop's closing handshakes began still gets its
+    # own (it would otherwise outlive the stop)
+    import importlib
+    mod = hook_module("""
+        import asyncio
+        gate = None
+        async def check(r):
+            global gate
+            gate = asyncio.get_running_loop().create_future()
+            await gate
+    """)
+    m = importlib.import_module(mod)
+    p = embedded(proxy_config(backends, hook=f"{mod}:check"))
+    s = socket.create_connection(("127.0.0.1", p.port), timeout=10)
+    s.sendall(upgrade_request(path="/late", host="example.com"))
+    wait_until(lambda: m.gate is not None)
+    assert p.call(lambda: p.engine.goodbye(1001, 0.0, "shutdown")) == 0
+    p.call(lambda: m.gate.set_result(None))
+    head, rest = read_head(s)
+    assert head.startswith(b"HTTP/1.1 101 ")
+    frame = ws_read_frame(s, rest)
+    assert frame is not None and frame[0] == 8 and frame[1][:2] == (1001).to_bytes(2, "big")
+    s.close()

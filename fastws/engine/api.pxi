@@ -573,26 +573,21 @@ cdef class Engine:
         cdef Eng *e = self.e
         cdef Conn *c
         cdef Conn *nxt
-        cdef double at
         cdef int n = 0
         cdef int reason = CLOSE_RELOAD if why == "reload" else CLOSE_SHUTDOWN
         e.now = fastws_monotonic()
         e.wall = fastws_realtime()
+        # tunnels that begin later (a handshake under way now) get theirs too, in what is left
+        e.goodbye_code = <unsigned short>code
+        e.goodbye_why = <signed char>reason
+        e.goodbye_until = e.now + spread
         c = e.all
         while c != NULL:
             nxt = c.all_next
             if c.state == CS_TUNNEL and c.flow[0].mode == FLOW_FRAMES and not ws_closing(c):
                 n += 1
-                if spread > 0:
-                    at = e.now + spread * (rand() / (RAND_MAX + 1.0))
-                    if at < c.end_at:
-                        c.end_at = at
-                    c.ws_code = <unsigned short>code
-                    c.ws_why = <signed char>reason
-                    conn_arm(e, c)
-                else:
-                    with nogil:
-                        ws_goodbye(e, c, code, reason, 1)
+                with nogil:
+                    ws_goodbye_schedule(e, c, spread, code, reason)
             c = nxt
         with nogil:
             engine_reap(e)
@@ -980,7 +975,9 @@ cdef class Engine:
         if _inspect.isawaitable(result):
             try:
                 task = _asyncio.ensure_future(result, loop=self.control.loop)
-            except Exception as exc:
+            except Exception as exc:          # no event loop to run it on
+                if _asyncio.iscoroutine(result):
+                    result.close()
                 return hook.failed(exc)
             self._pending[ticket] = (task, conn, index)
             task.add_done_callback(_functools.partial(self._hook_done, ticket))
@@ -1061,7 +1058,11 @@ cdef class Engine:
             fn, path = self._close_hooks[r[0]]
             parts = (<bytes>r[14]).decode("utf-8", "replace").split("\0")
             record = _TunnelClosed(*r[1:14], dict(zip(parts[0:-1:2], parts[1::2])))
-            self.control.tunnel_closed(fn, path, record)
+            try:
+                self.control.tunnel_closed(fn, path, record)
+            except Exception as exc:          # (a control plane that cannot take it now)
+                _hook_log.error("on_tunnel_close %s: not delivered: %s: %s", path,
+                                type(exc).__name__, exc)
 
     cdef int _status_answer(self, Conn *c) except -1:
         fmt = self._status_formats[c.loc.status_format]

@@ -31,9 +31,11 @@ cdef class RequestView:
     cdef bytes _head
     cdef object _headers
     cdef object _args
+    cdef object _owner                # the Engine: its tables outlive the view
     cdef Head _h
-    cdef Conn _c
+    cdef Conn _c                      # a copy: what the engine's variables read
     cdef Req _r
+    cdef ProxyHeader _pp
     cdef Eng *_e
 
     @property
@@ -96,6 +98,8 @@ cdef class RequestView:
         var = lookup(name)
         cdef bytes arg = var.arg.encode()
         cdef fastws_buf *out = &self._e.vbuf
+        if (<Engine>self._owner).stopped:
+            raise RuntimeError("the engine this request came through has stopped")
         if var.phase != 0:
             raise ValueError(f"${name} is known only when the log line is written")
         out.len = 0
@@ -131,13 +135,21 @@ cdef RequestView make_view(Eng *e, Conn *c):
         if fastws_ssl_peer_subject(ssl, text, sizeof(text)) > 0:
             v.tls_client_subject = text.decode("utf-8", "replace")
     v._e = e
+    v._owner = <object>e.owner
     v._head = PyBytes_FromStringAndSize(h.base, h.size)
     memcpy(&v._c, c, sizeof(Conn))
+    # nothing the connection owns: a view may outlive it
     v._c.req = &v._r
     v._c.in_ = NULL
     v._c.log = NULL
     v._c.up = NULL
     v._c.hk = NULL
+    v._c.holds = NULL
+    v._c.io.ssl = NULL
+    v._c.pp = NULL
+    if c.pp != NULL:
+        memcpy(&v._pp, c.pp, sizeof(ProxyHeader))
+        v._c.pp = &v._pp
     memset(&v._c.flow, 0, sizeof(v._c.flow))
     if parse_request(&v._h, PyBytes_AS_STRING(v._head), h.size, 1 << 30) == 0:
         v._r.head = &v._h

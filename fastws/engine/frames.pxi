@@ -231,6 +231,22 @@ cdef int ws_fail(Eng *e, Conn *c, int d, int code) noexcept nogil:
     return r if r < 0 else 0
 
 
+cdef void ws_goodbye_schedule(Eng *e, Conn *c, double spread, int code,
+                              int reason) noexcept nogil:
+    # The proxy's closing handshake at a random moment within `spread` seconds (at once when
+    # 0), so that a fleet's clients do not all reconnect at once.
+    cdef double at
+    if spread > 0:
+        at = e.now + spread * (rand() / (RAND_MAX + 1.0))
+        if at < c.end_at:
+            c.end_at = at
+        c.ws_code = <unsigned short>code
+        c.ws_why = <signed char>reason
+        conn_arm(e, c)
+    else:
+        ws_goodbye(e, c, code, reason, 1)
+
+
 cdef void ws_goodbye(Eng *e, Conn *c, int code, int why, bint run) noexcept nogil:
     # Begin the proxy's closing handshake: a close frame to each side at its next boundary.
     cdef int d

@@ -56,10 +56,14 @@ cdef void hooked_free(Eng *e, Conn *c) noexcept nogil:
         return
     if hk.ticket or hk.result != NULL:
         with gil:
-            if hk.ticket:
-                (<Engine>e.owner)._hook_forget(hk.ticket)
             if hk.result != NULL:
                 Py_DECREF(<object>hk.result)
+                hk.result = NULL
+            if hk.ticket:
+                try:
+                    (<Engine>e.owner)._hook_forget(hk.ticket)
+                except BaseException:     # (a loop already closed: nothing left to cancel)
+                    pass
     hooked_clear(hk)
     free(hk)
     c.hk = NULL
@@ -89,7 +93,6 @@ cdef int hook_start(Eng *e, Conn *c, const char *base, int end, char *rest,
     memcpy(hk.saved + end, rest, restlen)
     hk.saved_head = end
     hk.saved_len = end + restlen
-    hk.ticket = c.number
     c.req.head = NULL
     conn_set_state(e, c, CS_HOOK)
     conn_arm(e, c)
@@ -99,14 +102,31 @@ cdef int hook_start(Eng *e, Conn *c, const char *base, int end, char *rest,
 
 cdef int hook_call(Eng *e, Conn *c, char *rest, int restlen) noexcept with gil:
     cdef Engine eng = <Engine>e.owner
-    d = eng._hook_call(c.loc.hook, make_view(e, c), c.number, <size_t>c)
+    try:
+        d = eng._hook_call(c.loc.hook, make_view(e, c), c.number, <size_t>c)
+    except BaseException as exc:      # (_hook_call catches what the hook raises)
+        d = eng._hooks[c.loc.hook].failed(exc)
     if d is _HOOK_PENDING:
+        c.hk.ticket = c.number        # first: whatever closes the connection now forgets it
         return HOOK_WAIT
     return hook_apply(e, c, d, rest, restlen)
 
 
 cdef int hook_apply(Eng *e, Conn *c, object d, char *rest, int restlen) noexcept with gil:
-    # A decision (hooks.Hook.decide's tuple), while the request's head is at hand.
+    # A decision (hooks.Hook.decide's tuple), while the request's head is at hand.  A hook
+    # fails closed: whatever goes wrong here answers 500, never lets the request through.
+    try:
+        return hook_apply_checked(e, c, d, rest, restlen)
+    except BaseException as exc:
+        _hook_log.error("the decision of the hook of location %s could not be applied: "
+                        "%s: %s", c.loc.path.decode("utf-8", "replace"), type(exc).__name__,
+                        exc)
+        if c.state != CS_CLOSED:
+            conn_answer(e, c, 500, NULL, NULL, 0, NULL, 0)
+        return HOOK_DONE
+
+
+cdef int hook_apply_checked(Eng *e, Conn *c, object d, char *rest, int restlen) except -2:
     cdef Hooked *hk = c.hk
     cdef Req *req = c.req
     cdef bytes extra, body, ctype, drop, add, key, values
@@ -125,13 +145,14 @@ cdef int hook_apply(Eng *e, Conn *c, object d, char *rest, int restlen) noexcept
             log_begin(e, c, c.loc.log)
     if status:
         if body is None:
-            if status >= 500:
-                conn_fail(e, c, status, "the location's hook failed")
-            else:
-                conn_answer(e, c, status, extra, NULL, 0, NULL, 0)
-            return HOOK_DONE
-        request_local(e, c, rest, restlen)
-        conn_answer(e, c, status, extra, body, len(body), ctype, req.client_ka)
+            # the status's error page, and the connection closes (as the proxy's own errors)
+            conn_answer(e, c, status, extra, NULL, 0, NULL, 0)
+        elif req.upgrading:
+            # a refused handshake: what followed its head may be the client's first frames
+            conn_answer(e, c, status, extra, body, len(body), ctype, 0)
+        else:
+            request_local(e, c, rest, restlen)
+            conn_answer(e, c, status, extra, body, len(body), ctype, req.client_ka)
         return HOOK_DONE
     if group >= 0:
         req.group = group

@@ -493,7 +493,9 @@ cdef int request_head_upstream(Eng *e, Conn *c, Head *h, const char *base, char 
     # Host first: set_headers may replace it, else the client's (port included), else $host
     for k in range(loc.nops):
         op = &loc.ops[k]
-        if op.kind == H_HOST:
+        if op.kind == H_HOST and hook_drops(hk, "host", 4):
+            host_set = 1              # the hook's Host replaces the location's
+        elif op.kind == H_HOST:
             host_set = 1
             if op.value != NULL:
                 mark = b.len
@@ -563,6 +565,8 @@ cdef int request_head_upstream(Eng *e, Conn *c, Head *h, const char *base, char 
         op = &loc.ops[k]
         if op.kind == H_HOST or op.value == NULL:
             continue
+        if hk != NULL and hook_drops(hk, op.lname, op.len):
+            continue                  # the hook sets or removes it: the hook wins
         mark = b.len
         buf_add(b, op.name, op.len)
         buf_add(b, ": ", 2)

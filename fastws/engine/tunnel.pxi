@@ -94,6 +94,12 @@ cdef void tunnel_start(Eng *e, Conn *c, char *data, int end, int total) noexcept
         hook_tunnel_begins(e, c)      # (out of memory: this tunnel's callback is lost)
     if c.log != NULL and c.log.log.open:
         log_tunnel(e, c, LOG_EVENT_OPEN, 0)
+    if e.goodbye_code and c.flow[0].mode == FLOW_FRAMES:
+        # a stop began while this handshake was under way (upstream, or a hook's coroutine)
+        ws_goodbye_schedule(e, c, e.goodbye_until - e.now if e.goodbye_until > e.now else 0,
+                            e.goodbye_code, e.goodbye_why)
+        if c.state != CS_TUNNEL:
+            return
     tunnel_run(e, c)
 
 
