@@ -106,6 +106,11 @@ cdef enum Balance:
     BAL_CUSTOM               # a Python class chooses: UpstreamGroup.select_custom, with the GIL
 
 cdef enum:
+    # RRPeer.down: why a peer is not chosen
+    PEER_DOWN = 1            # configured `down`
+    PEER_UNHEALTHY = 2       # failing its active health checks (fastws/health.py)
+
+cdef enum:
     # sel_next's answers besides a peer index
     SEL_NONE = -1            # nothing is left: answer 502 now
     SEL_ALL_DOWN = -2        # as SEL_NONE, and the group has just run out: log "no server
@@ -136,7 +141,7 @@ cdef struct RRPeer:
     double fail_timeout
     int max_conns
     int backup
-    int down
+    int down                 # PEER_DOWN (configured), PEER_UNHEALTHY (health checks), or 0
     long cumulative          # weights of the primaries before it (bounded load)
     # nginx's live state
     int conns                # attempts and connections open: sel_next ... peer_free

@@ -132,6 +132,25 @@ class UpstreamConfig:
     balancer_class: Any = None  # the custom balancer's class, imported
     sticky: StickyConfig | None = None
     send_proxy_protocol: int = 0  # 1 or 2: each connection opens with a PROXY header
+    health_check: "HealthCheck | None" = None
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheck:
+    """An upstream's active health checks (fastws/health.py): each server is asked every
+    `interval`; `fails` failures in a row make it unhealthy (not chosen, as a `down` one),
+    `passes` successes in a row healthy again."""
+    interval: float = 5.0
+    timeout: float = 2.0
+    fails: int = 2
+    passes: int = 2
+    uri: str = "/"
+    expect_status: tuple[tuple[int, int], ...] = ((200, 299),)   # ranges, inclusive
+    websocket: bool = False        # a WebSocket handshake (101 with the right accept key)
+    host: str | None = None        # the Host header; default: the server's name as written
+
+    def expects(self, status: int) -> bool:
+        return any(lo <= status <= hi for lo, hi in self.expect_status)
 
 
 PING_TO = {"client": 1, "upstream": 2, "both": 3}
@@ -448,6 +467,7 @@ def _read_upstream(source: str, table: Any, index: int) -> UpstreamConfig:
         # HAProxy keeps such connections private to one client; fastws does not keep them
         raise r.fail("send_proxy_protocol", "a connection that opens with a PROXY header names "
                      "one client, so it cannot be kept alive for others: remove keepalive")
+    health = _read_health_check(r)
     r.finish()
     peers = resolve(source, r.where, servers)
     if balance == "hash" and consistent and balancer is None and \
@@ -458,7 +478,51 @@ def _read_upstream(source: str, table: Any, index: int) -> UpstreamConfig:
     return UpstreamConfig(name, servers, balance, hash_key, consistent, float(factor), balancer,
                           keepalive, tls=up_tls, keepalive_timeout=keepalive_timeout,
                           keepalive_requests=keepalive_requests, peers=peers, balancer_class=cls,
-                          sticky=sticky, send_proxy_protocol=int(send_proxy[1]) if send_proxy else 0)
+                          sticky=sticky, send_proxy_protocol=int(send_proxy[1]) if send_proxy else 0,
+                          health_check=health)
+
+
+def _read_health_check(upstream: _Reader) -> HealthCheck | None:
+    """`health_check = { interval, timeout, fails, passes, uri, expect_status, websocket,
+    host }` on an [[upstream]]; `true` for the defaults."""
+    value = upstream.get("health_check", (bool, dict), None)
+    if value is None or value is False:
+        return None
+    if value is True:
+        value = {}
+    r = _Reader(upstream.source, value, upstream.key("health_check"))
+    interval = r.duration("interval", 5.0)
+    timeout = r.duration("timeout", 2.0)
+    if interval <= 0 or timeout <= 0:
+        raise r.fail("interval" if interval <= 0 else "timeout", "must be greater than zero")
+    if timeout > interval:
+        raise r.fail("timeout", "must not be longer than the interval")
+    fails = _positive_int(r, "fails", 2, minimum=1)
+    passes = _positive_int(r, "passes", 2, minimum=1)
+    uri = r.get("uri", str, "/")
+    if not uri.startswith("/") or any(c in uri for c in " \r\n\t"):
+        raise r.fail("uri", f"{uri!r} is not a request target such as \"/health\"")
+    websocket = r.get("websocket", bool, False)
+    raw = r.get("expect_status", (int, str, list), "2xx")
+    ranges = []
+    for item in raw if isinstance(raw, list) else [raw]:
+        text = str(item)
+        m = re.fullmatch(r"([1-5])xx|(\d{3})(?:-(\d{3}))?", text)
+        if m is None or isinstance(item, bool):
+            raise r.fail("expect_status", f"{item!r}: expected a status (200), a class (\"2xx\") "
+                         "or a range (\"200-399\")")
+        if m.group(1):
+            ranges.append((int(m.group(1)) * 100, int(m.group(1)) * 100 + 99))
+        else:
+            lo, hi = int(m.group(2)), int(m.group(3) or m.group(2))
+            if not 100 <= lo <= hi <= 599:
+                raise r.fail("expect_status", f"{text!r} is not within 100-599")
+            ranges.append((lo, hi))
+    if websocket and "expect_status" in r.table:
+        raise r.fail("expect_status", "a WebSocket check expects 101 and a valid accept key")
+    host = r.get("host", str, None)
+    r.finish()
+    return HealthCheck(interval, timeout, fails, passes, uri, tuple(ranges), websocket, host)
 
 
 _COOKIE_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")

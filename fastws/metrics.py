@@ -212,9 +212,13 @@ def totals(w: "Worker") -> dict[str, Any]:
             acc = peers.get(peer_key(name, p.name), [0] * len(PEER))
             # A server is "down" when the worker answering sees it down (each worker keeps its
             # own failure accounting, as nginx's workers do without a shared zone).
-            servers.append({"server": p.name, "state": p.state, "active": acc[1],
-                            "tunnels": acc[2], "bytes_up": acc[3], "bytes_down": acc[4],
-                            "fails": acc[5], "selected": acc[6], "backup": p.backup})
+            entry = {"server": p.name, "state": p.state, "active": acc[1],
+                     "tunnels": acc[2], "bytes_up": acc[3], "bytes_down": acc[4],
+                     "fails": acc[5], "selected": acc[6], "backup": p.backup}
+            checks = w.health.figures(name, p.name)
+            if checks is not None:
+                entry["health_check"] = checks   # (the answering worker's, as "state")
+            servers.append(entry)
         upstreams[name] = servers
     states = e["states"]
     active = e["conns"]
@@ -341,4 +345,14 @@ def prometheus(data: dict[str, Any]) -> str:
            [(lbl, s["fails"]) for lbl, s in ups])
     metric("upstream_selected_total", "counter", "Times the balancer chose the server.",
            [(lbl, s["selected"]) for lbl, s in ups])
+    checked = [(lbl, s["health_check"]) for lbl, s in ups if "health_check" in s]
+    if checked:
+        metric("upstream_healthy", "gauge",
+               "1 if the server passes its active health checks, 0 if it fails them.",
+               [(lbl, 1 if h["healthy"] else 0) for lbl, h in checked])
+        metric("upstream_health_checks_total", "counter", "Active health checks of the server.",
+               [(lbl, h["checks"]) for lbl, h in checked])
+        metric("upstream_health_check_failures_total", "counter",
+               "Active health checks of the server that failed.",
+               [(lbl, h["failures"]) for lbl, h in checked])
     return "\n".join(out) + "\n"

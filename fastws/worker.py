@@ -21,7 +21,7 @@ from typing import Any, Mapping
 
 import uvloop
 
-from . import _engine, accesslog, balancer, handover, hooks, metrics, tables, tls
+from . import _engine, accesslog, balancer, handover, health, hooks, metrics, tables, tls
 from .config import Address, Config
 
 log = logging.getLogger("fastws")
@@ -151,6 +151,7 @@ class Worker:
         self._ticking = True            # the event loop runs the tick (serve()), or run() does
         self.stopping = False           # a graceful stop is under way
         self.close_callbacks: hooks.CloseCallbacks | None = None
+        self.health = health.HealthChecks({})
 
     # --- life cycle ------------------------------------------------------------------------
 
@@ -182,14 +183,17 @@ class Worker:
                     self._tick_once()
                     next_tick = now + PUBLISH_INTERVAL
                 wait = next_tick - now
-                hooked = self.engine.hooks_pending
+                # coroutine hooks and health checks run on the loop, whose timers are not in
+                # the engine's epoll set: passes of it when they are due, and while they run
+                busy = self.engine.hooks_pending or self.health.running
+                due = self.health.next_wake() <= now
                 if self._retiring:
                     wait = min(wait, CONTROL_INTERVAL)
-                if hooked:
-                    # coroutine hooks run on the loop: its timers (asyncio.sleep, timeouts) are
-                    # not in the engine's epoll set
+                if busy:
                     wait = min(wait, HOOK_INTERVAL)
-                if self.engine.wait(wait) or self._retiring or hooked:
+                if self.health:
+                    wait = max(0.0, min(wait, self.health.next_wake() - now))
+                if self.engine.wait(wait) or self._retiring or busy or due:
                     # (each pass costs uvloop a socketpair for its signal wake-up fd: only
                     # when the loop has something to do)
                     loop.run_until_complete(_one_pass())
@@ -244,6 +248,9 @@ class Worker:
         built = tables.build(config, socks, self.groups, tls.Contexts(config), self.zones)
         self.zone_addresses = {z.name: z.address for z in built.zones}
         self.engine.load(built)
+        self.health = health.HealthChecks(self.groups, {
+            up.name: tls.upstream_context(up.tls) for up in config.upstreams
+            if up.tls is not None and up.health_check is not None})
         drop_privileges(config)
         self._stopped = self.loop.create_future()
         if self.master:
@@ -257,6 +264,7 @@ class Worker:
             self._tick()
         else:
             self._tick_once()
+        self.health.start(self.loop)
         self.engine.run_once()          # connections already queued on the listeners
         if self.ready is not None:
             self.ready(self)
@@ -354,6 +362,7 @@ class Worker:
             sock.close()
 
     def _shutdown(self) -> None:
+        self.health.close()
         self._close_listeners()
         if self.receiver is not None:
             self.receiver.close()

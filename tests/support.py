@@ -402,18 +402,15 @@ class EchoBackend:
             self._thread.join(5)
 
 
-class NamedBackend:
-    """An upstream server that records each request head it gets, answers a WebSocket
-    handshake with a valid 101 and echoes, and a plain request with 200 and its own name."""
+class ThreadedServer:
+    """A TCP server on 127.0.0.1: a thread per connection runs `_run(conn)`; `close()` stops
+    accepting."""
 
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.heads: list[tuple[str, list[tuple[str, str]]]] = []
+    def __init__(self) -> None:
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(128)
         self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
-        self.lock = threading.Lock()
         threading.Thread(target=self._serve, daemon=True).start()
 
     def _serve(self) -> None:
@@ -423,6 +420,23 @@ class NamedBackend:
             except OSError:
                 return
             threading.Thread(target=self._run, args=(conn,), daemon=True).start()
+
+    def _run(self, conn: socket.socket) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class NamedBackend(ThreadedServer):
+    """An upstream server that records each request head it gets, answers a WebSocket
+    handshake with a valid 101 and echoes, and a plain request with 200 and its own name."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.heads: list[tuple[str, list[tuple[str, str]]]] = []
+        self.lock = threading.Lock()
+        super().__init__()
 
     def _run(self, conn: socket.socket) -> None:
         buf = b""

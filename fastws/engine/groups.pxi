@@ -105,7 +105,7 @@ cdef class UpstreamGroup:
             p.fail_timeout = spec.fail_timeout
             p.max_conns = spec.max_conns
             p.backup = bool(spec.backup)
-            p.down = bool(spec.down)
+            p.down = PEER_DOWN if spec.down else 0
             if not p.backup:
                 p.cumulative = cumulative
                 cumulative += p.weight
@@ -311,7 +311,22 @@ cdef class Peer:
     @property
     def down(self) -> bool:
         """Configured down (the state is then "down" too)."""
-        return bool(view_peer(self).down)
+        return view_peer(self).down == PEER_DOWN
+
+    @property
+    def healthy(self) -> bool:
+        """False while active health checks (fastws/health.py) find it failing."""
+        return view_peer(self).down != PEER_UNHEALTHY
+
+    def set_health(self, bint ok) -> None:
+        """An active health check's verdict: an unhealthy server is not chosen, as a down one
+        is (nginx Plus's way; the hash methods rehash past it); a server configured down
+        stays down."""
+        cdef RRPeer *p = view_peer(self)
+        if ok and p.down == PEER_UNHEALTHY:
+            p.down = 0
+        elif not ok and p.down == 0:
+            p.down = PEER_UNHEALTHY
 
     @property
     def conns(self) -> int:
@@ -364,10 +379,13 @@ cdef class Peer:
 
     @property
     def state(self) -> str:
-        """Either "up", or "down": configured down, or max_fails reached within fail_timeout."""
+        """"up"; "down": configured down, or max_fails reached within fail_timeout; or
+        "unhealthy": failing its active health checks."""
         cdef RRPeer *p = view_peer(self)
-        if p.down or peer_failed_out(p, float(self.group.clock())):
+        if p.down == PEER_DOWN or peer_failed_out(p, float(self.group.clock())):
             return "down"
+        if p.down == PEER_UNHEALTHY:
+            return "unhealthy"
         return "up"
 
     @property
