@@ -41,26 +41,30 @@ def summarize(runs: list[dict], scenario_keys: list[str], target_names: list[str
             # the answers each round got, e.g. "431 ×10,000"; the same in every round as a rule
             s["statuses"] = sorted({statuses_text(r["statuses"]) for r in ok if "statuses" in r})
             out[sk][tn] = s
-        if "fastws" in out[sk] and "fastws-blind" in target_names:
-            # fastws against itself with frames = false, round by round: the two ran one after
-            # the other, so a round's ratio is freer of the machine's drift than the medians'
-            pairs = [(a, b) for a in runs for b in runs
-                     if a["scenario"] == b["scenario"] == sk and a["round"] == b["round"]
-                     and a["target"] == "fastws" and b["target"] == "fastws-blind"
-                     and a["ok"] and b["ok"]]
+        # fastws against a variant of itself, round by round: the two ran one after the other,
+        # so a round's ratio is freer of the machine's drift than the medians'
+        if "fastws" in out[sk] and "fastws-blind" in out[sk]:
+            pairs = _round_pairs(runs, sk, "fastws", "fastws-blind")
             for key in ("cpu_per_unit", "throughput", "pss_per_tunnel_b"):
                 out[sk]["fastws"][f"vs_blind_{key}"] = _stats(
                     [a[key] / b[key] for a, b in pairs if a.get(key) and b.get(key)])
         if "fastws-hook" in out[sk] and "fastws" in out[sk]:
-            # what a trivial hook adds, round by round (the same pairing)
-            pairs = [(a, b) for a in runs for b in runs
-                     if a["scenario"] == b["scenario"] == sk and a["round"] == b["round"]
-                     and a["target"] == "fastws-hook" and b["target"] == "fastws"
-                     and a["ok"] and b["ok"]]
+            pairs = _round_pairs(runs, sk, "fastws-hook", "fastws")
             out[sk]["fastws-hook"]["added_cpu_per_unit"] = _stats(
                 [a["cpu_per_unit"] - b["cpu_per_unit"] for a, b in pairs
                  if a.get("cpu_per_unit") is not None and b.get("cpu_per_unit") is not None])
+        if "fastws-2w" in out[sk] and "fastws" in out[sk]:
+            pairs = _round_pairs(runs, sk, "fastws-2w", "fastws")
+            for key in ("cpu_per_unit", "throughput"):
+                out[sk]["fastws-2w"][f"vs_one_{key}"] = _stats(
+                    [a[key] / b[key] for a, b in pairs if a.get(key) and b.get(key)])
     return out
+
+
+def _round_pairs(runs: list[dict], sk: str, a_name: str, b_name: str) -> list[tuple[dict, dict]]:
+    return [(a, b) for a in runs for b in runs
+            if a["scenario"] == b["scenario"] == sk and a["round"] == b["round"]
+            and a["target"] == a_name and b["target"] == b_name and a["ok"] and b["ok"]]
 
 
 BURST_KEYS = tuple(f"{m}_{w}_mb" for m in ("pss", "rss") for w in ("before", "end", "settled", "growth"))
@@ -363,6 +367,26 @@ def evaluate_targets(summary: dict, available: list[str]) -> list[dict]:
         rows += frames_cost(summary)
     if fw and "fastws-hook" in available:
         rows += hook_cost(summary)
+    if fw and "fastws-2w" in available:
+        rows += scaling(summary)
+    return rows
+
+
+def scaling(summary: dict) -> list[dict]:
+    """Two workers against one, round by round (information: on a 2-core machine the second
+    worker shares its core with the load generator)."""
+    rows = []
+    for sk in ("echo-64", "handshake"):
+        tp = _med(summary, sk, "fastws-2w", "vs_one_throughput")
+        cpu = _med(summary, sk, "fastws-2w", "vs_one_cpu_per_unit")
+        if tp is None or cpu is None:
+            continue
+        rows.append({"target": f"{sk}: throughput with 2 workers / 1 worker (round by round)",
+                     "fastws": tp, "bound": None, "pass": None,
+                     "detail": f"CPU per unit {cpu:.2f}x; medians "
+                               f"{_num(_med(summary, sk, 'fastws-2w', 'throughput'))} and "
+                               f"{_num(_med(summary, sk, 'fastws', 'throughput'))}",
+                     "part": "scaling"})
     return rows
 
 
@@ -459,6 +483,11 @@ def targets_table(rows: list[dict], fastws_note: str | None) -> str:
     if hook:
         lines += ["", "### What a Python hook costs (fastws with a trivial hook against none)", ""]
         lines += _target_rows(hook)
+    scale = [r for r in rows if r.get("part") == "scaling"]
+    if scale:
+        lines += ["", "### Workers: 2 against 1 (the 2 workers may use both cores, the load "
+                  "generator's too)", ""]
+        lines += _target_rows(scale)
     lines.append("")
     return "\n".join(lines)
 

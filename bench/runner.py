@@ -112,7 +112,7 @@ class Runner:
         workdir = self.tmp / f"r{rnd}-{sc.key}-{t.name}"
         workdir.mkdir(parents=True, exist_ok=True)
         if t.is_proxy:
-            err = t.start(workdir, self.backend_addr, self.proxy_cpus)
+            err = t.start(workdir, self.backend_addr, t.cpus or self.proxy_cpus)
             if err:
                 rec["error"] = err
                 return rec

@@ -90,6 +90,7 @@ class Target:
     extra_pids: list[int] = field(default_factory=list)
     env: dict | None = None
     only: tuple[str, ...] | None = None     # the scenarios it runs (None: all)
+    cpus: set[int] | None = None            # its own CPUs (None: the proxy's core)
 
     # -- interface -------------------------------------------------------------
     def command(self, workdir: Path, backend: tuple[str, int]) -> list[str] | None:
@@ -339,12 +340,14 @@ proxy_pass = "backend"
         super().stop()
 
 
-ALL = ("noproxy", "fastws", "fastws-blind", "fastws-hook", "nginx", "haproxy", "haproxy-splice")
+ALL = ("noproxy", "fastws", "fastws-blind", "fastws-hook", "fastws-2w", "nginx", "haproxy",
+       "haproxy-splice")
 LABELS = {
     "noproxy": "no proxy",
     "fastws": "fastws",
     "fastws-blind": "fastws, frames off",
     "fastws-hook": "fastws, with a hook",
+    "fastws-2w": "fastws, 2 workers",
     "nginx": "nginx",
     "haproxy": "HAProxy",
     "haproxy-splice": "HAProxy + splice",
@@ -367,19 +370,24 @@ def make_targets(names: list[str], base_port: int, fastws_processes: int | None,
             t = HAProxy(name, label, port, splice=name.endswith("splice"), splice_mode=haproxy_splice)
             if not deps.which("haproxy"):
                 t.available, t.note = False, "haproxy is not installed: skipped"
-        elif name in ("fastws", "fastws-blind", "fastws-hook"):
+        elif name in ("fastws", "fastws-blind", "fastws-hook", "fastws-2w"):
             # fastws-blind: WebSocket tunnels relayed as bytes (frames = false), to show what
             # following the frames costs (docs/websocket.md); fastws-hook: a trivial Python
             # hook on the location (bench/hook.py), handshakes only, to show what a hook costs
             cmd, env, why = deps.fastws_command()
             location = {"fastws-blind": "frames = false\n",
                         "fastws-hook": 'hook = "bench.hook:check"\n'}.get(name, "")
-            t = FastWS(name, label, port, cmd=cmd, processes=fastws_processes, options=fastws_options,
-                       location=location)
+            t = FastWS(name, label, port, cmd=cmd,
+                       processes=2 if name == "fastws-2w" else fastws_processes,
+                       options=fastws_options, location=location)
             t.env = env
             if name == "fastws-hook":
                 t.only = ("handshake",)
                 t.env = dict(env or {}, PYTHONPATH=deps.repo_path(env))
+            if name == "fastws-2w":
+                # scaling: two workers on every core (the load generator's included)
+                t.only = ("echo-64", "handshake")
+                t.cpus = set(range(os.cpu_count() or 1))
             if cmd is None:
                 t.available, t.note = False, why
             else:
