@@ -100,10 +100,15 @@ class PeerSpec(NamedTuple):
     down: bool
 
 
-def resolve(source: str, where: str, servers: Sequence[Any]) -> tuple[PeerSpec, ...]:
-    """The peers of a group's server entries (ServerConfig), checked: primaries first."""
+def resolve(source: str, where: str, servers: Sequence[Any],
+            answers: dict[str, tuple[str, ...]] | None = None) -> tuple[PeerSpec, ...]:
+    """The peers of a group's server entries (ServerConfig), checked: primaries first.  A
+    `resolve` entry stands for its name's addresses in `answers` (fastws/dns.py), each one a
+    server of its own, in sorted order."""
     if not servers:
         raise ConfigError(source, f"{where}.servers", "needs at least one server")
+    if any(getattr(s, "resolve", False) for s in servers):
+        servers = _expand(servers, answers or {})
     peers: list[PeerSpec] = []
     seen: dict[str, int] = {}
     for i, server in enumerate(servers):
@@ -124,6 +129,24 @@ def resolve(source: str, where: str, servers: Sequence[Any]) -> tuple[PeerSpec, 
                           "needs at least one server that is not a backup")
     # nginx orders peers by server entry; backups form their own tier after the primaries.
     return tuple(primary + [p for p in peers if p.backup])
+
+
+def _expand(servers: Sequence[Any], answers: dict[str, tuple[str, ...]]) -> list[Any]:
+    from dataclasses import replace
+    out: list[Any] = []
+    listed = {_identity(s.address) for s in servers if not getattr(s, "resolve", False)
+              and isinstance(s.address, str)}
+    for server in servers:
+        if not getattr(server, "resolve", False):
+            out.append(server)
+            continue
+        addr = parse_address(server.address)
+        for ip in answers.get(addr.host, ()):
+            text = f"[{ip}]:{addr.port}" if ":" in ip else f"{ip}:{addr.port}"
+            if _identity(text) not in listed:      # (an address two names share: once)
+                listed.add(_identity(text))
+                out.append(replace(server, address=text, resolve=False))
+    return out
 
 
 def _addresses(source: str, key: str, text: Any) -> list[tuple[str, int, Any]]:

@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from . import accesslog, tls, variables
 from .addresses import MAX_CHASH_WEIGHT, Address, PeerSpec, parse_address, resolve
+from .dns import ResolverConfig
 from .errors import ConfigError
 from .tls import TLSConfig, UpstreamTLS
 from .variables import Template, parse_template
@@ -80,6 +81,7 @@ class ServerConfig:
     max_conns: int = 0
     backup: bool = False
     down: bool = False
+    resolve: bool = False    # a name that follows DNS (fastws/dns.py): each address a server
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +135,9 @@ class UpstreamConfig:
     sticky: StickyConfig | None = None
     send_proxy_protocol: int = 0  # 1 or 2: each connection opens with a PROXY header
     health_check: "HealthCheck | None" = None
+    drain_timeout: float = 0.0   # a tunnel to an address that left DNS closes after it (0: never)
+    # the DNS answers its `resolve` servers were expanded from: (host name, addresses)
+    answers: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -315,6 +320,7 @@ class Config:
     # drain_unready later, tunnels are closed over the rest of the window; 0: a fast stop
     drain_on_term: float = 0.0
     drain_unready: float = 5.0
+    resolver: ResolverConfig = ResolverConfig()
 
     def upstream(self, name: str) -> UpstreamConfig:
         for up in self.upstreams:
@@ -422,11 +428,18 @@ def _read_server_entry(source: str, item: Any, where: str) -> ServerConfig:
     max_conns = _positive_int(r, "max_conns", 0)
     backup = r.get("backup", bool, False)
     down = r.get("down", bool, False)
+    resolve = r.get("resolve", bool, False)
+    if resolve and (address.startswith("unix:")
+                    or parse_address(address).family != 0):
+        raise r.fail("resolve", "applies to a host name (\"app.internal:8000\"), not an "
+                     "address")
     r.finish()
-    return ServerConfig(address, weight, max_fails, fail_timeout, max_conns, backup, down)
+    return ServerConfig(address, weight, max_fails, fail_timeout, max_conns, backup, down,
+                        resolve)
 
 
-def _read_upstream(source: str, table: Any, index: int) -> UpstreamConfig:
+def _read_upstream(source: str, table: Any, index: int,
+                   resolver: ResolverConfig = ResolverConfig()) -> UpstreamConfig:
     r = _Reader(source, table, f"upstream[{index}]")
     name = r.get("name", str, required=True)
     r.where = f"upstream.{name}"
@@ -468,8 +481,10 @@ def _read_upstream(source: str, table: Any, index: int) -> UpstreamConfig:
         raise r.fail("send_proxy_protocol", "a connection that opens with a PROXY header names "
                      "one client, so it cannot be kept alive for others: remove keepalive")
     health = _read_health_check(r)
+    drain_timeout = r.duration("drain_timeout", 0.0)
     r.finish()
-    peers = resolve(source, r.where, servers)
+    answers = _dns_answers(source, r.where, servers, resolver)
+    peers = resolve(source, r.where, servers, dict(answers))
     if balance == "hash" and consistent and balancer is None and \
             sum(p.weight for p in peers if not p.backup) > MAX_CHASH_WEIGHT:
         raise ConfigError(source, f"{r.where}.servers",
@@ -479,7 +494,37 @@ def _read_upstream(source: str, table: Any, index: int) -> UpstreamConfig:
                           keepalive, tls=up_tls, keepalive_timeout=keepalive_timeout,
                           keepalive_requests=keepalive_requests, peers=peers, balancer_class=cls,
                           sticky=sticky, send_proxy_protocol=int(send_proxy[1]) if send_proxy else 0,
-                          health_check=health)
+                          health_check=health, drain_timeout=drain_timeout, answers=answers)
+
+
+def _dns_answers(source: str, where: str, servers: tuple[ServerConfig, ...],
+                 resolver: ResolverConfig) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """The addresses of the `resolve` servers' names, through the configured resolvers."""
+    from .dns import LookupError_, lookup
+    out: dict[str, tuple[str, ...]] = {}
+    for i, server in enumerate(servers):
+        if not server.resolve:
+            continue
+        host = parse_address(server.address).host
+        if host in out:
+            continue
+        try:
+            out[host] = lookup(host, resolver)[0]
+        except LookupError_ as exc:
+            raise ConfigError(source, f"{where}.servers[{i}]", f"cannot resolve: {exc}") from None
+    return tuple(out.items())
+
+
+def with_answers(cfg: Config, upstream: str, host: str, addresses: tuple[str, ...]) -> Config:
+    """The configuration with a `resolve` name's new addresses (checked as at load)."""
+    ups = []
+    for up in cfg.upstreams:
+        if up.name == upstream:
+            answers = tuple((h, addresses if h == host else a) for h, a in up.answers)
+            peers = resolve(cfg.source, f"upstream.{up.name}", up.servers, dict(answers))
+            up = replace(up, answers=answers, peers=peers)
+        ups.append(up)
+    return replace(cfg, upstreams=tuple(ups))
 
 
 def _read_health_check(upstream: _Reader) -> HealthCheck | None:
@@ -1247,9 +1292,10 @@ def _from_dict(r: _Reader, source: str) -> Config:
     logs = (accesslog.read_formats(source, r.get("log_format", dict, None)), None)
     logs = (logs[0], _access_log(r, logs))
 
+    resolver = _read_resolver(r)
     upstreams: list[UpstreamConfig] = []
     for i, table in enumerate(r.get("upstream", list, [])):
-        up = _read_upstream(source, table, i)
+        up = _read_upstream(source, table, i, resolver)
         if any(u.name == up.name for u in upstreams):
             raise ConfigError(source, f"upstream[{i}].name", f"duplicate upstream {up.name!r}")
         upstreams.append(up)
@@ -1274,7 +1320,35 @@ def _from_dict(r: _Reader, source: str) -> Config:
     return Config(source, tuple(upstreams) + tuple(implicit.values()), servers, processes,
                   worker_connections, pipe_size, max_pipes, pid, shutdown_timeout,
                   close_spread, handover, error_log, user, files=(source,),
-                  cpu_affinity=affinity, drain_on_term=drain, drain_unready=unready)
+                  cpu_affinity=affinity, drain_on_term=drain, drain_unready=unready,
+                  resolver=resolver)
+
+
+def _read_resolver(top: _Reader) -> ResolverConfig:
+    """`[resolver]`: addresses (IP or IP:port, port 53 by default), timeout, min_ttl, max_ttl
+    (nginx's `resolver ADDR... valid=TIME`)."""
+    table = top.get("resolver", dict, None)
+    if table is None:
+        return ResolverConfig()
+    r = _Reader(top.source, table, "resolver")
+    addresses = []
+    for i, text in enumerate(r.strings("addresses")):
+        try:
+            addr = parse_address(text, default_port=53)
+        except ValueError as exc:
+            raise ConfigError(top.source, f"resolver.addresses[{i}]", str(exc)) from None
+        if addr.family == 0:
+            raise ConfigError(top.source, f"resolver.addresses[{i}]",
+                              f"{text!r}: a resolver is an IP address")
+        addresses.append((addr.host.strip("[]"), addr.port))
+    timeout = r.duration("timeout", 2.0)
+    min_ttl = r.duration("min_ttl", 1.0)
+    max_ttl = r.duration("max_ttl", 300.0)
+    if timeout <= 0 or not 0 < min_ttl <= max_ttl:
+        raise r.fail("min_ttl" if timeout > 0 else "timeout",
+                     "expected timeout > 0 and 0 < min_ttl <= max_ttl")
+    r.finish()
+    return ResolverConfig(tuple(addresses), timeout, min_ttl, max_ttl)
 
 
 def _cpu_affinity(value: Any) -> str | tuple[frozenset[int], ...]:

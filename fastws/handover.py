@@ -263,6 +263,13 @@ def adopt(w: "Worker", cfd: int, ufd: int, head: dict[str, Any], to_up: bytes,
     """The new worker's part: carry on a tunnel an old worker handed over."""
     t = ExportedTunnel.restore(cfd, ufd, head, to_up, to_client)
     group, peer = _peer_of(w, t.upstream, t.peer)
+    close_after = -1.0
+    if peer < 0 and t.upstream in w.groups:
+        # its server left the group (a `resolve` name's address that DNS no longer gives):
+        # closed after the group's drain_timeout, politely where it follows its frames
+        drain = w.groups[t.upstream].config.drain_timeout
+        if drain > 0:
+            close_after = drain
     log_index = -1
     lc = t.log
     if lc is not None:
@@ -271,4 +278,4 @@ def adopt(w: "Worker", cfd: int, ufd: int, head: dict[str, Any], to_up: bytes,
             lc["path"], -1 if lc["path"] in w.engine.log_paths else accesslog.open_log(lc["path"]),
             [tuple(p) for p in fmt["parts"]], fmt["json"], fmt["names"], fmt["early"], lc["open"],
             fmt.get("escape", 0))
-    w.engine.adopt(t, group, peer, log_index)
+    w.engine.adopt(t, group, peer, log_index, close_after)

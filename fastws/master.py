@@ -16,6 +16,7 @@ from __future__ import annotations
 import grp
 import logging
 import os
+import queue
 import pwd
 import signal
 import socket
@@ -72,6 +73,7 @@ class Master:
     reload_started: float = 0.0
     data: Mapping[str, Any] | None = None   # fastws.serve(dict): reloads check it again
     drain_at: float = 0.0        # a drain: when the listeners close
+    watcher: Any = None          # the `resolve` names' dns.Watcher
 
     # --- start -------------------------------------------------------------------------------
 
@@ -112,10 +114,13 @@ class Master:
         self._generation(1)
         for i in range(self.config.processes):
             self._spawn(i)
+        self._watch_names()
         log.info("fastws master %d: %d worker processes", os.getpid(), self.config.processes)
         try:
             self._loop()
         finally:
+            if self.watcher is not None:
+                self.watcher.stop()
             if self.config.pid:
                 _remove_pid(self.config.pid)
         return 0
@@ -221,6 +226,9 @@ class Master:
                 if self.reload_pending and not self._handing_over(now):
                     self.reload_pending = False
                     self.reload()
+                elif self.watcher is not None and not self.watcher.changes.empty() \
+                        and not self._handing_over(now):
+                    self._names_changed()
             info = signal.sigtimedwait(SIGNALS, 0.05 if self.reload_pending else 0.2)
             if info is None or info.si_signo == signal.SIGCHLD:
                 continue
@@ -328,13 +336,16 @@ class Master:
         return now - self.reload_started < HANDOVER_WINDOW and any(
             w.generation < self.generation for w in self.workers.values())
 
-    def reload(self) -> None:
+    def reload(self, cfg: Config | None = None) -> None:
         """SIGHUP: check the new configuration; if good, start a new generation of workers on
         it and ask the old ones to stop gracefully (their tunnels keep relaying until they
-        end or shutdown_timeout passes); if bad, keep serving with the old one."""
-        log.info("reloading %s", self.path)
+        end or shutdown_timeout passes); if bad, keep serving with the old one.  With `cfg`
+        (a `resolve` name's new addresses), that configuration, the file unread."""
+        log.info("reloading %s", self.path if cfg is None else "on a DNS change")
         try:
-            if self.data is not None:
+            if cfg is not None:
+                pass
+            elif self.data is not None:
                 cfg = config_mod.from_dict(self.data, self.path)
             else:
                 cfg = config_mod.load(self.path, self.config.format, self.config.prefix)
@@ -374,6 +385,43 @@ class Master:
             w.stopping = True
             _kill(w.pid, signal.SIGUSR2 if cfg.handover else signal.SIGQUIT)
         log.info("reloaded: generation %d, %d worker processes", self.generation, cfg.processes)
+        self._watch_names()
+
+    def _watch_names(self) -> None:
+        # the `resolve` names of this configuration, looked up again in a thread (fastws/dns.py)
+        from .dns import Name, Watcher
+        if self.watcher is not None:
+            self.watcher.stop()
+        cfg = self.config
+        now = time.monotonic()
+        names = [Name(up.name, host, addresses, now + cfg.resolver.min_ttl)
+                 for up in cfg.upstreams for host, addresses in up.answers]
+        self.watcher = Watcher(names, cfg.resolver)
+        self.watcher.start()
+
+    def _names_changed(self) -> None:
+        # a `resolve` name's answer changed: a new generation on the new addresses, as a reload
+        if self.watcher is None or self.stopping:
+            return
+        cfg = self.config
+        changed = False
+        while True:
+            try:
+                upstream, host, addresses = self.watcher.changes.get_nowait()
+            except queue.Empty:
+                break
+            before = dict(next(u for u in cfg.upstreams if u.name == upstream).answers)[host]
+            log.info("upstream %s: %s now resolves to %s (was %s)", upstream, host,
+                     ", ".join(addresses), ", ".join(before))
+            try:
+                cfg = config_mod.with_answers(cfg, upstream, host, addresses)
+            except ConfigError as exc:
+                log.error("upstream %s: %s's new addresses are not used: %s", upstream, host,
+                          exc)
+                continue
+            changed = True
+        if changed:
+            self.reload(cfg)
 
 
 def _kill(pid: int, sig: int) -> None:

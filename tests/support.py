@@ -406,11 +406,13 @@ class ThreadedServer:
     """A TCP server on 127.0.0.1: a thread per connection runs `_run(conn)`; `close()` stops
     accepting."""
 
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
         self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
         self.sock.listen(128)
-        self.address = f"127.0.0.1:{self.sock.getsockname()[1]}"
+        self.port = self.sock.getsockname()[1]
+        self.address = f"{host}:{self.port}"
         threading.Thread(target=self._serve, daemon=True).start()
 
     def _serve(self) -> None:
@@ -432,11 +434,11 @@ class NamedBackend(ThreadedServer):
     """An upstream server that records each request head it gets, answers a WebSocket
     handshake with a valid 101 and echoes, and a plain request with 200 and its own name."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, host: str = "127.0.0.1", port: int = 0) -> None:
         self.name = name
         self.heads: list[tuple[str, list[tuple[str, str]]]] = []
         self.lock = threading.Lock()
-        super().__init__()
+        super().__init__(host, port)
 
     def _run(self, conn: socket.socket) -> None:
         buf = b""

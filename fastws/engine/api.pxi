@@ -821,9 +821,11 @@ cdef class Engine:
                 "header_time": lr.header_time, "head_sent": lr.head_sent,
                 "head_in": lr.head_in}
 
-    def adopt(self, ExportedTunnel t, int group, int peer, int access_log=-1):
+    def adopt(self, ExportedTunnel t, int group, int peer, int access_log=-1,
+              double close_after=-1.0):
         """Carry on a tunnel another engine exported; `group` and `peer` name its server in
-        this engine's tables (-1 when a reload removed it), `access_log` its log."""
+        this engine's tables (-1 when a reload removed it), `access_log` its log; with
+        `close_after` (seconds), it ends then at the latest (as its lifetime would)."""
         cdef Eng *e = self.e
         cdef Conn *c
         cdef Up *u
@@ -869,6 +871,8 @@ cdef class Engine:
         c.tp = self._adopted_policy(t)
         c.websocket = t.websocket
         c.end_at = e.now + t.lifetime_left if t.lifetime_left >= 0 else NEVER
+        if close_after >= 0 and e.now + close_after < c.end_at:
+            c.end_at = e.now + close_after
         c.first_eof = t.first_eof
         c.started = e.now - t.age
         for i in range(2):

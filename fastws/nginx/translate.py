@@ -253,6 +253,11 @@ class _Translator:
                     self.error_log(d)
                 else:
                     self.ignore(d, "fastws keeps one error log, the main one")
+            elif d.name == "resolver":
+                self.resolver(d)
+            elif d.name == "resolver_timeout":
+                data.setdefault("resolver", {})["timeout"] = _time(d, d.args[0])
+                self.at("resolver.timeout", d)
             else:
                 self.setting(settings, d)
         if "access_log" in settings:
@@ -267,6 +272,23 @@ class _Translator:
             self.server(d, settings)
         if not data["upstream"]:
             del data["upstream"]
+
+    def resolver(self, d: Directive) -> None:
+        # resolver ADDRESS... [valid=TIME] [ipv4=on|off] [ipv6=on|off] (http level): where the
+        # `resolve` servers' names are looked up
+        out = self.out.data.setdefault("resolver", {})
+        addresses = []
+        for a in d.args:
+            key, _, value = a.partition("=")
+            if key == "valid" and value:
+                out["max_ttl"] = _time(d, value)
+            elif key in ("ipv4", "ipv6", "status_zone"):
+                self.ignore(d, f"{key}=: fastws asks for both families")
+            else:
+                addresses.append(a)
+        out["addresses"] = addresses
+        self.at("resolver", d)
+        self.at("resolver.addresses", d)
 
     def setting(self, settings: dict[str, Any], d: Directive) -> None:
         """A directive that lower levels inherit: kept as written until a location or
@@ -517,11 +539,10 @@ class _Translator:
                 entry[key] = _int(d, value, 1 if key == "weight" else 0)
             elif key == "fail_timeout" and value:
                 entry[key] = _time(d, value)
-            elif p in ("backup", "down"):
+            elif p in ("backup", "down", "resolve"):
                 entry[p] = True
-            elif key in ("resolve", "service", "route", "slow_start", "drain"):
-                raise fail(d, f"\"server\": {key} is not supported by fastws (it resolves "
-                           "names when it starts and reloads)")
+            elif key in ("service", "route", "slow_start", "drain"):
+                raise fail(d, f"\"server\": {key} is not supported by fastws")
             else:
                 raise fail(d, f"\"server\": invalid parameter \"{p}\"")
         return entry

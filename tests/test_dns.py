@@ -1,0 +1,186 @@
+"""Upstream names that follow DNS (fastws/dns.py): a real DNS server on 127.0.0.1 (dnslib's)
+whose answers the tests change, and fastws adding and removing the addresses without a reload
+command, tunnels handed over, those to an address that left closed after drain_timeout."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+from dnslib import AAAA, QTYPE, RCODE, RR, A
+from dnslib.server import BaseResolver, DNSServer
+from websockets.sync.client import connect
+
+from fastws import balancer, config, dns
+from fastws.errors import ConfigError
+from support import NamedBackend, free_port, http_get, wait_until
+
+
+class Zone(BaseResolver):
+    """A DNS server's answers, changed by the test: name -> addresses (TTL 1 s)."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, list[str]] = {}
+        self.ttl = 1
+        self.queries = 0
+        self.server: Any = None
+
+    def resolve(self, request: Any, handler: Any) -> Any:
+        self.queries += 1
+        reply = request.reply()
+        name = str(request.q.qname).rstrip(".")
+        kind = QTYPE[request.q.qtype]
+        if name not in self.records:
+            reply.header.rcode = RCODE.NXDOMAIN
+            return reply
+        for ip in self.records[name]:
+            if kind == "A" and ":" not in ip:
+                reply.add_answer(RR(request.q.qname, QTYPE.A, rdata=A(ip), ttl=self.ttl))
+            elif kind == "AAAA" and ":" in ip:
+                reply.add_answer(RR(request.q.qname, QTYPE.AAAA, rdata=AAAA(ip), ttl=self.ttl))
+        return reply
+
+
+@pytest.fixture
+def zone() -> Iterator[Zone]:
+    z = Zone()
+    port = free_port()
+    z.server = DNSServer(z, port=port, address="127.0.0.1")
+    z.server.start_thread()
+    z.port = port      # type: ignore[attr-defined]
+    yield z
+    z.server.stop()
+
+
+def resolver(zone: Zone) -> dict[str, Any]:
+    return {"addresses": [f"127.0.0.1:{zone.port}"], "min_ttl": "0.2s",   # type: ignore[attr-defined]
+            "max_ttl": "1s", "timeout": "1s"}
+
+
+def test_lookup_through_the_configured_server(zone: Zone) -> None:
+    zone.records["app.test"] = ["127.0.0.3", "::1", "127.0.0.2"]
+    r = dns.ResolverConfig((("127.0.0.1", zone.port),), 1.0, 0.5, 60)   # type: ignore[attr-defined]
+    assert dns.lookup("app.test", r) == (("127.0.0.2", "127.0.0.3", "::1"), 1.0)
+    zone.ttl = 3600
+    assert dns.lookup("app.test", r)[1] == 60                    # bounded by max_ttl
+    with pytest.raises(dns.LookupError_, match="no such name"):
+        dns.lookup("nowhere.test", r)
+
+
+def test_a_name_that_does_not_resolve_fails_the_check(zone: Zone) -> None:
+    with pytest.raises(ConfigError, match=r"upstream\.app\.servers\[0\]: cannot resolve: "
+                                          "nowhere.test: no such name"):
+        config.from_dict({"resolver": resolver(zone),
+                          "upstream": [{"name": "app", "servers": [
+                              {"address": "nowhere.test:80", "resolve": True}]}],
+                          "server": [{"listen": ["127.0.0.1:8080"],
+                                      "location": [{"path": "/", "proxy_pass": "app"}]}]})
+    with pytest.raises(ConfigError, match="resolve: applies to a host name"):
+        config.from_dict({"upstream": [{"name": "app", "servers": [
+                              {"address": "127.0.0.1:80", "resolve": True}]}],
+                          "server": [{"listen": ["127.0.0.1:8080"],
+                                      "location": [{"path": "/", "proxy_pass": "app"}]}]})
+
+
+def test_consistent_hashing_moves_only_the_keys_of_the_addresses_that_changed(
+        zone: Zone) -> None:
+    ips = [f"10.0.0.{i}" for i in range(1, 6)]
+    zone.records["app.test"] = ips[:4]
+    cfg = config.from_dict({"resolver": resolver(zone), "upstream": [
+        {"name": "app", "balance": "hash", "hash_key": "$request_uri", "consistent": True,
+         "servers": [{"address": "app.test:8000", "resolve": True}]}],
+        "server": [{"listen": ["127.0.0.1:8080"],
+                    "location": [{"path": "/", "proxy_pass": "app"}]}]})
+
+    def choices(c: config.Config) -> list[str]:
+        group = balancer.build_upstreams(c)["app"]
+        out = []
+        for i in range(1000):
+            sel = group.selection(key=f"/k{i}".encode())
+            peer = sel.next()
+            assert peer is not None
+            out.append(peer.name)
+            sel.free(peer)
+        return out
+
+    before = choices(cfg)
+    assert sorted(set(before)) == [f"{ip}:8000" for ip in ips[:4]]
+    # one more address: only keys that now go to it moved
+    more = choices(config.with_answers(cfg, "app", "app.test", tuple(ips)))
+    moved = [k for k in range(1000) if before[k] != more[k]]
+    assert moved and all(more[k] == "10.0.0.5:8000" for k in moved)
+    # one address fewer: only its keys moved
+    fewer = choices(config.with_answers(cfg, "app", "app.test", tuple(ips[1:4])))
+    moved = [k for k in range(1000) if before[k] != fewer[k]]
+    assert moved == [k for k in range(1000) if before[k] == "10.0.0.1:8000"]
+
+
+def test_fastws_follows_the_name(zone: Zone, make_proxy: Any, tmp_path: Path) -> None:
+    b2 = NamedBackend("b2", "127.0.0.2")
+    b3 = NamedBackend("b3", "127.0.0.3", b2.port)        # the name's one port, two hosts
+    try:
+        zone.records["app.test"] = ["127.0.0.2"]
+        port = free_port()
+        cfg = {"resolver": resolver(zone),
+               "upstream": [{"name": "app", "drain_timeout": "1s", "servers": [
+                   {"address": f"app.test:{b2.port}", "resolve": True}]}],
+               "server": [{"listen": [f"127.0.0.1:{port}"], "location": [
+                   {"path": "/", "proxy_pass": "app"}]}]}
+        p = make_proxy(cfg, port=port)
+
+        def served_by() -> set[str]:
+            return {http_get("127.0.0.1", port, "/x")[1].decode() for _ in range(8)}
+
+        assert served_by() == {"b2"}
+        ws = connect(f"ws://127.0.0.1:{port}/chat")      # a tunnel to b2
+        ws.send("hi")
+        assert ws.recv(timeout=10) == "hi"
+        zone.records["app.test"] = ["127.0.0.2", "127.0.0.3"]
+        wait_until(lambda: served_by() == {"b2", "b3"})
+        assert "app.test now resolves to 127.0.0.2, 127.0.0.3 (was 127.0.0.2)" in p.output()
+        ws.send("still")                                   # handed over, still relayed
+        assert ws.recv(timeout=10) == "still"
+        closed: list[Any] = []
+
+        def held() -> None:
+            try:
+                while True:
+                    ws.recv(timeout=30)
+            except Exception:                 # noqa: BLE001  (its close, below)
+                closed.append(ws.close_code)
+
+        threading.Thread(target=held, daemon=True).start()
+        zone.records["app.test"] = ["127.0.0.3"]
+        wait_until(lambda: served_by() == {"b3"})
+        # the tunnel to the address that left: closed politely after drain_timeout
+        wait_until(lambda: closed == [1001], timeout=15)
+        # a name that stops resolving: the last answer stays
+        del zone.records["app.test"]
+        wait_until(lambda: "cannot look app.test up again" in p.output())
+        assert served_by() == {"b3"}
+        assert "Traceback" not in p.output()
+    finally:
+        b2.close()
+        b3.close()
+
+
+def test_nginx_resolver_and_resolve(zone: Zone, tmp_path: Path) -> None:
+    zone.records["app.test"] = ["127.0.0.9"]
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(f"""
+        events {{}}
+        http {{
+            resolver 127.0.0.1:{zone.port} valid=10s;
+            resolver_timeout 3s;
+            upstream app {{ server app.test:8000 resolve; }}
+            server {{ listen 127.0.0.1:8080; location / {{ proxy_pass http://app; }} }}
+        }}""")
+    cfg = config.load(str(conf))
+    assert cfg.resolver.addresses == (("127.0.0.1", zone.port),)   # type: ignore[attr-defined]
+    assert (cfg.resolver.max_ttl, cfg.resolver.timeout) == (10.0, 3.0)
+    (up,) = cfg.upstreams
+    assert up.answers == (("app.test", ("127.0.0.9",)),)
+    assert [p.name for p in up.peers] == ["127.0.0.9:8000"]
