@@ -73,9 +73,13 @@ def main(argv: list[str] | None = None) -> int:
         print("fastws: a configuration file is required: fastws -c FILE (or try: fastws demo)",
               file=sys.stderr)
         return 1
-    from . import balancer, config, tls
+    from . import balancer, config, dns, tls
     try:
-        cfg = config.load(args.config, args.format, args.prefix)
+        if args.signal:
+            with dns.offline():     # only the pid file and drain_on_term are needed
+                cfg = config.load(args.config, args.format, args.prefix)
+        else:
+            cfg = config.load(args.config, args.format, args.prefix)
         tls.check_engine(cfg)
         upstreams = balancer.build_upstreams(cfg)
     except ConfigError as exc:

@@ -139,6 +139,19 @@ class UpstreamConfig:
     # the DNS answers its `resolve` servers were expanded from: (host name, addresses)
     answers: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
+    def written_host(self, peer_name: str) -> str | None:
+        """The host name a `resolve` server's address came from ("10.1.0.7:8000" ->
+        "chat.internal"): its TLS name and Host, as for a server written by name."""
+        answers = dict(self.answers)
+        for server in self.servers:
+            if not server.resolve:
+                continue
+            addr = parse_address(server.address)
+            for ip in answers.get(addr.host, ()):
+                if peer_name in (f"{ip}:{addr.port}", f"[{ip}]:{addr.port}"):
+                    return addr.host
+        return None
+
 
 @dataclass(frozen=True, slots=True)
 class HealthCheck:
@@ -1347,8 +1360,12 @@ def _read_resolver(top: _Reader) -> ResolverConfig:
     if timeout <= 0 or not 0 < min_ttl <= max_ttl:
         raise r.fail("min_ttl" if timeout > 0 else "timeout",
                      "expected timeout > 0 and 0 < min_ttl <= max_ttl")
+    families = tuple(kind for kind, key in (("A", "ipv4"), ("AAAA", "ipv6"))
+                     if r.get(key, bool, True))
+    if not families:
+        raise r.fail("ipv6", "ipv4 and ipv6 cannot both be false")
     r.finish()
-    return ResolverConfig(tuple(addresses), timeout, min_ttl, max_ttl)
+    return ResolverConfig(tuple(addresses), timeout, min_ttl, max_ttl, families)
 
 
 def _cpu_affinity(value: Any) -> str | tuple[frozenset[int], ...]:
@@ -1358,15 +1375,13 @@ def _cpu_affinity(value: Any) -> str | tuple[frozenset[int], ...]:
         return value
     if not isinstance(value, list) or not value:
         raise ValueError("expected \"auto\" or a list of CPU masks such as [\"01\", \"10\"]")
-    allowed = os.sched_getaffinity(0)
     masks = []
     for mask in value:
         if not isinstance(mask, str) or not mask or set(mask) - {"0", "1"}:
             raise ValueError(f"{mask!r} is not a CPU mask of 0s and 1s (\"0101\")")
         cpus = frozenset(i for i, bit in enumerate(reversed(mask)) if bit == "1")
-        if not cpus or not cpus & allowed:
-            raise ValueError(f"{mask!r} names no CPU this process may run on "
-                             f"({', '.join(map(str, sorted(allowed)))})")
+        if not cpus:
+            raise ValueError(f"{mask!r} names no CPU")
         masks.append(cpus)
     return tuple(masks)
 

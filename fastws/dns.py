@@ -23,8 +23,10 @@ import logging
 import queue
 import threading
 import time
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 log = logging.getLogger("fastws")
 
@@ -36,7 +38,37 @@ class ResolverConfig:
     addresses: tuple[tuple[str, int], ...] = ()   # (IP, port); (): the system's resolv.conf
     timeout: float = 2.0
     min_ttl: float = 1.0
-    max_ttl: float = 300.0       # nginx's `valid=`: an answer is asked again this soon at least
+    max_ttl: float = 300.0       # an answer is asked again this soon at least
+    families: tuple[str, ...] = ("A", "AAAA")     # nginx's ipv4=off / ipv6=off leave one out
+
+
+# `fastws -s`: a configuration read only for its pid file and drain setting, with no look-up
+# (DNS may be down, or the name's Service already deleted, when a pod stops)
+_OFFLINE: ContextVar[bool] = ContextVar("offline", default=False)
+PLACEHOLDER = "192.0.2.1"        # TEST-NET-1 (RFC 5737): an address never connected to
+
+
+# a reload: the names the master follows already keep their last answers (the watcher brings
+# changes); only new names are looked up, so that a reload never waits on a slow DNS for them
+_KNOWN: ContextVar[dict[str, tuple[str, ...]]] = ContextVar("known", default={})
+
+
+@contextmanager
+def offline() -> Iterator[None]:
+    token = _OFFLINE.set(True)
+    try:
+        yield
+    finally:
+        _OFFLINE.reset(token)
+
+
+@contextmanager
+def known(answers: dict[str, tuple[str, ...]]) -> Iterator[None]:
+    token = _KNOWN.set(answers)
+    try:
+        yield
+    finally:
+        _KNOWN.reset(token)
 
 
 class LookupError_(Exception):
@@ -45,9 +77,16 @@ class LookupError_(Exception):
 
 def lookup(name: str, resolver: ResolverConfig) -> tuple[tuple[str, ...], float]:
     """The name's addresses (IPv4 then IPv6, each sorted) and how long to keep them."""
+    if _OFFLINE.get():
+        return (PLACEHOLDER,), resolver.max_ttl
+    if name in _KNOWN.get():
+        return _KNOWN.get()[name], resolver.min_ttl
     import dns.exception
     import dns.resolver
-    r = dns.resolver.Resolver(configure=not resolver.addresses)
+    try:
+        r = dns.resolver.Resolver(configure=not resolver.addresses)
+    except (dns.exception.DNSException, OSError) as exc:   # no usable /etc/resolv.conf
+        raise LookupError_(f"{name}: {type(exc).__name__}: {exc}") from None
     if resolver.addresses:
         r.nameservers = [ip for ip, _ in resolver.addresses]
         r.nameserver_ports = {ip: port for ip, port in resolver.addresses}
@@ -56,13 +95,14 @@ def lookup(name: str, resolver: ResolverConfig) -> tuple[tuple[str, ...], float]
     out: list[str] = []
     ttls: list[float] = []
     failures: list[str] = []
-    for kind in ("A", "AAAA"):
+    for kind in resolver.families:
         try:
             answer = r.resolve(name, kind, search=False, raise_on_no_answer=False)
         except dns.resolver.NXDOMAIN:
             failures.append("no such name")
             continue
-        except (dns.exception.Timeout, dns.resolver.NoNameservers) as exc:
+        except (dns.exception.DNSException, ValueError, OSError) as exc:
+            # a timeout, no server answering, or a name DNS cannot carry (an empty label)
             raise LookupError_(f"{name}: {type(exc).__name__}: {exc}") from None
         if answer.rrset is not None:
             ttls.append(float(answer.rrset.ttl))
@@ -100,23 +140,23 @@ class Watcher:
             self._thread.start()
 
     def stop(self) -> None:
+        # (not joined: a look-up under way ends by itself within its timeout, and its answer
+        # goes nowhere)
         self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(self.resolver.timeout * 2 + 1)
 
     def _run(self) -> None:
         while not self._stop.is_set():
             now = time.monotonic()
             for n in self.names:
-                if n.due > now:
+                if n.due > now or self._stop.is_set():
                     continue
                 try:
                     addresses, ttl = lookup(n.host, self.resolver)
-                except LookupError_ as exc:
+                except Exception as exc:     # (LookupError_, or anything dnspython raises)
                     # the last answer stays; asked again soon
                     log.warning("cannot look %s up again (upstream %s keeps %s): %s", n.host,
                                 n.upstream, ", ".join(n.addresses), exc)
-                    n.due = now + min(self.resolver.max_ttl, max(self.resolver.min_ttl, 5.0))
+                    n.due = now + min(self.resolver.max_ttl, 5.0)
                     continue
                 n.due = now + ttl
                 if addresses != n.addresses:

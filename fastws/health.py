@@ -37,6 +37,8 @@ class Target:
     peer: Any                    # the compiled group's Peer
     check: HealthCheck
     ssl: Any = None              # an SSLContext for a TLS upstream
+    host: str = ""               # the server's name as written (Host)
+    sni: str = ""                # the TLS name
     healthy: bool = True         # (servers start healthy, as nginx Plus's without `mandatory`)
     streak: int = 0              # consecutive results against the current state
     checks: int = 0
@@ -58,8 +60,14 @@ class HealthChecks:
             check = group.config.health_check
             if check is None:
                 continue
+            up = group.config
             for peer in group.peers:
-                self.targets.append(Target(name, peer, check, (contexts or {}).get(name)))
+                # the name a request's Host and TLS use: the server as written (for a `resolve`
+                # name's address, that name), or the group's tls.server_name
+                written = up.written_host(peer.name) or _host(peer.server)
+                sni = up.tls.server_name if up.tls is not None and up.tls.server_name else written
+                self.targets.append(Target(name, peer, check, (contexts or {}).get(name),
+                                           written, sni))
         self.by_peer = {(t.upstream, t.peer.name): t for t in self.targets}
 
     def __bool__(self) -> bool:
@@ -82,18 +90,23 @@ class HealthChecks:
         return any(t.running for t in self.targets)
 
     def next_wake(self) -> float:
-        """When the earliest check is due (monotonic); the worker's wait is bounded by it."""
-        return min((t.next_at for t in self.targets), default=float("inf"))
+        """When the earliest check not under way is due (monotonic); the worker's wait is
+        bounded by it (one under way wakes the loop by its I/O, or `running` polls it)."""
+        return min((t.next_at for t in self.targets if not t.running), default=float("inf"))
 
     async def _run(self, t: Target) -> None:
         while True:
             await asyncio.sleep(max(0.0, t.next_at - time.monotonic()))
+            t.next_at = time.monotonic() + t.check.interval
             t.running = True
             try:
                 status, error = await self.probe(t)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:       # whatever it was, a failed check, and go on
+                status, error = 0, f"{type(exc).__name__}: {exc}"
             finally:
                 t.running = False
-            t.next_at = time.monotonic() + t.check.interval
             self.record(t, status, error)
 
     def record(self, t: Target, status: int, error: str) -> None:
@@ -128,14 +141,14 @@ class HealthChecks:
     async def _ask(self, t: Target) -> tuple[int, str]:
         check, peer = t.check, t.peer
         if peer.name.startswith("unix:"):
-            reader, writer = await asyncio.open_unix_connection(peer.name[5:], ssl=t.ssl)
+            reader, writer = await asyncio.open_unix_connection(
+                peer.name[5:], ssl=t.ssl, server_hostname=t.sni or "localhost" if t.ssl else None)
             host = check.host or "localhost"
         else:
             addr = peer.sockaddr
-            reader, writer = await asyncio.open_connection(addr[0], addr[1], ssl=t.ssl,
-                                                           server_hostname=_host(peer.server)
-                                                           if t.ssl else None)
-            host = check.host or peer.server
+            reader, writer = await asyncio.open_connection(
+                addr[0], addr[1], ssl=t.ssl, server_hostname=t.sni if t.ssl else None)
+            host = check.host or t.host
         try:
             key = base64.b64encode(os.urandom(16))
             lines = [f"GET {check.uri} HTTP/1.1", f"Host: {host}",

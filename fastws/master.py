@@ -73,6 +73,7 @@ class Master:
     reload_started: float = 0.0
     data: Mapping[str, Any] | None = None   # fastws.serve(dict): reloads check it again
     drain_at: float = 0.0        # a drain: when the listeners close
+    drain_kill_at: float = 0.0   # ... and when workers still there are killed
     watcher: Any = None          # the `resolve` names' dns.Watcher
 
     # --- start -------------------------------------------------------------------------------
@@ -217,6 +218,12 @@ class Master:
             if self.stopping == "drain" and now >= self.drain_at:
                 # readiness has failed for drain_unready: no new client is sent here any more
                 self._stop("graceful", signal.SIGQUIT)
+            if self.drain_kill_at and now >= self.drain_kill_at:
+                # the drain's window is over (a worker still relaying tunnels of an older
+                # generation, say): what is left goes as in a fast stop
+                for w in self.workers.values():
+                    _kill(w.pid, signal.SIGKILL)
+                self.drain_kill_at = now + 60
             if self.stopping == "fast" and now >= self.stop_deadline:
                 for w in self.workers.values():
                     _kill(w.pid, signal.SIGKILL)
@@ -267,6 +274,7 @@ class Master:
         now = time.monotonic()
         self.stopping = "drain"
         self.drain_at = now + cfg.drain_unready
+        self.drain_kill_at = now + cfg.drain_on_term + FAST_STOP_GRACE
         self.board.slots[0].draining = int((now + cfg.drain_on_term) * 1000)
         log.info("draining: not ready from now, accepting for %gs more, every connection "
                  "closed within %gs", cfg.drain_unready, cfg.drain_on_term)
@@ -343,12 +351,16 @@ class Master:
         (a `resolve` name's new addresses), that configuration, the file unread."""
         log.info("reloading %s", self.path if cfg is None else "on a DNS change")
         try:
+            from .dns import known
+            answers = {h: a for up in self.config.upstreams for h, a in up.answers}
             if cfg is not None:
                 pass
             elif self.data is not None:
-                cfg = config_mod.from_dict(self.data, self.path)
+                with known(answers):
+                    cfg = config_mod.from_dict(self.data, self.path)
             else:
-                cfg = config_mod.load(self.path, self.config.format, self.config.prefix)
+                with known(answers):
+                    cfg = config_mod.load(self.path, self.config.format, self.config.prefix)
             tls.check_engine(cfg)
             balancer.build_upstreams(cfg)
         except ConfigError as exc:
@@ -420,8 +432,12 @@ class Master:
                           exc)
                 continue
             changed = True
-        if changed:
+        if changed and cfg.upstreams != self.config.upstreams:
             self.reload(cfg)
+        if self.config is not cfg:
+            # not applied (or back where it was): the watcher starts again from what runs,
+            # so that a change that could not be applied is reported again
+            self._watch_names()
 
 
 def _kill(pid: int, sig: int) -> None:
@@ -513,7 +529,8 @@ def send_signal(cfg: Config, command: str) -> int:
     except OSError as exc:
         print(f"fastws: {cfg.pid}: cannot read the pid file: {exc.strerror}", file=sys.stderr)
         return 1
-    if not text.isdigit() or int(text) <= 1:
+    if not text.isdigit() or int(text) < 1 or (int(text) == 1 and not _is_fastws(1)):
+        # (pid 1: fastws as a container's first process, as examples/deploy runs it)
         print(f"fastws: {cfg.pid}: invalid pid {text!r}", file=sys.stderr)
         return 1
     pid = int(text)
@@ -534,6 +551,14 @@ def send_signal(cfg: Config, command: str) -> int:
                 return 1
             time.sleep(0.05)
     return 0
+
+
+def _is_fastws(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"fastws" in f.read()
+    except OSError:
+        return False
 
 
 def _alive(pid: int) -> bool:

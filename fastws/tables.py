@@ -274,7 +274,7 @@ def build(config: Config, sockets: list[socket.socket], groups: dict[str, Any],
         up = grp.config
         group_index[name] = len(t.groups)
         t.groups.append(GroupTable(
-            grp, name, [_host(p.server) for p in grp.peers],
+            grp, name, [up.written_host(p.name) or _host(p.server) for p in grp.peers],
             _parts(up.hash_key), up.keepalive, up.keepalive_timeout, up.keepalive_requests,
             (up.sticky.cookie, up.sticky.attributes(), [sticky_id(p.name) for p in grp.peers])
             if up.sticky is not None else None, up.send_proxy_protocol))

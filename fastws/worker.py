@@ -68,6 +68,10 @@ def pin_worker(config: Config, index: int) -> set[int] | None:
         cpus = {allowed[index % len(allowed)]}
     else:
         cpus = set(spec[min(index, len(spec) - 1)]) & set(allowed)
+        if not cpus:
+            log.warning("worker_cpu_affinity: worker %d's mask names no CPU it may run on "
+                        "(%s); not bound", index, ",".join(map(str, allowed)))
+            return None
     os.sched_setaffinity(0, cpus)
     return cpus
 
@@ -322,7 +326,17 @@ class Worker:
             if n:
                 log.info("closing %d WebSocket tunnels (%s) over %gs", n, why, spread)
         deadline = time.monotonic() + timeout if timeout else float("inf")
+        said = bool(drain_end) and (why == "reload" or not reloaded)
         while self.engine.active and not self.stopped:
+            drain_end = self.board.slots[0].draining / 1000.0
+            if drain_end and drain_end < deadline:
+                # a drain began while this worker was already retiring (an older generation
+                # still relaying): its window bounds this one too
+                deadline = drain_end
+                if not said:
+                    said = True
+                    self.engine.goodbye(1001, max(0.0, deadline - time.monotonic()) / 2,
+                                        "shutdown")
             if time.monotonic() >= deadline:
                 log.info("shutdown_timeout: closing %d connections (%d tunnels)",
                          self.engine.active, self.engine.tunnels)

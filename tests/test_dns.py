@@ -173,14 +173,45 @@ def test_nginx_resolver_and_resolve(zone: Zone, tmp_path: Path) -> None:
     conf.write_text(f"""
         events {{}}
         http {{
-            resolver 127.0.0.1:{zone.port} valid=10s;
+            resolver 127.0.0.1:{zone.port} valid=10s ipv6=off;
             resolver_timeout 3s;
             upstream app {{ server app.test:8000 resolve; }}
             server {{ listen 127.0.0.1:8080; location / {{ proxy_pass http://app; }} }}
         }}""")
     cfg = config.load(str(conf))
     assert cfg.resolver.addresses == (("127.0.0.1", zone.port),)   # type: ignore[attr-defined]
-    assert (cfg.resolver.max_ttl, cfg.resolver.timeout) == (10.0, 3.0)
+    assert (cfg.resolver.min_ttl, cfg.resolver.max_ttl, cfg.resolver.timeout) == (10, 10, 3)
+    assert cfg.resolver.families == ("A",)
     (up,) = cfg.upstreams
     assert up.answers == (("app.test", ("127.0.0.9",)),)
     assert [p.name for p in up.peers] == ["127.0.0.9:8000"]
+    # its TLS name and Host stay the name as written
+    assert up.written_host("127.0.0.9:8000") == "app.test"
+
+
+def test_a_name_dns_cannot_carry_is_one_line(zone: Zone) -> None:
+    with pytest.raises(ConfigError, match=r"servers\[0\]: cannot resolve: a\.\.b: EmptyLabel"):
+        config.from_dict({"resolver": resolver(zone),
+                          "upstream": [{"name": "app", "servers": [
+                              {"address": "a..b:80", "resolve": True}]}],
+                          "server": [{"listen": ["127.0.0.1:8080"],
+                                      "location": [{"path": "/", "proxy_pass": "app"}]}]})
+
+
+def test_signals_need_no_dns(zone: Zone, make_proxy: Any, tmp_path: Path) -> None:
+    # `fastws -s` reads the pid file's name, not the upstreams: it works with DNS gone (a pod
+    # whose Service was deleted first, say)
+    import subprocess
+    import sys
+    zone.records["app.test"] = ["127.0.0.2"]
+    port = free_port()
+    p = make_proxy({
+        "resolver": resolver(zone), "pid": str(tmp_path / "fastws.pid"),
+        "upstream": [{"name": "app", "servers": [{"address": "app.test:80", "resolve": True}]}],
+        "server": [{"listen": [f"127.0.0.1:{port}"],
+                    "location": [{"path": "/", "proxy_pass": "app"}]}]}, port=port)
+    zone.records.clear()                           # the name is gone
+    r = subprocess.run([sys.executable, "-m", "fastws", "-s", "stop", "-c", str(p.path)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert p.proc.wait(20) == 0

@@ -184,8 +184,8 @@ SPECS: dict[str, Spec] = {
     "reset_timedout_connection": _ignore(HSL, "fastws closes a timed-out connection at once",
                                          1, 1),
     "server_tokens": _ignore(HSL, "fastws's own answers carry no version", 1, 1),
-    "resolver": _use(HTTP, 1, None),
-    "resolver_timeout": _use(HTTP, 1),
+    "resolver": _use(HSL, 1, None),
+    "resolver_timeout": _use(HSL, 1),
     "root": _ignore(HSL, "used only to serve files, which fastws does not do", 1, 1),
     "index": _ignore(HSL, "used only to serve files, which fastws does not do", 1),
     "send_timeout": _ignore(HSL, "fastws applies proxy_send_timeout to a write that stays "

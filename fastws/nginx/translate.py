@@ -281,9 +281,12 @@ class _Translator:
         for a in d.args:
             key, _, value = a.partition("=")
             if key == "valid" and value:
-                out["max_ttl"] = _time(d, value)
-            elif key in ("ipv4", "ipv6", "status_zone"):
-                self.ignore(d, f"{key}=: fastws asks for both families")
+                # nginx keeps an answer exactly this long, whatever its TTL
+                out["min_ttl"] = out["max_ttl"] = _time(d, value)
+            elif key in ("ipv4", "ipv6") and value in ("on", "off"):
+                out[key] = value == "on"
+            elif key == "status_zone":
+                self.ignore(d, "status_zone=: fastws's status pages need no zone")
             else:
                 addresses.append(a)
         out["addresses"] = addresses
@@ -309,6 +312,9 @@ class _Translator:
             settings["@own_log"] = settings
             settings["access_log"] = d
             settings["@access_log"] = d
+        elif d.name in ("resolver", "resolver_timeout"):
+            # (the http level's is the one: fastws looks names up for upstreams only)
+            self.ignore(d, "fastws looks upstream names up through the http level's resolver")
         elif d.name == "gzip":
             if _flag(d):
                 # compression is the client's option, never something it can rely on: the
