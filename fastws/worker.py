@@ -202,6 +202,8 @@ class Worker:
                     # when the loop has something to do)
                     loop.run_until_complete(_one_pass())
             self._shutdown()
+            if self.health:
+                loop.run_until_complete(_one_pass())   # the checks' cancelled tasks end
             if self.close_callbacks is not None and self.close_callbacks.tasks:
                 # coroutine on_tunnel_close callbacks of the last tunnels: a bounded chance
                 loop.run_until_complete(asyncio.wait(set(self.close_callbacks.tasks),
