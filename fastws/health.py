@@ -19,7 +19,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import AbstractSet, Any
 
 from .config import HealthCheck
 
@@ -73,7 +73,14 @@ class HealthChecks:
     def __bool__(self) -> bool:
         return bool(self.targets)
 
-    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+    def start(self, loop: asyncio.AbstractEventLoop,
+              unhealthy: AbstractSet[tuple[str, str]] = frozenset()) -> None:
+        """Begin; the servers in `unhealthy` (upstream, server) start unhealthy (what the
+        workers of the last generation found), the others healthy."""
+        for t in self.targets:
+            if (t.upstream, t.peer.name) in unhealthy:
+                t.healthy = False
+                t.peer.set_health(False)
         now = time.monotonic()
         for i, t in enumerate(self.targets):
             # spread the first round over the interval: not every server at once

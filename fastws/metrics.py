@@ -37,6 +37,7 @@ KEPT = frozenset(("serial",))   # never moved nor cleared: connection numbers st
 # Per-peer words: the peer's key, then its figures.
 PEER = ("key", "active", "tunnels_total", "bytes_up", "bytes_down", "fails", "selected", "down")
 PEER_GAUGES = frozenset(("active", "down"))
+PEER_STATES = {"down": 1, "unhealthy": 2}     # a peer's "down" word
 PEER_CAP = 256
 PEERS_AT = HEADER_WORDS + ENGINE_WORDS
 SLOT_WORDS = PEERS_AT + PEER_CAP * len(PEER)
@@ -153,6 +154,21 @@ class Board:
         return [self.slots[0]] + [s for s in self.slots[1:] if s.pid]
 
 
+def unhealthy_elsewhere(w: "Worker") -> set[tuple[str, str]]:
+    """The servers another live worker's health checks find failing (a new generation starts
+    from them rather than from "every server healthy")."""
+    keys = {peer_key(name, p.name): (name, p.name) for name, g in w.groups.items()
+            for p in g.peers}
+    out = set()
+    for slot in w.board.live()[1:]:
+        if slot is w.stats:
+            continue
+        for key, off in slot.peers():
+            if key in keys and slot.v[off + 7] == PEER_STATES["unhealthy"]:
+                out.add(keys[key])
+    return out
+
+
 def private_board() -> Board:
     """A board for a worker that runs without a master."""
     return Board(1)
@@ -179,7 +195,7 @@ def publish(w: "Worker") -> None:
             words[off + 4] = p.bytes_down
             words[off + 5] = p.fails_total
             words[off + 6] = p.selected_total
-            words[off + 7] = 1 if p.state == "down" else 0
+            words[off + 7] = PEER_STATES.get(p.state, 0)
 
 
 def _add(total: dict[str, Any], part: dict[str, Any]) -> None:

@@ -270,7 +270,7 @@ class Worker:
             self._tick()
         else:
             self._tick_once()
-        self.health.start(self.loop)
+        self.health.start(self.loop, metrics.unhealthy_elsewhere(self) if self.health else set())
         self.engine.run_once()          # connections already queued on the listeners
         if self.ready is not None:
             self.ready(self)

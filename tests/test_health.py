@@ -138,6 +138,25 @@ def test_a_websocket_check_wants_a_real_handshake(make_proxy: Any,
     assert st[pair[1].address]["health_check"]["last_error"] == "the handshake was answered 200"
 
 
+def test_a_reload_keeps_what_the_checks_found(make_proxy: Any, pair: list[SwitchBackend],
+                                              tmp_path: Any) -> None:
+    # the new generation starts from the old one's verdicts, not from "all healthy" (with this
+    # interval its own checks would need a minute to find the server failing)
+    import signal
+    from support import to_toml
+    port = free_port()
+    p = make_proxy(checked_config(port, [b.address for b in pair]), port=port)
+    pair[0].health_status = 503
+    wait_until(lambda: server_status(port)[pair[0].address]["state"] == "unhealthy")
+    old = set(p.workers())
+    p.path.write_text(to_toml(checked_config(port, [b.address for b in pair],
+                                             interval="30s", timeout="1s")))
+    p.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: set(p.workers()) and not set(p.workers()) & old)
+    assert server_status(port)[pair[0].address]["state"] == "unhealthy"
+    assert names(port) == {"two"}
+
+
 @pytest.mark.parametrize("check, problem", [
     ({"interval": "0s"}, "interval: must be greater than zero"),
     ({"interval": "1s", "timeout": "2s"}, "timeout: must not be longer than the interval"),
