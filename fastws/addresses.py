@@ -198,6 +198,15 @@ def _addresses(source: str, key: str, text: Any) -> list[tuple[str, int, Any]]:
     return out
 
 
+def host_of(server_text: str) -> str:
+    """A server entry's host as written (its TLS name and SNI, a health check's Host)."""
+    if server_text.startswith("["):
+        return server_text[1:].split("]", 1)[0]
+    if server_text.startswith("unix:"):
+        return ""
+    return server_text.rsplit(":", 1)[0]
+
+
 def _identity(text: str) -> str:
     """What makes two server entries the same server (for the duplicate check)."""
     if text[:5].lower() == "unix:":

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Mapping
 
 from . import accesslog, tls, variables
-from .addresses import MAX_CHASH_WEIGHT, Address, PeerSpec, parse_address, resolve
+from .addresses import MAX_CHASH_WEIGHT, Address, PeerSpec, host_of, parse_address, resolve
 from .dns import ResolverConfig
 from .errors import ConfigError
 from .tls import TLSConfig, UpstreamTLS
@@ -139,9 +139,9 @@ class UpstreamConfig:
     # the DNS answers its `resolve` servers were expanded from: (host name, addresses)
     answers: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
-    def written_host(self, peer_name: str) -> str | None:
-        """The host name a `resolve` server's address came from ("10.1.0.7:8000" ->
-        "chat.internal"): its TLS name and Host, as for a server written by name."""
+    def peer_host(self, peer_name: str, server_text: str) -> str:
+        """A peer's host as written: its TLS name and SNI, a health check's Host.  For an
+        address a `resolve` server's name gave ("10.1.0.7:8000"), that name."""
         answers = dict(self.answers)
         for server in self.servers:
             if not server.resolve:
@@ -150,7 +150,7 @@ class UpstreamConfig:
             for ip in answers.get(addr.host, ()):
                 if peer_name in (f"{ip}:{addr.port}", f"[{ip}]:{addr.port}"):
                     return addr.host
-        return None
+        return host_of(server_text)
 
 
 @dataclass(frozen=True, slots=True)

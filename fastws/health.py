@@ -64,7 +64,7 @@ class HealthChecks:
             for peer in group.peers:
                 # the name a request's Host and TLS use: the server as written (for a `resolve`
                 # name's address, that name), or the group's tls.server_name
-                written = up.written_host(peer.name) or _host(peer.server)
+                written = up.peer_host(peer.name, peer.server)
                 sni = up.tls.server_name if up.tls is not None and up.tls.server_name else written
                 self.targets.append(Target(name, peer, check, (contexts or {}).get(name),
                                            written, sni))
@@ -217,8 +217,3 @@ def _parse(head: bytes) -> tuple[int, dict[str, str]]:
             fields[name.strip().lower()] = value.strip()
     return int(parts[1]), fields
 
-
-def _host(server: str) -> str:
-    if server.startswith("["):
-        return server[1:].split("]", 1)[0]
-    return server.rsplit(":", 1)[0] if server.count(":") == 1 else server

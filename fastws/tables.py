@@ -274,7 +274,7 @@ def build(config: Config, sockets: list[socket.socket], groups: dict[str, Any],
         up = grp.config
         group_index[name] = len(t.groups)
         t.groups.append(GroupTable(
-            grp, name, [up.written_host(p.name) or _host(p.server) for p in grp.peers],
+            grp, name, [up.peer_host(p.name, p.server) for p in grp.peers],
             _parts(up.hash_key), up.keepalive, up.keepalive_timeout, up.keepalive_requests,
             (up.sticky.cookie, up.sticky.attributes(), [sticky_id(p.name) for p in grp.peers])
             if up.sticky is not None else None, up.send_proxy_protocol))
@@ -304,15 +304,6 @@ def build(config: Config, sockets: list[socket.socket], groups: dict[str, Any],
 def _same(written: str, bound: str) -> bool:
     # "[::1]" in the configuration is "::1" in getsockname()
     return written.strip("[]") == bound
-
-
-def _host(server_text: str) -> str:
-    """A server entry's host as written (for TLS's name and SNI)."""
-    if server_text.startswith("["):
-        return server_text[1:].split("]", 1)[0]
-    if server_text.startswith("unix:"):
-        return ""
-    return server_text.rsplit(":", 1)[0]
 
 
 def _listener(sock: socket.socket, host: str, port: int, servers: list[ServerBlock],

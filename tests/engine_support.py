@@ -34,8 +34,8 @@ class EngineRunner:
     def log(self, level: int, text: str) -> None:
         self.messages.append((level, text))
 
-    def status_page(self, fmt: str) -> tuple[str, bytes]:
-        return "text/plain", f"status {fmt}\n".encode()
+    def status_page(self, fmt: str) -> tuple[int, str, bytes]:
+        return 200, "text/plain", f"status {fmt}\n".encode()
 
     def _run(self) -> None:
         while self._running:

@@ -186,7 +186,7 @@ def test_nginx_resolver_and_resolve(zone: Zone, tmp_path: Path) -> None:
     assert up.answers == (("app.test", ("127.0.0.9",)),)
     assert [p.name for p in up.peers] == ["127.0.0.9:8000"]
     # its TLS name and Host stay the name as written
-    assert up.written_host("127.0.0.9:8000") == "app.test"
+    assert up.peer_host("127.0.0.9:8000", "127.0.0.9:8000") == "app.test"
 
 
 def test_a_name_dns_cannot_carry_is_one_line(zone: Zone) -> None:

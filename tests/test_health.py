@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fastws import config
 from fastws.errors import ConfigError
-from support import ThreadedServer, free_port, http_get, wait_until
+from support import ThreadedServer, free_port, http_get, read_head, wait_until, ws_accept
 
 
 class SwitchBackend(ThreadedServer):
@@ -28,25 +28,18 @@ class SwitchBackend(ThreadedServer):
         super().__init__()
 
     def _run(self, conn: socket.socket) -> None:
-        import base64
-        import hashlib
         with conn:
-            data = b""
-            while b"\r\n\r\n" not in data:
-                chunk = conn.recv(4096)
-                if not chunk:
-                    return
-                data += chunk
-            head = data.split(b"\r\n\r\n")[0].decode("latin-1")
+            raw, _ = read_head(conn)
+            if not raw.endswith(b"\r\n\r\n"):
+                return
+            head = raw[:-4].decode("latin-1")
             fields = {k.strip().lower(): v.strip() for k, v in
                       (line.split(":", 1) for line in head.split("\r\n")[1:])}
             target = head.split(" ")[1]
             if fields.get("user-agent") == "fastws-health-check":
                 self.checks += 1
             if fields.get("upgrade", "").lower() == "websocket" and self.upgrade_status == 101:
-                accept = base64.b64encode(hashlib.sha1(
-                    fields["sec-websocket-key"].encode()
-                    + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+                accept = ws_accept(fields["sec-websocket-key"].encode())
                 conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
                              b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept
                              + b"\r\n\r\n")

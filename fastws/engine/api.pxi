@@ -1023,12 +1023,7 @@ cdef class Engine:
         cdef Hooked *hk = c.hk
         if hk == NULL or hk.close_hook < 0:
             return None
-        if c.loc != NULL:
-            place = [c.srv.name[:c.srv.namelen].decode("utf-8", "replace"),
-                     c.loc.path[:c.loc.pathlen].decode("utf-8", "replace")]
-        else:
-            place = hk.place[:hk.place_len].decode("utf-8", "replace").split("\0")[:2]
-        return {"callback": self._close_hooks[hk.close_hook][1], "place": place,
+        return {"callback": self._close_hooks[hk.close_hook][1], "place": tunnel_place(c),
                 "hook": hk.vars[:hk.vars_len].decode("utf-8", "replace") if hk.vars != NULL
                 else ""}
 
@@ -1070,8 +1065,7 @@ cdef class Engine:
 
     cdef int _status_answer(self, Conn *c) except -1:
         fmt = self._status_formats[c.loc.status_format]
-        answer = self.control.status_page(fmt)
-        status, ctype, body = answer if len(answer) == 3 else (200, *answer)
+        status, ctype, body = self.control.status_page(fmt)
         cdef bytes ct = ctype.encode() if isinstance(ctype, str) else ctype
         cdef bytes data = body
         conn_answer(self.e, c, status, NULL, <const char *>data, <int>len(data),

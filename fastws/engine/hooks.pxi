@@ -258,6 +258,14 @@ cdef void hook_tunnel_begins(Eng *e, Conn *c) noexcept nogil:
         hk.close_hook = c.loc.close_hook
 
 
+cdef list tunnel_place(Conn *c):
+    # [server name, location] a tunnel came through: its own, or (adopted) where it was
+    if c.loc != NULL:
+        return [c.srv.name[:c.srv.namelen].decode("utf-8", "replace"),
+                c.loc.path[:c.loc.pathlen].decode("utf-8", "replace")]
+    return c.hk.place[:c.hk.place_len].decode("utf-8", "replace").split("\0")[:2]
+
+
 cdef void hook_tunnel_closed(Eng *e, Conn *c, int reason) noexcept nogil:
     # A tunnel with an on_tunnel_close callback: its figures, for the control plane to deliver
     # after the turn.
@@ -272,11 +280,7 @@ cdef void hook_tunnel_closed(Eng *e, Conn *c, int reason) noexcept nogil:
         upstream = e.groups[c.up.group].peers[c.up.peer].name
     sockaddr_text(<sockaddr *>&c.raddr, e.addrbuf, sizeof(e.addrbuf))
     with gil:
-        if c.loc != NULL:
-            server = c.srv.name[:c.srv.namelen].decode("utf-8", "replace")
-            location = c.loc.path[:c.loc.pathlen].decode("utf-8", "replace")
-        else:                         # adopted: where it was
-            server, location = hk.place[:hk.place_len].decode("utf-8", "replace").split("\0")[:2]
+        server, location = tunnel_place(c)
         (<Engine>e.owner)._closed.append((
             hk.close_hook, e.addrbuf.decode(), sockaddr_port(<sockaddr *>&c.raddr),
             server, location,
