@@ -135,6 +135,8 @@ cdef struct RRPeer:
     unsigned int addrlen
     const char *name         # as $upstream_addr names it: "1.2.3.4:80", "[::1]:80",
     int name_len             # "unix:/path" (NUL-terminated; owned by the UpstreamGroup)
+    const char *host         # its host as written: TLS's SNI and name check (owned likewise)
+    char sticky_id[33]       # its value of a sticky cookie: MD5 of its name in hex, NUL-ended
     int server               # index of its server entry (a host name may give several peers)
     int weight
     int max_fails
@@ -168,8 +170,11 @@ cdef struct Tier:
 
 cdef struct Group:
     int method               # Balance
-    RRPeer *peers            # primaries, then backups
-    int npeers
+    RRPeer *peers            # primaries, then backups, then the departed (below)
+    int npeers               # the configured peers: the tiers hold them
+    int nall                 # npeers, and after them the peers a DNS change removed while
+                             # connections to them were open ("departed": in no tier, never
+                             # chosen, kept until the next change finds them unused)
     Tier tier[2]
     int ntiers
     int tried_bits           # bits a Selection's tried bitmap needs (the larger tier; custom: all)
@@ -448,8 +453,7 @@ cdef struct Sticky:
     char *set_head           # "Set-Cookie: NAME="
     int set_head_len
     char *attrs              # "; Max-Age=3600; Path=/\r\n"
-    int attrs_len
-    char **ids
+    int attrs_len            # (each peer's value: RRPeer.sticky_id)
 
 cdef struct MapEntry:
     char *key                # lower case; ".example.com" / "www.example." for wildcards
@@ -761,7 +765,7 @@ cdef struct Counters:
     unsigned long long pipe_shortage
     unsigned long long switches_to_splice
     unsigned long long switches_to_copy
-    unsigned long long closes[16]        # tunnels by close reason: index -reason
+    unsigned long long closes[17]        # tunnels by close reason: index -reason (CLOSE_REASONS)
     unsigned long long loops
     unsigned long long tls_tunnels_total
     unsigned long long tls_handshakes
@@ -801,7 +805,6 @@ cdef struct Eng:
     Group **groups
     PyObject **group_objs    # their UpstreamGroup objects (a custom balancer's Python side)
     char **group_names
-    char ***peer_hosts       # per group, per peer: its host as written (TLS's SNI and name check)
     Template **hash_keys     # per group: the hash key, or NULL
     Sticky **sticky          # per group: its sticky cookie, or NULL
     MapTable *maps           # the configuration's maps, by index ($map_ variables)

@@ -45,6 +45,7 @@ from libc.stdint cimport uint8_t
 
 import asyncio as _asyncio
 import functools as _functools
+import hashlib as _hashlib
 import inspect as _inspect
 
 import logging as _logging
@@ -89,6 +90,7 @@ include "engine/frames.pxi"
 include "engine/tables.pxi"
 include "engine/turn.pxi"
 include "engine/export.pxi"
+include "engine/regroup.pxi"
 include "engine/extend.pxi"
 include "engine/hooks.pxi"
 include "engine/api.pxi"

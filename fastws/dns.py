@@ -8,9 +8,10 @@ lists each address as a server of its own, sorted, with the name's parameters (w
 max_fails, ...): so a consistent-hash ring's points are the addresses' own and a change moves only
 the keys of the addresses that came or went, and two instances that got the same addresses in
 another order choose alike.  The master watches the names in a thread (`Watcher`) and, when an
-answer changes, starts a new generation of workers on the new addresses, as a reload does: the
-tunnels are handed over, and those to an address that left are closed after the upstream's
-`drain_timeout`.
+answer changes, tells each worker, which builds the group again and puts it in place in its
+engine (Worker.renew_upstream, Engine.replace_group), as nginx 1.27's resolve does on its shared
+upstream zone: no new generation, every connection goes on; those to an address that left are
+closed after the upstream's `drain_timeout`.
 
 dnspython: a well-kept resolver that reads /etc/resolv.conf, speaks to a given server and port,
 and returns the TTLs (getaddrinfo does neither of the last two).

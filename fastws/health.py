@@ -55,20 +55,24 @@ class HealthChecks:
     """The checks of one worker's upstream groups."""
 
     def __init__(self, groups: dict[str, Any], contexts: dict[str, Any] | None = None) -> None:
+        self.contexts = contexts or {}
         self.targets: list[Target] = []
         for name, group in groups.items():
-            check = group.config.health_check
-            if check is None:
-                continue
-            up = group.config
-            for peer in group.peers:
-                # the name a request's Host and TLS use: the server as written (for a `resolve`
-                # name's address, that name), or the group's tls.server_name
-                written = up.peer_host(peer.name, peer.server)
-                sni = up.tls.server_name if up.tls is not None and up.tls.server_name else written
-                self.targets.append(Target(name, peer, check, (contexts or {}).get(name),
-                                           written, sni))
+            self.targets += self._targets(name, group)
         self.by_peer = {(t.upstream, t.peer.name): t for t in self.targets}
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def _targets(self, name: str, group: Any) -> list[Target]:
+        check = group.config.health_check
+        if check is None:
+            return []
+        up = group.config
+        # the name a request's Host and TLS use: the server as written (for a `resolve`
+        # name's address, that name), or the group's tls.server_name
+        return [Target(name, peer, check, self.contexts.get(name), peer.host,
+                       up.tls.server_name if up.tls is not None and up.tls.server_name
+                       else peer.host)
+                for peer in group.peers]
 
     def __bool__(self) -> bool:
         return bool(self.targets)
@@ -77,15 +81,42 @@ class HealthChecks:
               unhealthy: AbstractSet[tuple[str, str]] = frozenset()) -> None:
         """Begin; the servers in `unhealthy` (upstream, server) start unhealthy (what the
         workers of the last generation found), the others healthy."""
+        self.loop = loop
         for t in self.targets:
             if (t.upstream, t.peer.name) in unhealthy:
                 t.healthy = False
                 t.peer.set_health(False)
+        self._begin(self.targets)
+
+    def _begin(self, targets: list[Target]) -> None:
+        assert self.loop is not None
         now = time.monotonic()
-        for i, t in enumerate(self.targets):
+        for i, t in enumerate(targets):
             # spread the first round over the interval: not every server at once
-            t.next_at = now + t.check.interval * (i / max(1, len(self.targets)))
-            t.task = loop.create_task(self._run(t))
+            t.next_at = now + t.check.interval * (i / max(1, len(targets)))
+            t.task = self.loop.create_task(self._run(t))
+
+    def renew(self, name: str, group: Any) -> None:
+        """Group `name` was replaced (a `resolve` name's addresses changed): a server that
+        stays keeps its checks and verdict (the engine carried its state over), one that left
+        is checked no more, a new one is checked from now on, healthy until found otherwise."""
+        kept = {t.peer.name: t for t in self.targets if t.upstream == name}
+        fresh: list[Target] = []
+        others = [t for t in self.targets if t.upstream != name]
+        for t in self._targets(name, group):
+            old = kept.pop(t.peer.name, None)
+            if old is not None:
+                old.peer = t.peer
+                others.append(old)
+            else:
+                fresh.append(t)
+        for t in kept.values():
+            if t.task is not None:
+                t.task.cancel()
+        self.targets = others + fresh
+        self.by_peer = {(t.upstream, t.peer.name): t for t in self.targets}
+        if self.loop is not None:
+            self._begin(fresh)
 
     def close(self) -> None:
         for t in self.targets:

@@ -189,7 +189,15 @@ class Targets:
     server's address ("127.0.0.1:8001", "[::1]:8001") as (group, server) indexes."""
 
     groups: Mapping[str, int]
-    addresses: Mapping[str, Sequence[tuple[int, int]]]   # in the configuration's order
+    addresses: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+
+    def follow(self, groups: Sequence[Any]) -> None:
+        """The servers' addresses as the compiled groups (in the engine's order) have them
+        now: at start, and after a `resolve` name changed its addresses."""
+        self.addresses.clear()
+        for gi, group in enumerate(groups):
+            for pi, peer in enumerate(group.peers):          # in the configuration's order
+                self.addresses.setdefault(peer.name, []).append((gi, pi))
 
 
 _loaded: dict[str, int] = {}     # module name -> its file's mtime when it was (re)loaded

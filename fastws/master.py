@@ -25,6 +25,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+import orjson
+
 from . import accesslog, balancer, config as config_mod, limits, metrics, tls
 from .config import Address, Config
 from .errors import ConfigError
@@ -50,6 +52,13 @@ class WorkerProc:
     slot: metrics.Slot
     started: float
     stopping: bool = False
+    control: socket.socket | None = None   # the master's end of the worker's control socket
+
+
+def control_pair() -> tuple[socket.socket, socket.socket]:
+    """A worker's control socket: the master sends it what it must apply without a new
+    generation (a `resolve` name's new addresses), one message each (SOCK_SEQPACKET)."""
+    return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 
 
 @dataclass
@@ -175,21 +184,29 @@ class Master:
         # the master's pid as the parent knows it: a child that asked getppid() would get 1 if
         # the master died before it asked, and would then never notice that it is gone
         master = os.getpid()
+        ours, theirs = control_pair()
         pid = os.fork()
         if pid == 0:
             code = 0
             try:
-                self._in_worker(cfg, socks, slot, index, master)
+                ours.close()
+                for other in self.workers.values():
+                    if other.control is not None:
+                        other.control.close()
+                self._in_worker(cfg, socks, slot, index, master, theirs)
             except BaseException:                                     # noqa: BLE001
                 log.exception("worker failed")
                 code = 1
             finally:
                 logging.shutdown()
                 os._exit(code)
-        self.workers[pid] = WorkerProc(pid, index, self.generation, slot, time.monotonic())
+        theirs.close()
+        ours.setblocking(False)
+        self.workers[pid] = WorkerProc(pid, index, self.generation, slot, time.monotonic(),
+                                       control=ours)
 
     def _in_worker(self, cfg: Config, socks: list[socket.socket], slot: metrics.Slot,
-                   index: int, master: int) -> None:
+                   index: int, master: int, control: socket.socket) -> None:
         keep = {s.fileno() for s in socks}
         for others in self.sockets.values():
             for s in others:
@@ -204,7 +221,7 @@ class Master:
             log.info("worker %d runs on CPU %s", index, ",".join(map(str, sorted(cpus))))
         # The event loop is created here, after the fork (uvloop cannot cross one).
         Worker(cfg, socks, board=self.board, slot=slot, generation=self.generation,
-               master=master, index=index, zones=self.zone_addresses).run()
+               master=master, index=index, zones=self.zone_addresses, control=control).run()
 
     # --- watch -------------------------------------------------------------------------------
 
@@ -305,6 +322,8 @@ class Master:
             w = self.workers.pop(pid, None)
             if w is None:
                 continue
+            if w.control is not None:
+                w.control.close()
             self.board.retire(w.slot)
             for name in self.zones.force_unlock(pid):
                 log.error("worker process %d died holding the lock of limit zone \"%s\"; "
@@ -344,18 +363,16 @@ class Master:
         return now - self.reload_started < HANDOVER_WINDOW and any(
             w.generation < self.generation for w in self.workers.values())
 
-    def reload(self, cfg: Config | None = None) -> None:
+    def reload(self) -> None:
         """SIGHUP: check the new configuration; if good, start a new generation of workers on
         it and ask the old ones to stop gracefully (their tunnels keep relaying until they
-        end or shutdown_timeout passes); if bad, keep serving with the old one.  With `cfg`
-        (a `resolve` name's new addresses), that configuration, the file unread."""
-        log.info("reloading %s", self.path if cfg is None else "on a DNS change")
+        end or shutdown_timeout passes); if bad, keep serving with the old one."""
+        log.info("reloading %s", self.path)
         try:
             from .dns import known
+            # the names the master follows keep their current answers (dns.known)
             answers = {h: a for up in self.config.upstreams for h, a in up.answers}
-            if cfg is not None:
-                pass
-            elif self.data is not None:
+            if self.data is not None:
                 with known(answers):
                     cfg = config_mod.from_dict(self.data, self.path)
             else:
@@ -412,11 +429,14 @@ class Master:
         self.watcher.start()
 
     def _names_changed(self) -> None:
-        # a `resolve` name's answer changed: a new generation on the new addresses, as a reload
+        # A `resolve` name's answer changed: each worker of the current generation is told, and
+        # replaces the group in its engine (Worker.renew_upstream: no new generation, nothing
+        # handed over); workers started later have it in their configuration.
         if self.watcher is None or self.stopping:
             return
         cfg = self.config
-        changed = False
+        changed: list[tuple[str, str, tuple[str, ...]]] = []
+        refused = False
         while True:
             try:
                 upstream, host, addresses = self.watcher.changes.get_nowait()
@@ -430,14 +450,30 @@ class Master:
             except ConfigError as exc:
                 log.error("upstream %s: %s's new addresses are not used: %s", upstream, host,
                           exc)
+                refused = True
                 continue
-            changed = True
+            changed.append((upstream, host, addresses))
         if changed and cfg.upstreams != self.config.upstreams:
-            self.reload(cfg)
-        if self.config is not cfg:
-            # not applied (or back where it was): the watcher starts again from what runs,
-            # so that a change that could not be applied is reported again
+            self.config = cfg
+            for w in self.workers.values():
+                if w.generation == self.generation and not w.stopping:
+                    for upstream, host, addresses in changed:
+                        _tell(w, {"renew": upstream, "host": host,
+                                  "addresses": list(addresses)})
+        if refused:
+            # the watcher starts again from what runs, so that a change that could not be
+            # applied is reported again
             self._watch_names()
+
+
+def _tell(w: WorkerProc, message: dict[str, Any]) -> None:
+    """One message on a worker's control socket (it reads them in Worker._on_control)."""
+    if w.control is None:
+        return
+    try:
+        w.control.send(orjson.dumps(message))
+    except OSError as exc:        # (its buffer full: a worker that reads nothing any more)
+        log.error("cannot tell worker process %d: %s", w.pid, exc.strerror or exc)
 
 
 def _kill(pid: int, sig: int) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import mmap
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, AbstractSet, Any, Iterator
 
 import orjson
 
@@ -104,6 +104,24 @@ class Slot:
                 self._peers[key] = off
                 return off
         return -1
+
+    def forget_peers(self, keys: AbstractSet[int]) -> None:
+        """Servers that left their group (a `resolve` name's change) leave the table, whose
+        entries stay one after another (an empty key ends it)."""
+        kept = [[self.v[off + j] for j in range(len(PEER))] for key, off in self.peers()
+                if key not in keys]
+        if len(kept) == len(self._peers):
+            return
+        for i in range(len(self._peers)):
+            off = PEERS_AT + i * len(PEER)
+            for j in range(len(PEER)):
+                self.v[off + j] = 0
+        self._peers.clear()
+        for i, words in enumerate(kept):
+            off = PEERS_AT + i * len(PEER)
+            self._peers[words[0]] = off
+            for j in range(len(PEER) - 1, -1, -1):     # the key last: a whole entry appears
+                self.v[off + j] = words[j]
 
     def peers(self) -> Iterator[tuple[int, int]]:
         for i in range(PEER_CAP):
@@ -336,7 +354,8 @@ def prometheus(data: dict[str, Any]) -> str:
     metric("websocket_pongs_total", "counter", "Pongs to the proxy's pings, taken back.",
            [("", e["ws_pongs"])])
     metric("websocket_proxy_closes_total", "counter",
-           "Closing handshakes the proxy began (shutdown, reload, timeouts, limits).",
+           "Closing handshakes the proxy began (shutdown, reload, timeouts, limits, servers "
+           "removed).",
            [("", e["ws_goodbyes"])])
     zones = [(f'{{zone="{_label(name)}",kind="{z["kind"]}"', z)
              for name, z in data["limits"].items()]

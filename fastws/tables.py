@@ -7,7 +7,6 @@ engine copies it into C arrays (engine/tables.pxi).  Nothing here runs per conne
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import socket
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ from typing import Any, Mapping
 
 from . import accesslog, balancer, hooks, limits, tls
 from .config import PING_TO, Config, FramesConfig, LocationConfig, ServerBlock
+from .hooks import Targets
 from .variables import Template
 
 # The engine's constants (engine/... and includes/consts.pxi).
@@ -123,12 +123,12 @@ class ZoneTable:
 class GroupTable:
     group: Any                       # balancer's compiled UpstreamGroup
     name: str
-    peer_hosts: list[str]            # each peer's host as written (TLS's SNI and name check)
     hash_key: Any
     keepalive: int
     keepalive_timeout: float
     keepalive_requests: int
-    sticky: tuple[str, str, list[str]] | None = None  # cookie, attributes, each peer's id
+    sticky: tuple[str, str] | None = None  # cookie, attributes (each peer's value: its
+                                           # RRPeer.sticky_id, the MD5 of its address)
     send_proxy: int = 0              # the PROXY protocol version sent first, 0: none
 
 
@@ -167,6 +167,7 @@ class Tables:
     zones: list[ZoneTable] = field(default_factory=list)
     hooks: list[hooks.Hook] = field(default_factory=list)
     close_hooks: list[tuple[Any, str]] = field(default_factory=list)  # (function, its path)
+    targets: Targets = field(default_factory=lambda: Targets({}))   # where hooks may send
     keep: list[Any] = field(default_factory=list)     # what must outlive the engine's use
 
 
@@ -179,12 +180,6 @@ class MapTableSpec:
     head: list[tuple[str, Any]]      # (".example.com", parts), longest first
     tail: list[tuple[str, Any]]      # ("www.example.", parts), longest first
     regex: list[tuple[str, bool, Any]]  # (pattern, caseless, parts), in order
-
-
-def sticky_id(peer_name: str) -> str:
-    """A server's value of the sticky cookie: MD5 of its address ("10.0.0.1:8080") in hex,
-    as nginx's sticky cookie, so that every instance names a server alike."""
-    return hashlib.md5(peer_name.encode()).hexdigest()
 
 
 def _parts(template: Template | None) -> Any:
@@ -274,16 +269,14 @@ def build(config: Config, sockets: list[socket.socket], groups: dict[str, Any],
         up = grp.config
         group_index[name] = len(t.groups)
         t.groups.append(GroupTable(
-            grp, name, [up.peer_host(p.name, p.server) for p in grp.peers],
-            _parts(up.hash_key), up.keepalive, up.keepalive_timeout, up.keepalive_requests,
-            (up.sticky.cookie, up.sticky.attributes(), [sticky_id(p.name) for p in grp.peers])
-            if up.sticky is not None else None, up.send_proxy_protocol))
+            grp, name, _parts(up.hash_key), up.keepalive, up.keepalive_timeout,
+            up.keepalive_requests,
+            (up.sticky.cookie, up.sticky.attributes()) if up.sticky is not None else None,
+            up.send_proxy_protocol))
     # a hook's decision may name a group, or a server of one
-    addresses: dict[str, list[tuple[int, int]]] = {}
-    for gi, spec in enumerate(t.groups):
-        for pi, peer in enumerate(spec.group.peers):
-            addresses.setdefault(peer.name, []).append((gi, pi))
-    hook_tables = _Hooks(t, hooks.Targets(dict(group_index), addresses))
+    t.targets = Targets(dict(group_index))
+    t.targets.follow([spec.group for spec in t.groups])
+    hook_tables = _Hooks(t, t.targets)
     server_index: dict[int, int] = {}
     for server in config.servers:
         server_index[id(server)] = len(t.servers)

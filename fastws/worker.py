@@ -19,10 +19,13 @@ import socket
 import time
 from typing import Any, Mapping
 
+import orjson
 import uvloop
 
-from . import _engine, accesslog, balancer, handover, health, hooks, metrics, tables, tls
+from . import _engine, accesslog, balancer, config as config_mod, handover, health, hooks
+from . import metrics, tables, tls
 from .config import Address, Config
+from .errors import ConfigError
 
 log = logging.getLogger("fastws")
 
@@ -128,8 +131,10 @@ class Worker:
     def __init__(self, config: Config, sockets: list[socket.socket] | None = None, *,
                  board: metrics.Board | None = None, slot: metrics.Slot | None = None,
                  generation: int = 0, master: int = 0, index: int = 0,
-                 zones: Mapping[str, int] | None = None) -> None:
+                 zones: Mapping[str, int] | None = None,
+                 control: socket.socket | None = None) -> None:
         self.config = config
+        self.control = control          # what the master tells this worker (master._tell)
         self.zones = zones              # the limit zones the master mapped (None: our own)
         self.zone_addresses: dict[str, int] = {}
         self.groups = balancer.build_upstreams(config)
@@ -156,6 +161,7 @@ class Worker:
         self.stopping = False           # a graceful stop is under way
         self.close_callbacks: hooks.CloseCallbacks | None = None
         self.health = health.HealthChecks({})
+        self.targets = hooks.Targets({})
 
     # --- life cycle ------------------------------------------------------------------------
 
@@ -254,6 +260,7 @@ class Worker:
         built = tables.build(config, socks, self.groups, tls.Contexts(config), self.zones)
         self.zone_addresses = {z.name: z.address for z in built.zones}
         self.engine.load(built)
+        self.targets = built.targets
         self.health = health.HealthChecks(self.groups, {
             up.name: tls.upstream_context(up.tls) for up in config.upstreams
             if up.tls is not None and up.health_check is not None})
@@ -266,6 +273,9 @@ class Worker:
                     lambda *tunnel: handover.adopt(self, *tunnel))
             except OSError as exc:
                 log.error("cannot take tunnels over from old workers: %s", exc)
+        if self.control is not None:
+            self.control.setblocking(False)
+            self.loop.add_reader(self.control.fileno(), self._on_control)
         if self._ticking:
             self._tick()
         else:
@@ -352,6 +362,62 @@ class Worker:
         same index, then exit; drain as on SIGQUIT if it cannot be reached."""
         if not self.stopped and self.master:
             self._retire(lambda: handover.hand_over(self))
+
+    def _on_control(self) -> None:
+        # the master's messages (master._tell), each one datagram of JSON
+        assert self.control is not None
+        while True:
+            try:
+                data = self.control.recv(1 << 16)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                data = b""
+                log.error("the master's control socket failed: %s", exc.strerror or exc)
+            if not data:                    # the master is gone (the tick notices it)
+                self.loop.remove_reader(self.control.fileno())
+                return
+            try:
+                message = orjson.loads(data)
+                upstream, host = str(message["renew"]), str(message["host"])
+                addresses = tuple(str(a) for a in message["addresses"])
+            except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+                log.error("a message from the master not understood (%s): %r", exc, data[:200])
+                continue
+            self.renew_upstream(upstream, host, addresses)
+
+    def renew_upstream(self, upstream: str, host: str, addresses: tuple[str, ...]) -> None:
+        """A `resolve` name of group `upstream` gives `addresses` now: the group is built
+        again and put in the engine's place of the old one, with the connections that use it
+        (Engine.replace_group).  Tunnels to an address that left close after the group's
+        drain_timeout; everything else goes on."""
+        if self.engine is None or self._retiring or upstream not in self.groups:
+            return
+        try:
+            cfg = config_mod.with_answers(self.config, upstream, host, addresses)
+            up = next(u for u in cfg.upstreams if u.name == upstream)
+            group = balancer.build_upstream(cfg.source, up)
+        except ConfigError as exc:
+            log.error("upstream %s: %s's new addresses are not used: %s", upstream, host, exc)
+            return
+        before = {p.name for p in self.groups[upstream].peers}
+        closing = self.engine.replace_group(group, up.drain_timeout)
+        self.config = cfg
+        self.groups[upstream] = group
+        self.targets.follow(self.engine.groups)
+        self.health.renew(upstream, group)
+        after = {p.name for p in group.peers}
+        self.stats.forget_peers({metrics.peer_key(upstream, name) for name in before - after})
+        said = []
+        if after - before:
+            said.append("added " + ", ".join(sorted(after - before)))
+        if before - after:
+            said.append("removed " + ", ".join(sorted(before - after)))
+        if closing:
+            said.append(f"{closing} tunnel(s) to removed servers " + (
+                f"close within {up.drain_timeout:g}s" if up.drain_timeout > 0 else
+                "go on until they end (drain_timeout = 0)"))
+        log.info("upstream %s: %s", upstream, "; ".join(said) or "the same servers")
 
     def reopen_logs(self) -> None:
         """SIGUSR1: reopen the log files (after logrotate moved them)."""

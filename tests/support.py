@@ -217,6 +217,22 @@ def read_head(s: socket.socket) -> tuple[bytes, bytes]:
     return head + sep, rest
 
 
+def closes_of(ws: Any) -> list[tuple[Any, Any]]:
+    """Read a websockets sync client in a thread until it is closed; the list returned then
+    holds its (close code, close reason)."""
+    out: list[tuple[Any, Any]] = []
+
+    def held() -> None:
+        try:
+            while True:
+                ws.recv(timeout=60)
+        except Exception:                     # noqa: BLE001  (its close)
+            out.append((ws.close_code, ws.close_reason))
+
+    threading.Thread(target=held, daemon=True).start()
+    return out
+
+
 def ws_key() -> bytes:
     return base64.b64encode(os.urandom(16))
 

@@ -7,6 +7,7 @@ its tunnel reached.  Clients bind 127.a.b.c source addresses, as ip_hash sees th
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import socket
 import subprocess
@@ -27,6 +28,11 @@ from support import to_toml, ws_frame, ws_read_frame
 from balancer_support import Ctx, start
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def sticky_id(address: str) -> str:
+    # nginx's sticky cookie value: the MD5 of the server's address, in hex
+    return hashlib.md5(address.encode()).hexdigest()
 
 
 def _free_port() -> int:
@@ -264,7 +270,6 @@ def _get(port: int, path: str, cookie: str | None = None) -> tuple[str, str | No
 
 def test_sticky_cookie_keeps_a_client_on_its_server(tmp_path: Path) -> None:
     from support import NamedBackend, Proxy, read_head, upgrade_request
-    from fastws.tables import sticky_id
     servers = [NamedBackend(f"b{i}") for i in range(3)]
     port = _free_port()
     config = {"upstream": [{"name": "g", "servers": [b.address for b in servers],
@@ -312,7 +317,6 @@ def test_sticky_cookie_keeps_a_client_on_its_server(tmp_path: Path) -> None:
 
 def test_sticky_cookie_moves_off_a_server_that_is_down(tmp_path: Path) -> None:
     from support import NamedBackend, Proxy
-    from fastws.tables import sticky_id
     live = NamedBackend("live")
     dead_port = _free_port()                 # nothing listens there: connects are refused
     dead = f"127.0.0.1:{dead_port}"

@@ -8,7 +8,6 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-import threading
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,8 @@ import yaml
 from websockets.sync.client import connect
 
 from fastws import cli, config
-from support import EchoBackend, Proxy, free_port, http_get, port_refused, to_toml, wait_until
+from support import (EchoBackend, Proxy, closes_of, free_port, http_get, port_refused, to_toml,
+                     wait_until)
 
 DEPLOY = Path(__file__).resolve().parent.parent / "examples" / "deploy"
 KUBERNETES = "1.30.0"      # a version every supported cluster runs or exceeds
@@ -96,23 +96,13 @@ def test_the_drain_as_kubernetes_runs_it(tmp_path: Path) -> None:
     path = tmp_path / "fastws.toml"
     path.write_text(to_toml(data))
     proxy = Proxy(tmp_path, path, port=port)
-    closes: list[tuple[int | None, str | None]] = []
     try:
         assert http_get("127.0.0.1", port, "/ready") == (200, b"ready\n")
         assert http_get("127.0.0.1", port, "/live") == (200, b"alive\n")
         ws = connect(f"ws://127.0.0.1:{port}/chat")
         ws.send("before")
         assert ws.recv(timeout=10) == "before"
-
-        def held() -> None:
-            # the tunnel goes on until the proxy closes it, politely
-            try:
-                while True:
-                    ws.recv(timeout=30)
-            except Exception:                     # noqa: BLE001  (its close, below)
-                closes.append((ws.close_code, ws.close_reason))
-
-        threading.Thread(target=held, daemon=True).start()
+        closes = closes_of(ws)        # the tunnel goes on until the proxy closes it, politely
         # the preStop command, as the kubelet runs it
         prestop = subprocess.Popen([sys.executable, "-m", "fastws", "-s", "drain", "-c",
                                     str(path)], stdout=subprocess.PIPE,

@@ -1,22 +1,23 @@
 """Upstream names that follow DNS (fastws/dns.py): a real DNS server on 127.0.0.1 (dnslib's)
-whose answers the tests change, and fastws adding and removing the addresses without a reload
-command, tunnels handed over, those to an address that left closed after drain_timeout."""
+whose answers the tests change, and fastws adding and removing the addresses in place, in the
+running workers: connections go on, those to an address that left close after drain_timeout."""
 
 from __future__ import annotations
 
 import socket
-import threading
+import ssl
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+import trustme
 from dnslib import AAAA, QTYPE, RCODE, RR, A
 from dnslib.server import BaseResolver, DNSServer
 from websockets.sync.client import connect
 
 from fastws import balancer, config, dns
 from fastws.errors import ConfigError
-from support import NamedBackend, free_port, http_get, wait_until
+from support import NamedBackend, closes_of, free_port, http_get, wait_until
 
 
 class Zone(BaseResolver):
@@ -141,26 +142,116 @@ def test_fastws_follows_the_name(zone: Zone, make_proxy: Any, tmp_path: Path) ->
         zone.records["app.test"] = ["127.0.0.2", "127.0.0.3"]
         wait_until(lambda: served_by() == {"b2", "b3"})
         assert "app.test now resolves to 127.0.0.2, 127.0.0.3 (was 127.0.0.2)" in p.output()
-        ws.send("still")                                   # handed over, still relayed
+        ws.send("still")                                   # still relayed
         assert ws.recv(timeout=10) == "still"
-        closed: list[Any] = []
-
-        def held() -> None:
-            try:
-                while True:
-                    ws.recv(timeout=30)
-            except Exception:                 # noqa: BLE001  (its close, below)
-                closed.append(ws.close_code)
-
-        threading.Thread(target=held, daemon=True).start()
+        closed = closes_of(ws)
         zone.records["app.test"] = ["127.0.0.3"]
         wait_until(lambda: served_by() == {"b3"})
         # the tunnel to the address that left: closed politely after drain_timeout
-        wait_until(lambda: closed == [1001], timeout=15)
+        wait_until(lambda: closed == [(1001, "server removed")], timeout=15)
         # a name that stops resolving: the last answer stays
         del zone.records["app.test"]
         wait_until(lambda: "cannot look app.test up again" in p.output())
         assert served_by() == {"b3"}
+        assert "Traceback" not in p.output()
+    finally:
+        b2.close()
+        b3.close()
+
+
+def test_a_change_is_made_in_place(zone: Zone, make_proxy: Any, tmp_path: Path) -> None:
+    # No new generation of workers: the same processes go on, a TLS tunnel to an address that
+    # stays is untouched, each address keeps its live connection count (max_conns = 1 shows
+    # it), and a tunnel to one that leaves closes politely after drain_timeout.
+    ca = trustme.CA()
+    leaf = ca.issue_cert("localhost")
+    cert, key = tmp_path / "leaf.crt", tmp_path / "leaf.key"
+    cert.write_bytes(b"".join(pem.bytes() for pem in leaf.cert_chain_pems))
+    key.write_bytes(leaf.private_key_pem.bytes())
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    b2 = NamedBackend("b2", "127.0.0.2")
+    b3 = NamedBackend("b3", "127.0.0.3", b2.port)
+    try:
+        zone.records["app.test"] = ["127.0.0.2"]
+        port, tls_port = free_port(), free_port()
+        p = make_proxy({
+            "resolver": resolver(zone),
+            "upstream": [{"name": "app", "drain_timeout": "1s", "servers": [
+                {"address": f"app.test:{b2.port}", "resolve": True, "max_conns": 1}]}],
+            "server": [{"listen": [f"127.0.0.1:{port}"], "location": [
+                           {"path": "/", "proxy_pass": "app"},
+                           {"path": "= /status", "status": "json"}]},
+                       {"listen": [f"127.0.0.1:{tls_port}"], "server_name": ["localhost"],
+                        "tls": {"certificate": str(cert), "key": str(key)},
+                        "location": [{"path": "/", "proxy_pass": "app"}]}]}, port=port)
+        workers = p.workers()
+
+        def served_by() -> set[str]:
+            out = set()
+            for _ in range(8):
+                code, body = http_get("127.0.0.1", port, "/x")
+                out.add(body.decode() if code == 200 else str(code))
+            return out
+
+        ws = connect(f"wss://localhost:{tls_port}/chat", ssl=client)    # to b2, now full
+        ws.send("hi")
+        assert ws.recv(timeout=10) == "hi"
+        assert served_by() == {"502"}
+        zone.records["app.test"] = ["127.0.0.2", "127.0.0.3"]
+        wait_until(lambda: f"upstream app: added 127.0.0.3:{b2.port}" in p.output())
+        assert p.workers() == workers
+        ws.send("still")
+        assert ws.recv(timeout=10) == "still"
+        assert served_by() == {"b3"}          # b2 still has its one connection
+        closed = closes_of(ws)
+        zone.records["app.test"] = ["127.0.0.3"]
+        wait_until(lambda: f"removed 127.0.0.2:{b2.port}; 1 tunnel(s) to removed servers "
+                           "close within 1s" in p.output())
+        wait_until(lambda: closed == [(1001, "server removed")], timeout=15)
+        assert p.status()["engine"]["closes"]["removed"] == 1
+        zone.records["app.test"] = ["127.0.0.2", "127.0.0.3"]
+        wait_until(lambda: served_by() == {"b2", "b3"})     # b2 back, with no connection
+        assert p.workers() == workers
+        assert "Traceback" not in p.output()
+    finally:
+        b2.close()
+        b3.close()
+
+
+def test_health_checks_follow_the_name(zone: Zone, make_proxy: Any) -> None:
+    # a new address is checked from then on; one that left is checked no more
+    b2 = NamedBackend("b2", "127.0.0.2")
+    b3 = NamedBackend("b3", "127.0.0.3", b2.port)
+    try:
+        zone.records["app.test"] = ["127.0.0.2"]
+        port = free_port()
+        p = make_proxy({
+            "resolver": resolver(zone),
+            "upstream": [{"name": "app", "health_check": {"interval": "0.1s", "timeout": "0.1s",
+                                                          "uri": "/health"},
+                          "servers": [{"address": f"app.test:{b2.port}", "resolve": True}]}],
+            "server": [{"listen": [f"127.0.0.1:{port}"], "location": [
+                {"path": "/", "proxy_pass": "app"},
+                {"path": "= /status", "status": "json"}]}]}, port=port)
+
+        def checks(b: NamedBackend) -> int:
+            with b.lock:
+                return sum(line.startswith("GET /health ") for line, _ in b.heads)
+
+        def checked() -> dict[str, int]:
+            return {s["server"]: s["health_check"]["checks"]
+                    for s in p.status()["upstreams"]["app"]}
+
+        wait_until(lambda: checks(b2) >= 2)
+        zone.records["app.test"] = ["127.0.0.2", "127.0.0.3"]
+        wait_until(lambda: checks(b3) >= 2)
+        assert set(checked()) == {f"127.0.0.2:{b2.port}", f"127.0.0.3:{b2.port}"}
+        zone.records["app.test"] = ["127.0.0.3"]
+        wait_until(lambda: set(checked()) == {f"127.0.0.3:{b2.port}"})
+        left, seen = checks(b2), checks(b3)
+        wait_until(lambda: checks(b3) >= seen + 3)
+        assert checks(b2) <= left + 1            # (one under way when it left, at most)
         assert "Traceback" not in p.output()
     finally:
         b2.close()

@@ -6,9 +6,11 @@ from __future__ import annotations
 import os
 import socket
 import threading
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
+
+from fastws import balancer, config
 
 from engine_support import EngineRunner, tunnel_config
 from support import (RawBackend, free_port, raw_echo_handler, read_all, read_head,
@@ -417,3 +419,61 @@ def test_a_graceful_stop_never_resets_a_kept_alive_client(runner_for):
     crossing.close()
     quiet.close()
     backend.close()
+
+
+def test_a_group_replaced_in_place_keeps_its_connections():
+    # Engine.replace_group (a `resolve` name's change): an address that stays keeps its live
+    # connections' count, a tunnel to one that left goes on (drain_timeout 0) out of the
+    # rotation, an idle kept-alive connection to it is closed, and every count ends at 0.
+    ended: list[int] = []                         # ports whose kept-alive connection closed
+
+    def handler(conn, backend):
+        head, _ = read_head(conn)
+        if not head.startswith(b"GET /plain "):
+            raw_echo_handler_after_head(conn, head)
+            return
+        while head:
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            head, _ = read_head(conn)
+        ended.append(backend.port)
+
+    a, b, c = (RawBackend(handler) for _ in range(3))
+    cfg = tunnel_config(a.address)
+    cfg["upstream"][0].update(servers=[a.address, b.address], keepalive=4)
+    cfg["server"][0]["listen"] = [f"127.0.0.1:{free_port()}"]
+    cfg["server"][0]["location"].insert(0, {"path": "/plain", "proxy_pass": "backend"})
+    r = EngineRunner(cfg)
+    old = r.groups["backend"]
+    tunnels = [open_tunnel_to(r.port, "/ok") for _ in range(2)]     # one to each
+    wait_until(lambda: [p.conns for p in old.peers] == [1, 1])
+    for _ in range(2):                                              # one idle to each
+        with connect(r.port) as s:
+            s.sendall(b"GET /plain HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert read_head(s)[0].startswith(b"HTTP/1.1 200")
+    wait_until(lambda: r.call(r.engine.pools)["backend"]["idle"] == 2)
+
+    def replace_with(*servers: str) -> tuple[Any, int]:
+        up = config.from_dict({**cfg, "upstream": [{**cfg["upstream"][0],
+                                                    "servers": list(servers)}]}).upstreams[0]
+        group = balancer.build_upstream(r.config.source, up)
+        return group, r.call(lambda: r.engine.replace_group(group, 0.0))
+
+    new, departing = replace_with(a.address, c.address)
+    assert departing == 1 and new.departed == (b.address,)
+    assert [(p.name, p.conns) for p in new.peers] == [(a.address, 1), (c.address, 0)]
+    wait_until(lambda: ended == [b.port])                           # its idle connection
+    assert r.call(r.engine.pools)["backend"]["idle"] == 1
+    for s in tunnels:                                               # both still relay
+        s.sendall(b"ping")
+        assert recv_exactly(s, 4) == b"ping"
+    tunnels += [open_tunnel_to(r.port, "/ok") for _ in range(4)]    # never to b any more
+    wait_until(lambda: [p.conns for p in new.peers] == [3, 2])
+    for s in tunnels:
+        s.close()
+    wait_until(lambda: [p.conns for p in new.peers] == [0, 0])
+    again, departing = replace_with(a.address, c.address)
+    assert departing == 0 and again.departed == ()                  # b's last use ended
+    assert r.stats()["tunnels_active"] == 0
+    r.close()
+    for backend in (a, b, c):
+        backend.close()

@@ -100,8 +100,9 @@ def test_templates_become_variable_numbers(built, tmp_path):
     app = groups["app"]
     assert app.hash_key == [(NUMBERS["arg_"], "user")]
     assert app.keepalive == 8
-    assert app.peer_hosts[:1] == ["127.0.0.1"] and app.peer_hosts[-1] == "localhost"
-    assert t.groups[chat.group].peer_hosts == ["::1"]
+    hosts = [p.host for p in app.group.peers]
+    assert hosts[:1] == ["127.0.0.1"] and hosts[-1] == "localhost"
+    assert [p.host for p in t.groups[chat.group].group.peers] == ["::1"]
 
 
 def test_log_files_and_formats_are_shared(built, tmp_path):

@@ -190,12 +190,11 @@ cdef class Engine:
 
     cdef _load_groups(self, tables):
         cdef Eng *e = self.e
-        cdef int n = len(tables.groups), i, j, npeers
+        cdef int n = len(tables.groups), i
         e.ngroups = n
         e.groups = <Group **>arena_alloc(&self.arena, sizeof(Group *) * (n + 1))
         e.group_objs = <PyObject **>arena_alloc(&self.arena, sizeof(PyObject *) * (n + 1))
         e.group_names = <char **>arena_alloc(&self.arena, sizeof(char *) * (n + 1))
-        e.peer_hosts = <char ***>arena_alloc(&self.arena, sizeof(char **) * (n + 1))
         e.hash_keys = <Template **>arena_alloc(&self.arena, sizeof(Template *) * (n + 1))
         e.pools = <Pool *>arena_alloc(&self.arena, sizeof(Pool) * (n + 1))
         e.sticky = <Sticky **>arena_alloc(&self.arena, sizeof(Sticky *) * (n + 1))
@@ -205,10 +204,6 @@ cdef class Engine:
             e.groups[i] = &(<UpstreamGroup>grp).g
             e.group_objs[i] = <PyObject *>grp
             e.group_names[i] = arena_str(&self.arena, spec.name)
-            npeers = len(spec.peer_hosts)
-            e.peer_hosts[i] = <char **>arena_alloc(&self.arena, sizeof(char *) * (npeers + 1))
-            for j in range(npeers):
-                e.peer_hosts[i][j] = arena_str(&self.arena, spec.peer_hosts[j])
             e.hash_keys[i] = arena_template(&self.arena, spec.hash_key) if spec.hash_key else NULL
             e.pools[i].size = spec.keepalive
             e.pools[i].timeout = spec.keepalive_timeout
@@ -375,14 +370,10 @@ cdef class Engine:
 
     cdef Sticky *_sticky(self, spec) except NULL:
         cdef Sticky *st = <Sticky *>arena_alloc(&self.arena, sizeof(Sticky))
-        cdef int j
-        name, attrs, ids = spec
+        name, attrs = spec
         st.name = arena_str(&self.arena, name, &st.namelen)
         st.set_head = arena_str(&self.arena, f"Set-Cookie: {name}=", &st.set_head_len)
         st.attrs = arena_str(&self.arena, attrs + "\r\n", &st.attrs_len)
-        st.ids = <char **>arena_alloc(&self.arena, sizeof(char *) * (len(ids) + 1))
-        for j, value in enumerate(ids):
-            st.ids[j] = arena_str(&self.arena, value)
         return st
 
     cdef _load_maps(self, tables):
@@ -737,6 +728,93 @@ cdef class Engine:
     def groups(self):
         return list(self._groups)
 
+    def replace_group(self, UpstreamGroup group, double drain_timeout=0.0):
+        """Put `group` in the place of the group of the same name, with the connections that
+        use it (engine/regroup.pxi): a `resolve` server's name gave other addresses.  An
+        address in both keeps its state; tunnels to one that left close within
+        `drain_timeout` seconds (0: they go on until they end).  Returns the number of those
+        tunnels."""
+        cdef Eng *e = self.e
+        cdef UpstreamGroup old = None
+        cdef Group *og
+        cdef Group *ng = &group.g
+        cdef RRPeer *p
+        cdef RRPeer *grown
+        cdef Conn *c
+        cdef Conn *nxt
+        cdef int gi = -1, i, j, k, departed = 0, closing = 0
+        cdef int *where = NULL
+        cdef unsigned char *used = NULL
+        for i, g in enumerate(self._groups):
+            if (<UpstreamGroup>g).name == group.name:
+                gi = i
+                old = g
+        if old is None:
+            raise KeyError(f"no upstream group {group.name!r}")
+        og = &old.g
+        if group is old or ng.nall != ng.npeers or ng.method != og.method:
+            raise ValueError("a new group of the same method, not yet in use")
+        e.now = fastws_monotonic()
+        e.wall = fastws_realtime()
+        with nogil:
+            engine_reap(e)
+        where = <int *>malloc(sizeof(int) * og.nall)
+        used = <unsigned char *>calloc(og.nall, 1)
+        if where == NULL or used == NULL:
+            free(where)
+            free(used)
+            raise MemoryError()
+        try:
+            c = e.all
+            while c != NULL:
+                regroup_mark(c, gi, used)
+                c = c.all_next
+            # each old peer's place in the new group: the same name, in order
+            spots: dict = {}
+            for k in range(ng.npeers):
+                spots.setdefault(<bytes>ng.peers[k].name, []).append(k)
+            for j in range(og.nall):
+                free_spots = spots.get(<bytes>og.peers[j].name)
+                where[j] = free_spots.pop(0) if free_spots else -1
+                if where[j] < 0 and used[j]:
+                    departed += 1
+            if departed:
+                grown = <RRPeer *>realloc(ng.peers, sizeof(RRPeer) * (ng.npeers + departed))
+                if grown == NULL:
+                    raise MemoryError()
+                ng.peers = grown
+            for j in range(og.nall):
+                k = where[j]
+                if k >= 0:
+                    regroup_carry(&og.peers[j], &ng.peers[k])
+                elif used[j]:
+                    # departed: kept whole, out of the tiers, until nothing uses it
+                    p = &ng.peers[ng.nall]
+                    memcpy(p, &og.peers[j], sizeof(RRPeer))
+                    p.name = p.host = NULL
+                    ng.nall += 1
+                    where[j] = ng.nall - 1
+                    p.down = PEER_DOWN
+                    p.name = _strdup(<bytes>og.peers[j].name)
+                    p.host = _strdup(<bytes>og.peers[j].host)
+            ng.all_down_logged = og.all_down_logged
+            # in place first, so that a connection closed on the way frees into the new group
+            e.groups[gi] = ng
+            e.group_objs[gi] = <PyObject *>group
+            self._groups[gi] = group
+            c = e.all
+            while c != NULL:
+                nxt = c.all_next
+                closing += regroup_conn(e, c, gi, og, ng, where, drain_timeout)
+                c = nxt
+            regroup_pool(e, gi, ng, where)
+        finally:
+            free(where)
+            free(used)
+        with nogil:
+            engine_reap(e)
+        return closing
+
     def stats(self):
         """Counters of the engine, for tests, status pages and metrics."""
         return counters_dict(self.e.n)
@@ -871,8 +949,6 @@ cdef class Engine:
         c.tp = self._adopted_policy(t)
         c.websocket = t.websocket
         c.end_at = e.now + t.lifetime_left if t.lifetime_left >= 0 else NEVER
-        if close_after >= 0 and e.now + close_after < c.end_at:
-            c.end_at = e.now + close_after
         c.first_eof = t.first_eof
         c.started = e.now - t.age
         for i in range(2):
@@ -896,6 +972,8 @@ cdef class Engine:
             self._adopt_log(c, self._als[access_log], t.log)
         if t.closing is not None:
             self._adopt_closing(c, t.closing)
+        if close_after >= 0:
+            tunnel_drain(e, c, close_after, CLOSE_REMOVED)     # (tunnel_run arms its timer)
         if group >= 0:
             # as if selected: peer_free gives it back when the tunnel closes
             peer_adopt(e.groups[group], peer)

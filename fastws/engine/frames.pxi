@@ -30,6 +30,7 @@ cdef const char *ws_close_text(int why) noexcept nogil:
     # the reason a close frame of the proxy's gives (7.1.6: for people reading a trace)
     if why == CLOSE_SHUTDOWN: return "server shutting down"
     if why == CLOSE_RELOAD: return "server restarting"
+    if why == CLOSE_REMOVED: return "server removed"
     if why == CLOSE_IDLE_TIMEOUT or why == CLOSE_READ_TIMEOUT: return "idle timeout"
     if why == CLOSE_LIFETIME: return "connection lifetime reached"
     if why == CLOSE_WS_PROTOCOL: return "protocol error"

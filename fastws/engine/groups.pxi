@@ -35,6 +35,15 @@ cdef int sockaddr_from(SockAddr *sa, unsigned int *salen, int family, object add
     return 0
 
 
+cdef const char *_strdup(bytes text) except NULL:
+    # a NUL-terminated copy the group owns
+    cdef char *out = <char *>malloc(len(text) + 1)
+    if out == NULL:
+        raise MemoryError()
+    memcpy(out, <const char *>text, len(text) + 1)
+    return out
+
+
 @cython.final
 cdef class UpstreamGroup:
     """An upstream group: its peers' addresses, configuration and live state in C, where the
@@ -56,7 +65,7 @@ cdef class UpstreamGroup:
         cdef Peer view
         cdef int i, n, nprimary
         cdef long cumulative
-        cdef bytes name
+        cdef bytes name, sticky
         if g.peers != NULL:
             raise RuntimeError("an UpstreamGroup is built once")
         if balance not in _BALANCE:
@@ -80,7 +89,7 @@ cdef class UpstreamGroup:
         g.peers = <RRPeer *>calloc(n, sizeof(RRPeer))
         if g.peers == NULL:
             raise MemoryError()
-        g.npeers = n
+        g.npeers = g.nall = n
         servers: dict[int, str] = {}
         views = []
         cumulative = 0
@@ -93,11 +102,11 @@ cdef class UpstreamGroup:
             p = &g.peers[i]
             sockaddr_from(&p.addr, &p.addrlen, spec.family, spec.sockaddr)
             name = spec.name.encode()
-            p.name = <const char *>malloc(len(name) + 1)
-            if p.name == NULL:
-                raise MemoryError()
-            memcpy(<char *>p.name, <const char *>name, len(name) + 1)
+            p.name = _strdup(name)
             p.name_len = len(name)
+            p.host = _strdup(config.peer_host(spec.name, spec.server).encode())
+            sticky = _hashlib.md5(name).hexdigest().encode()   # nginx's sticky cookie value
+            memcpy(p.sticky_id, <const char *>sticky, 33)
             p.server = spec.server_index
             servers[spec.server_index] = spec.server
             p.weight = spec.weight
@@ -153,8 +162,9 @@ cdef class UpstreamGroup:
     def __dealloc__(self) -> None:
         cdef int i
         if self.g.peers != NULL:
-            for i in range(self.g.npeers):
+            for i in range(self.g.nall):
                 free(<void *>self.g.peers[i].name)
+                free(<void *>self.g.peers[i].host)
             free(self.g.peers)
             self.g.peers = NULL
         free(self.g.points)
@@ -172,6 +182,13 @@ cdef class UpstreamGroup:
         self._on_connected = getattr(instance, "connected", None)
         self._on_released = getattr(instance, "released", None)
         self._on_failed = getattr(instance, "failed", None)
+
+    @property
+    def departed(self) -> tuple:
+        """The addresses that left the group (Engine.replace_group) while connections still
+        used them: kept out of the rotation until a later replacement finds them unused."""
+        cdef int i
+        return tuple(self.g.peers[i].name.decode() for i in range(self.g.npeers, self.g.nall))
 
     def ring(self) -> list:
         """The consistent-hash ring as (point, server text) pairs, sorted (empty otherwise)."""
@@ -250,7 +267,7 @@ cdef class UpstreamGroup:
     cdef int log_connected(self, int peer, int flags) except -1:
         if flags & SEL_PEER_UP:
             _upstream_log.info("upstream %s: server %s is up again", self.name,
-                               self.peers[peer].name)
+                               self.g.peers[peer].name.decode())
         if flags & SEL_GROUP_UP:
             _upstream_log.info("upstream %s: a server is available again", self.name)
         return 0
@@ -258,7 +275,7 @@ cdef class UpstreamGroup:
     cdef int log_marked_down(self, int peer) except -1:
         cdef RRPeer *p = &self.g.peers[peer]
         _upstream_log.warning("upstream %s: server %s marked down for %gs after %d failed "
-                              "attempt(s)", self.name, self.peers[peer].name, p.fail_timeout,
+                              "attempt(s)", self.name, p.name.decode(), p.fail_timeout,
                               p.fails)
         return 0
 
@@ -287,6 +304,12 @@ cdef class Peer:
 
     def __init__(self) -> None:
         raise TypeError("peers are made by UpstreamGroup")
+
+    @property
+    def host(self) -> str:
+        """Its host as written: the name TLS sends and checks, and a health check's Host (for
+        an address a `resolve` server's name gave, that name)."""
+        return view_peer(self).host.decode()
 
     @property
     def weight(self) -> int:

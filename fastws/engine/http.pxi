@@ -87,7 +87,7 @@ cdef void response_start(Eng *e, Conn *c, char *data, int end, int total) noexce
     if sticky != NULL and c.req.sticky_from != c.up.peer:
         # a client without the cookie of the server that answered gets it (nginx's sticky)
         buf_add(b, sticky.set_head, sticky.set_head_len)
-        buf_add(b, sticky.ids[c.up.peer], 32)
+        buf_add(b, e.groups[c.up.group].peers[c.up.peer].sticky_id, 32)
         buf_add(b, sticky.attrs, sticky.attrs_len)
     if keep:
         buf_add(b, "Connection: keep-alive\r\n\r\n", 26)

@@ -375,6 +375,7 @@ cdef const char *close_reason(int reason) noexcept nogil:
     if reason == CLOSE_WS_TOO_BIG: return "message_too_big"
     if reason == CLOSE_PING_TIMEOUT: return "ping_timeout"
     if reason == CLOSE_RELOAD: return "reload"
+    if reason == CLOSE_REMOVED: return "removed"
     return "error"
 
 

@@ -509,7 +509,7 @@ cdef int peer_connected(Group *g, Selection *s, int peer, double now) noexcept n
     # SEL_PEER_UP and/or SEL_GROUP_UP for the caller's log lines.
     cdef RRPeer *p
     cdef int flags = 0
-    if peer < 0 or peer >= g.npeers:
+    if peer < 0 or peer >= g.nall:
         return 0
     p = &g.peers[peer]
     if p.accessed < p.checked and p.fails:
@@ -533,7 +533,7 @@ cdef int peer_free(Group *g, Selection *s, int peer, int failed, double now) noe
     # frees it once.
     cdef RRPeer *p
     cdef int marked = 0
-    if peer < 0 or peer >= g.npeers:
+    if peer < 0 or peer >= g.nall:
         return 0
     if s != NULL:
         if s.pending != peer:
@@ -587,7 +587,7 @@ cdef void sel_clear(Group *g, Selection *s) noexcept nogil:
 cdef void peer_adopt(Group *g, int peer) noexcept nogil:
     # A live connection to `peer` joins this group (a tunnel handed over by the previous
     # process on reload): it counts in conns until peer_free(g, NULL, peer, ...).
-    if 0 <= peer < g.npeers:
+    if 0 <= peer < g.nall:
         g.peers[peer].conns += 1
 
 

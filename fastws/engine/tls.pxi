@@ -124,9 +124,11 @@ cdef void tls_accept_run(Eng *e, Conn *c) noexcept nogil:
 cdef void tls_connect_start(Eng *e, Conn *c) noexcept nogil:
     cdef Loc *loc = c.loc
     cdef Up *u = c.up
-    cdef const char *name = loc.tls_name if loc.tls_name != NULL else e.peer_hosts[u.group][u.peer]
+    cdef const char *name = e.groups[u.group].peers[u.peer].host
     cdef unsigned char ip[16]
     cdef FASTWS_X509_VERIFY_PARAM *param
+    if loc.tls_name != NULL:
+        name = loc.tls_name
     u.io.ssl = tls_new(loc.tls_ctx, u.io.fd, <void *>u, 0)
     if u.io.ssl == NULL:
         upstream_failed(e, c, 0, "cannot start TLS to the upstream", "", 0)

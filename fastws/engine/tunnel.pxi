@@ -52,7 +52,7 @@ cdef void tunnel_start(Eng *e, Conn *c, char *data, int end, int total) noexcept
         # the head without its empty line, the Set-Cookie, the empty line
         r = flow_hold(e, c, 1, data, end - 2)
         r |= flow_hold(e, c, 1, st.set_head, st.set_head_len)
-        r |= flow_hold(e, c, 1, st.ids[c.up.peer], 32)
+        r |= flow_hold(e, c, 1, e.groups[c.up.group].peers[c.up.peer].sticky_id, 32)
         r |= flow_hold(e, c, 1, st.attrs, st.attrs_len)
         r |= flow_hold(e, c, 1, data + end - 2, 2)
         if c.log != NULL:
@@ -178,13 +178,27 @@ cdef void tunnel_timeout(Eng *e, Conn *c) noexcept nogil:
         return
     if why >= 0:
         why = CLOSE_READ_TIMEOUT
+    if why == CLOSE_LIFETIME and c.ws_why:
+        why = c.ws_why          # a scheduled end: a stop's, a reload's, a departed server's
     if c.flow[0].mode == FLOW_FRAMES and not ws_closing(c) and why != CLOSE_SEND_TIMEOUT:
-        if why == CLOSE_LIFETIME and c.ws_code:
-            ws_goodbye(e, c, c.ws_code, c.ws_why, 1)     # a shutdown's or a reload's, at its turn
+        if c.ws_code:
+            ws_goodbye(e, c, c.ws_code, why, 1)     # the scheduled end's code, at its turn
         else:
             ws_goodbye(e, c, 1011 if why == CLOSE_PING_TIMEOUT else 1001, why, 1)
         return
     tunnel_close(e, c, why)
+
+
+cdef void tunnel_drain(Eng *e, Conn *c, double after, int why) noexcept nogil:
+    # The tunnel ends within `after` seconds (as its lifetime would, for reason `why`), with a
+    # closing handshake going away (1001) if it follows its frames; the caller arms its timer.
+    cdef double at = e.now + after
+    if ws_closing(c) or at >= c.end_at:
+        return
+    c.end_at = at
+    c.ws_why = <signed char>why
+    if c.flow[0].mode == FLOW_FRAMES:
+        c.ws_code = 1001
 
 
 cdef void tunnel_close(Eng *e, Conn *c, int reason) noexcept nogil:

@@ -54,7 +54,7 @@ cdef int sticky_peer(Sticky *st, Group *g, Head *h, fastws_buf *b) noexcept nogi
     if b.len != 32:
         return -1
     for i in range(g.npeers):
-        if memcmp(st.ids[i], b.p, 32) == 0:
+        if memcmp(g.peers[i].sticky_id, b.p, 32) == 0:
             return i
     return -1
 
@@ -564,8 +564,8 @@ cdef int pool_put(Eng *e, Up *u) noexcept nogil:
     cdef Pool *pool = &e.pools[u.group]
     cdef Up *old
     if pool.size == 0 or u.requests >= pool.max_requests or pool.timeout <= 0 or e.stopping \
-            or u.io.fd < 0 or u.io.eof:
-        return -1
+            or u.io.fd < 0 or u.io.eof or u.peer >= e.groups[u.group].npeers:
+        return -1           # (the last: a server that left the group, engine/regroup.pxi)
     if pool.idle >= pool.size:
         old = pool.head
         pool_unlink(pool, old)

@@ -15,7 +15,8 @@ cdef enum:
     CLOSE_WS_TOO_BIG = -13       # a message over max_message_size (1009)
     CLOSE_PING_TIMEOUT = -14     # no pong came for the proxy's ping (1011)
     CLOSE_RELOAD = -15           # a reload that could not hand the tunnel over (1012)
-    CLOSE_REASONS = 16           # the size of the tables indexed by -reason
+    CLOSE_REMOVED = -16          # its server left the upstream group (DNS, a reload): drained
+    CLOSE_REASONS = 17           # the size of the tables indexed by -reason
 
     # a tunnel's deadline that is not a close (tunnel_deadline sets c.reason to it)
     TUNNEL_PING_CLIENT = 1
