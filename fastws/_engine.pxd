@@ -183,6 +183,9 @@ cdef struct Group:
     int npoints
     double balance_factor    # 0, or the bounded-load percentage (above 100)
     int all_down_logged
+    double drain_timeout     # tunnels to a departed peer close after it (0: they go on)
+    unsigned int gen         # replacements so far (engine/regroup.pxi): a custom balancer
+                             # hears only of the attempts that began under its own
 
 cdef struct Selection:
     # nginx's per-request peer data: which peers were tried, the hash state, the tier in use,
@@ -576,6 +579,7 @@ cdef struct Up:
     int group
     int peer
     int requests
+    unsigned int gen         # its group's gen when this attempt began
     int state                # UP_CONNECTING, UP_TLS, UP_READY
     double idle_since
     Up *prev                 # the pool's list, least recently used first

@@ -39,7 +39,7 @@ docs/balancing.md tells the same for users.
 Custom balancers
 ----------------
 ``balancer = "package.module:Class"`` names a class built once per upstream (and again on
-reload) as ``Class(upstream_config, peers)``.  It must have ``select(ctx, tried)``, returning one
+reload, and on a DNS change of the group's addresses) as ``Class(upstream_config, peers)``.  It must have ``select(ctx, tried)``, returning one
 of ``peers`` that is not in the set ``tried`` (the peers already attempted for this client
 connection), or None when nothing is left.  It may also have ``connected(peer)``,
 ``released(peer)`` and ``failed(peer)``, called when a connect succeeds, when that connection

@@ -53,6 +53,8 @@ class WorkerProc:
     started: float
     stopping: bool = False
     control: socket.socket | None = None   # the master's end of the worker's control socket
+    untold: dict[str, dict[str, Any]] = field(default_factory=dict)  # messages not sent yet,
+                                                                     # the last per upstream
 
 
 def control_pair() -> tuple[socket.socket, socket.socket]:
@@ -185,7 +187,12 @@ class Master:
         # the master died before it asked, and would then never notice that it is gone
         master = os.getpid()
         ours, theirs = control_pair()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:
+            ours.close()
+            theirs.close()
+            raise
         if pid == 0:
             code = 0
             try:
@@ -253,6 +260,7 @@ class Master:
                 elif self.watcher is not None and not self.watcher.changes.empty() \
                         and not self._handing_over(now):
                     self._names_changed()
+                self._tell_untold()
             info = signal.sigtimedwait(SIGNALS, 0.05 if self.reload_pending else 0.2)
             if info is None or info.si_signo == signal.SIGCHLD:
                 continue
@@ -416,6 +424,22 @@ class Master:
         log.info("reloaded: generation %d, %d worker processes", self.generation, cfg.processes)
         self._watch_names()
 
+    def _tell_untold(self) -> None:
+        # Each worker's messages not sent yet go on its control socket (Worker._on_control); one
+        # whose queue is full (a worker still starting) gets them at a later pass of the loop.
+        for w in self.workers.values():
+            while w.untold and w.control is not None:
+                upstream, message = next(iter(w.untold.items()))
+                try:
+                    w.control.send(orjson.dumps(message))
+                except BlockingIOError:
+                    break
+                except OSError as exc:                # the worker is gone (reaped soon)
+                    log.error("cannot tell worker process %d: %s", w.pid, exc.strerror or exc)
+                    w.untold.clear()
+                    break
+                del w.untold[upstream]
+
     def _watch_names(self) -> None:
         # the `resolve` names of this configuration, looked up again in a thread (fastws/dns.py)
         from .dns import Name, Watcher
@@ -435,7 +459,7 @@ class Master:
         if self.watcher is None or self.stopping:
             return
         cfg = self.config
-        changed: list[tuple[str, str, tuple[str, ...]]] = []
+        changed: set[str] = set()
         refused = False
         while True:
             try:
@@ -446,34 +470,35 @@ class Master:
             log.info("upstream %s: %s now resolves to %s (was %s)", upstream, host,
                      ", ".join(addresses), ", ".join(before))
             try:
-                cfg = config_mod.with_answers(cfg, upstream, host, addresses)
+                new = config_mod.with_answers(cfg, upstream, host, addresses)
+                # built here as each worker will build it: what a worker would refuse (a
+                # ring's weights over the limit, a custom balancer's constructor) is refused
+                balancer.build_upstream(new.source, _upstream(new, upstream))
             except ConfigError as exc:
                 log.error("upstream %s: %s's new addresses are not used: %s", upstream, host,
                           exc)
                 refused = True
                 continue
-            changed.append((upstream, host, addresses))
+            cfg = new
+            changed.add(upstream)
         if changed and cfg.upstreams != self.config.upstreams:
             self.config = cfg
-            for w in self.workers.values():
-                if w.generation == self.generation and not w.stopping:
-                    for upstream, host, addresses in changed:
-                        _tell(w, {"renew": upstream, "host": host,
-                                  "addresses": list(addresses)})
+            for upstream in changed:
+                # each message holds every answer of the group: the last one sent is enough
+                message = {"renew": upstream, "answers": [
+                    [host, list(addresses)] for host, addresses in _upstream(cfg, upstream).answers]}
+                for w in self.workers.values():
+                    if w.generation == self.generation and not w.stopping:
+                        w.untold[upstream] = message
+            self._tell_untold()
         if refused:
             # the watcher starts again from what runs, so that a change that could not be
             # applied is reported again
             self._watch_names()
 
 
-def _tell(w: WorkerProc, message: dict[str, Any]) -> None:
-    """One message on a worker's control socket (it reads them in Worker._on_control)."""
-    if w.control is None:
-        return
-    try:
-        w.control.send(orjson.dumps(message))
-    except OSError as exc:        # (its buffer full: a worker that reads nothing any more)
-        log.error("cannot tell worker process %d: %s", w.pid, exc.strerror or exc)
+def _upstream(cfg: Config, name: str) -> Any:
+    return next(up for up in cfg.upstreams if up.name == name)
 
 
 def _kill(pid: int, sig: int) -> None:

@@ -39,6 +39,7 @@ PEER = ("key", "active", "tunnels_total", "bytes_up", "bytes_down", "fails", "se
 PEER_GAUGES = frozenset(("active", "down"))
 PEER_STATES = {"down": 1, "unhealthy": 2}     # a peer's "down" word
 PEER_CAP = 256
+TOMBSTONE = -1                # the key of an entry whose server left (Slot.forget_peers)
 PEERS_AT = HEADER_WORDS + ENGINE_WORDS
 SLOT_WORDS = PEERS_AT + PEER_CAP * len(PEER)
 
@@ -47,7 +48,8 @@ _H = {name: i for i, name in enumerate(HEADER)}
 
 def peer_key(upstream: str, server: str) -> int:
     digest = hashlib.blake2b(f"{upstream}\0{server}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little", signed=True) or 1
+    key = int.from_bytes(digest, "little", signed=True)
+    return key if key not in (0, TOMBSTONE) else 1        # (0 ends the table)
 
 
 def _field(name: str) -> Any:
@@ -99,29 +101,23 @@ class Slot:
             return off
         for i in range(PEER_CAP):
             off = PEERS_AT + i * len(PEER)
-            if self.v[off] in (0, key):
+            if self.v[off] in (0, TOMBSTONE, key):      # (a tombstone's figures are 0)
                 self.v[off] = key
                 self._peers[key] = off
                 return off
         return -1
 
     def forget_peers(self, keys: AbstractSet[int]) -> None:
-        """Servers that left their group (a `resolve` name's change) leave the table, whose
-        entries stay one after another (an empty key ends it)."""
-        kept = [[self.v[off + j] for j in range(len(PEER))] for key, off in self.peers()
-                if key not in keys]
-        if len(kept) == len(self._peers):
-            return
-        for i in range(len(self._peers)):
-            off = PEERS_AT + i * len(PEER)
-            for j in range(len(PEER)):
+        """Servers that left their group (a `resolve` name's change): each entry becomes a
+        tombstone (its key first, so that no reader takes its figures for another server's;
+        then its figures cleared), which a later new server takes over."""
+        for key in keys:
+            off = self._peers.pop(key, None)
+            if off is None:
+                continue
+            self.v[off] = TOMBSTONE
+            for j in range(1, len(PEER)):
                 self.v[off + j] = 0
-        self._peers.clear()
-        for i, words in enumerate(kept):
-            off = PEERS_AT + i * len(PEER)
-            self._peers[words[0]] = off
-            for j in range(len(PEER) - 1, -1, -1):     # the key last: a whole entry appears
-                self.v[off + j] = words[j]
 
     def peers(self) -> Iterator[tuple[int, int]]:
         for i in range(PEER_CAP):
@@ -129,7 +125,8 @@ class Slot:
             key = self.v[off]
             if key == 0:
                 return
-            yield key, off
+            if key != TOMBSTONE:
+                yield key, off
 
 
 class Board:

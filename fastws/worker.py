@@ -379,33 +379,39 @@ class Worker:
                 return
             try:
                 message = orjson.loads(data)
-                upstream, host = str(message["renew"]), str(message["host"])
-                addresses = tuple(str(a) for a in message["addresses"])
-            except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+                upstream = str(message["renew"])
+                answers = {str(host): tuple(str(a) for a in addresses)
+                           for host, addresses in message["answers"]}
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
                 log.error("a message from the master not understood (%s): %r", exc, data[:200])
                 continue
-            self.renew_upstream(upstream, host, addresses)
+            self.renew_upstream(upstream, answers)
 
-    def renew_upstream(self, upstream: str, host: str, addresses: tuple[str, ...]) -> None:
-        """A `resolve` name of group `upstream` gives `addresses` now: the group is built
-        again and put in the engine's place of the old one, with the connections that use it
-        (Engine.replace_group).  Tunnels to an address that left close after the group's
-        drain_timeout; everything else goes on."""
+    def renew_upstream(self, upstream: str, answers: Mapping[str, tuple[str, ...]]) -> None:
+        """The `resolve` names of group `upstream` give these addresses now: the group is
+        built again and put in the engine's place of the old one, with the connections that
+        use it (Engine.replace_group).  Tunnels to an address that left close after the
+        group's drain_timeout; everything else goes on."""
         if self.engine is None or self._retiring or upstream not in self.groups:
             return
+        cfg = self.config
         try:
-            cfg = config_mod.with_answers(self.config, upstream, host, addresses)
+            for host, addresses in answers.items():
+                cfg = config_mod.with_answers(cfg, upstream, host, addresses)
             up = next(u for u in cfg.upstreams if u.name == upstream)
             group = balancer.build_upstream(cfg.source, up)
         except ConfigError as exc:
-            log.error("upstream %s: %s's new addresses are not used: %s", upstream, host, exc)
+            log.error("upstream %s: the new addresses are not used: %s", upstream, exc)
             return
         before = {p.name for p in self.groups[upstream].peers}
-        closing = self.engine.replace_group(group, up.drain_timeout)
+        closing = self.engine.replace_group(group)
         self.config = cfg
         self.groups[upstream] = group
-        self.targets.follow(self.engine.groups)
-        self.health.renew(upstream, group)
+        try:
+            self.targets.follow(self.engine.groups)
+            self.health.renew(upstream, group)
+        except Exception:                                   # noqa: BLE001  (logged; the
+            log.exception("upstream %s: after its new addresses", upstream)  # group is in)
         after = {p.name for p in group.peers}
         self.stats.forget_peers({metrics.peer_key(upstream, name) for name in before - after})
         said = []

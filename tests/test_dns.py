@@ -4,6 +4,7 @@ running workers: connections go on, those to an address that left close after dr
 
 from __future__ import annotations
 
+import signal
 import socket
 import ssl
 from pathlib import Path
@@ -54,6 +55,19 @@ def zone() -> Iterator[Zone]:
     z.port = port      # type: ignore[attr-defined]
     yield z
     z.server.stop()
+
+
+Hosts = tuple[NamedBackend, NamedBackend]
+
+
+@pytest.fixture
+def hosts() -> Iterator[Hosts]:
+    """Two backends on one port, on 127.0.0.2 and 127.0.0.3: what a name's answers give."""
+    b2 = NamedBackend("b2", "127.0.0.2")
+    b3 = NamedBackend("b3", "127.0.0.3", b2.port)
+    yield b2, b3
+    b2.close()
+    b3.close()
 
 
 def resolver(zone: Zone) -> dict[str, Any]:
@@ -119,47 +133,44 @@ def test_consistent_hashing_moves_only_the_keys_of_the_addresses_that_changed(
     assert moved == [k for k in range(1000) if before[k] == "10.0.0.1:8000"]
 
 
-def test_fastws_follows_the_name(zone: Zone, make_proxy: Any, tmp_path: Path) -> None:
-    b2 = NamedBackend("b2", "127.0.0.2")
-    b3 = NamedBackend("b3", "127.0.0.3", b2.port)        # the name's one port, two hosts
-    try:
-        zone.records["app.test"] = ["127.0.0.2"]
-        port = free_port()
-        cfg = {"resolver": resolver(zone),
-               "upstream": [{"name": "app", "drain_timeout": "1s", "servers": [
-                   {"address": f"app.test:{b2.port}", "resolve": True}]}],
-               "server": [{"listen": [f"127.0.0.1:{port}"], "location": [
-                   {"path": "/", "proxy_pass": "app"}]}]}
-        p = make_proxy(cfg, port=port)
+def test_fastws_follows_the_name(zone: Zone, hosts: Hosts,
+                                 make_proxy: Any, tmp_path: Path) -> None:
+    b2, b3 = hosts
+    zone.records["app.test"] = ["127.0.0.2"]
+    port = free_port()
+    cfg = {"resolver": resolver(zone), "processes": 2,     # each worker is told
+           "upstream": [{"name": "app", "drain_timeout": "1s", "servers": [
+               {"address": f"app.test:{b2.port}", "resolve": True}]}],
+           "server": [{"listen": [f"127.0.0.1:{port}"], "location": [
+               {"path": "/", "proxy_pass": "app"}]}]}
+    p = make_proxy(cfg, port=port)
 
-        def served_by() -> set[str]:
-            return {http_get("127.0.0.1", port, "/x")[1].decode() for _ in range(8)}
+    def served_by() -> set[str]:
+        return {http_get("127.0.0.1", port, "/x")[1].decode() for _ in range(8)}
 
-        assert served_by() == {"b2"}
-        ws = connect(f"ws://127.0.0.1:{port}/chat")      # a tunnel to b2
-        ws.send("hi")
-        assert ws.recv(timeout=10) == "hi"
-        zone.records["app.test"] = ["127.0.0.2", "127.0.0.3"]
-        wait_until(lambda: served_by() == {"b2", "b3"})
-        assert "app.test now resolves to 127.0.0.2, 127.0.0.3 (was 127.0.0.2)" in p.output()
-        ws.send("still")                                   # still relayed
-        assert ws.recv(timeout=10) == "still"
-        closed = closes_of(ws)
-        zone.records["app.test"] = ["127.0.0.3"]
-        wait_until(lambda: served_by() == {"b3"})
-        # the tunnel to the address that left: closed politely after drain_timeout
-        wait_until(lambda: closed == [(1001, "server removed")], timeout=15)
-        # a name that stops resolving: the last answer stays
-        del zone.records["app.test"]
-        wait_until(lambda: "cannot look app.test up again" in p.output())
-        assert served_by() == {"b3"}
-        assert "Traceback" not in p.output()
-    finally:
-        b2.close()
-        b3.close()
+    assert served_by() == {"b2"}
+    ws = connect(f"ws://127.0.0.1:{port}/chat")      # a tunnel to b2
+    ws.send("hi")
+    assert ws.recv(timeout=10) == "hi"
+    zone.records["app.test"] = ["127.0.0.2", "127.0.0.3"]
+    wait_until(lambda: served_by() == {"b2", "b3"})
+    assert "app.test now resolves to 127.0.0.2, 127.0.0.3 (was 127.0.0.2)" in p.output()
+    ws.send("still")                                   # still relayed
+    assert ws.recv(timeout=10) == "still"
+    closed = closes_of(ws)
+    zone.records["app.test"] = ["127.0.0.3"]
+    wait_until(lambda: served_by() == {"b3"})
+    # the tunnel to the address that left: closed politely after drain_timeout
+    wait_until(lambda: closed == [(1001, "server removed")], timeout=15)
+    # a name that stops resolving: the last answer stays
+    del zone.records["app.test"]
+    wait_until(lambda: "cannot look app.test up again" in p.output())
+    assert served_by() == {"b3"}
+    assert "Traceback" not in p.output()
 
 
-def test_a_change_is_made_in_place(zone: Zone, make_proxy: Any, tmp_path: Path) -> None:
+def test_a_change_is_made_in_place(zone: Zone, hosts: Hosts,
+                                   make_proxy: Any, tmp_path: Path) -> None:
     # No new generation of workers: the same processes go on, a TLS tunnel to an address that
     # stays is untouched, each address keeps its live connection count (max_conns = 1 shows
     # it), and a tunnel to one that leaves closes politely after drain_timeout.
@@ -170,92 +181,107 @@ def test_a_change_is_made_in_place(zone: Zone, make_proxy: Any, tmp_path: Path) 
     key.write_bytes(leaf.private_key_pem.bytes())
     client = ssl.create_default_context()
     ca.configure_trust(client)
-    b2 = NamedBackend("b2", "127.0.0.2")
-    b3 = NamedBackend("b3", "127.0.0.3", b2.port)
-    try:
-        zone.records["app.test"] = ["127.0.0.2"]
-        port, tls_port = free_port(), free_port()
-        p = make_proxy({
-            "resolver": resolver(zone),
-            "upstream": [{"name": "app", "drain_timeout": "1s", "servers": [
-                {"address": f"app.test:{b2.port}", "resolve": True, "max_conns": 1}]}],
-            "server": [{"listen": [f"127.0.0.1:{port}"], "location": [
-                           {"path": "/", "proxy_pass": "app"},
-                           {"path": "= /status", "status": "json"}]},
-                       {"listen": [f"127.0.0.1:{tls_port}"], "server_name": ["localhost"],
-                        "tls": {"certificate": str(cert), "key": str(key)},
-                        "location": [{"path": "/", "proxy_pass": "app"}]}]}, port=port)
-        workers = p.workers()
+    b2, b3 = hosts
+    zone.records["app.test"] = ["127.0.0.2"]
+    port, tls_port = free_port(), free_port()
+    p = make_proxy({
+        "resolver": resolver(zone),
+        "upstream": [{"name": "app", "drain_timeout": "1s", "servers": [
+            {"address": f"app.test:{b2.port}", "resolve": True, "max_conns": 1}]}],
+        "server": [{"listen": [f"127.0.0.1:{port}"], "location": [
+                       {"path": "/", "proxy_pass": "app"},
+                       {"path": "= /status", "status": "json"}]},
+                   {"listen": [f"127.0.0.1:{tls_port}"], "server_name": ["localhost"],
+                    "tls": {"certificate": str(cert), "key": str(key)},
+                    "location": [{"path": "/", "proxy_pass": "app"}]}]}, port=port)
+    wait_until(lambda: len(p.workers()) == 1)       # (the master listens before it forks)
+    workers = p.workers()
 
-        def served_by() -> set[str]:
-            out = set()
-            for _ in range(8):
-                code, body = http_get("127.0.0.1", port, "/x")
-                out.add(body.decode() if code == 200 else str(code))
-            return out
+    def served_by() -> set[str]:
+        out = set()
+        for _ in range(8):
+            code, body = http_get("127.0.0.1", port, "/x")
+            out.add(body.decode() if code == 200 else str(code))
+        return out
 
-        ws = connect(f"wss://localhost:{tls_port}/chat", ssl=client)    # to b2, now full
-        ws.send("hi")
-        assert ws.recv(timeout=10) == "hi"
-        assert served_by() == {"502"}
-        zone.records["app.test"] = ["127.0.0.2", "127.0.0.3"]
-        wait_until(lambda: f"upstream app: added 127.0.0.3:{b2.port}" in p.output())
-        assert p.workers() == workers
-        ws.send("still")
-        assert ws.recv(timeout=10) == "still"
-        assert served_by() == {"b3"}          # b2 still has its one connection
-        closed = closes_of(ws)
-        zone.records["app.test"] = ["127.0.0.3"]
-        wait_until(lambda: f"removed 127.0.0.2:{b2.port}; 1 tunnel(s) to removed servers "
-                           "close within 1s" in p.output())
-        wait_until(lambda: closed == [(1001, "server removed")], timeout=15)
-        assert p.status()["engine"]["closes"]["removed"] == 1
-        zone.records["app.test"] = ["127.0.0.2", "127.0.0.3"]
-        wait_until(lambda: served_by() == {"b2", "b3"})     # b2 back, with no connection
-        assert p.workers() == workers
-        assert "Traceback" not in p.output()
-    finally:
-        b2.close()
-        b3.close()
+    ws = connect(f"wss://localhost:{tls_port}/chat", ssl=client)    # to b2, now full
+    ws.send("hi")
+    assert ws.recv(timeout=10) == "hi"
+    assert served_by() == {"502"}
+    zone.records["app.test"] = ["127.0.0.2", "127.0.0.3"]
+    wait_until(lambda: f"upstream app: added 127.0.0.3:{b2.port}" in p.output())
+    assert p.workers() == workers
+    ws.send("still")
+    assert ws.recv(timeout=10) == "still"
+    assert served_by() == {"b3"}          # b2 still has its one connection
+    closed = closes_of(ws)
+    zone.records["app.test"] = ["127.0.0.3"]
+    wait_until(lambda: f"removed 127.0.0.2:{b2.port}; 1 tunnel(s) to removed servers "
+                       "close within 1s" in p.output())
+    wait_until(lambda: closed == [(1001, "server removed")], timeout=15)
+    assert p.status()["engine"]["closes"]["removed"] == 1
+    zone.records["app.test"] = ["127.0.0.2", "127.0.0.3"]
+    wait_until(lambda: served_by() == {"b2", "b3"})     # b2 back, with no connection
+    assert p.workers() == workers
+    assert "Traceback" not in p.output()
 
 
-def test_health_checks_follow_the_name(zone: Zone, make_proxy: Any) -> None:
+def test_a_draining_tunnel_keeps_its_reason_over_a_reload(zone: Zone, hosts: Hosts,
+                                                          make_proxy: Any) -> None:
+    # its server left; a reload hands it to the new worker, which ends it as the old would have
+    b2, b3 = hosts
+    zone.records["app.test"] = ["127.0.0.2"]
+    port = free_port()
+    p = make_proxy({"resolver": resolver(zone),
+                    "upstream": [{"name": "app", "drain_timeout": "3s", "servers": [
+                        {"address": f"app.test:{b2.port}", "resolve": True}]}],
+                    "server": [{"listen": [f"127.0.0.1:{port}"], "location": [
+                        {"path": "/", "proxy_pass": "app"}]}]}, port=port)
+    ws = connect(f"ws://127.0.0.1:{port}/chat")
+    ws.send("hi")
+    assert ws.recv(timeout=10) == "hi"
+    closed = closes_of(ws)
+    zone.records["app.test"] = ["127.0.0.3"]
+    wait_until(lambda: "1 tunnel(s) to removed servers close within 3s" in p.output())
+    old = set(p.workers())
+    p.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: set(p.workers()) and not set(p.workers()) & old)
+    wait_until(lambda: closed == [(1001, "server removed")], timeout=15)
+    assert "Traceback" not in p.output()
+
+
+def test_health_checks_follow_the_name(zone: Zone, hosts: Hosts, make_proxy: Any) -> None:
     # a new address is checked from then on; one that left is checked no more
-    b2 = NamedBackend("b2", "127.0.0.2")
-    b3 = NamedBackend("b3", "127.0.0.3", b2.port)
-    try:
-        zone.records["app.test"] = ["127.0.0.2"]
-        port = free_port()
-        p = make_proxy({
-            "resolver": resolver(zone),
-            "upstream": [{"name": "app", "health_check": {"interval": "0.1s", "timeout": "0.1s",
-                                                          "uri": "/health"},
-                          "servers": [{"address": f"app.test:{b2.port}", "resolve": True}]}],
-            "server": [{"listen": [f"127.0.0.1:{port}"], "location": [
-                {"path": "/", "proxy_pass": "app"},
-                {"path": "= /status", "status": "json"}]}]}, port=port)
+    b2, b3 = hosts
+    zone.records["app.test"] = ["127.0.0.2"]
+    port = free_port()
+    p = make_proxy({
+        "resolver": resolver(zone),
+        "upstream": [{"name": "app", "health_check": {"interval": "0.1s", "timeout": "0.1s",
+                                                      "uri": "/health"},
+                      "servers": [{"address": f"app.test:{b2.port}", "resolve": True}]}],
+        "server": [{"listen": [f"127.0.0.1:{port}"], "location": [
+            {"path": "/", "proxy_pass": "app"},
+            {"path": "= /status", "status": "json"}]}]}, port=port)
 
-        def checks(b: NamedBackend) -> int:
-            with b.lock:
-                return sum(line.startswith("GET /health ") for line, _ in b.heads)
+    def checks(b: NamedBackend) -> int:
+        with b.lock:
+            return sum(line.startswith("GET /health ") for line, _ in b.heads)
 
-        def checked() -> dict[str, int]:
-            return {s["server"]: s["health_check"]["checks"]
-                    for s in p.status()["upstreams"]["app"]}
+    def checked() -> dict[str, int]:
+        return {s["server"]: s["health_check"]["checks"]
+                for s in p.status()["upstreams"]["app"]}
 
-        wait_until(lambda: checks(b2) >= 2)
-        zone.records["app.test"] = ["127.0.0.2", "127.0.0.3"]
-        wait_until(lambda: checks(b3) >= 2)
-        assert set(checked()) == {f"127.0.0.2:{b2.port}", f"127.0.0.3:{b2.port}"}
-        zone.records["app.test"] = ["127.0.0.3"]
-        wait_until(lambda: set(checked()) == {f"127.0.0.3:{b2.port}"})
-        left, seen = checks(b2), checks(b3)
-        wait_until(lambda: checks(b3) >= seen + 3)
-        assert checks(b2) <= left + 1            # (one under way when it left, at most)
-        assert "Traceback" not in p.output()
-    finally:
-        b2.close()
-        b3.close()
+    wait_until(lambda: checks(b2) >= 2)
+    zone.records["app.test"] = ["127.0.0.2", "127.0.0.3"]
+    wait_until(lambda: checks(b3) >= 2)
+    assert set(checked()) == {f"127.0.0.2:{b2.port}", f"127.0.0.3:{b2.port}"}
+    zone.records["app.test"] = ["127.0.0.3"]
+    wait_until(lambda: set(checked()) == {f"127.0.0.3:{b2.port}"})
+    left, seen = checks(b2), checks(b3)
+    wait_until(lambda: checks(b3) >= seen + 3)
+    assert checks(b2) <= left + 1            # (one under way when it left, at most)
+    assert "Traceback" not in p.output()
 
 
 def test_nginx_resolver_and_resolve(zone: Zone, tmp_path: Path) -> None:

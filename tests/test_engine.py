@@ -456,7 +456,7 @@ def test_a_group_replaced_in_place_keeps_its_connections():
         up = config.from_dict({**cfg, "upstream": [{**cfg["upstream"][0],
                                                     "servers": list(servers)}]}).upstreams[0]
         group = balancer.build_upstream(r.config.source, up)
-        return group, r.call(lambda: r.engine.replace_group(group, 0.0))
+        return group, r.call(lambda: r.engine.replace_group(group))
 
     new, departing = replace_with(a.address, c.address)
     assert departing == 1 and new.departed == (b.address,)
@@ -477,3 +477,58 @@ def test_a_group_replaced_in_place_keeps_its_connections():
     r.close()
     for backend in (a, b, c):
         backend.close()
+
+
+def test_a_replaced_custom_balancer_hears_only_of_its_own_attempts(echo):
+    # A DNS change builds the custom balancer again: the new one is not told of the end of a
+    # connection the old one chose (it never heard of it), and is told of its own.
+    cfg = tunnel_config(echo.address)
+    cfg["upstream"][0].update(balancer="engine_support:HeaderBalancer")
+    cfg["server"][0]["listen"] = [f"127.0.0.1:{free_port()}"]
+    r = EngineRunner(cfg)
+    old = r.groups["backend"]
+    before = open_tunnel_to(r.port, "/ok")
+    wait_until(lambda: old.custom.events == [("connected", echo.address)])
+    new = balancer.build_upstream(r.config.source, r.config.upstreams[0])
+    assert r.call(lambda: r.engine.replace_group(new)) == 0
+    assert new.peers[0].conns == 1
+    before.close()
+    wait_until(lambda: new.peers[0].conns == 0)
+    after = open_tunnel_to(r.port, "/ok")
+    after.close()
+    wait_until(lambda: new.custom.events == [("connected", echo.address),
+                                             ("released", echo.address)])
+    assert old.custom.events == [("connected", echo.address)]
+    r.close()
+
+
+def test_a_handshake_under_way_to_a_server_that_left_is_drained():
+    # the server left between the request and its 101: the tunnel that results closes after
+    # the group's drain_timeout, as those that were open at the change
+    gate = threading.Event()
+
+    def handler(conn, backend):
+        head, _ = read_head(conn)
+        gate.wait(10)
+        raw_echo_handler_after_head(conn, head)
+
+    slow, other = RawBackend(handler), RawBackend(raw_echo_handler)
+    cfg = tunnel_config(slow.address)
+    cfg["upstream"][0]["drain_timeout"] = "0.2s"
+    cfg["server"][0]["listen"] = [f"127.0.0.1:{free_port()}"]
+    r = EngineRunner(cfg)
+    s = connect(r.port)
+    s.sendall(upgrade_request())
+    wait_until(lambda: slow.connections == 1)
+    up = config.from_dict({**cfg, "upstream": [{**cfg["upstream"][0],
+                                                "servers": [other.address]}]}).upstreams[0]
+    new = balancer.build_upstream(r.config.source, up)
+    assert r.call(lambda: r.engine.replace_group(new)) == 0          # not a tunnel yet
+    gate.set()
+    assert read_head(s)[0].startswith(b"HTTP/1.1 101 ")
+    assert read_all(s) == b""                                         # closed by the drain
+    wait_until(lambda: r.stats()["closes"]["removed"] == 1)
+    s.close()
+    r.close()
+    slow.close()
+    other.close()

@@ -728,12 +728,12 @@ cdef class Engine:
     def groups(self):
         return list(self._groups)
 
-    def replace_group(self, UpstreamGroup group, double drain_timeout=0.0):
+    def replace_group(self, UpstreamGroup group):
         """Put `group` in the place of the group of the same name, with the connections that
         use it (engine/regroup.pxi): a `resolve` server's name gave other addresses.  An
-        address in both keeps its state; tunnels to one that left close within
-        `drain_timeout` seconds (0: they go on until they end).  Returns the number of those
-        tunnels."""
+        address in both keeps its state; tunnels to one that left close within the group's
+        drain_timeout (0: they go on until they end).  Returns the number of those tunnels.
+        Called between two turns of the engine (from the control plane), never inside one."""
         cdef Eng *e = self.e
         cdef UpstreamGroup old = None
         cdef Group *og
@@ -798,6 +798,7 @@ cdef class Engine:
                     p.name = _strdup(<bytes>og.peers[j].name)
                     p.host = _strdup(<bytes>og.peers[j].host)
             ng.all_down_logged = og.all_down_logged
+            ng.gen = og.gen + 1
             # in place first, so that a connection closed on the way frees into the new group
             e.groups[gi] = ng
             e.group_objs[gi] = <PyObject *>group
@@ -805,7 +806,9 @@ cdef class Engine:
             c = e.all
             while c != NULL:
                 nxt = c.all_next
-                closing += regroup_conn(e, c, gi, og, ng, where, drain_timeout)
+                if c.hk != NULL and c.hk.result != NULL:
+                    self._regroup_decision(c, gi, ng, where)
+                closing += regroup_conn(e, c, gi, og, ng, where)
                 c = nxt
             regroup_pool(e, gi, ng, where)
         finally:
@@ -814,6 +817,17 @@ cdef class Engine:
         with nogil:
             engine_reap(e)
         return closing
+
+    cdef _regroup_decision(self, Conn *c, int gi, Group *ng, const int *where):
+        # A coroutine hook's decision that came but is not applied yet (its turn is to come):
+        # the server it names is moved, or left to the group's choice if it left.
+        boxed = <object>c.hk.result
+        d = boxed[0]
+        if d[4] == gi and d[5] >= 0:
+            moved = (d[:5] + (regroup_choosable(ng, where, d[5]),) + d[6:],)
+            Py_INCREF(moved)
+            c.hk.result = <PyObject *>moved
+            Py_DECREF(boxed)
 
     def stats(self):
         """Counters of the engine, for tests, status pages and metrics."""
@@ -860,6 +874,8 @@ cdef class Engine:
         t.frames = _frames_state(c)
         t.closing = self._exported_closing(c)
         t.lifetime_left = c.end_at - e.now if c.end_at < NEVER else -1.0
+        # a scheduled end (a drain, a stop's goodbye) keeps its reason across the hand-over
+        t.ending = [c.ws_code, c.ws_why] if c.ws_why and c.end_at < NEVER else None
         t.relay = _RELAYS[c.relay]
         t.upstream = e.group_names[u.group].decode() if u.group >= 0 else ""
         t.peer = e.groups[u.group].peers[u.peer].name.decode() if u.group >= 0 else ""
@@ -942,6 +958,8 @@ cdef class Engine:
         u.state = UP_READY
         u.group = group
         u.peer = peer
+        if group >= 0:
+            u.gen = e.groups[group].gen
         c.up = u
         c.relay = _RELAYS.index(t.relay)
         c.read_timeout = t.read_timeout
@@ -972,8 +990,13 @@ cdef class Engine:
             self._adopt_log(c, self._als[access_log], t.log)
         if t.closing is not None:
             self._adopt_closing(c, t.closing)
+        if t.ending is not None and c.end_at < NEVER:
+            c.ws_code = t.ending[0] if c.flow[0].mode == FLOW_FRAMES else 0
+            c.ws_why = t.ending[1]
         if close_after >= 0:
             tunnel_drain(e, c, close_after, CLOSE_REMOVED)     # (tunnel_run arms its timer)
+        if group >= 0 and not (0 <= group < e.ngroups and 0 <= peer < e.groups[group].nall):
+            raise ValueError(f"no peer {peer} in group {group}")
         if group >= 0:
             # as if selected: peer_free gives it back when the tunnel closes
             peer_adopt(e.groups[group], peer)

@@ -19,6 +19,8 @@ cdef class ExportedTunnel:
     cdef readonly double send_timeout
     cdef readonly double idle_timeout
     cdef readonly double lifetime_left     # seconds, or -1: no limit
+    cdef readonly list ending       # why it ends at lifetime_left, if not its lifetime: [close
+                                    # code (0: a blind tunnel), close reason]; or None
     cdef readonly str relay
     cdef readonly str upstream
     cdef readonly str peer
@@ -31,8 +33,8 @@ cdef class ExportedTunnel:
                                     # was (server, location) and its $hook_ values; or None
 
     _FIELDS = ("up", "down", "age", "first_eof", "read_timeout", "send_timeout", "idle_timeout",
-               "lifetime_left", "relay", "upstream", "peer", "log", "limits", "websocket",
-               "policy", "frames", "closing")
+               "lifetime_left", "ending", "relay", "upstream", "peer", "log", "limits",
+               "websocket", "policy", "frames", "closing")
 
     def header(self):
         """Everything but the fds and the bytes in flight, as plain data (JSON-safe)."""
@@ -57,6 +59,7 @@ cdef class ExportedTunnel:
         t.send_timeout = header["send_timeout"]
         t.idle_timeout = header.get("idle_timeout", 0.0)
         t.lifetime_left = header.get("lifetime_left", -1.0)
+        t.ending = header.get("ending")
         t.relay = header["relay"]
         t.upstream = header["upstream"]
         t.peer = header["peer"]

@@ -86,6 +86,7 @@ cdef class UpstreamGroup:
         self.clock = clock
         g.method = _BALANCE[balance]
         g.balance_factor = float(config.balance_factor or 0.0)
+        g.drain_timeout = float(config.drain_timeout or 0.0)
         g.peers = <RRPeer *>calloc(n, sizeof(RRPeer))
         if g.peers == NULL:
             raise MemoryError()

@@ -61,8 +61,9 @@ cdef int regroup_selection(const Group *og, Group *ng, Selection *s,
                            const int *where) noexcept nogil:
     # A request between two attempts: its tried bits follow their peers into the new tiers
     # (an address that left is no longer there to try), its open attempt and its sticky peer
-    # are moved.  A consistent hash's ring index stays (taken modulo the new ring: the next
-    # attempt walks on from about the same place).  Returns 0, or -ENOMEM.
+    # are moved.  A consistent hash's ring index is left as it is: an index into the new ring
+    # (always taken modulo its size), so a request caught between two attempts by a change
+    # goes on from some point of the new ring.  Returns 0, or -ENOMEM.
     cdef int tier = s.tier if s.tier < ng.ntiers else 0
     cdef int ofirst = 0, ocount = og.npeers, nfirst = 0, ncount = ng.npeers, b, k
     cdef int words = (ng.tried_bits + 63) >> 6
@@ -95,8 +96,8 @@ cdef int regroup_selection(const Group *og, Group *ng, Selection *s,
     return 0
 
 
-cdef int regroup_conn(Eng *e, Conn *c, int gi, const Group *og, Group *ng, const int *where,
-                      double drain_timeout) noexcept nogil:
+cdef int regroup_conn(Eng *e, Conn *c, int gi, const Group *og, Group *ng,
+                      const int *where) noexcept nogil:
     # Move connection `c`'s references to group `gi`'s peers into the new group.  Returns 1 if
     # it is a tunnel to a server that left (closing within drain_timeout, if not 0), else 0.
     cdef Req *r = c.req
@@ -105,17 +106,17 @@ cdef int regroup_conn(Eng *e, Conn *c, int gi, const Group *og, Group *ng, const
         c.up.peer = where[c.up.peer]
         if c.state == CS_TUNNEL and c.up.peer >= ng.npeers:
             departed = 1
-            if drain_timeout > 0:          # (0: it goes on until it ends)
-                tunnel_drain(e, c, drain_timeout, CLOSE_REMOVED)
+            if ng.drain_timeout > 0:       # (0: it goes on until it ends)
+                tunnel_drain(e, c, ng.drain_timeout, CLOSE_REMOVED)
                 conn_arm(e, c)
     if r != NULL and r.group == gi:
         r.peer = regroup_moved(where, r.peer)
         r.sticky_from = regroup_moved(where, r.sticky_from)
+        if c.hk != NULL and c.hk.peer >= 0:            # (a hook's server, of r.group)
+            c.hk.peer = regroup_choosable(ng, where, c.hk.peer)
         if r.sel_live and regroup_selection(og, ng, &r.sel, where) < 0:
             conn_close(e, c)        # out of memory: this request fails (the new group is in
             return departed         # place, and its references moved: accounted right)
-    if c.hk != NULL and c.hk.group == gi and c.hk.peer >= 0:
-        c.hk.peer = regroup_choosable(ng, where, c.hk.peer)
     if c.log != NULL and c.log.group == gi:
         c.log.peer = regroup_moved(where, c.log.peer)
     return departed

@@ -46,6 +46,9 @@ cdef void tunnel_start(Eng *e, Conn *c, char *data, int end, int total) noexcept
         c.flow[i].last_rx = e.now
     if c.websocket and c.tp.frames:
         ws_tunnel_start(e, c)
+    if c.up.peer >= e.groups[c.up.group].npeers and e.groups[c.up.group].drain_timeout > 0:
+        # its server left the group while the handshake was under way (engine/regroup.pxi)
+        tunnel_drain(e, c, e.groups[c.up.group].drain_timeout, CLOSE_REMOVED)
     c.first_eof = -1
     c.started = e.now
     if st != NULL and req.sticky_from != c.up.peer and end >= 4:
@@ -178,10 +181,11 @@ cdef void tunnel_timeout(Eng *e, Conn *c) noexcept nogil:
         return
     if why >= 0:
         why = CLOSE_READ_TIMEOUT
-    if why == CLOSE_LIFETIME and c.ws_why:
+    cdef bint scheduled = why == CLOSE_LIFETIME and c.ws_why != 0
+    if scheduled:
         why = c.ws_why          # a scheduled end: a stop's, a reload's, a departed server's
     if c.flow[0].mode == FLOW_FRAMES and not ws_closing(c) and why != CLOSE_SEND_TIMEOUT:
-        if c.ws_code:
+        if scheduled and c.ws_code:
             ws_goodbye(e, c, c.ws_code, why, 1)     # the scheduled end's code, at its turn
         else:
             ws_goodbye(e, c, 1011 if why == CLOSE_PING_TIMEOUT else 1001, why, 1)

@@ -93,10 +93,11 @@ cdef void upstream_next(Eng *e, Conn *c) noexcept nogil:
         if u != NULL:
             req.reused = 1
             u.owner = c
+            u.gen = g.gen
             c.up = u
             u.requests += 1
             req.t_connected = e.now
-            group_connected(e, req.group, &req.sel, peer)
+            group_connected(e, req.group, &req.sel, peer, u.gen)
             conn_arm(e, c)
             upstream_send_head(e, c)
             return
@@ -115,7 +116,7 @@ cdef void up_open(Eng *e, Conn *c, int peer) noexcept nogil:
         err = errno
         eng_log(e, LOG_ERROR, "socket() failed (%d: %s) while connecting to upstream, client: %s",
                 err, strerror(err), conn_addr(e, c))
-        group_free(e, req.group, &req.sel, peer, 0)
+        group_free(e, req.group, &req.sel, peer, 0, g.gen)
         exchange_fail(e, c, 502, "cannot open a socket")
         return
     if pr.addr.sa.sa_family != AF_UNIX:
@@ -130,7 +131,7 @@ cdef void up_open(Eng *e, Conn *c, int peer) noexcept nogil:
     u = <Up *>calloc(1, sizeof(Up))
     if u == NULL:
         close(fd)
-        group_free(e, req.group, &req.sel, peer, 0)
+        group_free(e, req.group, &req.sel, peer, 0, g.gen)
         conn_close(e, c)
         return
     held_count(e, DBG_UPS, 1)
@@ -142,6 +143,7 @@ cdef void up_open(Eng *e, Conn *c, int peer) noexcept nogil:
     u.owner = c
     u.group = req.group
     u.peer = peer
+    u.gen = g.gen
     u.requests = 1
     u.state = UP_CONNECTING
     c.up = u
@@ -247,10 +249,10 @@ cdef void up_connected(Eng *e, Conn *c) noexcept nogil:
     cdef Req *req = c.req
     c.up.state = UP_READY
     req.t_connected = e.now
-    group_connected(e, c.up.group, &req.sel, c.up.peer)
+    group_connected(e, c.up.group, &req.sel, c.up.peer, c.up.gen)
 
 
-cdef void group_connected(Eng *e, int gi, Selection *s, int peer) noexcept nogil:
+cdef void group_connected(Eng *e, int gi, Selection *s, int peer, unsigned int gen) noexcept nogil:
     # nginx marks a server live again when a connection to it succeeds after fail_timeout
     cdef int flags = peer_connected(e.groups[gi], s, peer, e.now)
     if flags & SEL_PEER_UP:
@@ -259,11 +261,14 @@ cdef void group_connected(Eng *e, int gi, Selection *s, int peer) noexcept nogil
     if flags & SEL_GROUP_UP:
         eng_log(e, LOG_INFO, "upstream %s: a server is available again", e.group_names[gi])
     if e.groups[gi].method == BAL_CUSTOM:
-        group_note(e, gi, NOTE_CONNECTED, peer)
+        group_note(e, gi, NOTE_CONNECTED, peer, gen)
 
 
-cdef void group_note(Eng *e, int gi, int event, int peer) noexcept nogil:
-    # a custom balancer's optional connected/released/failed methods
+cdef void group_note(Eng *e, int gi, int event, int peer, unsigned int gen) noexcept nogil:
+    # a custom balancer's optional connected/released/failed methods, for an attempt that
+    # began under this balancer (a replaced group's new one never saw the ones before it)
+    if gen != e.groups[gi].gen:
+        return
     with gil:
         try:
             (<UpstreamGroup>e.group_objs[gi]).notify_custom(event, peer)
@@ -520,7 +525,7 @@ cdef void exchange_release_upstream(Eng *e, Conn *c, int failed, int reuse) noex
     c.up = NULL
     if u.group >= 0:
         group_free(e, u.group, &req.sel if req != NULL and req.sel_live else NULL, u.peer,
-                   failed)
+                   failed, u.gen)
     if req != NULL:
         req.peer = -1
     u.owner = NULL
@@ -529,14 +534,15 @@ cdef void exchange_release_upstream(Eng *e, Conn *c, int failed, int reuse) noex
     up_close(e, u)
 
 
-cdef void group_free(Eng *e, int gi, Selection *s, int peer, int failed) noexcept nogil:
+cdef void group_free(Eng *e, int gi, Selection *s, int peer, int failed,
+                     unsigned int gen) noexcept nogil:
     # nginx's free: once per attempt, failed or not (peer_free makes sure of it)
     if peer_free(e.groups[gi], s, peer, failed, e.now) == 1:
         eng_log(e, LOG_WARN, "upstream %s: server %s marked down for %gs after %d failed attempt(s)",
                 e.group_names[gi], e.groups[gi].peers[peer].name,
                 e.groups[gi].peers[peer].fail_timeout, e.groups[gi].peers[peer].fails)
     if e.groups[gi].method == BAL_CUSTOM:
-        group_note(e, gi, NOTE_FAILED if failed else NOTE_RELEASED, peer)
+        group_note(e, gi, NOTE_FAILED if failed else NOTE_RELEASED, peer, gen)
 
 
 cdef void exchange_drop_upstream(Eng *e, Conn *c, int failed) noexcept nogil:
