@@ -27,7 +27,7 @@ import time
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 log = logging.getLogger("fastws")
 
@@ -126,15 +126,25 @@ class Name:
 
 
 class Watcher:
-    """Looks the names up again when their TTL runs out, in a thread of the master's, and puts
-    (upstream, host, addresses) in `changes` when an answer differs."""
+    """Looks the names up again when their TTL runs out, in a thread, and puts (upstream,
+    host, addresses) in `changes` when an answer differs (then calls `notify`, if given)."""
 
-    def __init__(self, names: Sequence[Name], resolver: ResolverConfig) -> None:
+    def __init__(self, names: Sequence[Name], resolver: ResolverConfig,
+                 notify: Callable[[], object] | None = None) -> None:
         self.names = list(names)
         self.resolver = resolver
+        self.notify = notify
         self.changes: queue.SimpleQueue[tuple[str, str, tuple[str, ...]]] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fastws-dns", daemon=True)
+
+    @classmethod
+    def of(cls, cfg: Any, notify: Callable[[], object] | None = None) -> "Watcher":
+        """A watcher of the `resolve` names of configuration `cfg`, from its answers."""
+        due = time.monotonic() + cfg.resolver.min_ttl
+        return cls([Name(up.name, host, addresses, due)
+                    for up in cfg.upstreams for host, addresses in up.answers],
+                   cfg.resolver, notify)
 
     def start(self) -> None:
         if self.names:
@@ -163,5 +173,7 @@ class Watcher:
                 if addresses != n.addresses:
                     n.addresses = addresses
                     self.changes.put((n.upstream, n.host, addresses))
+                    if self.notify is not None:
+                        self.notify()
             wait = min((n.due for n in self.names), default=now + 1) - time.monotonic()
             self._stop.wait(max(0.05, wait))

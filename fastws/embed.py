@@ -4,7 +4,9 @@
   signal stops them (call it from the main thread: the master handles the signals).
 - `Proxy(config)`: one engine in the calling asyncio program's own process and event loop, for
   tests and small deployments: `await proxy.start()`, `await proxy.close()`, or
-  `async with Proxy(config) as proxy:`.
+  `async with Proxy(config) as proxy:`.  Its `resolve` names are followed by a thread of its
+  own, each change put in place in the engine (Worker.renew_upstream), as the master does for
+  its workers.
 
 `config` is a path (TOML or nginx's format) or the TOML file's structure as a dict; either is
 checked as `fastws -t` checks it, and a mistake raises ConfigError naming the key.
@@ -61,6 +63,7 @@ class Proxy:
         self.config = load(config)
         self._worker: Worker | None = None
         self._task: asyncio.Task[None] | None = None
+        self._watcher: Any = None       # the `resolve` names' dns.Watcher
 
     async def start(self) -> None:
         """Bind the listeners and serve; returns once connections are accepted."""
@@ -77,6 +80,18 @@ class Proxy:
             self._task.result()         # its exception (cannot listen, ...)
             raise RuntimeError("the proxy stopped as it started")
         self._worker = worker
+        from .dns import Watcher
+        self._watcher = Watcher.of(self.config,
+                                   lambda: loop.call_soon_threadsafe(self._names_changed))
+        self._watcher.start()
+
+    def _names_changed(self) -> None:
+        # a `resolve` name's new addresses (the watcher's thread): in place in the engine
+        if self._worker is None or self._watcher is None:
+            return
+        while not self._watcher.changes.empty():
+            upstream, host, addresses = self._watcher.changes.get_nowait()
+            self._worker.renew_upstream(upstream, {host: addresses})
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -100,6 +115,9 @@ class Proxy:
         open end by themselves, WebSocket tunnels closed politely, within shutdown_timeout)."""
         if self._task is None:
             return
+        if self._watcher is not None:
+            self._watcher.stop()
+            self._watcher = None
         if self._worker is not None:
             self._worker.stop(graceful)
         try:

@@ -442,14 +442,10 @@ class Master:
 
     def _watch_names(self) -> None:
         # the `resolve` names of this configuration, looked up again in a thread (fastws/dns.py)
-        from .dns import Name, Watcher
+        from .dns import Watcher
         if self.watcher is not None:
             self.watcher.stop()
-        cfg = self.config
-        now = time.monotonic()
-        names = [Name(up.name, host, addresses, now + cfg.resolver.min_ttl)
-                 for up in cfg.upstreams for host, addresses in up.answers]
-        self.watcher = Watcher(names, cfg.resolver)
+        self.watcher = Watcher.of(self.config)
         self.watcher.start()
 
     def _names_changed(self) -> None:

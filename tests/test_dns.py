@@ -4,6 +4,7 @@ running workers: connections go on, those to an address that left close after dr
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import socket
 import ssl
@@ -16,6 +17,7 @@ from dnslib import AAAA, QTYPE, RCODE, RR, A
 from dnslib.server import BaseResolver, DNSServer
 from websockets.sync.client import connect
 
+import fastws
 from fastws import balancer, config, dns
 from fastws.errors import ConfigError
 from support import NamedBackend, closes_of, free_port, http_get, wait_until
@@ -282,6 +284,34 @@ def test_health_checks_follow_the_name(zone: Zone, hosts: Hosts, make_proxy: Any
     wait_until(lambda: checks(b3) >= seen + 3)
     assert checks(b2) <= left + 1            # (one under way when it left, at most)
     assert "Traceback" not in p.output()
+
+
+def test_an_embedded_proxy_follows_the_name(zone: Zone, hosts: Hosts) -> None:
+    b2, b3 = hosts
+    zone.records["app.test"] = ["127.0.0.2"]
+    port = free_port()
+    cfg = {"resolver": resolver(zone),
+           "upstream": [{"name": "app", "servers": [
+               {"address": f"app.test:{b2.port}", "resolve": True}]}],
+           "server": [{"listen": [f"127.0.0.1:{port}"],
+                       "location": [{"path": "/", "proxy_pass": "app"}]}]}
+
+    async def main() -> None:
+        async with fastws.Proxy(cfg):
+            async def served_by() -> set[str]:
+                got = [await asyncio.to_thread(http_get, "127.0.0.1", port, "/x")
+                       for _ in range(6)]
+                return {body.decode() for _, body in got}
+
+            assert await served_by() == {"b2"}
+            zone.records["app.test"] = ["127.0.0.3"]
+            for _ in range(500):                     # (bounded: 10 s)
+                if await served_by() == {"b3"}:
+                    return
+                await asyncio.sleep(0.02)
+            raise AssertionError("the proxy did not follow the name")
+
+    asyncio.run(main())
 
 
 def test_nginx_resolver_and_resolve(zone: Zone, tmp_path: Path) -> None:
