@@ -187,10 +187,11 @@ class HttpBackend:
         elif path == "/bad-chunked":
             w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
             w.flush()
-            time.sleep(0.2)
+            time.sleep(0.2)     # apart, so that the head goes to the client before the bad chunk
             w.write(b"zz\r\nhello\r\n0\r\n\r\n")
             w.flush()
         elif path == "/slow":
+            # a backend slow to answer (what is tested), not a wait
             time.sleep(float(req.target.split(b"?")[1] or b"1"))
             w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nslow")
         elif path == "/drop-second":

@@ -64,6 +64,22 @@ def wait_port(host: str, port: int, timeout: float = 10.0) -> None:
             time.sleep(0.02)
 
 
+def proc_net(table: str) -> list[list[str]]:
+    """The rows of /proc/net/<table> (tcp, tcp6, unix, ...), split into fields."""
+    with open(f"/proc/net/{table}") as f:
+        return [line.split() for line in f][1:]
+
+
+def accept_queue(port: int) -> int:
+    """How many connections wait in the accept queue of the listener on 127.0.0.1:port (the
+    rx_queue the kernel shows for a listening socket)."""
+    local = f"0100007F:{port:04X}"
+    for row in proc_net("tcp"):
+        if row[1] == local and row[3] == "0A":
+            return int(row[4].split(":")[1], 16)
+    raise LookupError(f"nothing listens on 127.0.0.1:{port}")
+
+
 def toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -149,6 +165,29 @@ class Proxy:
             except FileNotFoundError:
                 pass
         return total
+
+    def connections(self) -> int:
+        """The TCP connections (client or upstream, open or closing) the master and its workers
+        hold: their sockets other than listeners and unix, UDP or netlink ones (counted this way
+        round because a closing TCP socket leaves the kernel's tables before its fd is closed)."""
+        held = []
+        for pid in [self.pid, *self.workers()]:
+            try:
+                fds = os.listdir(f"/proc/{pid}/fd")
+            except FileNotFoundError:
+                continue
+            for fd in fds:
+                try:
+                    link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                except FileNotFoundError:
+                    continue
+                if link.startswith("socket:["):
+                    held.append(link[8:-1])
+        others = {row[9] for table in ("tcp", "tcp6") for row in proc_net(table)
+                  if row[3] == "0A"}                                  # listeners
+        others |= {row[6] for row in proc_net("unix")}
+        others |= {row[9] for table in ("udp", "udp6", "netlink") for row in proc_net(table)}
+        return sum(1 for inode in held if inode not in others)
 
     def get(self, path: str, port: int | None = None) -> tuple[int, bytes]:
         return http_get("127.0.0.1", port or self.port, path)  # type: ignore[arg-type]

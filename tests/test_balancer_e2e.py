@@ -112,7 +112,7 @@ class Fastws:
                     self.stop()
                     raise RuntimeError("fastws did not start: "
                                        + (tmp / "fastws.log").read_text(errors="replace")[-500:])
-                time.sleep(0.05)
+                time.sleep(0.05)     # a poll: the loop waits for the port
 
     def predict(self) -> Any:
         """The balancer the proxy runs, built from the same file, for predictions."""

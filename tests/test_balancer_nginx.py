@@ -201,7 +201,7 @@ def _start_nginx(tmp: pathlib.Path, refusing: int, ipv6: bool
             if time.monotonic() > deadline:
                 _stop(proc)
                 return None, 0, {}, "timed out"
-            time.sleep(0.05)
+            time.sleep(0.05)     # a poll: the loop waits for the port
 
 
 @pytest.fixture(scope="module")

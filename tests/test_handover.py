@@ -60,9 +60,7 @@ def test_an_exported_tunnel_goes_on_in_another_engine(relay):
     client.shutdown(socket.SHUT_WR)
     assert client.recv(10) == b""
     client.close()
-    deadline = time.monotonic() + 10
-    while new.stats()["tunnels_active"] and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_until(lambda: new.stats()["tunnels_active"] == 0)
     stats = new.stats()
     assert stats["tunnels_active"] == 0 and stats["closes"]["client"] == 1
     peer = new.groups["backend"].peers[0]

@@ -137,9 +137,11 @@ def test_a_burst_of_pipelined_requests_larger_than_a_head(make_proxy, backend, p
     n = 3000
     burst = b"".join(b"GET /small?%d HTTP/1.1\r\nHost: a\r\n\r\n" % i for i in range(n))
     assert len(burst) > 65536 + 32768
+    seen = len(backend.requests)
     with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
         s.sendall(b"GET /slow?0.3 HTTP/1.1\r\nHost: a\r\n\r\n")
-        time.sleep(0.1)
+        # the burst goes once the first request is at the backend, its answer not yet come
+        wait_until(lambda: [r.target for r in backend.requests[seen:]] == [b"/slow?0.3"])
         s.sendall(burst + b"GET /small HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
         answer = read_all(s)
     assert answer.startswith(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n")
@@ -549,7 +551,7 @@ def test_graceful_stop_closes_idle_kept_alive_connections(make_proxy, backend, p
 def test_no_fd_left_behind(make_proxy, backend, port):
     proxy = make_proxy(http_config(port, backend.address, keepalive=4), port=port)
     proxy.status()
-    time.sleep(0.3)
+    wait_until(lambda: proxy.connections() == 0)    # the status request's, closed
     before = proxy.fds()
     for i in range(100):
         conn = client(port)
@@ -563,10 +565,7 @@ def test_no_fd_left_behind(make_proxy, backend, port):
         with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
             s.sendall(SMUGGLING["two-cl"] if i % 2 else b"POST /echo HTTP/1.1\r\nHost: a\r\n"
                       b"Content-Length: 10\r\n\r\nabc")       # the second one is cut short
-    deadline = time.monotonic() + 10
-    while proxy.fds() > before + 4 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert proxy.fds() <= before + 4           # at most the pool's idle upstream connections
+    wait_until(lambda: proxy.fds() <= before + 4)   # at most the pool's idle upstream connections
     assert proxy.status()["keepalive_pools"]["backend"]["idle"] <= 4
 
 
@@ -574,7 +573,7 @@ def test_client_leaving_mid_transfer_frees_everything(make_proxy, backend, port)
     proxy = make_proxy(http_config(port, backend.address, keepalive=4, client_max_body_size=0),
                        port=port)
     proxy.status()
-    time.sleep(0.3)
+    wait_until(lambda: proxy.connections() == 0)    # the status request's, closed
     before = proxy.fds()
     pipes_before = proxy.status()["engine"]["pipes_total"]
     for _ in range(5):

@@ -186,7 +186,7 @@ def test_worker_connections_limit_pauses_accepting_and_drops_nothing(make_proxy,
     idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
     for s in idle:
         s.sendall(b"GET / HTTP/1.1\r\n")
-    time.sleep(0.3)
+    wait_until(lambda: proxy.connections() == 3)    # all three accepted: the worker is full
     late = socket.create_connection(("127.0.0.1", port), timeout=10)
     late.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     late.settimeout(0.5)
@@ -286,10 +286,12 @@ def test_bytes_in_flight_survive_the_handover(make_proxy, tmp_path, port, relay)
     [old] = proxy.workers()
     s = tunnel(port)
     s.sendall(b"go")
-    # the client does not read yet: bytes pile up in the kernel and in the old worker's engine
+    # the client does not read yet: bytes pile up in the kernel and in the old worker's engine,
+    # where the blocked flow holds them (in a pipe when splicing, in a buffer when copying)
     wait_until(lambda: proxy.status()["engine"]["bytes_spliced" if relay == "splice"
                                                else "bytes_copied"] > 0)
-    time.sleep(0.2)
+    wait_until(lambda: proxy.status()["engine"]["held"][
+        "pipes" if relay == "splice" else "buffers"] >= 1)
     config["server"][0]["location"][1]["return"] = [200, "v2"]
     proxy.path.write_text(to_toml(config))
     os.kill(proxy.pid, signal.SIGHUP)

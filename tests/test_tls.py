@@ -545,19 +545,14 @@ def test_tls_tunnels_release_everything(make_proxy, echo_backend, ca, tmp_path, 
                                   echo_backend.address), port=port)
     ctx = client_context(ca)
     https_get(port, "/hello", ctx)
-    time.sleep(0.3)          # let that connection finish closing
+    wait_until(lambda: proxy.connections() == 0)    # that connection, closed
     baseline = proxy.fds()
     active: list[int] = []
     wss_echo(f"wss://localhost:{port}/ws", ctx, ["a", b"b" * 70000], clients=20,
              during=lambda: active.append(status(sport)["tunnels"]["active"]))
     assert active == [20]
-    deadline = time.monotonic() + 10
-    while status(sport)["tunnels"]["active"] and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert status(sport)["tunnels"]["active"] == 0
-    deadline = time.monotonic() + 5
-    while proxy.fds() > baseline and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(lambda: status(sport)["tunnels"]["active"] == 0)
+    wait_until(lambda: proxy.fds() <= baseline, timeout=5)
     assert proxy.fds() == baseline
 
 
@@ -581,9 +576,7 @@ def test_tls_client_that_stops_reading_hits_send_timeout(make_proxy, ca, tmp_pat
             s.sendall(upgrade_request(host="localhost"))
             head, _ = read_head(s)
             assert head.startswith(b"HTTP/1.1 101")
-            deadline = time.monotonic() + 15
-            while status(sport)["engine"]["send_timeouts"] == 0 and time.monotonic() < deadline:
-                time.sleep(0.1)
+            wait_until(lambda: status(sport)["engine"]["send_timeouts"] > 0, timeout=15)
     engine = status(sport)["engine"]
     assert engine["send_timeouts"] == 1 and engine["tunnels_active"] == 0
     backend.close()

@@ -12,8 +12,8 @@ from websockets.asyncio.client import connect as aconnect
 from websockets.sync.client import connect
 
 from conftest import ws_config
-from support import (RawBackend, raw_echo_handler, read_all, read_head, upgrade_request,
-                     wait_until, ws_accept, ws_key, ws_upgrade_handler)
+from support import (RawBackend, accept_queue, raw_echo_handler, read_all, read_head,
+                     upgrade_request, wait_until, ws_accept, ws_key, ws_upgrade_handler)
 
 
 def test_messages_arrive_intact(make_proxy, echo_backend, port, relay):
@@ -277,7 +277,7 @@ def test_read_timeout_closes_a_silent_tunnel_but_not_a_busy_one(make_proxy, port
         while time.monotonic() - started < 2.0:
             busy.sendall(b"tick")
             assert busy.recv(100) == b"tick"
-            time.sleep(0.2)
+            time.sleep(0.2)             # the busy client's pace (what is tested), not a wait
         assert read_all(idle) == b""       # closed by the proxy
         busy.sendall(b"still here")
         assert busy.recv(100) == b"still here"
@@ -327,7 +327,8 @@ def test_connect_timeout_is_504(make_proxy, port):
         f.setblocking(False)
         f.connect_ex(blackhole.getsockname())
         fillers.append(f)
-    time.sleep(0.2)
+    # listen(0): one connection waiting to be accepted is a full queue
+    wait_until(lambda: accept_queue(blackhole.getsockname()[1]) >= 1)
     addr = f"127.0.0.1:{blackhole.getsockname()[1]}"
     make_proxy(ws_config(port, addr, connect_timeout="400ms"), port=port)
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
@@ -399,7 +400,7 @@ def test_no_fd_left_behind_after_1000_tunnels(make_proxy, port):
     backend = RawBackend(raw_echo_handler)
     proxy = make_proxy(ws_config(port, backend.address, frames=False), port=port)
     proxy.status()
-    time.sleep(0.3)          # let the status request's connection finish closing
+    wait_until(lambda: proxy.connections() == 0)    # the status request's, closed
     before = proxy.fds()
     for batch in range(20):
         socks = []
