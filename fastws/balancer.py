@@ -39,9 +39,9 @@ docs/balancing.md tells the same for users.
 Custom balancers
 ----------------
 ``balancer = "package.module:Class"`` names a class built once per upstream (and again on
-reload, and on a DNS change of the group's addresses) as ``Class(upstream_config, peers)``.  It must have ``select(ctx, tried)``, returning one
-of ``peers`` that is not in the set ``tried`` (the peers already attempted for this client
-connection), or None when nothing is left.  It may also have ``connected(peer)``,
+reload, and on a DNS change of the group's addresses) as ``Class(upstream_config, peers)``.
+It must have ``select(ctx, tried)``, returning one of ``peers`` that is not in the set ``tried``
+(the peers already attempted for this client connection), or None when nothing is left.  It may also have ``connected(peer)``,
 ``released(peer)`` and ``failed(peer)``, called when a connect succeeds, when that connection
 ends, and when a connect fails.  fastws keeps ``peer.conns``, ``peer.state`` and the failure
 counters up to date for it (in the compiled group, as for the built-in methods);

@@ -53,8 +53,8 @@ class WorkerProc:
     started: float
     stopping: bool = False
     control: socket.socket | None = None   # the master's end of the worker's control socket
-    untold: dict[str, dict[str, Any]] = field(default_factory=dict)  # messages not sent yet,
-                                                                     # the last per upstream
+    # messages not sent yet on it (its queue was full), the last one per upstream
+    untold: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def control_pair() -> tuple[socket.socket, socket.socket]:
@@ -481,8 +481,9 @@ class Master:
             self.config = cfg
             for upstream in changed:
                 # each message holds every answer of the group: the last one sent is enough
-                message = {"renew": upstream, "answers": [
-                    [host, list(addresses)] for host, addresses in _upstream(cfg, upstream).answers]}
+                answers = _upstream(cfg, upstream).answers
+                message = {"renew": upstream,
+                           "answers": [[host, list(addresses)] for host, addresses in answers]}
                 for w in self.workers.values():
                     if w.generation == self.generation and not w.stopping:
                         w.untold[upstream] = message

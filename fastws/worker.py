@@ -134,7 +134,7 @@ class Worker:
                  zones: Mapping[str, int] | None = None,
                  control: socket.socket | None = None) -> None:
         self.config = config
-        self.control = control          # what the master tells this worker (master._tell)
+        self.control = control          # what the master tells this worker (_on_control)
         self.zones = zones              # the limit zones the master mapped (None: our own)
         self.zone_addresses: dict[str, int] = {}
         self.groups = balancer.build_upstreams(config)
@@ -364,7 +364,7 @@ class Worker:
             self._retire(lambda: handover.hand_over(self))
 
     def _on_control(self) -> None:
-        # the master's messages (master._tell), each one datagram of JSON
+        # the master's messages (Master._tell_untold), each one datagram of JSON
         assert self.control is not None
         while True:
             try:
