@@ -462,14 +462,14 @@ class Master:
                 upstream, host, addresses = self.watcher.changes.get_nowait()
             except queue.Empty:
                 break
-            before = dict(next(u for u in cfg.upstreams if u.name == upstream).answers)[host]
+            before = dict(cfg.upstream(upstream).answers)[host]
             log.info("upstream %s: %s now resolves to %s (was %s)", upstream, host,
                      ", ".join(addresses), ", ".join(before))
             try:
                 new = config_mod.with_answers(cfg, upstream, host, addresses)
                 # built here as each worker will build it: what a worker would refuse (a
                 # ring's weights over the limit, a custom balancer's constructor) is refused
-                balancer.build_upstream(new.source, _upstream(new, upstream))
+                balancer.build_upstream(new.source, new.upstream(upstream))
             except ConfigError as exc:
                 log.error("upstream %s: %s's new addresses are not used: %s", upstream, host,
                           exc)
@@ -481,7 +481,7 @@ class Master:
             self.config = cfg
             for upstream in changed:
                 # each message holds every answer of the group: the last one sent is enough
-                answers = _upstream(cfg, upstream).answers
+                answers = cfg.upstream(upstream).answers
                 message = {"renew": upstream,
                            "answers": [[host, list(addresses)] for host, addresses in answers]}
                 for w in self.workers.values():
@@ -492,10 +492,6 @@ class Master:
             # the watcher starts again from what runs, so that a change that could not be
             # applied is reported again
             self._watch_names()
-
-
-def _upstream(cfg: Config, name: str) -> Any:
-    return next(up for up in cfg.upstreams if up.name == name)
 
 
 def _kill(pid: int, sig: int) -> None:

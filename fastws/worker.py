@@ -398,7 +398,7 @@ class Worker:
         try:
             for host, addresses in answers.items():
                 cfg = config_mod.with_answers(cfg, upstream, host, addresses)
-            up = next(u for u in cfg.upstreams if u.name == upstream)
+            up = cfg.upstream(upstream)
             group = balancer.build_upstream(cfg.source, up)
         except ConfigError as exc:
             log.error("upstream %s: the new addresses are not used: %s", upstream, exc)

@@ -35,12 +35,19 @@ cdef int sockaddr_from(SockAddr *sa, unsigned int *salen, int family, object add
     return 0
 
 
-cdef const char *_strdup(bytes text) except NULL:
-    # a NUL-terminated copy the group owns
+cdef char *bytes_copy(bytes text) noexcept:
+    # a NUL-terminated malloc'ed copy (the caller owns it), or NULL when memory is short
     cdef char *out = <char *>malloc(len(text) + 1)
+    if out != NULL:
+        memcpy(out, <const char *>text, len(text) + 1)
+    return out
+
+
+cdef const char *_strdup(bytes text) except NULL:
+    # bytes_copy, or MemoryError
+    cdef char *out = bytes_copy(text)
     if out == NULL:
         raise MemoryError()
-    memcpy(out, <const char *>text, len(text) + 1)
     return out
 
 

@@ -172,9 +172,8 @@ cdef int hook_apply_checked(Eng *e, Conn *c, object d, char *rest, int restlen) 
 
 
 cdef char *hook_copy(bytes data, int *n) noexcept:
-    cdef char *p = <char *>malloc(len(data) + 1)
+    cdef char *p = bytes_copy(data)
     if p != NULL:
-        memcpy(p, <const char *>data, len(data) + 1)
         n[0] = <int>len(data)
     return p
 
