@@ -529,6 +529,8 @@ cdef struct Pipe:
     int prod                 # write end: splice into it
     int cons                 # read end: splice out of it
     Py_ssize_t data          # bytes the pipe holds now
+    Py_ssize_t tail          # of those, at the end, a frame's start a splice cut (FLOW_FRAMES):
+                             # not to go on until the rest of it is here and looked at
     Pipe *next               # free list link
 
 cdef enum FlowMode:
@@ -803,6 +805,11 @@ cdef struct Eng:
     Pipe *free_pipes
     int max_pipes
     int pipe_size
+    int peek_prod            # the scratch pipe a spliced flow's frame headers are read from
+    int peek_cons            # (a tee(2) of its pipe; engine/frames.pxi)
+    int peek_cap             # its size; 0: not made yet, -1: it could not be made
+    Py_ssize_t peek_left     # bytes the last look left in it, skipped with the next look's first
+    int null_fd              # /dev/null, open for writing: where skipped bytes are spliced
     # tables
     Listener *lis
     int nlis

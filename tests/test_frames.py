@@ -1,6 +1,6 @@
 """engine/frames.pxi's frame tracker (includes/wsframe.h) against frames the websockets
-library writes, on both of the relay's paths (a copied read scanned, a spliced flow peeking at
-each header): every message counted whatever the fragmentation, the control frames between
+library writes, on both of the relay's paths (a copied read scanned, a spliced flow reading
+each header from a tee of its pipe): every message counted whatever the fragmentation, the control frames between
 fragments and the cuts between reads; every byte let through but the proxy's own pongs; close
 codes found, masked or not; every violation of RFC 6455's framing rules refused with 1002, an
 oversized message with 1009."""
@@ -23,8 +23,9 @@ from websockets.sync.client import connect
 
 from conftest import ws_config
 from fastws import _engine
-from support import (EchoBackend, RawBackend, free_port, fuzz_examples, http_get, read_head,
-                     upgrade_request, wait_until, ws_frame, ws_read_frame, ws_upgrade_handler)
+from support import (EchoBackend, RawBackend, free_port, fuzz_examples, http_get,
+                     raw_echo_handler, read_head, upgrade_request, wait_until, ws_frame,
+                     ws_read_frame, ws_upgrade_handler)
 
 
 def wire(frames: list[Frame], client: bool) -> bytes:
@@ -72,8 +73,8 @@ def test_every_message_is_counted_however_it_is_cut(conv, client, points) -> Non
     assert got["messages"] == messages
     assert got["boundary"] and not got["in_message"]
     assert got["passed"] == data                  # nothing kept back at the end, nothing lost
-    peeked = _engine.ws_frames_peek(data, client)
-    assert (peeked["messages"], peeked["frames"], peeked["boundary"]) == \
+    walked = _engine.ws_frames_walk(data, client)
+    assert (walked["messages"], walked["frames"], walked["boundary"]) == \
         (messages, len(frames), True)
 
 
@@ -122,7 +123,7 @@ def test_what_breaks_the_framing_rules_is_refused() -> None:
     }
     for what, (data, client) in bad.items():
         assert _engine.ws_frames([data], client)["error"] == 1002, what
-        assert _engine.ws_frames_peek(data, client)["error"] == 1002, what
+        assert _engine.ws_frames_walk(data, client)["error"] == 1002, what
         # what came before the bad frame went on; the bad frame did not
         good = wire([Frame(Opcode.TEXT, b"ok")], client)
         before = data[:3] if what == "a new message inside one" else b""
@@ -216,12 +217,13 @@ def test_messages_of_every_length_encoding_go_through(make_proxy, server, port, 
         assert ws.recv(timeout=10) == b"a" * size + b"b" * 7 + b"c" * 126
 
 
-def test_pings_between_fragments_and_frames_cut_at_every_byte(make_proxy, server,
-                                                              port) -> None:
+@pytest.mark.parametrize("mode", ["copy", "splice"])
+def test_pings_between_fragments_and_frames_cut_at_every_byte(make_proxy, server, port,
+                                                              mode) -> None:
     # one message in three fragments with pings between them, written in two pieces cut at
     # every byte (with TCP_NODELAY, so that the proxy's reads mostly see the cut; the tracker's
-    # own test cuts at every byte for certain)
-    make_proxy(ws_config(port, server.address, relay="copy"), port=port)
+    # own test cuts at every byte for certain); spliced, a cut header waits in the pipe's tail
+    make_proxy(ws_config(port, server.address, relay=mode), port=port)
     stream = (ws_frame(b"frag1-", fin=False) + ws_frame(b"p1", opcode=9)
               + ws_frame(b"x" * 300, opcode=0, fin=False) + ws_frame(b"p2", opcode=9)
               + ws_frame(b"-end", opcode=0))
@@ -516,3 +518,65 @@ def test_a_broken_frame_behind_spliced_frames_closes_after_them(make_proxy, port
         assert backend.received == [b"\x02A", b"\x02B", b"\x02C", b"\x08\x03"]
     finally:
         backend.close()
+
+
+
+@pytest.fixture
+def raw_echo() -> Any:
+    """A server that echoes every byte as it came (masked frames back to the client, so the
+    proxy's masking rule is switched off where it is used): streams compared byte for byte."""
+    backend = RawBackend(raw_echo_handler)
+    yield backend
+    backend.close()
+
+
+def spliced_config(port: int, backend: RawBackend, **location: Any) -> dict[str, Any]:
+    return ws_config(port, backend.address, relay="splice", frame_checks=False, **location)
+
+
+@settings(max_examples=fuzz_examples(40), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(conversations(), st.lists(st.integers(0, 1 << 20), max_size=8))
+def test_a_spliced_stream_arrives_whole_however_it_is_cut(make_proxy, raw_echo, port, conv,
+                                                          points) -> None:
+    # frames of every length encoding, cut anywhere between writes: whatever the splices
+    # bring (several frames, a header cut at the pipe's end), every byte arrives, in order
+    if not getattr(raw_echo, "proxied", False):  # (the fixtures serve every example: one proxy)
+        make_proxy(spliced_config(port, raw_echo), port=port)
+        raw_echo.proxied = True
+    data = wire(conv[0], True)
+    got = bytearray()
+    with _mute_client(port) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+        def read() -> None:
+            while len(got) < len(data):
+                chunk = s.recv(1 << 20)
+                if not chunk:
+                    return
+                got.extend(chunk)
+        reader = threading.Thread(target=read)
+        reader.start()
+        for piece in cuts(data, points):
+            s.sendall(piece)
+        reader.join(timeout=30)
+    assert bytes(got) == data
+
+
+def test_the_proxys_pong_is_taken_out_of_the_middle_of_a_splice(make_proxy, raw_echo,
+                                                                port) -> None:
+    make_proxy(spliced_config(port, raw_echo, ping_interval="200ms", ping_to="client",
+                              ping_timeout="60s"), port=port)
+    with _mute_client(port) as s:
+        opcode, payload, rest = ws_read_frame(s)
+        assert (opcode, payload) == (9, b"fastws:p")
+        # the answer between two large frames, in one write: one splice brings all three
+        first, second = ws_frame(b"1" * 100_000, opcode=2), ws_frame(b"2" * 100_000, opcode=2)
+        s.sendall(first + ws_frame(b"fastws:p", opcode=10) + second)
+        got = []
+        while len(got) < 2:
+            opcode, payload, rest = ws_read_frame(s, rest)
+            if opcode != 9:                       # (the proxy's next pings)
+                got.append((opcode, payload))
+        assert got == [(2, b"1" * 100_000), (2, b"2" * 100_000)]
+    assert status(port)["ws_pongs"] == 1

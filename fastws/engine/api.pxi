@@ -80,6 +80,7 @@ cdef class Engine:
         _errcheck(epoll_ctl(e.epfd, EPOLL_CTL_ADD, e.tio.fd, &ev))
         e.wakefd = _errcheck(eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC))
         e.reserve_fd = open("/dev/null", O_RDONLY | O_CLOEXEC)
+        ws_scratch(e)                 # (held for the engine's life: opened with the rest)
         self._wake_io()
         e.now = fastws_monotonic()
         e.wall = fastws_realtime()
@@ -632,7 +633,8 @@ cdef class Engine:
         self.control = None
 
     cdef void _release_fds(self):
-        # A stopped engine keeps no descriptor: its pipe pool, epoll set, timerfd and eventfd.
+        # A stopped engine keeps no descriptor: its pipe pool and scratch pipe, epoll set, timerfd
+        # and eventfd.
         cdef Pipe *p
         cdef int *fds[4]
         cdef int i
@@ -642,6 +644,7 @@ cdef class Engine:
             close(p.prod)
             close(p.cons)
             free(p)
+        ws_scratch_close(self.e)
         fds[0] = &self.e.epfd
         fds[1] = &self.e.tio.fd
         fds[2] = &self.e.wakefd

@@ -20,8 +20,13 @@ cdef inline Io *flow_dst(Conn *c, int d) noexcept nogil:
     return &c.up.io if d == 0 else &c.io
 
 
+cdef inline Py_ssize_t pipe_ready(Pipe *p) noexcept nogil:
+    # the bytes of a pipe that may go on (all but a cut frame start, FLOW_FRAMES)
+    return p.data - p.tail
+
+
 cdef inline bint flow_holds(Flow *f) noexcept nogil:
-    return f.held != NULL or (f.pipe != NULL and f.pipe.data > 0)
+    return f.held != NULL or (f.pipe != NULL and pipe_ready(f.pipe) > 0)
 
 
 # --- the pipe pool (HAProxy's src/pipe.c) --------------------------------------------------
@@ -52,6 +57,7 @@ cdef Pipe *pipe_get(Eng *e) noexcept nogil:
     p.cons = fds[0]
     p.prod = fds[1]
     p.data = 0
+    p.tail = 0
     p.next = NULL
     e.n.pipes_total += 1
     e.n.pipes_created += 1
@@ -153,10 +159,10 @@ cdef int flow_flush(Eng *e, Conn *c, int d) noexcept nogil:
         if n == -EAGAIN or n == 0:
             return flow_blocked(e, c, f)
         return flow_error(d, False)
-    while f.pipe != NULL and f.pipe.data > 0:
+    while f.pipe != NULL and pipe_ready(f.pipe) > 0:
         if not dst.wr_ready:
             return flow_blocked(e, c, f)
-        want = f.pipe.data
+        want = pipe_ready(f.pipe)
         n = splice(f.pipe.cons, NULL, dst.fd, NULL, <size_t>want,
                    SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
         e.n.splice_calls += 1
@@ -175,7 +181,7 @@ cdef int flow_flush(Eng *e, Conn *c, int d) noexcept nogil:
         f.blocked_since = 0
         # reading from this flow's source resumes now; its idle clock restarts with it
         f.last_rx = e.now
-    if f.pipe != NULL:
+    if f.pipe != NULL and f.pipe.data == 0:
         pipe_put(e, f.pipe)
         f.pipe = NULL
     if f.eof and not f.shut and flow_tunnel(f):
@@ -312,41 +318,22 @@ cdef int flow_pump(Eng *e, Conn *c, int d) noexcept nogil:
                 return flow_eof(e, c, d)
             want = e.pipe_size
             if f.mode == FLOW_FRAMES:
-                if f.left == 0:
-                    if f.ws.flags & FASTWS_WS_STOP and f.pipe.data > 0:
-                        r = flow_flush(e, c, d)   # the proxy's frame goes after these
-                        if r != 0:
-                            return r if r < 0 else 0
-                        continue                  # (the flush gave the empty pipe back)
-                    r = ws_splice_head(e, c, d)
-                    if r == 1:
-                        break
-                    if r == 2:
-                        continue
-                    if r == WS_EOF:
-                        src.rd_ready = 0
-                        src.eof = 1
-                        return flow_eof(e, c, d)
-                    if r < 0:
-                        return r
-                    if not f.splicing:
-                        continue      # the flow copies from now on (the proxy's close went)
-                # whole frames gather in the pipe (up to its size) while the socket has more;
-                # one that does not fit waits for the pipe to be written out
-                if f.pipe.data > 0 and f.left > want - f.pipe.data:
-                    r = flow_flush(e, c, d)
-                    if r != 0:
-                        return r if r < 0 else 0
-                    continue                      # (the flush gave the empty pipe back)
-                want -= f.pipe.data
-                if f.left < want:
+                r = ws_splice_ready(e, c, d)
+                if r == 1:
+                    return 0                  # the destination is full: its edge comes back
+                if r == 2:
+                    continue
+                if r < 0:
+                    return r
+                # as many frames as the pipe takes, cut anywhere: ws_spliced finds the
+                # boundaries; only for a frame of the proxy's does the splice stop at one
+                want = e.peek_cap - f.pipe.data
+                if f.ws.flags & FASTWS_WS_STOP and f.left < want:
                     want = <Py_ssize_t>f.left
             n = splice(src.fd, NULL, f.pipe.prod, NULL, <size_t>want,
                        SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
             e.n.splice_calls += 1
             if n > 0:
-                if f.mode == FLOW_FRAMES:
-                    f.left -= n
                 if n < want:
                     if not src.rdhup:
                         src.rd_ready = 0
@@ -357,12 +344,12 @@ cdef int flow_pump(Eng *e, Conn *c, int d) noexcept nogil:
                 f.last_rx = e.now
                 e.n.bytes_spliced += n
                 budget -= n
-                if f.mode == FLOW_FRAMES and n == want and f.left == 0 \
-                        and f.pipe.data < e.pipe_size and budget > 0:
-                    # a whole frame is in and the socket has more: the next one joins it
-                    # before the pipe is written out (one splice out for several frames)
-                    f.streak = 0
-                    continue
+                if f.mode == FLOW_FRAMES:
+                    r = ws_spliced(e, c, d, n)
+                    if r < 0:
+                        return r
+                    if not f.splicing:
+                        continue      # a broken rule: the flow's close went, it copies now
                 # As HAProxy: splice out right after splicing in, without waiting for a poll.
                 r = flow_flush(e, c, d)
                 if r != 0:
@@ -370,8 +357,9 @@ cdef int flow_pump(Eng *e, Conn *c, int d) noexcept nogil:
                 if n < SPLICE_SMALL and n < want:   # (not a frame's end that was asked for)
                     f.streak += 1
                     if c.relay == RELAY_AUTO and f.streak >= SPLICE_SMALL_STREAK:
-                        f.splicing = 0
-                        f.streak = 0
+                        r = flow_copy_from_now(e, f)
+                        if r < 0:
+                            return r
                         e.n.switches_to_copy += 1
                 else:
                     f.streak = 0
@@ -383,8 +371,8 @@ cdef int flow_pump(Eng *e, Conn *c, int d) noexcept nogil:
             if errno == EINTR:
                 continue
             if errno == EAGAIN:
-                if f.pipe.data > 0:
-                    # frames gathered: the pipe may be what is full, not the socket empty
+                if pipe_ready(f.pipe) > 0:
+                    # the pipe may be what is full, not the socket empty
                     r = flow_flush(e, c, d)
                     if r != 0:
                         return r if r < 0 else 0
@@ -392,7 +380,9 @@ cdef int flow_pump(Eng *e, Conn *c, int d) noexcept nogil:
                 src.rd_ready = 0
                 break
             if errno == EINVAL or errno == ENOSYS:
-                f.splicing = 0        # this socket cannot splice: copy from now on
+                r = flow_copy_from_now(e, f)    # this socket cannot splice
+                if r < 0:
+                    return r
                 continue
             return flow_error(d, True)
         k = 0
@@ -423,13 +413,14 @@ cdef int flow_pump(Eng *e, Conn *c, int d) noexcept nogil:
         if n == -EAGAIN:
             break
         return flow_error(d, True)
-    if f.pipe != NULL and f.pipe.data > 0:
-        r = flow_flush(e, c, d)       # frames gathered in the pipe
+    if f.pipe != NULL and pipe_ready(f.pipe) > 0:
+        r = flow_flush(e, c, d)
         if r < 0:
             return r
-    if f.pipe != NULL and f.pipe.data == 0:
-        pipe_put(e, f.pipe)
-        f.pipe = NULL
+    if f.pipe != NULL and f.pipe.data == f.pipe.tail:
+        # nothing in flight: the pipe goes back to the pool (a cut frame start waits in the
+        # carry), so that a quiet tunnel holds none
+        return flow_take_pipe(e, f)
     return 0
 
 
@@ -459,37 +450,61 @@ cdef int flow_done(Eng *e, Conn *c, int d) noexcept nogil:
     return exchange_response_done(e, c)
 
 
-cdef int flow_take_pipe(Eng *e, Flow *f) noexcept nogil:
-    # Move the bytes a flow's pipe holds behind its held bytes, so that the flow is plain
-    # memory; the pipe goes back to the pool.  0, or CLOSE_ERROR.
-    cdef Py_ssize_t rest, n
+cdef int flow_copy_from_now(Eng *e, Flow *f) noexcept nogil:
+    # A spliced flow copies from now on: what its pipe holds becomes plain memory.
+    f.splicing = 0
+    f.streak = 0
+    return flow_take_pipe(e, f)
+
+
+cdef int pipe_to_held(Eng *e, Flow *f, Py_ssize_t n) noexcept nogil:
+    # The first n bytes of the flow's pipe join its held bytes, behind them.  0, or CLOSE_ERROR.
+    cdef Py_ssize_t rest = f.held_len - f.held_off if f.held != NULL else 0
+    cdef Py_ssize_t got = 0
     cdef ssize_t r
-    cdef char *buf
+    cdef char *buf = <char *>malloc(rest + n)
+    if buf == NULL:
+        return CLOSE_ERROR
+    if rest:
+        memcpy(buf, f.held + f.held_off, rest)
+    while got < n:
+        r = read(f.pipe.cons, buf + rest + got, <size_t>(n - got))
+        if r < 0 and errno == EINTR:
+            continue
+        if r <= 0:
+            free(buf)
+            return CLOSE_ERROR
+        got += r
+    f.pipe.data -= n
+    if f.held == NULL:
+        held_count(e, DBG_BUFFERS, 1)
+    free(f.held)
+    f.held = buf
+    f.held_len = <int>(rest + n)
+    f.held_off = 0
+    return 0
+
+
+cdef int flow_take_pipe(Eng *e, Flow *f) noexcept nogil:
+    # Make what a flow's pipe holds plain memory: the bytes that may go join its held bytes, a
+    # frame start a splice cut becomes the carry (which the next read or pipe starts with); the
+    # pipe goes back to the pool.  0, or CLOSE_ERROR.
+    cdef Py_ssize_t n
+    cdef ssize_t r
     if f.pipe == NULL:
         return 0
-    if f.pipe.data > 0:
-        rest = f.held_len - f.held_off if f.held != NULL else 0
-        n = rest + f.pipe.data
-        buf = <char *>malloc(n)
-        if buf == NULL:
+    n = pipe_ready(f.pipe)
+    if n > 0 and pipe_to_held(e, f, n) < 0:
+        return CLOSE_ERROR
+    n = f.pipe.tail
+    if n > 0:
+        if n > <Py_ssize_t>sizeof(f.ws.carry) or f.ws.ncarry:
+            return CLOSE_ERROR        # (a scan leaves less than a unit's 14 bytes, and no carry)
+        r = read(f.pipe.cons, f.ws.carry, <size_t>n)
+        if r != n:
             return CLOSE_ERROR
-        if rest:
-            memcpy(buf, f.held + f.held_off, rest)
-        while f.pipe.data > 0:
-            r = read(f.pipe.cons, buf + rest, <size_t>f.pipe.data)
-            if r < 0 and errno == EINTR:
-                continue
-            if r <= 0:
-                free(buf)
-                return CLOSE_ERROR
-            rest += r
-            f.pipe.data -= r
-        if f.held == NULL:
-            held_count(e, DBG_BUFFERS, 1)
-        free(f.held)
-        f.held = buf
-        f.held_len = <int>n
-        f.held_off = 0
+        f.ws.ncarry = <uint8_t>n
+        f.pipe.data = f.pipe.tail = 0
     pipe_put(e, f.pipe)
     f.pipe = NULL
     return 0

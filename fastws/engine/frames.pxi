@@ -3,8 +3,8 @@
 # The bytes still go as they come, by copy or by splice: the tracker reads each frame's header
 # where it passes and skips its payload.  A copied read is scanned in the shared buffer; a
 # header a read cut in two waits in the flow's carry for the rest, so what went on always ends
-# inside a payload or at a boundary.  A spliced flow peeks at each header (MSG_PEEK) and splices
-# at most to the end of that frame, so that large frames still move without a copy.
+# inside a payload or at a boundary.  A spliced flow reads its headers from a tee(2) of its pipe
+# (ws_pipe_scan, below), so that frames, large or small, still move without a copy.
 #
 # Knowing the boundaries, the proxy can put frames of its own between two frames: pings toward
 # a silent side (ping_interval; the pong that answers is taken out of the stream), and the
@@ -173,44 +173,207 @@ cdef int ws_forward(Eng *e, Conn *c, int d, Py_ssize_t n) noexcept nogil:
     return rc
 
 
-cdef int ws_splice_head(Eng *e, Conn *c, int d) noexcept nogil:
-    # A spliced flow at a frame boundary (its pipe may hold whole frames): peek at the next
-    # frame's header and set f.left to the bytes to splice (the header and the payload).  0: splice them, 1: wait
-    # for more bytes, 2: look again (a frame was put in or taken out), WS_EOF: the source
-    # ended, <0: a close reason.
-    cdef Flow *f = &c.flow[d]
-    cdef Io *src = flow_src(c, d)
-    cdef uint8_t h[14]
+# --- a spliced flow: its headers read from a tee(2) of its pipe ---------------------------
+#
+# A splice brings as many frames as the pipe takes, cut anywhere.  The bytes past the last
+# boundary the flow knew (the pipe's tail) are looked at through the engine's scratch pipe: a
+# tee(2) puts the pipe's pages there too, without a copy; each header is read from it (at most
+# 14 bytes copied) and each payload spliced to /dev/null (what is left after the last header
+# goes with the next look's first skip).  So a frame costs two system calls on
+# a pipe, not a peek and a splice of its own on the socket: a socket read is what makes the
+# kernel send the ACK that wakes the sender, and fewer of them is most of what splice saves.
+
+cdef int ws_scratch(Eng *e) noexcept nogil:
+    # The scratch pipe and /dev/null, made when the engine starts (and again if the pipe broke).
+    # 0, or -1: they cannot be had (the flows that follow frames then copy).
+    cdef int fds[2]
+    if e.peek_cap != 0:
+        return 0 if e.peek_cap > 0 else -1
+    e.peek_cap = -1
+    e.null_fd = open("/dev/null", O_WRONLY | O_CLOEXEC)
+    if e.null_fd < 0:
+        return -1
+    if pipe2(fds, O_NONBLOCK | O_CLOEXEC) < 0:
+        close(e.null_fd)
+        return -1
+    fcntl(fds[1], F_SETPIPE_SZ, e.pipe_size)
+    e.peek_cons = fds[0]
+    e.peek_prod = fds[1]
+    e.peek_cap = fcntl(fds[1], F_GETPIPE_SZ)
+    return 0
+
+
+cdef void ws_scratch_close(Eng *e) noexcept nogil:
+    if e.peek_cap > 0:
+        close(e.peek_cons)
+        close(e.peek_prod)
+        close(e.null_fd)
+    e.peek_cap = 0
+    e.peek_left = 0
+
+
+cdef int pipe_skip(Eng *e, int fd, Py_ssize_t n) noexcept nogil:
+    # The first n bytes of the pipe read at fd go to /dev/null.  0, or -1.
     cdef ssize_t k
-    cdef int r, need = 0, hlen = 0
-    cdef uint64_t length = 0
-    if f.ws.flags & FASTWS_WS_STOP:
+    while n > 0:
+        k = splice(fd, NULL, e.null_fd, NULL, <size_t>n, SPLICE_F_NONBLOCK)
+        if k < 0 and errno == EINTR:
+            continue
+        if k <= 0:
+            return -1
+        n -= k
+    return 0
+
+
+cdef int ws_splice_ready(Eng *e, Conn *c, int d) noexcept nogil:
+    # A spliced flow that follows its frames, before it splices more in: at a boundary the
+    # proxy's frame goes (after what the pipe holds that may go); a frame start the copy path
+    # cut (or a handed-over tunnel brought) begins the pipe.  0: splice, 1: wait for the
+    # destination, 2: look again, <0: a close reason.
+    cdef Flow *f = &c.flow[d]
+    cdef int r
+    if f.ws.flags & FASTWS_WS_STOP and f.left == 0:
+        if f.held != NULL or pipe_ready(f.pipe) > 0:
+            r = flow_flush(e, c, d)
+            return r if r != 0 else 2
         r = ws_inject(e, c, d)
         return r if r < 0 else 2
-    k = recv(src.fd, h, sizeof(h), MSG_PEEK | MSG_DONTWAIT)
-    if k == 0:
-        return WS_EOF
-    if k < 0:
-        if errno == EAGAIN or errno == EINTR:
-            src.rd_ready = 0
-            return 1
-        return flow_error(d, True)
-    r = fastws_ws_header(&f.ws, h, <size_t>k, d == 0, c.tp.max_message, &need, &hlen, &length)
-    if r:
-        return ws_fail(e, c, d, r)
-    if need > k:
-        # the rest of the header is not here yet: the next edge brings it (a peek that saw
-        # fewer bytes than asked for saw all there were)
-        src.rd_ready = 0
-        return 1
-    if fastws_ws_unit(&f.ws, h, need, hlen, length):
-        recv(src.fd, h, need, MSG_DONTWAIT)   # the proxy's pong: read, and no further
-        f.last_rx = e.now
-        ws_pong_taken(e, c)
-        return 2
-    ws_note_close(c, d)
-    f.left = hlen + <long long>length
+    if ws_scratch(e) < 0:
+        r = flow_copy_from_now(e, f)
+        return r if r < 0 else 2
+    if f.ws.ncarry:
+        if write(f.pipe.prod, f.ws.carry, f.ws.ncarry) != f.ws.ncarry:
+            return CLOSE_ERROR
+        f.pipe.data += f.ws.ncarry
+        f.pipe.tail += f.ws.ncarry
+        f.ws.ncarry = 0
     return 0
+
+
+cdef int ws_spliced(Eng *e, Conn *c, int d, Py_ssize_t n) noexcept nogil:
+    # n bytes were spliced into the flow's pipe: those past the current frame are looked at.
+    # 0, or a close reason.
+    cdef Flow *f = &c.flow[d]
+    if f.pipe.tail == 0:
+        if f.left >= n:
+            f.left -= n
+            return 0
+        f.pipe.tail = n - <Py_ssize_t>f.left
+        f.left = 0
+    else:
+        f.pipe.tail += n              # (behind a cut frame start: f.left is 0)
+    return ws_pipe_scan(e, c, d)
+
+
+cdef int ws_pipe_scan(Eng *e, Conn *c, int d) noexcept nogil:
+    # Read the headers in the pipe's tail and skip their payloads, until the tail is a frame
+    # start the splice cut (it waits there for the rest) or the last frame goes on past the
+    # pipe (f.left: its bytes still to come).  The proxy's pong and a frame that breaks a rule
+    # are taken out once what is before them has gone on.  0, or a close reason.
+    cdef Flow *f = &c.flow[d]
+    cdef Pipe *p
+    cdef uint8_t h[14]
+    cdef ssize_t t, k
+    cdef Py_ssize_t pos, seen, room
+    cdef int r, have, need = 0, hlen = 0
+    cdef uint64_t length = 0
+    while True:
+        p = f.pipe
+        if p.tail == 0:
+            return 0
+        if e.peek_left > e.peek_cap - p.data:
+            if pipe_skip(e, e.peek_cons, e.peek_left) < 0:
+                return ws_scratch_broken(e)
+            e.peek_left = 0
+        t = tee(p.cons, e.peek_prod, <size_t>p.data, SPLICE_F_NONBLOCK)
+        if t != p.data:
+            eng_log(e, LOG_ERROR, "tee(2) of a pipe of %zd bytes gave %zd (errno %d)", p.data, t,
+                    errno)
+            if t > 0:
+                e.peek_left += t
+            return CLOSE_ERROR
+        # what the last look left goes with the bytes before the tail, in one splice
+        pos = seen = p.data - p.tail  # seen: how far this tee has been read
+        if pipe_skip(e, e.peek_cons, e.peek_left + seen) < 0:
+            return ws_scratch_broken(e)
+        e.peek_left = 0
+        r = 0
+        have = 0                      # bytes of the unit at pos in h (a header read may take
+        while pos < p.data:           # the start of the next unit too)
+            k = p.data - pos if p.data - pos < 14 else 14
+            if have < k:
+                if read(e.peek_cons, h + have, <size_t>(k - have)) != k - have:
+                    return ws_scratch_broken(e)
+                seen += k - have
+                have = <int>k
+            r = fastws_ws_header(&f.ws, h, <size_t>have, d == 0, c.tp.max_message, &need,
+                                 &hlen, &length)
+            if r != 0 or need > have:
+                break                 # a broken rule, or a frame start the splice cut
+            if fastws_ws_unit(&f.ws, h, need, hlen, length):
+                r = FASTWS_WS_DROP    # the proxy's pong
+                break
+            ws_note_close(c, d)
+            room = p.data - pos - hlen
+            if length >= <uint64_t>room:
+                f.left = <long long>(length - <uint64_t>room)
+                pos = p.data
+                break
+            k = hlen + <Py_ssize_t>length
+            pos += k
+            if k < have:
+                have -= <int>k
+                memmove(h, h + k, <size_t>have)
+            else:
+                if pipe_skip(e, e.peek_cons, pos - seen) < 0:
+                    return ws_scratch_broken(e)
+                seen = pos
+                have = 0
+        e.peek_left = t - seen
+        p.tail = p.data - pos
+        if r == 0:
+            return 0
+        # the frame at pos goes no further: what is before it goes first, then it is taken out
+        k = ws_pipe_before(e, c, d, pos)
+        if k < 0:
+            return <int>k
+        if r == FASTWS_WS_DROP:
+            if pipe_skip(e, p.cons, need) < 0:
+                return CLOSE_ERROR
+            p.data -= need
+            p.tail = p.data
+            f.last_rx = e.now
+            ws_pong_taken(e, c)
+            continue
+        if pipe_skip(e, p.cons, p.data) < 0:
+            return CLOSE_ERROR
+        p.data = p.tail = 0
+        return ws_fail(e, c, d, r)
+
+
+cdef int ws_pipe_before(Eng *e, Conn *c, int d, Py_ssize_t pos) noexcept nogil:
+    # The pipe's first pos bytes go before anything else happens to the flow: spliced out if
+    # the destination takes them, else kept as held bytes.  0, or a close reason.
+    cdef Flow *f = &c.flow[d]
+    cdef Pipe *p = f.pipe
+    cdef int r
+    if pos == 0:
+        return 0
+    p.tail = p.data - pos
+    r = flow_flush(e, c, d)           # (the pipe stays: the frame at pos is still in it)
+    if r < 0:
+        return r
+    if pipe_ready(p) > 0 and pipe_to_held(e, f, pipe_ready(p)) < 0:
+        return CLOSE_ERROR
+    return 0
+
+
+cdef int ws_scratch_broken(Eng *e) noexcept nogil:
+    # The scratch pipe failed mid-read (it should not): it may hold bytes no scan can place, so
+    # it goes, and is made anew at the next use.
+    eng_log(e, LOG_ERROR, "the scratch pipe failed (errno %d): made anew", errno)
+    ws_scratch_close(e)
+    return CLOSE_ERROR
 
 
 cdef int ws_fail(Eng *e, Conn *c, int d, int code) noexcept nogil:
@@ -416,10 +579,10 @@ def ws_frames(chunks, bint from_client, unsigned long long max_message=0, bint c
             "pongs": pongs}
 
 
-def ws_frames_peek(bytes data, bint from_client, unsigned long long max_message=0,
+def ws_frames_walk(bytes data, bint from_client, unsigned long long max_message=0,
                    bint checks=True):
-    """The splice path's view of the same stream: at each boundary a peek at 14 bytes, then the
-    whole frame; the frames it found, its messages, close code and error."""
+    """The splice path's way through the same stream: at each boundary the header read whole,
+    then the payload skipped; the frames it found, its messages, close code and error."""
     cdef fastws_wsframe f
     cdef int r = 0, need = 0, hlen = 0
     cdef uint64_t length = 0

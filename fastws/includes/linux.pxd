@@ -5,9 +5,10 @@ cdef extern from "compat.h" nogil:
     double fastws_realtime()
     double NEVER "FASTWS_NEVER"
 
-    # splice(2), pipe2(2), fcntl(2)
+    # splice(2), tee(2), pipe2(2), fcntl(2)
     ssize_t splice(int fd_in, long long *off_in, int fd_out, long long *off_out,
                    size_t length, unsigned int flags)
+    ssize_t tee(int fd_in, int fd_out, size_t length, unsigned int flags)
     int pipe2(int pipefd[2], int flags)
     int fcntl(int fd, int cmd, ...)
     int open(const char *path, int flags)
@@ -20,6 +21,7 @@ cdef extern from "compat.h" nogil:
         O_NONBLOCK
         O_CLOEXEC
         O_RDONLY
+        O_WRONLY
         F_SETPIPE_SZ
         F_GETPIPE_SZ
         F_GETFL
