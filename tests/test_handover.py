@@ -7,7 +7,7 @@ import asyncio
 import os
 import socket
 import threading
-import time
+from typing import Any
 
 import pytest
 
@@ -83,8 +83,12 @@ def test_handover_transport_carries_fds_header_and_large_pending_bytes():
 
     async def main():
         addr = handover.address(os.getpid(), 99, 0)
-        receiver = handover.Receiver(asyncio.get_running_loop(), addr,
-                                     lambda *tunnel: adopted.append(tunnel))
+        arrived = asyncio.Event()
+
+        def adopt(*tunnel: Any) -> None:
+            adopted.append(tunnel)
+            arrived.set()
+        receiver = handover.Receiver(asyncio.get_running_loop(), addr, adopt)
         sock = handover.connect_once(addr)
         assert sock is not None
         a, b = socket.socketpair()
@@ -94,9 +98,7 @@ def test_handover_transport_carries_fds_header_and_large_pending_bytes():
             "send_timeout": 30.0, "relay": "copy", "upstream": "backend", "peer": "127.0.0.1:9",
             "log": None}, small, large)
         await asyncio.get_running_loop().run_in_executor(None, handover.send, sock, t)
-        deadline = time.monotonic() + 10
-        while not adopted and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        await asyncio.wait_for(arrived.wait(), 10)
         sock.close()
         receiver.close()
         return a, b

@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import http.client
 import socket
-import time
 
 import pytest
 
@@ -163,9 +162,9 @@ def test_keepalive_requests_and_timeout(make_proxy, backend, port):
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         s.sendall(b"GET /small HTTP/1.1\r\nHost: a\r\n\r\n")
         read_response(s)
-        started = time.monotonic()
-        assert s.recv(10) == b""               # closed by the proxy once idle for 400ms
-        assert time.monotonic() - started < 5
+        # closed by the proxy once idle for 400ms (the default would keep it for 75s, past
+        # the socket's 10s timeout)
+        assert s.recv(10) == b""
 
 
 def test_http10_client(make_proxy, backend, port):

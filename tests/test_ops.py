@@ -192,7 +192,8 @@ def test_worker_connections_limit_pauses_accepting_and_drops_nothing(make_proxy,
     late.settimeout(0.5)
     with pytest.raises(socket.timeout):
         late.recv(100)          # queued by the kernel, not accepted while the worker is full
-    assert "worker_connections are not enough" in (tmp_path / "error.log").read_text()
+    wait_until(lambda: "worker_connections are not enough" in
+               (tmp_path / "error.log").read_text())
     idle[0].close()
     late.settimeout(10)
     assert read_all(late).endswith(b"\r\n\r\nv1")
