@@ -50,9 +50,10 @@ cdef int ws_code_class(int code) noexcept nogil:
     return WS_CODE_OTHER
 
 
-cdef int ws_emit(Eng *e, Conn *c, int d, const char *p, Py_ssize_t n) noexcept nogil:
-    # Bytes for flow d's destination, behind what the flow holds.  0: sent, 1: held, <0: a
-    # close reason.
+cdef int ws_emit(Eng *e, Conn *c, int d, const char *p, Py_ssize_t n,
+                 int flags=0) noexcept nogil:
+    # Bytes for flow d's destination, behind what the flow holds (flags: io_send's).  0: sent,
+    # 1: held, <0: a close reason.
     cdef Flow *f = &c.flow[d]
     cdef Io *dst = flow_dst(c, d)
     cdef ssize_t w = 0
@@ -63,7 +64,7 @@ cdef int ws_emit(Eng *e, Conn *c, int d, const char *p, Py_ssize_t n) noexcept n
         # a close of the proxy's, on a broken frame, can come while the pipe holds bytes)
         return CLOSE_ERROR
     if f.held == NULL and dst.wr_ready:
-        w = io_send(e, dst, p, n)
+        w = io_send(e, dst, p, n, flags)
         if w < 0:
             if w != -EAGAIN:
                 return flow_error(d, False)
@@ -130,6 +131,9 @@ cdef int ws_forward(Eng *e, Conn *c, int d, Py_ssize_t n) noexcept nogil:
     cdef size_t pos = 0, start = 0, drop = 0
     cdef int r, w, rc = 0
     cdef bint dropping = f.ws.flags & FASTWS_WS_CLOSE_SENT   # after the proxy's close
+    # the source's FIN follows these bytes (a server's close frame, as a rule): they go with
+    # the FIN the flow passes on next, in one segment (as flow_forward's)
+    cdef int more = MSG_MORE if flow_src(c, d).eof_next else 0
     f.ws.ncarry = 0
     if dropping and f.ws.flags & FASTWS_WS_CLOSE_SEEN:
         return 0                      # the source's answer came (or is not waited for)
@@ -137,7 +141,7 @@ cdef int ws_forward(Eng *e, Conn *c, int d, Py_ssize_t n) noexcept nogil:
         r = fastws_ws_scan(&f.ws, <uint64_t *>&f.left, p, <size_t>n, &pos, d == 0,
                            c.tp.max_message, &drop)
         if not dropping:
-            w = ws_emit(e, c, d, e.buf + start, <Py_ssize_t>(pos - start))
+            w = ws_emit(e, c, d, e.buf + start, <Py_ssize_t>(pos - start), more)
             if w < 0:
                 return w
             rc |= w
