@@ -529,6 +529,7 @@ cdef struct Pipe:
     int prod                 # write end: splice into it
     int cons                 # read end: splice out of it
     Py_ssize_t data          # bytes the pipe holds now
+    Py_ssize_t cap           # what it can hold (pipe_size, unless the kernel refused that)
     Py_ssize_t tail          # of those, at the end, a frame's start a splice cut (FLOW_FRAMES):
                              # not to go on until the rest of it is here and looked at
     Pipe *next               # free list link

@@ -534,17 +534,24 @@ def spliced_config(port: int, backend: RawBackend, **location: Any) -> dict[str,
     return ws_config(port, backend.address, relay="splice", frame_checks=False, **location)
 
 
+@pytest.mark.parametrize("pipe_size", ["256k", "64k"])
 @settings(max_examples=fuzz_examples(40), deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(conversations(), st.lists(st.integers(0, 1 << 20), max_size=8))
-def test_a_spliced_stream_arrives_whole_however_it_is_cut(make_proxy, raw_echo, port, conv,
+def test_a_spliced_stream_arrives_whole_however_it_is_cut(make_proxy, raw_echo, port,
+                                                          tmp_path_factory, pipe_size, conv,
                                                           points) -> None:
     # frames of every length encoding, cut anywhere between writes: whatever the splices
-    # bring (several frames, a header cut at the pipe's end), every byte arrives, in order
+    # bring (several frames, a header cut at the pipe's end), every byte arrives, in order;
+    # with 64 KiB pipes (16 buffers) and pieces sent from a file (page-cache pages: a 4 KiB
+    # buffer each), what one look at the scratch pipe leaves takes the room of the next
     if not getattr(raw_echo, "proxied", False):  # (the fixtures serve every example: one proxy)
-        make_proxy(spliced_config(port, raw_echo), port=port)
+        config = spliced_config(port, raw_echo)
+        config["pipe_size"] = pipe_size
+        make_proxy(config, port=port)
         raw_echo.proxied = True
     data = wire(conv[0], True)
+    scratch = tmp_path_factory.mktemp("pieces") / "piece"
     got = bytearray()
     with _mute_client(port) as s:
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -558,7 +565,12 @@ def test_a_spliced_stream_arrives_whole_however_it_is_cut(make_proxy, raw_echo, 
         reader = threading.Thread(target=read)
         reader.start()
         for piece in cuts(data, points):
-            s.sendall(piece)
+            if pipe_size == "64k":
+                scratch.write_bytes(piece)
+                with scratch.open("rb") as f:
+                    s.sendfile(f)
+            else:
+                s.sendall(piece)
         reader.join(timeout=30)
     assert bytes(got) == data
 

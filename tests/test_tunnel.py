@@ -13,7 +13,8 @@ from websockets.sync.client import connect
 
 from conftest import ws_config
 from support import (RawBackend, accept_queue, raw_echo_handler, read_all, read_head,
-                     upgrade_request, wait_until, ws_accept, ws_key, ws_upgrade_handler)
+                     upgrade_request, wait_until, ws_accept, ws_frame, ws_key,
+                     ws_upgrade_handler)
 
 
 def test_messages_arrive_intact(make_proxy, echo_backend, port, relay):
@@ -261,6 +262,43 @@ def test_half_close_propagates(make_proxy, port, relay):
         s.shutdown(socket.SHUT_WR)
         assert rest + read_all(s) == b"reply after your EOF"
     assert backend.received == [b"last words"]
+    backend.close()
+
+
+@pytest.mark.parametrize("frames, pipe_size", [(False, "4k"), (True, "64k")])
+def test_a_pipe_full_of_small_segments_loses_no_byte_and_no_eof(make_proxy, port, frames,
+                                                                 pipe_size):
+    # A pipe holds so many buffers, not bytes: with small pipes (4 KiB: one buffer; 64 KiB,
+    # the least a tunnel that follows its frames splices through: 16) and small segments, a
+    # splice often moves fewer bytes than asked for while the socket holds more.  Every
+    # byte, then the client's EOF, must still go on (a short splice is not an empty socket,
+    # nor the end of the stream).
+    def handler(conn, backend):
+        ws_upgrade_handler(conn, backend)
+        got = bytearray()
+        while data := conn.recv(65536):
+            got += data
+        backend.received.append(bytes(got))
+        conn.sendall(b"bye")
+        conn.shutdown(socket.SHUT_WR)
+
+    backend = RawBackend(handler)
+    config = ws_config(port, backend.address, relay="splice", frames=frames,
+                       frame_checks=False)
+    config["pipe_size"] = pipe_size
+    make_proxy(config, port=port)
+    # whole frames, so that a tunnel following them sees a valid stream
+    payload = b"".join(ws_frame(os.urandom(n), opcode=2) for n in (70_000, 5, 300_000, 126))
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.sendall(upgrade_request())
+        head, rest = read_head(s)
+        assert head.startswith(b"HTTP/1.1 101 ")
+        for i in range(0, len(payload), 1000):
+            s.sendall(payload[i:i + 1000])
+        s.shutdown(socket.SHUT_WR)
+        assert rest + read_all(s) == b"bye"
+    assert backend.received == [payload]
     backend.close()
 
 

@@ -52,8 +52,12 @@ cdef Pipe *pipe_get(Eng *e) noexcept nogil:
         close(fds[1])
         return NULL
     # A larger pipe moves more per splice pair; the kernel may refuse past fs.pipe-max-size or
-    # the per-user page budget, and then the default 64 KiB pipe is kept.
+    # the per-user page budget, and then the default 64 KiB pipe is kept.  A splice asks for
+    # what the pipe can take: fewer bytes than asked for then means the socket is empty.
     fcntl(fds[1], F_SETPIPE_SZ, e.pipe_size)
+    p.cap = fcntl(fds[1], F_GETPIPE_SZ)
+    if p.cap <= 0:
+        p.cap = 65536
     p.cons = fds[0]
     p.prod = fds[1]
     p.data = 0
@@ -316,7 +320,7 @@ cdef int flow_pump(Eng *e, Conn *c, int d) noexcept nogil:
                 src.rd_ready = 0
                 src.eof = 1
                 return flow_eof(e, c, d)
-            want = e.pipe_size
+            want = f.pipe.cap - f.pipe.data
             if f.mode == FLOW_FRAMES:
                 r = ws_splice_ready(e, c, d)
                 if r == 1:
@@ -327,18 +331,17 @@ cdef int flow_pump(Eng *e, Conn *c, int d) noexcept nogil:
                     return r
                 # as many frames as the pipe takes, cut anywhere: ws_spliced finds the
                 # boundaries; only for a frame of the proxy's does the splice stop at one
-                want = e.peek_cap - f.pipe.data
+                want = f.pipe.cap - f.pipe.data
                 if f.ws.flags & FASTWS_WS_STOP and f.left < want:
                     want = <Py_ssize_t>f.left
             n = splice(src.fd, NULL, f.pipe.prod, NULL, <size_t>want,
                        SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
             e.n.splice_calls += 1
             if n > 0:
-                if n < want:
-                    if not src.rdhup:
-                        src.rd_ready = 0
-                    elif not src.rderr:
-                        src.eof_next = 1      # as io_recv: the FIN is all that is left
+                # Fewer bytes than asked for do not tell that the socket is empty, as they do for
+                # recv(): a pipe holds so many buffers, not bytes, and small segments (a NIC's,
+                # 1.5 KB each) fill it first.  Only EAGAIN, or 0 at the EOF, tells (as HAProxy's
+                # raw_sock_to_pipe).
                 f.pipe.data += n
                 f.nbytes += n
                 f.last_rx = e.now

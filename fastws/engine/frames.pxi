@@ -187,6 +187,13 @@ cdef int ws_forward(Eng *e, Conn *c, int d, Py_ssize_t n) noexcept nogil:
 # a pipe, not a peek and a splice of its own on the socket: a socket read is what makes the
 # kernel send the ACK that wakes the sender, and fewer of them is most of what splice saves.
 
+# A frame start a splice cut (at most 13 bytes) waits in the pipe, in as many buffers as
+# segments brought it: a pipe needs more than that many buffers (a page each) to take more
+# behind it.  Smaller pipes (pipe_size under 64 KiB) leave such tunnels to the copy path.
+cdef enum:
+    WS_PIPE_MIN = 65536
+
+
 cdef int ws_scratch(Eng *e) noexcept nogil:
     # The scratch pipe and /dev/null, made when the engine starts (and again if the pipe broke).
     # 0, or -1: they cannot be had (the flows that follow frames then copy).
@@ -200,10 +207,17 @@ cdef int ws_scratch(Eng *e) noexcept nogil:
     if pipe2(fds, O_NONBLOCK | O_CLOEXEC) < 0:
         close(e.null_fd)
         return -1
+    # as large as any flow's pipe, so that a tee of a whole pipe always fits in an empty one
     fcntl(fds[1], F_SETPIPE_SZ, e.pipe_size)
     e.peek_cons = fds[0]
     e.peek_prod = fds[1]
     e.peek_cap = fcntl(fds[1], F_GETPIPE_SZ)
+    if e.peek_cap < e.pipe_size:
+        close(fds[0])
+        close(fds[1])
+        close(e.null_fd)
+        e.peek_cap = -1
+        return -1
     return 0
 
 
@@ -242,7 +256,7 @@ cdef int ws_splice_ready(Eng *e, Conn *c, int d) noexcept nogil:
             return r if r != 0 else 2
         r = ws_inject(e, c, d)
         return r if r < 0 else 2
-    if ws_scratch(e) < 0:
+    if f.pipe.cap < WS_PIPE_MIN or ws_scratch(e) < 0:
         r = flow_copy_from_now(e, f)
         return r if r < 0 else 2
     if f.ws.ncarry:
@@ -285,11 +299,15 @@ cdef int ws_pipe_scan(Eng *e, Conn *c, int d) noexcept nogil:
         p = f.pipe
         if p.tail == 0:
             return 0
-        if e.peek_left > e.peek_cap - p.data:
-            if pipe_skip(e, e.peek_cons, e.peek_left) < 0:
+        t = tee(p.cons, e.peek_prod, <size_t>p.data, SPLICE_F_NONBLOCK)
+        if t != p.data and e.peek_left > 0:
+            # a pipe counts buffers, not bytes: what the last look left can take the room of
+            # this one's (many small buffers).  It goes, with what was tee'd, and the tee again
+            # (the scratch pipe has as many buffers as any flow's).
+            if pipe_skip(e, e.peek_cons, e.peek_left + (t if t > 0 else 0)) < 0:
                 return ws_scratch_broken(e)
             e.peek_left = 0
-        t = tee(p.cons, e.peek_prod, <size_t>p.data, SPLICE_F_NONBLOCK)
+            t = tee(p.cons, e.peek_prod, <size_t>p.data, SPLICE_F_NONBLOCK)
         if t != p.data:
             eng_log(e, LOG_ERROR, "tee(2) of a pipe of %zd bytes gave %zd (errno %d)", p.data, t,
                     errno)
