@@ -183,9 +183,9 @@ cdef int ws_forward(Eng *e, Conn *c, int d, Py_ssize_t n) noexcept nogil:
 # boundary the flow knew (the pipe's tail) are looked at through the engine's scratch pipe: a
 # tee(2) puts the pipe's pages there too, without a copy; each header is read from it (at most
 # 14 bytes copied) and each payload spliced to /dev/null (what is left after the last header
-# goes with the next look's first skip).  So a frame costs two system calls on
-# a pipe, not a peek and a splice of its own on the socket: a socket read is what makes the
-# kernel send the ACK that wakes the sender, and fewer of them is most of what splice saves.
+# goes with the next look's first skip).  So a frame costs two system calls on a pipe, not a
+# peek and a splice of its own on the socket: a socket read is what makes the kernel send the
+# ACK that wakes the sender, and fewer of them is most of what splice saves.
 
 # A frame start a splice cut (at most 13 bytes) waits in the pipe, in as many buffers as
 # segments brought it: a pipe needs more than that many buffers (a page each) to take more
