@@ -119,13 +119,11 @@ cdef bytes _held(Flow *f):
 
 cdef int _hold_bytes(Eng *e, Flow *f, bytes data) noexcept:
     cdef Py_ssize_t n = PyBytes_GET_SIZE(data)
+    cdef char *room
     if n == 0:
         return 0
-    f.held = <char *>malloc(n)
-    if f.held == NULL:
+    room = held_room(e, f, n)
+    if room == NULL:
         return -1
-    held_count(e, DBG_BUFFERS, 1)
-    memcpy(f.held, PyBytes_AS_STRING(data), n)
-    f.held_len = <int>n
-    f.held_off = 0
+    memcpy(room, PyBytes_AS_STRING(data), n)
     return 0

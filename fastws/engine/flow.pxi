@@ -86,33 +86,34 @@ cdef void pipe_put(Eng *e, Pipe *p) noexcept nogil:
 
 # --- moving bytes ------------------------------------------------------------------------
 
+cdef char *held_room(Eng *e, Flow *f, Py_ssize_t n) noexcept nogil:
+    # Room for n more bytes behind those the flow holds (a head and its body, an answer after a
+    # 100, a pipe's bytes): where the caller puts them, or NULL (no memory).
+    cdef Py_ssize_t rest = f.held_len - f.held_off if f.held != NULL else 0
+    cdef char *grown = <char *>malloc(rest + n)
+    if grown == NULL:
+        return NULL
+    if f.held == NULL:
+        held_count(e, DBG_BUFFERS, 1)
+    else:
+        memcpy(grown, f.held + f.held_off, rest)
+        free(f.held)
+    f.held = grown
+    f.held_len = <int>(rest + n)
+    f.held_off = 0
+    return grown + rest
+
+
 cdef int flow_hold(Eng *e, Conn *c, int d, const char *data, Py_ssize_t n) noexcept nogil:
     # Keep bytes the destination did not take; 1 (blocked), or CLOSE_ERROR.
     cdef Flow *f = &c.flow[d]
-    cdef char *grown
-    cdef Py_ssize_t rest
+    cdef char *room
     if n <= 0:
         return 0
-    if f.held == NULL:
-        f.held = <char *>malloc(n)
-        if f.held == NULL:
-            return CLOSE_ERROR
-        held_count(e, DBG_BUFFERS, 1)
-        memcpy(f.held, data, n)
-        f.held_len = <int>n
-        f.held_off = 0
-    else:
-        # appended behind bytes still held (a head and its body, an answer after a 100)
-        rest = f.held_len - f.held_off
-        grown = <char *>malloc(rest + n)
-        if grown == NULL:
-            return CLOSE_ERROR
-        memcpy(grown, f.held + f.held_off, rest)
-        memcpy(grown + rest, data, n)
-        free(f.held)
-        f.held = grown
-        f.held_len = <int>(rest + n)
-        f.held_off = 0
+    room = held_room(e, f, n)
+    if room == NULL:
+        return CLOSE_ERROR
+    memcpy(room, data, n)
     return flow_blocked(e, c, f)
 
 
@@ -462,29 +463,20 @@ cdef int flow_copy_from_now(Eng *e, Flow *f) noexcept nogil:
 
 cdef int pipe_to_held(Eng *e, Flow *f, Py_ssize_t n) noexcept nogil:
     # The first n bytes of the flow's pipe join its held bytes, behind them.  0, or CLOSE_ERROR.
-    cdef Py_ssize_t rest = f.held_len - f.held_off if f.held != NULL else 0
     cdef Py_ssize_t got = 0
     cdef ssize_t r
-    cdef char *buf = <char *>malloc(rest + n)
-    if buf == NULL:
+    cdef char *room = held_room(e, f, n)
+    if room == NULL:
         return CLOSE_ERROR
-    if rest:
-        memcpy(buf, f.held + f.held_off, rest)
     while got < n:
-        r = read(f.pipe.cons, buf + rest + got, <size_t>(n - got))
+        r = read(f.pipe.cons, room + got, <size_t>(n - got))
         if r < 0 and errno == EINTR:
             continue
         if r <= 0:
-            free(buf)
+            f.held_len -= <int>(n - got)      # (the connection closes: keep only what came)
             return CLOSE_ERROR
         got += r
     f.pipe.data -= n
-    if f.held == NULL:
-        held_count(e, DBG_BUFFERS, 1)
-    free(f.held)
-    f.held = buf
-    f.held_len = <int>(rest + n)
-    f.held_off = 0
     return 0
 
 
