@@ -250,6 +250,7 @@ from fastws.includes.openssl cimport FASTWS_SSL, FASTWS_SSL_CTX
 from fastws.includes.pcre2 cimport fastws_regex
 from fastws.includes.zone cimport fastws_zone
 from fastws.includes.wsframe cimport fastws_wsframe
+from fastws.includes.uring cimport fastws_uring
 
 cdef struct Io:
     # What epoll's data.ptr points at: every pollable object starts with one.  Readiness is
@@ -260,6 +261,7 @@ cdef struct Io:
     unsigned char rd_ready
     unsigned char wr_ready
     unsigned char registered
+    int slot                 # io_uring: its place in Eng.slots (its polls' user_data), 0: none
     unsigned char eof        # a read returned 0 (or the TLS peer's close_notify)
     unsigned char rdhup      # the peer's FIN is queued behind the data (EPOLLRDHUP): a short
                              # read does not drain the socket, the next one returns 0
@@ -788,8 +790,21 @@ cdef struct Counters:
     unsigned long long ws_pongs          # ... and the pongs it took back
     unsigned long long ws_goodbyes       # closing handshakes the proxy began
 
+cdef enum Backend:
+    # How the engine learns what is ready (engine/ring.pxi): epoll, or io_uring's polls
+    BACKEND_EPOLL = 0
+    BACKEND_URING = 1
+
 cdef struct Eng:
-    int epfd
+    int backend              # Backend
+    int epfd                 # epoll: the set; io_uring: -1
+    fastws_uring ring        # io_uring: the ring (its fd is the engine's fd)
+    Io **slots               # io_uring: what each slot's polls stand for (NULL: free)
+    unsigned int *slot_gen   # and its generation, in the user_data's high half: a completion
+    int nslots               # of a poll whose Io is gone names an old generation
+    int free_slot            # the first free slot (a list through slot_next), 0: none
+    int *slot_next
+    int in_turn              # inside engine_turn: what is queued goes with the turn's end
     Io tio                   # the timerfd: the earliest deadline of the heap
     double timer_armed       # when it is set to fire, 0 when disarmed
     double now               # monotonic, read once per turn

@@ -28,7 +28,7 @@ cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.ref cimport PyObject, Py_DECREF, Py_INCREF
 from libc.errno cimport (errno, EAGAIN, EALREADY, ECONNABORTED, ECONNRESET, EINPROGRESS, EINTR,
-                         EINVAL, EMFILE, ENFILE, ENOSYS, EPIPE, EPROTO)
+                         EINVAL, EMFILE, ENFILE, ENOMEM, ENOSYS, EPIPE, EPROTO)
 from libc.stdio cimport snprintf
 from libc.stdlib cimport RAND_MAX, calloc, free, malloc, rand, realloc, srand
 from libc.string cimport memchr, memcmp, memcpy, memmove, memset, strcmp, strerror, strlen
@@ -41,6 +41,7 @@ from fastws.includes.openssl cimport *
 from fastws.includes.pcre2 cimport fastws_regex, fastws_regex_compile, fastws_regex_free, fastws_regex_match
 from fastws.includes.zone cimport *
 from fastws.includes.wsframe cimport *
+from fastws.includes.uring cimport *
 from libc.stdint cimport uint8_t
 
 import asyncio as _asyncio
@@ -73,6 +74,7 @@ include "engine/chunked.pxi"
 include "engine/select.pxi"
 include "engine/groups.pxi"
 include "engine/timers.pxi"
+include "engine/ring.pxi"
 include "engine/io.pxi"
 include "engine/flow.pxi"
 include "engine/tunnel.pxi"

@@ -32,6 +32,7 @@ _SIZE = re.compile(r"(\d+)([kKmMgG]?)")
 
 BALANCE_METHODS = ("round_robin", "ip_hash", "hash", "least_conn")
 RELAY_MODES = ("auto", "splice", "copy")
+ENGINE_BACKENDS = ("auto", "io_uring", "epoll")
 STATUS_FORMATS = ("stub", "json", "prometheus", "ready", "live")
 
 def parse_duration(text: Any) -> float:
@@ -334,6 +335,9 @@ class Config:
     drain_on_term: float = 0.0
     drain_unready: float = 5.0
     resolver: ResolverConfig = ResolverConfig()
+    # how each worker's engine learns what is ready: "io_uring", "epoll", or "auto" (io_uring
+    # where the kernel allows it, epoll elsewhere)
+    engine: str = "auto"
 
     def upstream(self, name: str) -> UpstreamConfig:
         for up in self.upstreams:
@@ -1288,6 +1292,9 @@ def _from_dict(r: _Reader, source: str) -> Config:
     if pipe_size < 4096 or pipe_size > (1 << 20):
         raise r.fail("pipe_size", "must be between 4k and 1m")
     max_pipes = _positive_int(r, "max_pipes", 0)
+    engine = r.get("engine", str, "auto")
+    if engine not in ENGINE_BACKENDS:
+        raise r.fail("engine", f"unknown engine {engine!r} (one of {', '.join(ENGINE_BACKENDS)})")
     if "relay_thread" in r.table:
         raise r.fail("relay_thread", "is no longer a setting: the engine runs in each worker's "
                      "event loop")
@@ -1334,7 +1341,7 @@ def _from_dict(r: _Reader, source: str) -> Config:
                   worker_connections, pipe_size, max_pipes, pid, shutdown_timeout,
                   close_spread, handover, error_log, user, files=(source,),
                   cpu_affinity=affinity, drain_on_term=drain, drain_unready=unready,
-                  resolver=resolver)
+                  resolver=resolver, engine=engine)
 
 
 def _read_resolver(top: _Reader) -> ResolverConfig:

@@ -255,7 +255,9 @@ class Worker:
             worker_connections=config.worker_connections,
             log_level=logging.getLogger("fastws").getEffectiveLevel(),
             number_step=self.board.count, number_base=self.stats.index,
-            counters=self.stats.counters)
+            counters=self.stats.counters, engine=config.engine)
+        if self.index == 0:
+            log.info("engine: %s (%s)", self.engine.backend, self.engine.backend_why)
         self.engine.serial = self.stats.serial
         built = tables.build(config, socks, self.groups, tls.Contexts(config), self.zones)
         self.zone_addresses = {z.name: z.address for z in built.zones}

@@ -32,12 +32,15 @@ cdef class Engine:
     cdef list _close_hooks            # (function, its import path) per index (Loc.close_hook)
     cdef dict _pending                # coroutine hooks running: ticket -> (task, Conn, index)
     cdef list _closed                 # closed tunnels' figures, for on_tunnel_close
+    cdef readonly str backend_why     # why this back end runs (`fastws -t`, the start-up log)
 
     def __cinit__(self, object control=None, *, int pipe_size=262144, int max_pipes=1024,
                   int bufsize=65536, int worker_connections=4096, int log_level=20,
-                  int number_step=1, int number_base=0, Py_ssize_t counters=0):
-        cdef epoll_event ev
+                  int number_step=1, int number_base=0, Py_ssize_t counters=0,
+                  str engine="auto"):
         cdef Eng *e
+        cdef char why[256]
+        cdef int r
         if bufsize < 4096:
             raise ValueError("bufsize must be at least 4096")
         self.e = e = <Eng *>calloc(1, sizeof(Eng))
@@ -72,12 +75,26 @@ cdef class Engine:
         self._close_hooks = []
         self._pending = {}
         self._closed = []
-        e.epfd = _errcheck(epoll_create1(EPOLL_CLOEXEC))
+        e.ring.fd = -1
+        if engine not in ("auto", "io_uring", "epoll"):
+            raise ValueError(f"engine must be auto, io_uring or epoll, not {engine!r}")
+        self.backend_why = "engine = \"epoll\" in the configuration"
+        if engine != "epoll":
+            why[0] = 0
+            r = uring_init(&e.ring, 1024, 16384, why, sizeof(why))
+            if r == 0:
+                e.backend = BACKEND_URING
+                self.backend_why = ("engine = \"io_uring\" in the configuration"
+                                    if engine == "io_uring" else "io_uring is available")
+            elif engine == "io_uring":
+                raise OSError(-r, why.decode())
+            else:
+                self.backend_why = why.decode()
+        if e.backend == BACKEND_EPOLL:
+            e.epfd = _errcheck(epoll_create1(EPOLL_CLOEXEC))
         e.tio.kind = IO_TIMER
         e.tio.fd = _errcheck(timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC))
-        ev.events = EPOLLIN
-        ev.data.ptr = <void *>&e.tio
-        _errcheck(epoll_ctl(e.epfd, EPOLL_CTL_ADD, e.tio.fd, &ev))
+        _errneg(watch_add(e, &e.tio, EPOLLIN))
         e.wakefd = _errcheck(eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC))
         e.reserve_fd = open("/dev/null", O_RDONLY | O_CLOEXEC)
         ws_scratch(e)                 # (held for the engine's life: opened with the rest)
@@ -89,19 +106,17 @@ cdef class Engine:
 
     def __init__(self, object control=None, *, int pipe_size=262144, int max_pipes=1024,
                  int bufsize=65536, int worker_connections=4096, int log_level=20,
-                 int number_step=1, int number_base=0, Py_ssize_t counters=0):
+                 int number_step=1, int number_base=0, Py_ssize_t counters=0,
+                 str engine="auto"):
         # (__cinit__ did the work: this gives the class its signature)
         pass
 
     cdef void _wake_io(self):
-        # the wake-up eventfd's Io lives in the arena (its kind is all epoll needs)
+        # the wake-up eventfd's Io lives in the arena (its kind is all a watch needs)
         cdef Io *io = <Io *>arena_alloc(&self.arena, sizeof(Io))
-        cdef epoll_event ev
         io.kind = IO_WAKE
         io.fd = self.e.wakefd
-        ev.events = EPOLLIN
-        ev.data.ptr = <void *>io
-        epoll_ctl(self.e.epfd, EPOLL_CTL_ADD, io.fd, &ev)
+        _errneg(watch_add(self.e, io, EPOLLIN))
 
     # --- tables -----------------------------------------------------------------------------
 
@@ -450,8 +465,14 @@ cdef class Engine:
 
     @property
     def fd(self):
-        """The epoll fd: readable when run_once() has work (edges, timers, its own wake-ups)."""
-        return self.e.epfd
+        """The epoll fd or the ring's: readable when run_once() has work (edges, timers, its
+        own wake-ups)."""
+        return self.e.ring.fd if self.e.backend == BACKEND_URING else self.e.epfd
+
+    @property
+    def backend(self):
+        """What the engine learns readiness from: "io_uring" or "epoll"."""
+        return "io_uring" if self.e.backend == BACKEND_URING else "epoll"
 
     def run_once(self):
         """One turn: whatever is ready, without waiting."""
@@ -468,12 +489,9 @@ cdef class Engine:
         """Put the control plane's event loop (its epoll fd) in the engine's set, so that one
         process can wait in the engine alone: wait() returns when that loop has work."""
         cdef Io *io = <Io *>arena_alloc(&self.arena, sizeof(Io))
-        cdef epoll_event ev
         io.kind = IO_CONTROL
         io.fd = fd
-        ev.events = EPOLLIN
-        ev.data.ptr = <void *>io
-        _errcheck(epoll_ctl(self.e.epfd, EPOLL_CTL_ADD, fd, &ev))
+        _errneg(watch_add(self.e, io, EPOLLIN))
 
     def wait(self, double timeout):
         """Turns, each waiting in epoll_wait for what comes, until the control plane's loop has
@@ -645,6 +663,7 @@ cdef class Engine:
             close(p.cons)
             free(p)
         ws_scratch_close(self.e)
+        ring_close(self.e)
         fds[0] = &self.e.epfd
         fds[1] = &self.e.tio.fd
         fds[2] = &self.e.wakefd
@@ -1230,6 +1249,34 @@ cdef extern from "Python.h":
 
 cdef int raise_pending() except -1:
     return -1
+
+
+def probe_backend(str engine="auto"):
+    """The back end an engine made now would run, and why: ("io_uring" | "epoll", reason).
+    OSError when `engine` is "io_uring" and the kernel refuses it."""
+    cdef fastws_uring ring
+    cdef char why[256]
+    cdef int r
+    if engine not in ("auto", "io_uring", "epoll"):
+        raise ValueError(f"engine must be auto, io_uring or epoll, not {engine!r}")
+    if engine == "epoll":
+        return "epoll", "engine = \"epoll\" in the configuration"
+    why[0] = 0
+    r = uring_init(&ring, 8, 16, why, sizeof(why))
+    if r < 0:
+        if engine == "io_uring":
+            raise OSError(-r, why.decode())
+        return "epoll", why.decode()
+    uring_close(&ring)
+    return "io_uring", ("engine = \"io_uring\" in the configuration" if engine == "io_uring"
+                        else "io_uring is available")
+
+
+cdef int _errneg(int rc) except -1:
+    # (for the engine's functions that return -errno)
+    if rc < 0:
+        raise OSError(-rc, strerror(-rc).decode())
+    return rc
 
 
 cdef int _errcheck(int rc) except -1:

@@ -64,16 +64,15 @@ cdef void accept_run(Eng *e, Listener *l) noexcept nogil:
 
 
 cdef void listeners_watch(Eng *e, int on) noexcept nogil:
-    # Listeners in or out of the epoll set (level-triggered: out while accepting is paused)
-    cdef epoll_event ev
+    # Listeners watched or not (level-triggered: not while accepting is paused)
     cdef int i
     for i in range(e.nlis):
         if e.lis[i].io.fd < 0 or e.lis[i].io.registered == on:
             continue
-        ev.events = EPOLLIN
-        ev.data.ptr = <void *>&e.lis[i].io
-        epoll_ctl(e.epfd, EPOLL_CTL_ADD if on else EPOLL_CTL_DEL, e.lis[i].io.fd, &ev)
-        e.lis[i].io.registered = on
+        if on:
+            watch_add(e, &e.lis[i].io, EPOLLIN)
+        else:
+            watch_del(e, &e.lis[i].io)
 
 
 cdef void accept_pause(Eng *e) noexcept nogil:

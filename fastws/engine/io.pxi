@@ -1,19 +1,13 @@
 # Reading and writing a socket, plain or TLS, with edge-triggered readiness.
 #
-# Every socket is added to the epoll set once, for both directions, edge-triggered (as nginx's
-# epoll module): no epoll_ctl per state change.  `rd_ready` and `wr_ready` remember an edge
+# Every socket is watched once (engine/ring.pxi: epoll or io_uring), for both directions,
+# edge-triggered (as nginx's epoll module): nothing to change per state.  `rd_ready` and `wr_ready` remember an edge
 # until a read comes back short or empty (the kernel had no more) or a write is refused or
 # partial (the send buffer is full); a new edge sets them again.  Returns follow recv(2):
 # >0 bytes, 0 end of stream, or -errno (-EAGAIN: wait for the next edge).
 
 cdef int io_register(Eng *e, Io *io) noexcept nogil:
-    cdef epoll_event ev
-    ev.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET
-    ev.data.ptr = <void *>io
-    if epoll_ctl(e.epfd, EPOLL_CTL_ADD, io.fd, &ev) < 0:
-        return -errno
-    io.registered = 1
-    return 0
+    return watch_add(e, io, EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET)
 
 
 cdef inline void io_event(Io *io, unsigned int ev) noexcept nogil:
@@ -123,10 +117,12 @@ cdef ssize_t io_send2(Eng *e, Io *io, const char *a, Py_ssize_t alen, const char
 
 
 cdef void io_close(Eng *e, Io *io) noexcept nogil:
-    # Closing the fd also takes it out of the epoll set.
+    # Closing the fd also takes it out of the epoll set; a ring's poll must be removed.
     if io.ssl != NULL:
         fastws_ssl.free(io.ssl)
         io.ssl = NULL
+    if e.backend == BACKEND_URING:
+        watch_del(e, io)
     if io.fd >= 0:
         close(io.fd)
         io.fd = -1

@@ -239,13 +239,12 @@ cdef inline bint tunnel_exportable(Conn *c) noexcept nogil:
 
 
 cdef int tunnel_detach(Eng *e, Conn *c) noexcept nogil:
-    # Take a tunnel out of the engine whole: its fds leave the epoll set (still open), bytes in
-    # flight become plain memory; the caller sends them on and then frees the connection.
-    cdef epoll_event ev
+    # Take a tunnel out of the engine whole: its fds are no longer watched (still open), bytes
+    # in flight become plain memory; the caller sends them on and then frees the connection.
     cdef int i
     for i in range(2):
         if flow_take_pipe(e, &c.flow[i]) < 0:
             return -1
-    epoll_ctl(e.epfd, EPOLL_CTL_DEL, c.io.fd, &ev)
-    epoll_ctl(e.epfd, EPOLL_CTL_DEL, c.up.io.fd, &ev)
+    watch_del(e, &c.io)              # (outside a turn: the polls let go of the files now)
+    watch_del(e, &c.up.io)
     return 0

@@ -1,0 +1,189 @@
+# How the engine learns what is ready: epoll, or io_uring (`engine = "io_uring"`).
+#
+# Both give the same edges to the same code (io_event, engine_turn's dispatch): a socket is
+# watched once for both directions, edge-triggered; a listener level-triggered (one accept
+# per readiness, as nginx without multi_accept); the timerfd, the wake-up eventfd and the
+# control plane's loop for reading.
+#
+# With io_uring each watch is a multishot poll (a listener's a oneshot poll, armed again
+# after each accept).  Arming, and removing, is an entry in the submission queue, handed to
+# the kernel by the wait that ends the turn: a connection's registration costs no system call
+# of its own, and the wait is one io_uring_enter.  A poll holds its file: a socket is closed
+# for good (its FIN sent) once its poll is removed, at the end of the turn that closed it.
+# A poll's user_data is its slot and the slot's generation: a completion that was already
+# queued for an Io since closed names an old generation and is dropped.
+
+cdef enum:
+    REMOVAL = 0x80000000     # in a user_data: the completion of a poll's removal
+
+cdef int watch_add(Eng *e, Io *io, unsigned int mask) noexcept nogil:
+    # Watch `io`: EPOLLET in `mask` for edge-triggered; otherwise level-triggered (listeners,
+    # the timerfd, the eventfds: each read or accept drains what its edge announced).
+    cdef epoll_event ev
+    cdef int s
+    if e.backend == BACKEND_EPOLL:
+        ev.events = mask
+        ev.data.ptr = <void *>io
+        if epoll_ctl(e.epfd, EPOLL_CTL_ADD, io.fd, &ev) < 0:
+            return -errno
+    else:
+        s = slot_take(e, io)
+        if s < 0:
+            return s
+        if ring_arm(e, io) < 0:
+            slot_give(e, io)
+            return -ENOMEM
+    io.registered = 1
+    ring_flush_outside(e)
+    return 0
+
+
+cdef void watch_del(Eng *e, Io *io) noexcept nogil:
+    # Stop watching `io` (still open).  (Closing an fd takes it out of an epoll set, not out
+    # of a ring: io_close calls this first.)
+    cdef epoll_event ev
+    if not io.registered:
+        return
+    io.registered = 0
+    if e.backend == BACKEND_EPOLL:
+        if io.fd >= 0:
+            epoll_ctl(e.epfd, EPOLL_CTL_DEL, io.fd, &ev)
+    elif io.slot:
+        ring_remove(e, slot_data(e, io.slot))
+        slot_give(e, io)
+        ring_flush_outside(e)
+
+
+cdef inline void ring_flush_outside(Eng *e) noexcept nogil:
+    # In a turn, what is queued is submitted by the wait that follows (or by run_once's end);
+    # a change made from Python between turns is submitted now: an engine driven by another
+    # event loop might not turn again until it is.
+    if e.backend == BACKEND_URING and not e.in_turn:
+        uring_enter(&e.ring, 0, 0)
+
+
+cdef inline unsigned long long slot_data(Eng *e, int s) noexcept nogil:
+    return (<unsigned long long>e.slot_gen[s] << 32) | <unsigned int>s
+
+
+cdef inline void ring_remove(Eng *e, unsigned long long data) noexcept nogil:
+    # The removal's completion is told apart from the poll's by REMOVAL in its user_data.
+    uring_poll_remove(&e.ring, data, data | REMOVAL)
+
+
+cdef int ring_arm(Eng *e, Io *io) noexcept nogil:
+    # Sockets: multishot, for both directions and the peer's FIN; the rest: one completion,
+    # armed again when it came (level-triggered, as they are in the epoll set).
+    if io.kind == IO_CLIENT or io.kind == IO_UPSTREAM:
+        return uring_poll_add(&e.ring, io.fd, EPOLLIN | EPOLLOUT | EPOLLRDHUP,
+                              slot_data(e, io.slot), 1)
+    # the timerfd and the wake-up eventfd are read empty at each edge; a listener (one accept
+    # per readiness) and the control plane's loop (Python empties it) are level-triggered
+    return uring_poll_add(&e.ring, io.fd, EPOLLIN, slot_data(e, io.slot),
+                          io.kind == IO_TIMER or io.kind == IO_WAKE)
+
+
+cdef int slot_take(Eng *e, Io *io) noexcept nogil:
+    cdef int s, n, i
+    cdef Io **slots
+    cdef unsigned int *gen
+    cdef int *nxt
+    if e.free_slot == 0:
+        n = e.nslots * 2 if e.nslots else 1024
+        slots = <Io **>realloc(e.slots, n * sizeof(Io *))
+        if slots == NULL:
+            return -ENOMEM
+        e.slots = slots
+        gen = <unsigned int *>realloc(e.slot_gen, n * sizeof(unsigned int))
+        if gen == NULL:
+            return -ENOMEM
+        e.slot_gen = gen
+        nxt = <int *>realloc(e.slot_next, n * sizeof(int))
+        if nxt == NULL:
+            return -ENOMEM
+        e.slot_next = nxt
+        # slot 0 is never used: an Io's slot 0 means none
+        for i in range(e.nslots if e.nslots else 1, n):
+            e.slots[i] = NULL
+            e.slot_gen[i] = 0
+            e.slot_next[i] = i + 1 if i + 1 < n else 0
+        e.free_slot = e.nslots if e.nslots else 1
+        e.nslots = n
+    s = e.free_slot
+    e.free_slot = e.slot_next[s]
+    e.slots[s] = io
+    io.slot = s
+    return s
+
+
+cdef void slot_give(Eng *e, Io *io) noexcept nogil:
+    cdef int s = io.slot
+    e.slots[s] = NULL
+    e.slot_gen[s] += 1
+    e.slot_next[s] = e.free_slot
+    e.free_slot = s
+    io.slot = 0
+
+
+cdef int ring_wait(Eng *e, int timeout) noexcept nogil:
+    # Submit what the turn queued and wait for a completion (timeout in ms, 0: no wait).
+    # -1 after a signal, as epoll_wait's EINTR.
+    cdef int r
+    if uring_ready(&e.ring) or timeout == 0:
+        r = uring_enter(&e.ring, 0, 0)
+    else:
+        r = uring_enter(&e.ring, 1, timeout)
+    if r == -EINTR:
+        return -1
+    return 0
+
+
+cdef Io *ring_next(Eng *e, unsigned int *ev) noexcept nogil:
+    # The next completion's Io and its events; NULL when the queue is empty.  A completion of
+    # a removed poll (an old generation, -ECANCELED, -ENOENT) is dropped here; a poll the
+    # kernel ended (no IORING_CQE_F_MORE: a oneshot, or a multishot it had to stop) is armed
+    # again while its Io is watched.
+    cdef unsigned long long data
+    cdef int res, s
+    cdef unsigned int flags
+    cdef Io *io
+    while uring_peek(&e.ring, &data, &res, &flags):
+        uring_seen(&e.ring)
+        if data & REMOVAL:
+            if res == -EALREADY:
+                # the poll was firing as the removal came, and a multishot poll goes on after
+                # that: remove it again (until it is gone it holds its socket open)
+                ring_remove(e, data & ~(<unsigned long long>REMOVAL))
+            continue
+        s = <int>(data & 0x7fffffffu)
+        io = e.slots[s] if 0 < s < e.nslots else NULL
+        if io == NULL or e.slot_gen[s] != <unsigned int>(data >> 32):
+            # a poll of an Io since unwatched.  Still armed (IORING_CQE_F_MORE): its removal
+            # missed it, or it was armed after its fd was closed and the number given to a new
+            # socket (a registration and a close in one turn): remove it now.
+            if flags & CQE_F_MORE:
+                ring_remove(e, data)
+            continue
+        if not (flags & CQE_F_MORE) and io.kind != IO_LISTENER and (res >= 0 or res == -ECANCELED):
+            # (a listener is armed again after its accept: engine_turn does it)
+            ring_arm(e, io)
+        if res < 0:
+            if res == -ECANCELED:
+                continue
+            res = EPOLLERR       # (the poll could not be armed: let the next read or write say)
+        ev[0] = <unsigned int>res
+        return io
+    return NULL
+
+
+cdef void ring_close(Eng *e) noexcept nogil:
+    # (the ring's fd closed: every poll goes, and the files they held)
+    uring_close(&e.ring)
+    free(e.slots)
+    free(e.slot_gen)
+    free(e.slot_next)
+    e.slots = NULL
+    e.slot_gen = NULL
+    e.slot_next = NULL
+    e.nslots = 0
+    e.free_slot = 0
