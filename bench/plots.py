@@ -9,6 +9,7 @@ from .targets import LABELS
 COLORS = {
     "noproxy": "#9e9e9e",
     "fastws": "#d62728",
+    "fastws-epoll": "#9467bd",
     "fastws-blind": "#ff9896",
     "nginx": "#2ca02c",
     "haproxy": "#1f77b4",

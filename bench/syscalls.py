@@ -44,7 +44,7 @@ KINDS = {
     "echo": ("echo", "message", "echo-64"),
     "chat": ("chat", "message", "chat-5k"),
 }
-TARGETS = ("fastws", "nginx", "haproxy", "haproxy-splice")
+TARGETS = ("fastws", "fastws-epoll", "nginx", "haproxy", "haproxy-splice")
 
 
 def log(msg: str) -> None:

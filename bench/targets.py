@@ -340,11 +340,12 @@ proxy_pass = "backend"
         super().stop()
 
 
-ALL = ("noproxy", "fastws", "fastws-blind", "fastws-hook", "fastws-2w", "nginx", "haproxy",
-       "haproxy-splice")
+ALL = ("noproxy", "fastws", "fastws-epoll", "fastws-blind", "fastws-hook", "fastws-2w", "nginx",
+       "haproxy", "haproxy-splice")
 LABELS = {
     "noproxy": "no proxy",
     "fastws": "fastws",
+    "fastws-epoll": "fastws, epoll",
     "fastws-blind": "fastws, frames off",
     "fastws-hook": "fastws, with a hook",
     "fastws-2w": "fastws, 2 workers",
@@ -370,16 +371,21 @@ def make_targets(names: list[str], base_port: int, fastws_processes: int | None,
             t = HAProxy(name, label, port, splice=name.endswith("splice"), splice_mode=haproxy_splice)
             if not deps.which("haproxy"):
                 t.available, t.note = False, "haproxy is not installed: skipped"
-        elif name in ("fastws", "fastws-blind", "fastws-hook", "fastws-2w"):
-            # fastws-blind: WebSocket tunnels relayed as bytes (frames = false), to show what
-            # following the frames costs (docs/websocket.md); fastws-hook: a trivial Python
-            # hook on the location (bench/hook.py), handshakes only, to show what a hook costs
+        elif name in ("fastws", "fastws-epoll", "fastws-blind", "fastws-hook", "fastws-2w"):
+            # fastws: the engine's default back end (io_uring where the kernel allows it);
+            # fastws-epoll: the epoll back end, beside it; fastws-blind: WebSocket tunnels
+            # relayed as bytes (frames = false), to show what following the frames costs
+            # (docs/websocket.md); fastws-hook: a trivial Python hook on the location
+            # (bench/hook.py), handshakes only, to show what a hook costs
             cmd, env, why = deps.fastws_command()
             location = {"fastws-blind": "frames = false\n",
                         "fastws-hook": 'hook = "bench.hook:check"\n'}.get(name, "")
+            options = dict(fastws_options or {})
+            if name == "fastws-epoll":
+                options["engine"] = '"epoll"'
             t = FastWS(name, label, port, cmd=cmd,
                        processes=2 if name == "fastws-2w" else fastws_processes,
-                       options=fastws_options, location=location)
+                       options=options, location=location)
             t.env = env
             if name == "fastws-hook":
                 t.only = ("handshake",)

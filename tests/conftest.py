@@ -15,11 +15,18 @@ def echo_backend() -> Iterator[EchoBackend]:
     backend.close()
 
 
+@pytest.fixture(params=["io_uring", "epoll"])
+def engine(request: pytest.FixtureRequest) -> str:
+    """Each proxy a test starts runs on each back end of the engine, as the relay modes."""
+    return request.param
+
+
 @pytest.fixture
-def make_proxy(tmp_path: Path) -> Iterator[Callable[..., Proxy]]:
+def make_proxy(tmp_path: Path, engine: str) -> Iterator[Callable[..., Proxy]]:
     made: list[Proxy] = []
 
     def make(config: dict[str, Any] | str, **kw: Any) -> Proxy:
+        kw.setdefault("engine", engine)
         proxy = Proxy(tmp_path, config, **kw)
         made.append(proxy)
         return proxy

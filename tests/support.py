@@ -113,16 +113,30 @@ def to_toml(config: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def with_engine(config: dict[str, Any] | str, engine: str) -> dict[str, Any] | str:
+    """`config` with `engine = ENGINE` at its top, unless it names one."""
+    if isinstance(config, dict):
+        return config if "engine" in config else {"engine": engine, **config}
+    if any(line.split("=")[0].strip() == "engine" for line in config.splitlines()):
+        return config
+    return f'engine = "{engine}"\n' + config
+
+
 class Proxy:
     """fastws running as a real child process on a configuration written to a file."""
 
     def __init__(self, tmp: Path, config: dict[str, Any] | str | Path, *,
                  port: int | None = None, args: tuple[str, ...] = (),
-                 nofile: int | None = None) -> None:
+                 nofile: int | None = None, engine: str | None = None,
+                 prefix: tuple[str, ...] = ()) -> None:
+        # engine: the back end (io_uring or epoll) for a configuration that names none;
+        # prefix: a command that runs fastws (tests/no_io_uring.py)
         self.tmp = tmp
         if isinstance(config, Path):        # a file written by the test (an nginx.conf)
             self.path = config
         else:
+            if engine is not None:
+                config = with_engine(config, engine)
             self.path = tmp / f"fastws-{id(self)}.toml"
             self.path.write_text(config if isinstance(config, str) else to_toml(config))
         self.port = port
@@ -133,7 +147,7 @@ class Proxy:
                 import resource
                 resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fastws", "-c", str(self.path), *args],
+            [*prefix, sys.executable, "-m", "fastws", "-c", str(self.path), *args],
             stdout=self._log_file, stderr=subprocess.STDOUT, preexec_fn=limit)
         if port is not None:
             try:
