@@ -27,14 +27,14 @@ def echo() -> Iterator[RawBackend]:
 
 
 @pytest.fixture
-def runner_for():
+def runner_for(engine: str):
     made: list[EngineRunner] = []
 
     def make(upstream: str, *, server: dict | None = None, **location) -> EngineRunner:
         cfg = tunnel_config(upstream, **location)
         cfg["server"][0]["listen"] = [f"127.0.0.1:{free_port()}"]
         cfg["server"][0].update(server or {})
-        r = EngineRunner(cfg, pipe_size=65536, max_pipes=64)
+        r = EngineRunner(cfg, pipe_size=65536, max_pipes=64, engine=engine)
         made.append(r)
         return r
 

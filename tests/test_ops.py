@@ -924,3 +924,25 @@ def test_forwarded_headers_replace_believes_only_trusted_peers(make_proxy, tmp_p
     assert head["x-forwarded-for"] == "203.0.113.7, 203.0.113.7"
     assert head["forwarded"] == "for=203.0.113.7"
     backend.close()
+
+
+def test_a_reload_onto_the_other_back_end_hands_the_tunnels_over(make_proxy, tmp_path, port,
+                                                                  backend, engine):
+    # The new workers run the other back end (`engine` changed in the file): a tunnel taken
+    # out of an io_uring engine goes on in an epoll one, and the other way round.
+    config = ops_config(tmp_path, port, backend.address, processes=1)
+    proxy = make_proxy(config, port=port)
+    wait_until(lambda: len(proxy.workers()) == 1)
+    [old] = proxy.workers()
+    s = tunnel(port)
+    echo(s, b"before the reload")
+    other = "epoll" if engine == "io_uring" else "io_uring"
+    config["engine"] = other
+    proxy.path.write_text(to_toml(config))
+    os.kill(proxy.pid, signal.SIGHUP)
+    wait_until(lambda: not alive(old))
+    echo(s, b"after it, on the other back end")
+    s.close()
+    log = (tmp_path / "error.log").read_text()
+    assert f"engine: {engine} (" in log and f"engine: {other} (" in log
+    assert "1 tunnels handed to the new workers" in log

@@ -75,7 +75,7 @@ cdef class Engine:
         self._close_hooks = []
         self._pending = {}
         self._closed = []
-        e.ring.fd = -1
+        e.ring.fd = e.ring_efd = -1
         if engine not in ("auto", "io_uring", "epoll"):
             raise ValueError(f"engine must be auto, io_uring or epoll, not {engine!r}")
         self.backend_why = "engine = \"epoll\" in the configuration"
@@ -465,9 +465,16 @@ cdef class Engine:
 
     @property
     def fd(self):
-        """The epoll fd or the ring's: readable when run_once() has work (edges, timers, its
-        own wake-ups)."""
-        return self.e.ring.fd if self.e.backend == BACKEND_URING else self.e.epfd
+        """A fd readable when run_once() has work (edges, timers, its own wake-ups): the
+        epoll set, or an eventfd the ring signals (the ring posts its completions only when
+        the engine asks, so its own fd would not tell)."""
+        cdef Eng *e = self.e
+        if e.backend == BACKEND_EPOLL:
+            return e.epfd
+        if e.ring_efd < 0:
+            e.ring_efd = _errcheck(eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC))
+            _errneg(uring_eventfd(&e.ring, e.ring_efd))
+        return e.ring_efd
 
     @property
     def backend(self):
@@ -476,9 +483,12 @@ cdef class Engine:
 
     def run_once(self):
         """One turn: whatever is ready, without waiting."""
+        cdef unsigned long long counter
         if self.stopped:
             return
         with nogil:
+            if self.e.ring_efd >= 0:
+                read(self.e.ring_efd, &counter, sizeof(counter))
             engine_turn(self.e, 0)
         if self.e.msgs.len:
             self._deliver_messages()
@@ -664,6 +674,9 @@ cdef class Engine:
             free(p)
         ws_scratch_close(self.e)
         ring_close(self.e)
+        if self.e.ring_efd >= 0:
+            close(self.e.ring_efd)
+            self.e.ring_efd = -1
         fds[0] = &self.e.epfd
         fds[1] = &self.e.tio.fd
         fds[2] = &self.e.wakefd

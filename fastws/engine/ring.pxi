@@ -56,9 +56,10 @@ cdef void watch_del(Eng *e, Io *io) noexcept nogil:
 
 cdef inline void ring_flush_outside(Eng *e) noexcept nogil:
     # In a turn, what is queued is submitted by the wait that follows (or by run_once's end);
-    # a change made from Python between turns is submitted now: an engine driven by another
-    # event loop might not turn again until it is.
-    if e.backend == BACKEND_URING and not e.in_turn:
+    # a change made from Python between turns is submitted now, and its work run (a removed
+    # poll lets go of its file only then): an engine driven by another event loop might not
+    # turn again until it is, and a listener closed by the caller must stop listening now.
+    if e.backend == BACKEND_URING and not e.in_turn and e.ring_started:
         uring_enter(&e.ring, 0, 0)
 
 
@@ -129,12 +130,22 @@ cdef int ring_wait(Eng *e, int timeout) noexcept nogil:
     # Submit what the turn queued and wait for a completion (timeout in ms, 0: no wait).
     # -1 after a signal, as epoll_wait's EINTR.
     cdef int r
+    if not e.ring_started:
+        # the first turn: this thread becomes the ring's submitter; what was queued before
+        # (the engine's own fds, the listeners) goes in now
+        r = uring_start(&e.ring)
+        if r < 0:
+            eng_log(e, LOG_ERROR, "io_uring: the ring cannot be enabled: %s", strerror(-r))
+            return 0
+        e.ring_started = 1
     if uring_ready(&e.ring) or timeout == 0:
-        r = uring_enter(&e.ring, 0, 0)
+        r = uring_enter(&e.ring, 0, 0)        # (what is ready, without sleeping)
     else:
         r = uring_enter(&e.ring, 1, timeout)
     if r == -EINTR:
         return -1
+    if r < 0:
+        eng_log(e, LOG_ERROR, "io_uring_enter() failed: %s", strerror(-r))
     return 0
 
 

@@ -69,7 +69,7 @@ cdef int engine_turn(Eng *e, int timeout) noexcept nogil:
     if timeout == 0 and e.backend == BACKEND_URING:
         # run_once, from another event loop: it waits on the ring's fd, which tells nothing
         # of entries not yet submitted
-        uring_enter(&e.ring, 0, 0)
+        uring_enter(&e.ring, -1, 0)
     return 0
 
 

@@ -19,6 +19,7 @@
 #ifndef __NR_io_uring_setup
 #define __NR_io_uring_setup 425
 #define __NR_io_uring_enter 426
+#define __NR_io_uring_register 427
 #endif
 
 typedef struct {
@@ -62,10 +63,10 @@ static inline void fastws_uring_close(fastws_uring *r)
 }
 
 /* Make the ring.  0, or -errno with `why` saying what was refused (for `fastws -t` and the
- * start-up log).  The features the engine relies on: a single mapping of both rings
- * (IORING_FEAT_SINGLE_MMAP, 5.4), no dropped completions (IORING_FEAT_NODROP, 5.5), a wait
- * with a timeout (IORING_FEAT_EXT_ARG, 5.11) and multishot polls (5.13, announced by
- * IORING_FEAT_RSRC_TAGS, which came in the same release). */
+ * start-up log).  The features the engine relies on: completions posted when it asks
+ * (IORING_SETUP_DEFER_TASKRUN, 6.1), a single mapping of both rings (IORING_FEAT_SINGLE_MMAP),
+ * no dropped completions (IORING_FEAT_NODROP), a wait with a timeout (IORING_FEAT_EXT_ARG)
+ * and multishot polls (5.13, announced by IORING_FEAT_RSRC_TAGS, of the same release). */
 static inline int fastws_uring_init(fastws_uring *r, unsigned entries, unsigned cq_entries,
                                     char *why, size_t whylen)
 {
@@ -74,14 +75,21 @@ static inline int fastws_uring_init(fastws_uring *r, unsigned entries, unsigned 
     memset(r, 0, sizeof(*r));
     r->fd = -1;
     memset(&p, 0, sizeof(p));
-    p.flags = IORING_SETUP_CQSIZE | IORING_SETUP_CLAMP;
+    /* Completions are posted when the engine asks for them (DEFER_TASKRUN, 6.1), not by
+     * interrupting it: a socket's wake-up then costs what an epoll wake-up costs.  That needs
+     * one submitting thread (SINGLE_ISSUER): the ring starts disabled (R_DISABLED) and the
+     * thread that first runs the engine enables it (fastws_uring_start), which need not be
+     * the one that made it. */
+    p.flags = IORING_SETUP_CQSIZE | IORING_SETUP_CLAMP | IORING_SETUP_SINGLE_ISSUER
+              | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_R_DISABLED;
     p.cq_entries = cq_entries;
     fd = fastws_uring_setup_call(entries, &p);
     if (fd < 0) {
         err = errno;
         snprintf(why, whylen, "io_uring_setup() failed: %s%s", strerror(err),
                  err == ENOSYS ? " (no io_uring in this kernel, or a seccomp profile blocks it)"
-                 : err == EPERM ? " (kernel.io_uring_disabled, or a seccomp profile)" : "");
+                 : err == EPERM ? " (kernel.io_uring_disabled, or a seccomp profile)"
+                 : err == EINVAL ? " (the engine's ring needs Linux 6.1)" : "");
         return -err;
     }
     r->fd = fd;
@@ -123,8 +131,27 @@ static inline int fastws_uring_init(fastws_uring *r, unsigned entries, unsigned 
     return 0;
 }
 
-/* Hand the queued entries to the kernel and, with `wait`, sleep until a completion comes
- * or `timeout_ms` passes (< 0: no limit).  Returns 0, or -errno (-EINTR: a signal). */
+/* The calling thread becomes the ring's one submitter (see fastws_uring_init). */
+static inline int fastws_uring_start(fastws_uring *r)
+{
+    if (syscall(__NR_io_uring_register, r->fd, IORING_REGISTER_ENABLE_RINGS, NULL, 0) < 0)
+        return -errno;
+    return 0;
+}
+
+/* Have the kernel signal `efd` (an eventfd) when a completion is on its way, for a program
+ * that waits on the ring from another event loop. */
+static inline int fastws_uring_eventfd(fastws_uring *r, int efd)
+{
+    if (syscall(__NR_io_uring_register, r->fd, IORING_REGISTER_EVENTFD, &efd, 1) < 0)
+        return -errno;
+    return 0;
+}
+
+/* Hand the queued entries to the kernel; with `wait` 1, sleep until a completion comes or
+ * `timeout_ms` passes (< 0: no limit); with `wait` 0, collect the completions that are ready
+ * without sleeping (a ring made with IORING_SETUP_DEFER_TASKRUN posts them only when asked);
+ * with `wait` -1, only submit.  Returns 0, or -errno (-EINTR: a signal). */
 static inline int fastws_uring_enter(fastws_uring *r, int wait, int timeout_ms)
 {
     struct io_uring_getevents_arg arg;
@@ -132,10 +159,10 @@ static inline int fastws_uring_enter(fastws_uring *r, int wait, int timeout_ms)
     unsigned submit = r->sq_queued;
     unsigned flags = 0;
     int n;
-    if (wait) {
+    if (wait >= 0) {
         flags = IORING_ENTER_GETEVENTS | IORING_ENTER_EXT_ARG;
         memset(&arg, 0, sizeof(arg));
-        if (timeout_ms >= 0) {
+        if (wait && timeout_ms >= 0) {
             ts.tv_sec = timeout_ms / 1000;
             ts.tv_nsec = (long long)(timeout_ms % 1000) * 1000000;
             arg.ts = (unsigned long long)(unsigned long)&ts;
@@ -143,8 +170,8 @@ static inline int fastws_uring_enter(fastws_uring *r, int wait, int timeout_ms)
     } else if (!submit) {
         return 0;
     }
-    n = fastws_uring_enter_call(r->fd, submit, wait ? 1 : 0, flags, wait ? &arg : NULL,
-                                wait ? sizeof(arg) : 0);
+    n = fastws_uring_enter_call(r->fd, submit, wait > 0 ? 1 : 0, flags, wait >= 0 ? &arg : NULL,
+                                wait >= 0 ? sizeof(arg) : 0);
     if (n < 0) {
         if (errno == ETIME || errno == EBUSY)
             n = 0;  /* (EBUSY: completions to reap first; what was taken is taken) */
@@ -161,7 +188,7 @@ static inline struct io_uring_sqe *fastws_uring_sqe(fastws_uring *r)
     unsigned tail = *r->sq_tail;
     struct io_uring_sqe *sqe;
     if (tail - __atomic_load_n(r->sq_head, __ATOMIC_ACQUIRE) >= r->sq_entries) {
-        if (fastws_uring_enter(r, 0, 0) < 0)
+        if (fastws_uring_enter(r, -1, 0) < 0)
             return NULL;
         if (tail - __atomic_load_n(r->sq_head, __ATOMIC_ACQUIRE) >= r->sq_entries)
             return NULL;

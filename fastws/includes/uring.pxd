@@ -8,6 +8,8 @@ cdef extern from "uring.h" nogil:
     int uring_init "fastws_uring_init"(fastws_uring *r, unsigned entries, unsigned cq_entries,
                                        char *why, size_t whylen)
     void uring_close "fastws_uring_close"(fastws_uring *r)
+    int uring_eventfd "fastws_uring_eventfd"(fastws_uring *r, int efd)
+    int uring_start "fastws_uring_start"(fastws_uring *r)
     int uring_enter "fastws_uring_enter"(fastws_uring *r, int wait, int timeout_ms)
     int uring_poll_add "fastws_uring_poll_add"(fastws_uring *r, int fd, unsigned mask,
                                                unsigned long long data, int multishot)
