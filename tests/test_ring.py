@@ -14,7 +14,7 @@ import pytest
 from websockets.sync.client import connect
 
 from fastws import _engine
-from support import EchoBackend, free_port, read_all
+from support import EchoBackend, free_port, read_all, wait_until
 
 HERE = Path(__file__).resolve().parent
 REFUSE = (sys.executable, str(HERE / "no_io_uring.py"))   # runs a command with io_uring refused
@@ -108,7 +108,8 @@ def test_a_proxy_where_io_uring_is_refused_relays_on_epoll(make_proxy, tmp_path:
 def test_the_start_up_log_names_the_back_end(make_proxy, engine: str, tmp_path: Path):
     port = free_port()
     proxy = make_proxy(config_file(tmp_path, port, None).read_text(), port=port)
-    assert f"engine: {engine} (engine = \"{engine}\" in the configuration)" in proxy.output()
+    wait_until(lambda: f"engine: {engine} (engine = \"{engine}\" in the configuration)"
+               in proxy.output())
 
 
 def test_sockets_closed_in_the_turn_that_opened_them_are_closed_for_good(make_proxy):
@@ -118,12 +119,16 @@ def test_sockets_closed_in_the_turn_that_opened_them_are_closed_for_good(make_pr
     port = free_port()
     proxy = make_proxy({"server": [{"listen": [f"127.0.0.1:{port}"], "location": [
         {"path": "/", "return": 204}]}]}, port=port)
-    start = proxy.fds()
-    for _ in range(300):
+    def served() -> bool:
         with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
             s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            assert read_all(s).startswith(b"HTTP/1.1 204")
-    assert proxy.fds() == start
+            return read_all(s).startswith(b"HTTP/1.1 204")
+
+    assert served()
+    start = proxy.fds()                     # (the worker is up: it answered)
+    for _ in range(300):
+        assert served()
+    wait_until(lambda: proxy.fds() == start)
 
 
 def test_the_engine_refuses_an_unknown_back_end():
