@@ -262,8 +262,8 @@ def _anon_fds() -> list[str]:
     return sorted(kinds)
 
 
-def test_a_stopped_engine_keeps_no_descriptor(echo):
-    # Its epoll set, timerfd, eventfd and pipe pool are closed by stop() itself, not later by
+def test_a_stopped_engine_keeps_no_descriptor(echo, engine):
+    # Its epoll set or ring, timerfd, eventfd and pipe pool are closed by stop() itself, not later by
     # the garbage collector (the engine and its control plane refer to each other).
     import gc
     cfg = tunnel_config(echo.address, relay="splice")
@@ -271,7 +271,7 @@ def test_a_stopped_engine_keeps_no_descriptor(echo):
     before = _anon_fds()
     gc.disable()
     try:
-        r = EngineRunner(cfg)
+        r = EngineRunner(cfg, engine=engine)
         s, _ = open_tunnel(r.port)
         s.sendall(b"x" * 100_000)
         assert recv_exactly(s, 100_000) == b"x" * 100_000
@@ -317,7 +317,7 @@ def test_an_upstream_that_closes_first(runner_for, token):
     backend.close()
 
 
-def test_a_refused_handshake_frees_its_attempt_once():
+def test_a_refused_handshake_frees_its_attempt_once(engine):
     # nginx's get/free pair: an attempt that fails after its connect (an answer that is not a
     # 101, an upstream that closes before answering) is freed once, as failed or not; the
     # server's count of live connections stays that of its tunnels.
@@ -336,7 +336,7 @@ def test_a_refused_handshake_frees_its_attempt_once():
     cfg["upstream"][0]["servers"] = [{"address": backend.address, "max_fails": 0}]
     cfg["upstream"][0]["balance"] = "least_conn"
     cfg["server"][0]["listen"] = [f"127.0.0.1:{free_port()}"]
-    r = EngineRunner(cfg)
+    r = EngineRunner(cfg, engine=engine)
     (peer,) = r.groups["backend"].peers
     tunnels = [open_tunnel_to(r.port, "/ok") for _ in range(2)]
     wait_until(lambda: peer.conns == 2)
@@ -373,13 +373,13 @@ def open_tunnel_to(port: int, path: str) -> socket.socket:
     return s
 
 
-def test_a_custom_balancer_reads_the_request_through_the_engine(echo):
+def test_a_custom_balancer_reads_the_request_through_the_engine(echo, engine):
     other = RawBackend(raw_echo_handler)
     cfg = tunnel_config(echo.address)
     cfg["upstream"][0].update(servers=[echo.address, other.address],
                               balancer="engine_support:HeaderBalancer")
     cfg["server"][0]["listen"] = [f"127.0.0.1:{free_port()}"]
-    r = EngineRunner(cfg)
+    r = EngineRunner(cfg, engine=engine)
     for index, backend in ((1, other), (0, echo), (1, other)):
         with connect(r.port) as s:
             s.sendall(upgrade_request(extra=f"X-Server: {index}\r\n"))
@@ -421,7 +421,7 @@ def test_a_graceful_stop_never_resets_a_kept_alive_client(runner_for):
     backend.close()
 
 
-def test_a_group_replaced_in_place_keeps_its_connections():
+def test_a_group_replaced_in_place_keeps_its_connections(engine):
     # Engine.replace_group (a `resolve` name's change): an address that stays keeps its live
     # connections' count, a tunnel to one that left goes on (drain_timeout 0) out of the
     # rotation, an idle kept-alive connection to it is closed, and every count ends at 0.
@@ -442,7 +442,7 @@ def test_a_group_replaced_in_place_keeps_its_connections():
     cfg["upstream"][0].update(servers=[a.address, b.address], keepalive=4)
     cfg["server"][0]["listen"] = [f"127.0.0.1:{free_port()}"]
     cfg["server"][0]["location"].insert(0, {"path": "/plain", "proxy_pass": "backend"})
-    r = EngineRunner(cfg)
+    r = EngineRunner(cfg, engine=engine)
     old = r.groups["backend"]
     tunnels = [open_tunnel_to(r.port, "/ok") for _ in range(2)]     # one to each
     wait_until(lambda: [p.conns for p in old.peers] == [1, 1])
@@ -479,13 +479,13 @@ def test_a_group_replaced_in_place_keeps_its_connections():
         backend.close()
 
 
-def test_a_replaced_custom_balancer_hears_only_of_its_own_attempts(echo):
+def test_a_replaced_custom_balancer_hears_only_of_its_own_attempts(echo, engine):
     # A DNS change builds the custom balancer again: the new one is not told of the end of a
     # connection the old one chose (it never heard of it), and is told of its own.
     cfg = tunnel_config(echo.address)
     cfg["upstream"][0].update(balancer="engine_support:HeaderBalancer")
     cfg["server"][0]["listen"] = [f"127.0.0.1:{free_port()}"]
-    r = EngineRunner(cfg)
+    r = EngineRunner(cfg, engine=engine)
     old = r.groups["backend"]
     before = open_tunnel_to(r.port, "/ok")
     wait_until(lambda: old.custom.events == [("connected", echo.address)])
@@ -502,7 +502,7 @@ def test_a_replaced_custom_balancer_hears_only_of_its_own_attempts(echo):
     r.close()
 
 
-def test_a_handshake_under_way_to_a_server_that_left_is_drained():
+def test_a_handshake_under_way_to_a_server_that_left_is_drained(engine):
     # the server left between the request and its 101: the tunnel that results closes after
     # the group's drain_timeout, as those that were open at the change
     gate = threading.Event()
@@ -516,7 +516,7 @@ def test_a_handshake_under_way_to_a_server_that_left_is_drained():
     cfg = tunnel_config(slow.address)
     cfg["upstream"][0]["drain_timeout"] = "0.2s"
     cfg["server"][0]["listen"] = [f"127.0.0.1:{free_port()}"]
-    r = EngineRunner(cfg)
+    r = EngineRunner(cfg, engine=engine)
     s = connect(r.port)
     s.sendall(upgrade_request())
     wait_until(lambda: slow.connections == 1)

@@ -18,10 +18,10 @@ from support import (RawBackend, free_port, raw_echo_handler, read_head, upgrade
                      wait_until)
 
 
-def runner(upstream: str, **location) -> EngineRunner:
+def runner(upstream: str, engine: str = "auto", **location) -> EngineRunner:
     cfg = tunnel_config(upstream, **location)
     cfg["server"][0]["listen"] = [f"127.0.0.1:{free_port()}"]
-    return EngineRunner(cfg)
+    return EngineRunner(cfg, engine=engine)
 
 
 def recv_exactly(s: socket.socket, n: int) -> bytes:
@@ -34,9 +34,10 @@ def recv_exactly(s: socket.socket, n: int) -> bytes:
 
 
 @pytest.mark.parametrize("relay", ["splice", "copy", "auto"])
-def test_an_exported_tunnel_goes_on_in_another_engine(relay):
+def test_an_exported_tunnel_goes_on_in_another_engine(relay, engine):
     backend = RawBackend(raw_echo_handler)
-    old, new = runner(backend.address, relay=relay), runner(backend.address, relay=relay)
+    old = runner(backend.address, engine, relay=relay)
+    new = runner(backend.address, engine, relay=relay)
     client = socket.create_connection(("127.0.0.1", old.port), timeout=10)
     client.sendall(upgrade_request() + b"early")
     head, rest = read_head(client)
@@ -70,9 +71,9 @@ def test_an_exported_tunnel_goes_on_in_another_engine(relay):
     backend.close()
 
 
-def test_export_with_no_tunnel_returns_an_empty_list():
+def test_export_with_no_tunnel_returns_an_empty_list(engine):
     backend = RawBackend(raw_echo_handler)
-    r = runner(backend.address)
+    r = runner(backend.address, engine)
     assert r.call(r.engine.export) == []
     r.close()
     backend.close()

@@ -623,6 +623,7 @@ cdef class Engine:
         self.e.now = fastws_monotonic()
         self.e.wall = fastws_realtime()
         self.stop_accepting()
+        self.e.in_turn = 1                # (a ring's removals go to the kernel at once, below)
         while self.e.all != NULL:
             c = self.e.all
             if c.state == CS_TUNNEL:
@@ -634,6 +635,8 @@ cdef class Engine:
                 u = self.e.pools[i].head
                 pool_unlink(&self.e.pools[i], u)
                 up_close(self.e, u)
+        self.e.in_turn = 0
+        ring_flush_outside(self.e)
         self._drain_ready()
         engine_reap(self.e)
         self.flush_logs()

@@ -12,6 +12,12 @@
 # for good (its FIN sent) once its poll is removed, at the end of the turn that closed it.
 # A poll's user_data is its slot and the slot's generation: a completion that was already
 # queued for an Io since closed names an old generation and is dropped.
+#
+# The ring is made with IORING_SETUP_DEFER_TASKRUN (includes/uring.h): a poll's wake-up only
+# queues work that the engine's next io_uring_enter runs.  Without it each wake-up interrupts
+# the worker to post its completion, and the engine cost twice what it costs on epoll (64 B
+# echo, 23.6 µs of CPU per message against 11.9); with it the two cost the same per message,
+# and a handshake makes two system calls fewer (no epoll_ctl).
 
 cdef enum:
     REMOVAL = 0x80000000     # in a user_data: the completion of a poll's removal
