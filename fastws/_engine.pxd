@@ -806,6 +806,7 @@ cdef struct Eng:
     int *slot_next
     int in_turn              # inside engine_turn: what is queued goes with the turn's end
     int ring_started         # the ring is enabled, for the thread that runs the engine
+    int ring_failed          # the ring refused a wait (said once in the error log)
     int ring_efd             # an eventfd the ring signals, for another event loop (Engine.fd)
     Io tio                   # the timerfd: the earliest deadline of the heap
     double timer_armed       # when it is set to fire, 0 when disarmed

@@ -28,7 +28,7 @@ cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.ref cimport PyObject, Py_DECREF, Py_INCREF
 from libc.errno cimport (errno, EAGAIN, EALREADY, ECONNABORTED, ECONNRESET, EINPROGRESS, EINTR,
-                         EINVAL, EMFILE, ENFILE, ENOMEM, ENOSYS, EPIPE, EPROTO)
+                         EBADF, EINVAL, EMFILE, ENFILE, ENOMEM, ENOSYS, EPIPE, EPROTO)
 from libc.stdio cimport snprintf
 from libc.stdlib cimport RAND_MAX, calloc, free, malloc, rand, realloc, srand
 from libc.string cimport memchr, memcmp, memcpy, memmove, memset, strcmp, strerror, strlen

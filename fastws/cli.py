@@ -50,16 +50,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def engine_backend(cfg: Config) -> tuple[str, str]:
-    """The back end the workers' engines will run (`engine`: io_uring or epoll) and why;
-    ConfigError when the configuration asks for io_uring and the kernel refuses it."""
-    from . import _engine
-    try:
-        return _engine.probe_backend(cfg.engine)
-    except OSError as exc:
-        raise ConfigError(cfg.source, "engine", f"io_uring is refused here: {exc.strerror}") from None
-
-
 def _setup_logging(level: str) -> None:
     logging.basicConfig(
         level={"warn": logging.WARNING}.get(level, getattr(logging, level.upper())),
@@ -92,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg = config.load(args.config, args.format, args.prefix)
         tls.check_engine(cfg)
         if not args.signal:
-            engine_backend(cfg)
+            from .worker import engine_backend
+            backend, why = engine_backend(cfg)
         upstreams = balancer.build_upstreams(cfg)
     except ConfigError as exc:
         print(f"fastws: {exc}", file=sys.stderr)
@@ -112,7 +103,6 @@ def main(argv: list[str] | None = None) -> int:
         text = balancer.describe(upstreams)
         if text and not args.dump:
             print(text)
-        backend, why = engine_backend(cfg)
         print(f"fastws: engine: {backend} ({why})")
         print(f"fastws: the configuration file {args.config} syntax is ok")
         print(f"fastws: configuration file {args.config} test is successful")

@@ -39,6 +39,8 @@ def load(config: ConfigSource) -> "Config":
     else:
         cfg = config_mod.load(os.fspath(config))
     tls.check_engine(cfg)
+    from .worker import engine_backend
+    engine_backend(cfg)
     balancer.build_upstreams(cfg)
     return cfg
 

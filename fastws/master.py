@@ -387,6 +387,8 @@ class Master:
                 with known(answers):
                     cfg = config_mod.load(self.path, self.config.format, self.config.prefix)
             tls.check_engine(cfg)
+            from .worker import engine_backend
+            engine_backend(cfg)
             balancer.build_upstreams(cfg)
         except ConfigError as exc:
             log.error("reload failed, the old configuration stays: %s", exc)

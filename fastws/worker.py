@@ -127,6 +127,16 @@ def bind_listener(addr: Address) -> socket.socket:
     return sock
 
 
+def engine_backend(cfg: Config) -> tuple[str, str]:
+    """The back end the workers' engines will run (`engine`: io_uring or epoll) and why;
+    ConfigError when the configuration asks for io_uring and the kernel refuses it (checked
+    by `fastws -t`, at start, on a reload and by fastws.serve, before any worker needs it)."""
+    try:
+        return _engine.probe_backend(cfg.engine)
+    except OSError as exc:
+        raise ConfigError(cfg.source, "engine", f"io_uring is refused here: {exc.strerror}") from None
+
+
 class Worker:
     def __init__(self, config: Config, sockets: list[socket.socket] | None = None, *,
                  board: metrics.Board | None = None, slot: metrics.Slot | None = None,

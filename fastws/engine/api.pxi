@@ -50,7 +50,7 @@ cdef class Engine:
         # the figures live where the status board can read them, if it gave an address
         e.n = <Counters *>counters if counters else &e.own
         memset(e.n, 0, sizeof(Counters))
-        e.epfd = e.tio.fd = e.wakefd = -1
+        e.epfd = e.tio.fd = e.wakefd = e.ring.fd = e.ring_efd = -1
         e.pipe_size = pipe_size
         e.max_pipes = max_pipes
         e.bufsize = bufsize
@@ -75,7 +75,6 @@ cdef class Engine:
         self._close_hooks = []
         self._pending = {}
         self._closed = []
-        e.ring.fd = e.ring_efd = -1
         if engine not in ("auto", "io_uring", "epoll"):
             raise ValueError(f"engine must be auto, io_uring or epoll, not {engine!r}")
         self.backend_why = "engine = \"epoll\" in the configuration"
@@ -471,9 +470,18 @@ cdef class Engine:
         cdef Eng *e = self.e
         if e.backend == BACKEND_EPOLL:
             return e.epfd
+        cdef int efd, r
+        cdef unsigned long long one = 1
         if e.ring_efd < 0:
-            e.ring_efd = _errcheck(eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC))
-            _errneg(uring_eventfd(&e.ring, e.ring_efd))
+            efd = _errcheck(eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC))
+            r = uring_eventfd(&e.ring, efd)
+            if r < 0:
+                close(efd)
+                _errneg(r)
+            e.ring_efd = efd
+            # The kernel signals it when work comes to a ring with none waiting: what came
+            # before it was registered (a turn may have run already) needs a turn now.
+            write(efd, &one, sizeof(one))
         return e.ring_efd
 
     @property
@@ -883,11 +891,16 @@ cdef class Engine:
         e.now = fastws_monotonic()
         e.wall = fastws_realtime()
         c = e.all
-        while c != NULL:
-            nxt = c.all_next
-            if tunnel_exportable(c) and tunnel_detach(e, c) == 0:
-                out.append(self._exported(c))
-            c = nxt
+        e.in_turn = 1                     # (a ring's removals go to the kernel at once, below)
+        try:
+            while c != NULL:
+                nxt = c.all_next
+                if tunnel_exportable(c) and tunnel_detach(e, c) == 0:
+                    out.append(self._exported(c))
+                c = nxt
+        finally:
+            e.in_turn = 0
+            ring_flush_outside(e)         # (before the caller sends the fds on)
         engine_reap(e)
         return out
 

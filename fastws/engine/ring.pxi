@@ -19,9 +19,6 @@
 # echo, 23.6 µs of CPU per message against 11.9); with it the two cost the same per message,
 # and a handshake makes two system calls fewer (no epoll_ctl).
 
-cdef enum:
-    REMOVAL = 0x80000000     # in a user_data: the completion of a poll's removal
-
 cdef int watch_add(Eng *e, Io *io, unsigned int mask) noexcept nogil:
     # Watch `io`: EPOLLET in `mask` for edge-triggered; otherwise level-triggered (listeners,
     # the timerfd, the eventfds: each read or accept drains what its edge announced).
@@ -33,6 +30,8 @@ cdef int watch_add(Eng *e, Io *io, unsigned int mask) noexcept nogil:
         if epoll_ctl(e.epfd, EPOLL_CTL_ADD, io.fd, &ev) < 0:
             return -errno
     else:
+        if e.ring.fd < 0:
+            return -EBADF            # (a stopped engine)
         s = slot_take(e, io)
         if s < 0:
             return s
@@ -54,7 +53,7 @@ cdef void watch_del(Eng *e, Io *io) noexcept nogil:
     if e.backend == BACKEND_EPOLL:
         if io.fd >= 0:
             epoll_ctl(e.epfd, EPOLL_CTL_DEL, io.fd, &ev)
-    elif io.slot:
+    elif io.slot and e.ring.fd >= 0:
         ring_remove(e, slot_data(e, io.slot))
         slot_give(e, io)
         ring_flush_outside(e)
@@ -141,17 +140,31 @@ cdef int ring_wait(Eng *e, int timeout) noexcept nogil:
         # (the engine's own fds, the listeners) goes in now
         r = uring_start(&e.ring)
         if r < 0:
-            eng_log(e, LOG_ERROR, "io_uring: the ring cannot be enabled: %s", strerror(-r))
-            return 0
+            return ring_failed(e, "the ring cannot be enabled", r, timeout)
         e.ring_started = 1
     if uring_ready(&e.ring) or timeout == 0:
         r = uring_enter(&e.ring, 0, 0)        # (what is ready, without sleeping)
     else:
         r = uring_enter(&e.ring, 1, timeout)
+        if r > 0 and not uring_ready(&e.ring):
+            # The wait submitted entries, so the kernel said how many and not why it ended:
+            # a timeout or a signal.  Take it for a signal (the caller looks, and turns again).
+            return -1
     if r == -EINTR:
         return -1
     if r < 0:
-        eng_log(e, LOG_ERROR, "io_uring_enter() failed: %s", strerror(-r))
+        return ring_failed(e, "io_uring_enter() failed", r, timeout)
+    return 0
+
+
+cdef int ring_failed(Eng *e, const char *what, int err, int timeout) noexcept nogil:
+    # (not expected: a ring the kernel made and then refuses.)  Said once, and the turn waits
+    # out its timeout rather than spinning.
+    if not e.ring_failed:
+        e.ring_failed = 1
+        eng_log(e, LOG_ERROR, "io_uring: %s: %s", what, strerror(-err))
+    if timeout > 0:
+        usleep(<unsigned int>timeout * 1000)
     return 0
 
 
@@ -170,7 +183,7 @@ cdef Io *ring_next(Eng *e, unsigned int *ev) noexcept nogil:
             if res == -EALREADY:
                 # the poll was firing as the removal came, and a multishot poll goes on after
                 # that: remove it again (until it is gone it holds its socket open)
-                ring_remove(e, data & ~(<unsigned long long>REMOVAL))
+                ring_remove(e, data & ~REMOVAL)
             continue
         s = <int>(data & 0x7fffffffu)
         io = e.slots[s] if 0 < s < e.nslots else NULL
@@ -186,6 +199,8 @@ cdef Io *ring_next(Eng *e, unsigned int *ev) noexcept nogil:
             ring_arm(e, io)
         if res < 0:
             if res == -ECANCELED:
+                if io.kind == IO_LISTENER and io.registered:
+                    ring_arm(e, io)  # (cancelled by the kernel, not by a removal: watch again)
                 continue
             res = EPOLLERR       # (the poll could not be armed: let the next read or write say)
         ev[0] = <unsigned int>res

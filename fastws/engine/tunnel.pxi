@@ -245,6 +245,6 @@ cdef int tunnel_detach(Eng *e, Conn *c) noexcept nogil:
     for i in range(2):
         if flow_take_pipe(e, &c.flow[i]) < 0:
             return -1
-    watch_del(e, &c.io)              # (outside a turn: the polls let go of the files now)
+    watch_del(e, &c.io)              # (Engine.export submits the removals before the fds go)
     watch_del(e, &c.up.io)
     return 0

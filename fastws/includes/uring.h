@@ -29,6 +29,7 @@ typedef struct {
     unsigned *sq_head, *sq_tail, *sq_array;
     unsigned sq_mask, sq_entries;
     unsigned sq_queued;              /* entries written since the last submission */
+    unsigned sq_local;               /* the tail as written here, published at submission */
     struct io_uring_sqe *sqes;
     /* completion queue */
     unsigned *cq_head, *cq_tail;
@@ -128,6 +129,7 @@ static inline int fastws_uring_init(fastws_uring *r, unsigned entries, unsigned 
     /* the SQ array maps slot i to entry i, once and for all */
     for (unsigned i = 0; i < r->sq_entries; i++)
         r->sq_array[i] = i;
+    r->sq_local = *r->sq_tail;
     return 0;
 }
 
@@ -151,7 +153,9 @@ static inline int fastws_uring_eventfd(fastws_uring *r, int efd)
 /* Hand the queued entries to the kernel; with `wait` 1, sleep until a completion comes or
  * `timeout_ms` passes (< 0: no limit); with `wait` 0, collect the completions that are ready
  * without sleeping (a ring made with IORING_SETUP_DEFER_TASKRUN posts them only when asked);
- * with `wait` -1, only submit.  Returns 0, or -errno (-EINTR: a signal). */
+ * with `wait` -1, only submit.  Returns the entries submitted, or -errno (-EINTR: a signal
+ * cut the wait short, told only when nothing was submitted: the kernel then returns the
+ * count). */
 static inline int fastws_uring_enter(fastws_uring *r, int wait, int timeout_ms)
 {
     struct io_uring_getevents_arg arg;
@@ -159,6 +163,8 @@ static inline int fastws_uring_enter(fastws_uring *r, int wait, int timeout_ms)
     unsigned submit = r->sq_queued;
     unsigned flags = 0;
     int n;
+    /* the entries are written whole: the kernel may read them from here on */
+    __atomic_store_n(r->sq_tail, r->sq_local, __ATOMIC_RELEASE);
     if (wait >= 0) {
         flags = IORING_ENTER_GETEVENTS | IORING_ENTER_EXT_ARG;
         memset(&arg, 0, sizeof(arg));
@@ -170,6 +176,7 @@ static inline int fastws_uring_enter(fastws_uring *r, int wait, int timeout_ms)
     } else if (!submit) {
         return 0;
     }
+
     n = fastws_uring_enter_call(r->fd, submit, wait > 0 ? 1 : 0, flags, wait >= 0 ? &arg : NULL,
                                 wait >= 0 ? sizeof(arg) : 0);
     if (n < 0) {
@@ -179,14 +186,16 @@ static inline int fastws_uring_enter(fastws_uring *r, int wait, int timeout_ms)
             return -errno;
     }
     r->sq_queued = submit > (unsigned)n ? submit - (unsigned)n : 0;
-    return 0;
+    return n;
 }
 
 /* A free submission entry, zeroed, or NULL when the queue is full even after submitting. */
 static inline struct io_uring_sqe *fastws_uring_sqe(fastws_uring *r)
 {
-    unsigned tail = *r->sq_tail;
+    unsigned tail = r->sq_local;
     struct io_uring_sqe *sqe;
+    if (r->sqes == NULL)
+        return NULL;                 /* (the ring is closed) */
     if (tail - __atomic_load_n(r->sq_head, __ATOMIC_ACQUIRE) >= r->sq_entries) {
         if (fastws_uring_enter(r, -1, 0) < 0)
             return NULL;
@@ -195,7 +204,7 @@ static inline struct io_uring_sqe *fastws_uring_sqe(fastws_uring *r)
     }
     sqe = &r->sqes[tail & r->sq_mask];
     memset(sqe, 0, sizeof(*sqe));
-    __atomic_store_n(r->sq_tail, tail + 1, __ATOMIC_RELEASE);
+    r->sq_local = tail + 1;          /* published by fastws_uring_enter */
     r->sq_queued++;
     return sqe;
 }
@@ -257,4 +266,6 @@ static inline int fastws_uring_ready(fastws_uring *r)
 }
 
 #define FASTWS_CQE_F_MORE IORING_CQE_F_MORE
+/* in a user_data: the completion of a poll's removal (the slot's half, below the generation) */
+#define FASTWS_URING_REMOVAL 0x80000000ULL
 #endif

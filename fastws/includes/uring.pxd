@@ -20,6 +20,10 @@ cdef extern from "uring.h" nogil:
     void uring_seen "fastws_uring_seen"(fastws_uring *r)
     int uring_ready "fastws_uring_ready"(fastws_uring *r)
     unsigned CQE_F_MORE "FASTWS_CQE_F_MORE"
+    unsigned long long REMOVAL "FASTWS_URING_REMOVAL"
     enum:
         ECANCELED            # (errno.h: a removed poll's completion)
         ENOENT
+
+cdef extern from "<unistd.h>" nogil:
+    int usleep(unsigned int usec)
