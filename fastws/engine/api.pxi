@@ -41,6 +41,7 @@ cdef class Engine:
         cdef Eng *e
         cdef char why[256]
         cdef int r
+        cdef unsigned int cq
         if bufsize < 4096:
             raise ValueError("bufsize must be at least 4096")
         self.e = e = <Eng *>calloc(1, sizeof(Eng))
@@ -80,7 +81,12 @@ cdef class Engine:
         self.backend_why = "engine = \"epoll\" in the configuration"
         if engine != "epoll":
             why[0] = 0
-            r = uring_init(&e.ring, 1024, 16384, why, sizeof(why))
+            # room for two completions per connection between two turns (each direction's
+            # edge); past that they wait in the kernel's overflow list (IORING_FEAT_NODROP)
+            cq = 4096
+            while cq < 2 * worker_connections and cq < 65536:
+                cq *= 2
+            r = uring_init(&e.ring, 1024, cq, why, sizeof(why))
             if r == 0:
                 e.backend = BACKEND_URING
                 self.backend_why = ("engine = \"io_uring\" in the configuration"
@@ -574,6 +580,7 @@ cdef class Engine:
         cdef unsigned long long counter = 1
         self.e.stopping = 1
         self.e.now = fastws_monotonic()
+        self.e.in_turn = 1                # (a ring's removals go to the kernel at once, below)
         c = self.e.all
         while c != NULL:
             nxt = c.all_next
@@ -589,6 +596,8 @@ cdef class Engine:
                     # (RFC 9112 9.3.1), not a reset (a plain close with unread input)
                     conn_linger(self.e, c)
             c = nxt
+        self.e.in_turn = 0
+        ring_flush_outside(self.e)
         if self.e.ready != NULL:
             write(self.e.wakefd, &counter, sizeof(counter))   # run them in the next turn
         with nogil:
