@@ -32,7 +32,8 @@ def kernel_allows_io_uring() -> bool:
     return True
 
 
-def config_file(tmp_path: Path, port: int, engine: str | None, upstream: str = "127.0.0.1:9") -> Path:
+def config_file(tmp_path: Path, port: int, engine: str | None,
+                upstream: str = "127.0.0.1:9") -> Path:
     path = tmp_path / "fastws.toml"
     top = f'engine = "{engine}"\n' if engine else ""
     path.write_text(f"""{top}

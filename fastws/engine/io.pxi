@@ -1,10 +1,11 @@
 # Reading and writing a socket, plain or TLS, with edge-triggered readiness.
 #
 # Every socket is watched once (engine/ring.pxi: epoll or io_uring), for both directions,
-# edge-triggered (as nginx's epoll module): nothing to change per state.  `rd_ready` and `wr_ready` remember an edge
-# until a read comes back short or empty (the kernel had no more) or a write is refused or
-# partial (the send buffer is full); a new edge sets them again.  Returns follow recv(2):
-# >0 bytes, 0 end of stream, or -errno (-EAGAIN: wait for the next edge).
+# edge-triggered (as nginx's epoll module): nothing to change per state.  `rd_ready` and
+# `wr_ready` remember an edge until a read comes back short or empty (the kernel had no more)
+# or a write is refused or partial (the send buffer is full); a new edge sets them again.
+# Returns follow recv(2): >0 bytes, 0 end of stream, or -errno (-EAGAIN: wait for the next
+# edge).
 
 cdef int io_register(Eng *e, Io *io) noexcept nogil:
     return watch_add(e, io, EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET)

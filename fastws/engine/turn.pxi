@@ -1,6 +1,7 @@
-# One turn of the engine: the edges epoll or the ring has (engine/ring.pxi), the connections with work no edge announces,
-# the listeners with a queue left, the deadlines that came; then the structs closed during the
-# turn are freed (events of the turn may have named them until then).
+# One turn of the engine: the edges epoll or the ring has (engine/ring.pxi), the connections
+# with work no edge announces, the listeners with a queue left, the deadlines that came; then
+# the structs closed during the turn are freed (events of the turn may have named them until
+# then).
 
 cdef int engine_wait(Eng *e, double end) noexcept nogil:
     # Turns until something needs Python: the control plane's loop has work, messages wait
