@@ -91,6 +91,20 @@ def alive(pid: int) -> bool:
         return False
 
 
+def one_worker(make_proxy, config: dict, port: int) -> tuple[Any, int]:
+    """A proxy of one worker on `config`, started; the proxy and its worker's pid."""
+    proxy = make_proxy(config, port=port)
+    wait_until(lambda: len(proxy.workers()) == 1)
+    [worker] = proxy.workers()
+    return proxy, worker
+
+
+def reload_with(proxy, config: dict) -> None:
+    """`config` written to the proxy's file, and SIGHUP."""
+    proxy.path.write_text(to_toml(config))
+    os.kill(proxy.pid, signal.SIGHUP)
+
+
 def workers_of(proxy: Any) -> list[dict[str, Any]]:
     return proxy.status()["workers"]
 
@@ -210,8 +224,7 @@ def reload_under_load(proxy: Any, tmp_path: Path, port: int, backend: RawBackend
     """Rewrite the config (answer "v2"), SIGHUP, and keep every tunnel echoing until the new
     configuration is served; return how many rounds of echoes that took."""
     config = ops_config(tmp_path, port, backend.address, body="v2", **top)
-    proxy.path.write_text(to_toml(config))
-    os.kill(proxy.pid, signal.SIGHUP)
+    reload_with(proxy, config)
     deadline = time.monotonic() + 10
     rounds = 0
     while body_of(proxy) != b"v2":
@@ -282,9 +295,7 @@ def test_bytes_in_flight_survive_the_handover(make_proxy, tmp_path, port, relay)
     bulk = RawBackend(bulk_handler)
     config = ops_config(tmp_path, port, bulk.address, processes=1)
     config["server"][0]["location"][0]["relay"] = relay
-    proxy = make_proxy(config, port=port)
-    wait_until(lambda: len(proxy.workers()) == 1)
-    [old] = proxy.workers()
+    proxy, old = one_worker(make_proxy, config, port)
     s = tunnel(port)
     s.sendall(b"go")
     # the client does not read yet: bytes pile up in the kernel and in the old worker's engine,
@@ -294,8 +305,7 @@ def test_bytes_in_flight_survive_the_handover(make_proxy, tmp_path, port, relay)
     wait_until(lambda: proxy.status()["engine"]["held"][
         "pipes" if relay == "splice" else "buffers"] >= 1)
     config["server"][0]["location"][1]["return"] = [200, "v2"]
-    proxy.path.write_text(to_toml(config))
-    os.kill(proxy.pid, signal.SIGHUP)
+    reload_with(proxy, config)
     wait_until(lambda: not alive(old))
     assert body_of(proxy) == b"v2"
     s.settimeout(10)
@@ -315,15 +325,12 @@ def test_bytes_in_flight_survive_the_handover(make_proxy, tmp_path, port, relay)
 
 def test_a_handed_over_tunnel_outlives_its_upstream_group(make_proxy, tmp_path, port, backend):
     config = ops_config(tmp_path, port, backend.address, processes=1)
-    proxy = make_proxy(config, port=port)
-    wait_until(lambda: len(proxy.workers()) == 1)
-    [old] = proxy.workers()
+    proxy, old = one_worker(make_proxy, config, port)
     s = tunnel(port)
     echo(s, b"one")
     config["upstream"][0]["name"] = "renamed"          # the tunnel's group is gone
     config["server"][0]["location"][0]["proxy_pass"] = "renamed"
-    proxy.path.write_text(to_toml(config))
-    os.kill(proxy.pid, signal.SIGHUP)
+    reload_with(proxy, config)
     wait_until(lambda: old not in proxy.workers())
     echo(s, b"two")
     assert proxy.status()["tunnels"]["active"] == 1
@@ -339,9 +346,7 @@ def test_a_handed_over_tunnel_outlives_its_upstream_group(make_proxy, tmp_path, 
 def test_a_handover_that_cannot_reach_the_new_worker_drains_in_the_old_one(make_proxy, tmp_path,
                                                                            port, backend):
     config = ops_config(tmp_path, port, backend.address, processes=1)
-    proxy = make_proxy(config, port=port)
-    wait_until(lambda: len(proxy.workers()) == 1)
-    [old] = proxy.workers()
+    proxy, old = one_worker(make_proxy, config, port)
     tunnels = [tunnel(port) for _ in range(3)]
     # an impostor holds the new worker's handover address and never answers
     impostor = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -414,8 +419,7 @@ def test_a_reload_whose_new_address_cannot_be_bound_keeps_the_old_config(make_pr
     taken.listen()
     config = ops_config(tmp_path, port, backend.address, body="v2")
     config["server"][0]["listen"].append(f"127.0.0.1:{taken.getsockname()[1]}")
-    proxy.path.write_text(to_toml(config))
-    os.kill(proxy.pid, signal.SIGHUP)
+    reload_with(proxy, config)
     wait_until(lambda: "cannot listen" in (tmp_path / "error.log").read_text())
     assert body_of(proxy) == b"v1" and sorted(proxy.workers()) == before
     taken.close()
@@ -931,15 +935,12 @@ def test_a_reload_onto_the_other_back_end_hands_the_tunnels_over(make_proxy, tmp
     # The new workers run the other back end (`engine` changed in the file): a tunnel taken
     # out of an io_uring engine goes on in an epoll one, and the other way round.
     config = ops_config(tmp_path, port, backend.address, processes=1)
-    proxy = make_proxy(config, port=port)
-    wait_until(lambda: len(proxy.workers()) == 1)
-    [old] = proxy.workers()
+    proxy, old = one_worker(make_proxy, config, port)
     s = tunnel(port)
     echo(s, b"before the reload")
     other = "epoll" if engine == "io_uring" else "io_uring"
     config["engine"] = other
-    proxy.path.write_text(to_toml(config))
-    os.kill(proxy.pid, signal.SIGHUP)
+    reload_with(proxy, config)
     wait_until(lambda: not alive(old))
     echo(s, b"after it, on the other back end")
     s.close()
