@@ -39,8 +39,6 @@ cdef class Engine:
                   int number_step=1, int number_base=0, Py_ssize_t counters=0,
                   str engine="auto"):
         cdef Eng *e
-        cdef char why[256]
-        cdef int r
         cdef unsigned int cq
         if bufsize < 4096:
             raise ValueError("bufsize must be at least 4096")
@@ -76,25 +74,14 @@ cdef class Engine:
         self._close_hooks = []
         self._pending = {}
         self._closed = []
-        if engine not in ("auto", "io_uring", "epoll"):
-            raise ValueError(f"engine must be auto, io_uring or epoll, not {engine!r}")
-        self.backend_why = "engine = \"epoll\" in the configuration"
-        if engine != "epoll":
-            why[0] = 0
-            # room for two completions per connection between two turns (each direction's
-            # edge); past that they wait in the kernel's overflow list (IORING_FEAT_NODROP)
-            cq = 4096
-            while cq < 2 * worker_connections and cq < 65536:
-                cq *= 2
-            r = uring_init(&e.ring, 1024, cq, why, sizeof(why))
-            if r == 0:
-                e.backend = BACKEND_URING
-                self.backend_why = ("engine = \"io_uring\" in the configuration"
-                                    if engine == "io_uring" else "io_uring is available")
-            elif engine == "io_uring":
-                raise OSError(-r, why.decode())
-            else:
-                self.backend_why = why.decode()
+        # room for two completions per connection between two turns (each direction's edge);
+        # past that they wait in the kernel's overflow list (IORING_FEAT_NODROP)
+        cq = 4096
+        while cq < 2 * worker_connections and cq < 65536:
+            cq *= 2
+        self.backend_why = _open_ring(&e.ring, engine, 1024, cq)
+        if e.ring.fd >= 0:
+            e.backend = BACKEND_URING
         if e.backend == BACKEND_EPOLL:
             e.epfd = _errcheck(epoll_create1(EPOLL_CLOEXEC))
         e.tio.kind = IO_TIMER
@@ -1293,21 +1280,30 @@ def probe_backend(str engine="auto"):
     """The back end an engine made now would run, and why: ("io_uring" | "epoll", reason).
     OSError when `engine` is "io_uring" and the kernel refuses it."""
     cdef fastws_uring ring
+    why = _open_ring(&ring, engine, 8, 16)
+    if ring.fd < 0:
+        return "epoll", why
+    uring_close(&ring)
+    return "io_uring", why
+
+
+cdef str _open_ring(fastws_uring *ring, str engine, unsigned int entries, unsigned int cq):
+    # The ring `engine` asks for, made in `ring` (its fd -1 for epoll), and why this back end.
     cdef char why[256]
     cdef int r
+    ring.fd = -1
     if engine not in ("auto", "io_uring", "epoll"):
         raise ValueError(f"engine must be auto, io_uring or epoll, not {engine!r}")
     if engine == "epoll":
-        return "epoll", "engine = \"epoll\" in the configuration"
+        return "engine = \"epoll\" in the configuration"
     why[0] = 0
-    r = uring_init(&ring, 8, 16, why, sizeof(why))
+    r = uring_init(ring, entries, cq, why, sizeof(why))
     if r < 0:
         if engine == "io_uring":
             raise OSError(-r, why.decode())
-        return "epoll", why.decode()
-    uring_close(&ring)
-    return "io_uring", ("engine = \"io_uring\" in the configuration" if engine == "io_uring"
-                        else "io_uring is available")
+        return why.decode()
+    return ("engine = \"io_uring\" in the configuration" if engine == "io_uring"
+            else "io_uring is available")
 
 
 cdef int _errneg(int rc) except -1:
