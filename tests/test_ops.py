@@ -227,7 +227,13 @@ def reload_under_load(proxy: Any, tmp_path: Path, port: int, backend: RawBackend
     reload_with(proxy, config)
     deadline = time.monotonic() + 10
     rounds = 0
-    while body_of(proxy) != b"v2":
+    while True:
+        code, body = proxy.get("/")
+        # (a reload to fewer workers closes a listener, and a request the kernel had queued
+        # on it is reset: docs/operations.md, "Connections waiting in a closing listener")
+        assert code == 200 or (code == 0 and top.get("processes", 2) < 2), code
+        if body == b"v2":
+            break
         assert time.monotonic() < deadline, "the new configuration is not served"
         for i, s in enumerate(tunnels):
             echo(s, b"during %d" % i)
