@@ -132,6 +132,7 @@ class Proxy:
         # engine: the back end (io_uring or epoll) for a configuration that names none;
         # prefix: a command that runs fastws (tests/no_io_uring.py)
         self.tmp = tmp
+        self.engine = engine
         if isinstance(config, Path):        # a file written by the test (an nginx.conf)
             self.path = config
         else:
@@ -159,6 +160,12 @@ class Proxy:
     @property
     def pid(self) -> int:
         return self.proc.pid
+
+    def rewrite(self, config: dict[str, Any]) -> None:
+        """A new configuration in the proxy's file (for a reload), on the proxy's back end."""
+        if self.engine is not None:
+            config = with_engine(config, self.engine)  # type: ignore[assignment]
+        self.path.write_text(to_toml(config))
 
     def output(self) -> str:
         if not self._log_file.closed:

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 import pytest
 
 from nginx_support import NGINX, Nginx
-from support import NamedBackend, Proxy, free_port, to_toml, wait_until
+from support import NamedBackend, Proxy, free_port, wait_until
 
 KEYS = 1000
 GROUPS = ("iph", "h", "ch")
@@ -144,7 +144,7 @@ def test_two_fastws_instances_and_nginx_choose_alike(tmp_path: Path,
         gone = addresses[2]
         for i, proxy in enumerate(instances):
             old = set(proxy.workers())
-            proxy.path.write_text(to_toml(fastws_config(ports[i], addresses, gone)))
+            proxy.rewrite(fastws_config(ports[i], addresses, gone))
             proxy.proc.send_signal(signal.SIGHUP)
             wait_until(lambda: set(proxy.workers()) and not set(proxy.workers()) & old)
         nginx.stop()

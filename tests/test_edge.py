@@ -356,7 +356,6 @@ def test_limit_req_delays_the_excess_instead_of_refusing_it(make_proxy):
 def test_a_handed_over_tunnel_keeps_its_limit_conn_count(make_proxy, tmp_path: Path):
     import os
     import signal
-    from support import to_toml
     backend = NamedBackend("b")
     port = free_port()
     config = limits_config(port, backend.address, limit_conn={"zone": "addr", "max": 1})
@@ -364,7 +363,7 @@ def test_a_handed_over_tunnel_keeps_its_limit_conn_count(make_proxy, tmp_path: P
     code, held = handshake("127.0.0.1", port, "127.0.0.7")
     assert code == 101
     config["server"][0]["location"][0]["read_timeout"] = "61s"      # a reload that changes
-    proxy.path.write_text(to_toml(config))
+    proxy.rewrite(config)
     os.kill(proxy.pid, signal.SIGHUP)
     wait_until(lambda: {w["generation"] for w in proxy.status()["workers"]} == {2})
     held.sendall(ws_frame(b"still here"))

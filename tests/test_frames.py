@@ -416,7 +416,6 @@ def test_wss_tunnels_follow_their_frames_too(make_proxy, server, tmp_path, port)
 def test_a_reload_hands_over_a_tunnel_mid_message_and_closes_wss_with_1012(
         make_proxy, server, tmp_path, port) -> None:
     import trustme
-    from support import to_toml
     from test_tls import client_context, write_cert
     authority = trustme.CA()
     config = frames_config(tmp_path, port, server.address, max_message_size="1m")
@@ -440,7 +439,7 @@ def test_a_reload_hands_over_a_tunnel_mid_message_and_closes_wss_with_1012(
     secure.send("hi")
     assert secure.recv(timeout=10) == "hi"
     old = set(proxy.workers())
-    proxy.path.write_text(to_toml(config))
+    proxy.rewrite(config)
     os.kill(proxy.pid, signal.SIGHUP)
     # the TLS tunnel cannot be handed over: closed politely with 1012
     assert closed_with(secure) == (1012, "server restarting")

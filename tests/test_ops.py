@@ -101,7 +101,7 @@ def one_worker(make_proxy, config: dict, port: int) -> tuple[Any, int]:
 
 def reload_with(proxy, config: dict) -> None:
     """`config` written to the proxy's file, and SIGHUP."""
-    proxy.path.write_text(to_toml(config))
+    proxy.rewrite(config)
     os.kill(proxy.pid, signal.SIGHUP)
 
 
