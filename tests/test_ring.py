@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import ctypes
 import os
+import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from websockets.sync.client import connect
 
 from fastws import _engine
-from support import EchoBackend, free_port, read_all, wait_until
+from support import EchoBackend, free_port, proc_net, read_all, wait_until
 
 HERE = Path(__file__).resolve().parent
 REFUSE = (sys.executable, str(HERE / "no_io_uring.py"))   # runs a command with io_uring refused
@@ -141,7 +144,6 @@ def test_the_engine_refuses_an_unknown_back_end():
 
 
 def test_a_reload_to_a_refused_io_uring_keeps_the_old_configuration(make_proxy, tmp_path: Path):
-    import signal
     port = free_port()
     path = config_file(tmp_path, port, None)
     proxy = make_proxy(path.read_text(), port=port, prefix=REFUSE, engine=None)
@@ -153,3 +155,141 @@ def test_a_reload_to_a_refused_io_uring_keeps_the_old_configuration(make_proxy, 
     assert "engine: io_uring is refused here" in proxy.output()
     assert proxy.workers() == [worker]
     assert proxy.get("/")[0] == 200
+
+
+# A WebSocket server in its own process, to be killed: it answers every opening handshake
+# with a 101, then sends back every byte it gets, as it is, and closes after the client.
+HOLDING_BACKEND = r"""
+import asyncio, base64, hashlib, sys
+
+async def hold(reader, writer):
+    head = await reader.readuntil(b"\r\n\r\n")
+    key = [l.split(b":", 1)[1].strip() for l in head.split(b"\r\n")
+           if l.lower().startswith(b"sec-websocket-key:")][0]
+    accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+    writer.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                 b"Connection: Upgrade\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+    while data := await reader.read(65536):
+        writer.write(data)
+    writer.close()
+
+async def main():
+    server = await asyncio.start_server(hold, "127.0.0.1", 0, backlog=4096)
+    print(server.sockets[0].getsockname()[1], flush=True)
+    await server.serve_forever()
+
+asyncio.run(main())
+"""
+
+
+UPGRADE = (b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+           b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+
+
+@pytest.fixture
+def echo_process() -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """The server above, started: the process and its address."""
+    backend = subprocess.Popen([sys.executable, "-c", HOLDING_BACKEND], stdout=subprocess.PIPE,
+                               text=True)
+    try:
+        yield backend, f"127.0.0.1:{int(backend.stdout.readline())}"  # type: ignore[union-attr]
+    finally:
+        backend.kill()
+        backend.wait()
+        backend.stdout.close()                                      # type: ignore[union-attr]
+
+
+def many_tunnels(port: int, n: int) -> list[socket.socket]:
+    """`n` tunnels through the proxy on `port`, their 101s read."""
+    clients: list[socket.socket] = []
+    try:
+        for _ in range(n):
+            s = socket.create_connection(("127.0.0.1", port), timeout=30)
+            clients.append(s)
+            s.sendall(UPGRADE)
+        for s in clients:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = s.recv(4096)
+                assert chunk, "a tunnel was refused"
+                head += chunk
+            assert head.startswith(b"HTTP/1.1 101 "), head
+    except BaseException:
+        for s in clients:
+            s.close()
+        raise
+    return clients
+
+
+def ring_config(port: int, upstream: str) -> dict[str, Any]:
+    # worker_connections 2,048: the completion queue is its smallest, 4,096 entries
+    return {"worker_connections": 2048,
+            "upstream": [{"name": "backend", "servers": [upstream]}],
+            "server": [{"listen": [f"127.0.0.1:{port}"], "location": [
+                {"path": "/ws", "proxy_pass": "backend", "frames": False},
+                {"path": "/", "return": 200}]}]}
+
+
+def test_a_backend_dying_under_a_thousand_tunnels_ends_every_one(make_proxy, echo_process):
+    # 1,000 tunnels whose upstream ends while the worker is stopped: when it runs again the
+    # kernel has all 1,000 ends waiting (epoll hands them over 512 a turn, io_uring as its
+    # deferred work runs), and the worker closes 2,000 sockets in a few turns.  With io_uring
+    # a socket is closed for good only once its poll is removed: a removal that went missing
+    # would leave its client waiting for an end that never comes.  Every client must see it,
+    # the worker must hold no connection after, and it must serve the next one.
+    backend, upstream = echo_process
+    port = free_port()
+    proxy = make_proxy(ring_config(port, upstream), port=port)
+    clients = many_tunnels(port, 1000)
+    try:
+        assert proxy.connections() == 2000
+        [worker] = proxy.workers()
+        backend_port = f":{int(upstream.rsplit(':', 1)[1]):04X}"
+        def upstream_ends_waiting() -> int:                 # CLOSE_WAIT toward the backend
+            return sum(1 for row in proc_net("tcp")
+                       if row[2].endswith(backend_port) and row[3] == "08")
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            backend.kill()
+            backend.wait()
+            wait_until(lambda: upstream_ends_waiting() == 1000)
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        for s in clients:
+            assert read_all(s) == b""        # (a timeout fails the test: that tunnel hangs)
+        wait_until(lambda: proxy.connections() == 0)
+        assert proxy.get("/")[0] == 200
+    finally:
+        for s in clients:
+            s.close()
+
+
+def test_a_reload_hands_over_a_thousand_tunnels_at_once(make_proxy, echo_process):
+    # The old worker lets go of 2,000 sockets in one call (Engine.export): with io_uring,
+    # 2,000 poll removals for a submission queue of 1,024 entries, submitted early when it
+    # fills, with no turn between to read their completions.  Every tunnel must go on
+    # relaying in the new worker, and end cleanly after.
+    _, upstream = echo_process
+    port = free_port()
+    config = ring_config(port, upstream)
+    proxy = make_proxy(config, port=port)
+    clients = many_tunnels(port, 1000)
+    try:
+        [old] = proxy.workers()
+        config["server"][0]["location"][0]["read_timeout"] = "61s"    # a reload that changes
+        proxy.rewrite(config)
+        os.kill(proxy.pid, signal.SIGHUP)
+        wait_until(lambda: old not in proxy.workers() and len(proxy.workers()) == 1)
+        for i, s in enumerate(clients):
+            message = b"tunnel %d" % i
+            s.sendall(message)
+            got = b""
+            while len(got) < len(message):
+                chunk = s.recv(4096)
+                assert chunk, f"tunnel {i} ended in the reload"
+                got += chunk
+            assert got == message
+    finally:
+        for s in clients:
+            s.close()
+    wait_until(lambda: proxy.connections() == 0)
