@@ -75,6 +75,20 @@ def test_clean_backend_passes(exes, mode, size):
     assert "MARK start" in out and "MARK end" in out
 
 
+@pytest.mark.parametrize("mode,pace", [("send", ["--rate", "40"]),                  # wsload paces
+                                       ("recv", ["--path", "/firehose?rate=5"])])   # the backend does
+def test_paced_bulk_never_goes_over_its_pace(exes, mode, pace):
+    # the paced bulk scenarios: 40 MB/s in all over 8 connections, every byte still checked
+    p, port = _backend(exes)
+    try:
+        rc, res, out = _load(exes, port, "--mode", mode, "--size", "65536", "--conns", "8", *pace)
+    finally:
+        p.terminate()
+        p.wait(5)
+    assert rc == 0 and res["errors"] == 0, res
+    assert 0 < res["mb_per_s"] <= 40 * 1.05, res
+
+
 def test_chat_sends_each_connection_a_message_an_interval(exes):
     # 200 connections, a message each 0.2 s: about 1,000 messages a second, every echo checked
     p, port = _backend(exes)

@@ -2,6 +2,7 @@
  *   WebSocket  /echo      echo every data frame back (unmasked, same opcode)
  *   WebSocket  /sink      read and discard frames
  *   WebSocket  /firehose  send 64 KiB binary frames as fast as the peer reads
+ *              (/firehose?rate=R: at most R MB/s on that connection, paced from the 101)
  *   plain HTTP (any path, no Upgrade)  200 with a small body, keep-alive
  * Close frames are answered with a close frame and the server closes first,
  * so TIME_WAIT stays on the server side of each hop.
@@ -34,6 +35,9 @@ typedef struct {
     uint8_t *rb; size_t rlen, rcap;
     uint8_t *wb; size_t wlen, woff, wcap;
     size_t fire_off;   /* offset into firehose frame */
+    double pace;       /* firehose ?rate=: MB/s, 0 = as fast as the peer reads */
+    uint64_t pace0, paced;   /* when pacing began, bytes sent since */
+    int paused;        /* the pace is ahead: waiting for the main loop */
     int want_out;
 } conn_t;
 
@@ -49,6 +53,11 @@ static size_t head_limit;   /* -l: 0 = no limit below the 64 KiB buffer */
 static unsigned long long st_conns, st_upgrades, st_http, st_frames, st_bytes_in, st_bytes_out, st_errors;
 
 static const char HTTP_BODY[] = "hello from fastws bench\n";
+static int npaused;
+
+static int pace_allows(conn_t *c) {
+    return !c->pace || (double)c->paced < c->pace * 1e6 * (double)(now_ns() - c->pace0) / 1e9;
+}
 
 static void set_ev(conn_t *c, int out) {
     if (c->want_out == out) return;
@@ -58,6 +67,7 @@ static void set_ev(conn_t *c, int out) {
 }
 
 static void conn_close(conn_t *c) {
+    if (c->paused) npaused--;
     epoll_ctl(ep, EPOLL_CTL_DEL, c->fd, NULL);
     close(c->fd);
     conns[c->fd] = NULL;
@@ -91,12 +101,17 @@ static int flush_out(conn_t *c) {
     if (c->closing) { conn_close(c); return -1; }
     if (c->mode == M_FIRE) {
         for (;;) {
+            if (!pace_allows(c)) {
+                if (!c->paused) { c->paused = 1; npaused++; }
+                break;
+            }
             ssize_t n = send(c->fd, fire_frame + c->fire_off, fire_len - c->fire_off, MSG_NOSIGNAL);
             if (n < 0) {
                 if (errno == EAGAIN) { set_ev(c, 1); return 0; }
                 conn_close(c); return -1;
             }
             st_bytes_out += n;
+            c->paced += n;
             c->fire_off += n;
             if (c->fire_off == fire_len) { c->fire_off = 0; st_frames++; }
         }
@@ -148,7 +163,10 @@ static int handle_http(conn_t *c) {
         const char *sp = memchr(head, ' ', hlen);
         if (sp) {
             if (strncmp(sp + 1, "/sink", 5) == 0) mode = M_SINK;
-            else if (strncmp(sp + 1, "/firehose", 9) == 0) mode = M_FIRE;
+            else if (strncmp(sp + 1, "/firehose", 9) == 0) {
+                mode = M_FIRE;
+                if (strncmp(sp + 10, "?rate=", 6) == 0) { c->pace = atof(sp + 16); c->pace0 = now_ns(); }
+            }
         }
         char resp[256];
         int n = snprintf(resp, sizeof resp,
@@ -316,7 +334,7 @@ int main(int argc, char **argv) {
     uint64_t deadline = now_ns() + (uint64_t)maxsec * 1000000000ull;
     struct epoll_event evs[512];
     while (!stop_flag && now_ns() < deadline) {
-        int n = epoll_wait(ep, evs, 512, 500);
+        int n = epoll_wait(ep, evs, 512, npaused ? 1 : 500);
         for (int i = 0; i < n; i++) {
             int fd = evs[i].data.fd;
             if (fd == ls) {
@@ -344,7 +362,12 @@ int main(int argc, char **argv) {
         for (int i = 0; i < n; i++) {
             int fd = evs[i].data.fd;
             conn_t *c = fd < maxfd ? conns[fd] : NULL;
-            if (c && c->mode == M_FIRE && !c->want_out && !c->closing) flush_out(c);
+            if (c && c->mode == M_FIRE && !c->want_out && !c->closing && !c->paused) flush_out(c);
+        }
+        /* paced firehoses whose pace allows more */
+        for (int fd = 0; npaused && fd < maxfd; fd++) {
+            conn_t *c = conns[fd];
+            if (c && c->paused && pace_allows(c)) { c->paused = 0; npaused--; flush_out(c); }
         }
     }
     printf("{\"connections\": %llu, \"upgrades\": %llu, \"http_requests\": %llu, \"frames\": %llu, "

@@ -5,6 +5,8 @@
  *              one --size byte masked binary message at a time and waiting for its echo,
  *              which is checked byte for byte. Reports messages/s and round-trip latency.
  *   send       --conns N connections to /sink streaming --size byte frames. Reports MB/s.
+ *              With --rate R, at most R MB/s in all (paced from the end of the set-up):
+ *              a proxy below its limit, whose CPU per MB is then its own work only.
  *   recv       --conns N connections to /firehose reading --size byte frames, checking
  *              every frame header and payload byte. Reports MB/s.
  *   handshake  --conns N concurrent loops of: TCP connect + upgrade (Sec-WebSocket-Accept
@@ -76,6 +78,7 @@ typedef struct {
     /* recv-mode frame parser */
     uint8_t hdr[14]; size_t hdrlen; uint64_t remain, flen;
     size_t send_off;
+    int paused;                    /* send --rate: waiting for the pace to allow more */
     int send_cut;                  /* burst: the peer stopped reading before the head was sent */
     size_t got;                    /* burst: answer bytes read */
     uint64_t due;                  /* chat: when the next message goes */
@@ -93,6 +96,9 @@ static struct in_addr srcs[64]; static int nsrc;
 static unsigned long long max_count;   /* --count: 0 = bounded by time only */
 static double interval_s = 1.0;        /* chat: seconds between a connection's messages */
 static int wait_go;                    /* --wait-go: "MARK open", then a line on stdin */
+static double rate_mb;                 /* send: --rate MB/s, 0 = as fast as the peer takes */
+static uint64_t pace0, paced_bytes;    /* send --rate: when pacing began, bytes sent since */
+static int npaused;
 static int go_pending;
 
 /* chat: a timing wheel of 1 ms slots for the connections' next messages */
@@ -514,13 +520,25 @@ static void next_cycle(conn_t *c) {
     }
 }
 
+static int pace_allows(uint64_t t) {
+    /* send --rate: the bytes sent so far stay under rate x elapsed time */
+    return !rate_mb || (double)paced_bytes < rate_mb * 1e6 * (double)(t - pace0) / 1e9;
+}
+
 static void do_send(conn_t *c) {
     while (phase < 3) {
+        if (rate_mb && !pace_allows(now_ns())) {
+            /* the pace is ahead: this connection waits, the main loop lets it go on */
+            if (!c->paused) { c->paused = 1; npaused++; }
+            set_ev(c, 0);
+            return;
+        }
         ssize_t n = send(c->fd, send_frame + c->send_off, send_frame_len - c->send_off, MSG_NOSIGNAL);
         if (n < 0) {
             if (errno == EAGAIN) { set_ev(c, 1); return; }
             err(c, "send: %s", strerror(errno)); conn_drop(c, ST_DEAD); active--; return;
         }
+        paced_bytes += (uint64_t)n;
         c->send_off += n;
         if (c->send_off == send_frame_len) { c->send_off = 0; count_unit(0, msize); }
     }
@@ -629,7 +647,7 @@ static void on_event(conn_t *c, uint32_t evs) {
 static void usage(void) {
     fprintf(stderr, "usage: wsload --mode echo|send|recv|handshake|idle|http|burst|chat [--host H] [--port P] [--path P]\n"
                     "  [--conns N] [--size B] [--duration S] [--warmup S] [--timeout S] [--hold S]\n"
-                    "  [--inflight N] [--src A,B,...] [--count N] [--interval S]\n");
+                    "  [--inflight N] [--src A,B,...] [--count N] [--interval S] [--rate MB/s]\n");
     exit(2);
 }
 
@@ -640,7 +658,8 @@ int main(int argc, char **argv) {
         {"mode", 1, 0, 'm'}, {"host", 1, 0, 'H'}, {"port", 1, 0, 'p'}, {"path", 1, 0, 'P'},
         {"conns", 1, 0, 'c'}, {"size", 1, 0, 's'}, {"duration", 1, 0, 'd'}, {"warmup", 1, 0, 'w'},
         {"timeout", 1, 0, 't'}, {"hold", 1, 0, 'h'}, {"inflight", 1, 0, 'i'}, {"src", 1, 0, 'S'},
-        {"count", 1, 0, 'n'}, {"interval", 1, 0, 'I'}, {"wait-go", 0, 0, 'G'}, {0, 0, 0, 0}};
+        {"count", 1, 0, 'n'}, {"interval", 1, 0, 'I'}, {"wait-go", 0, 0, 'G'}, {"rate", 1, 0, 'R'},
+        {0, 0, 0, 0}};
     int o;
     const char *mname = "echo";
     while ((o = getopt_long(argc, argv, "", lo, NULL)) != -1) {
@@ -658,6 +677,7 @@ int main(int argc, char **argv) {
         case 'i': inflight = atoi(optarg); break;
         case 'n': max_count = strtoull(optarg, NULL, 10); break;
         case 'I': interval_s = atof(optarg); break;
+        case 'R': rate_mb = atof(optarg); break;
         case 'G': wait_go = 1; break;
         case 'S': {
             char *s = strdup(optarg), *tok, *save;
@@ -685,6 +705,7 @@ int main(int argc, char **argv) {
     if (mode == MODE_HS || mode == MODE_IDLE) { if (msize > 125 || mode == MODE_IDLE) msize = mode == MODE_IDLE ? 16 : msize; }
     if (nconns < 1 || duration <= 0 || duration > 3600 || hold_s > 3600 || timeout_s > 600) usage();
     if (interval_s < 0.01 || interval_s > 4.0) usage();
+    if (rate_mb < 0 || (rate_mb > 0 && mode != MODE_SEND)) usage();
     for (int i = 0; i < WHEEL; i++) wheel[i] = -1;
 
     raise_nofile();
@@ -791,6 +812,7 @@ int main(int argc, char **argv) {
                         else if (mode == MODE_HTTP) send_http(c);
                         else if (mode == MODE_SEND) set_ev(c, 1);
                     }
+                    pace0 = t;
                 }
             } else if (t > setup_deadline) { err(NULL, "setup timed out: %llu of %d open", opened, nconns); phase = 3; drain_deadline = t; }
             if (go_pending == 1 && t > setup_deadline) { err(NULL, "no go-ahead on stdin"); phase = 3; drain_deadline = t; }
@@ -847,7 +869,16 @@ int main(int argc, char **argv) {
             }
         }
         if (mode == MODE_CHAT && phase >= 1 && phase < 3) chat_run(t);
-        int wait_ms = mode == MODE_CHAT ? 1 : 10;
+        if (npaused && phase >= 1 && phase < 3 && pace_allows(t)) {
+            /* the pace allows more: the waiting connections go on, in turn */
+            for (int i = 0; i < nconns && pace_allows(now_ns()); i++) {
+                conn_t *c = &C[i];
+                if (!c->paused) continue;
+                c->paused = 0; npaused--;
+                if (c->fd >= 0 && c->state == ST_OPEN) do_send(c);
+            }
+        }
+        int wait_ms = mode == MODE_CHAT || rate_mb ? 1 : 10;
         int n = epoll_wait(ep, evs, 1024, wait_ms);
         for (int i = 0; i < n; i++) {
             uint32_t id = evs[i].data.u32;
