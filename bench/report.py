@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import statistics
 
-from .scenarios import BURST_SETTLE_S, SCENARIOS, Scenario
+from .scenarios import BURST_SETTLE_S, BY_KEY, SCENARIOS, Scenario
 from .targets import LABELS, PEERS
 
 
@@ -325,20 +325,23 @@ def evaluate_targets(summary: dict, available: list[str]) -> list[dict]:
             BURST_BOUND_MB, None if v is None else v <= BURST_BOUND_MB, detail)
     vs_nginx("echo-4k", 0.6, "no regression, echo 4 KB: proxy CPU per message", " µs")
     for sk in ("bulk-up", "bulk-down"):
-        if sk not in summary:
+        cpu_sk = bulk_cpu_scenario(summary, sk)
+        if sk not in summary and cpu_sk == sk:
             continue
-        ref_cpu = _med(summary, sk, "nginx", "cpu_per_unit")
+        ref_cpu = _med(summary, cpu_sk, "nginx", "cpu_per_unit")
         ref_tp = _med(summary, sk, "haproxy-splice", "throughput")
-        v = _med(summary, sk, "fastws", "cpu_per_unit") if fw else None
+        v = _med(summary, cpu_sk, "fastws", "cpu_per_unit") if fw else None
         tp = _med(summary, sk, "fastws", "throughput") if fw else None
         bound = None if ref_cpu is None else 0.2 * ref_cpu
         ok = None if v is None or bound is None or ref_tp is None or tp is None else (v <= bound and tp >= ref_tp)
-        add(f"no regression, {sk}: CPU per MB <= 0.2x nginx's and MB/s >= HAProxy+splice's", v, bound, ok,
-            f"nginx {_num(ref_cpu)} ms/MB; HAProxy+splice {_num(ref_tp)} MB/s; fastws {_num(tp)} MB/s")
+        add(f"no regression, {sk}: CPU per MB{_paced_label(cpu_sk)} <= 0.2x nginx's and MB/s >= "
+            f"HAProxy+splice's", v, bound, ok,
+            f"nginx {_num(ref_cpu)} ms/MB{_at_limit(summary, cpu_sk, 'nginx')}; HAProxy+splice "
+            f"{_num(ref_tp)} MB/s; fastws {_num(tp)} MB/s{_cpu_from(sk, cpu_sk)}")
     # for information: a later issue's targets
     # (each back end of the engine: fastws runs the default, io_uring where the kernel allows it)
     backends = [(tn, tag) for tn, tag in (("fastws", ""), ("fastws-epoll", ", epoll back end"))
-                if tn in available]
+                if tn in available] or [("fastws", "")]     # (no fastws: the bounds alone)
     for tn, tag in backends if "echo-64" in summary else ():
         b, who = best("echo-64", "cpu_per_unit")
         v = _med(summary, "echo-64", tn, "cpu_per_unit")
@@ -371,6 +374,37 @@ def evaluate_targets(summary: dict, available: list[str]) -> list[dict]:
     if fw and "fastws-2w" in available:
         rows += scaling(summary)
     return rows
+
+
+def bulk_cpu_scenario(summary: dict, sk: str) -> str:
+    """Where a bulk target's CPU per MB is read: the paced run of `sk` when there is one.
+
+    Saturated, on loopback, a proxy's account takes in part of its peers' TCP work at random:
+    when it falls behind, the sender is held by the window, and the ACK the proxy sends on
+    reading runs the sender's transmit (and the delivery back into the proxy's socket) in the
+    proxy's own context.  A round then lands in one of two modes, about 0.27 or 0.45 ms/MB for
+    the same binary here; paced below its limit, a proxy pays for its own work only
+    (bench/README.md).  MB/s is read from the saturated run."""
+    paced = f"{sk}-paced"
+    return paced if paced in summary else sk
+
+
+def _paced_label(cpu_sk: str) -> str:
+    sc = BY_KEY.get(cpu_sk)
+    return f" at {sc.pace_mb:,.0f} MB/s" if sc is not None and sc.pace_mb else ""
+
+
+def _cpu_from(sk: str, cpu_sk: str) -> str:
+    return f" (CPU per MB from {cpu_sk}, MB/s from {sk})" if cpu_sk != sk else ""
+
+
+def _at_limit(summary: dict, cpu_sk: str, tn: str) -> str:
+    # a proxy that could not keep a paced scenario's pace: its figure is at its limit
+    sc = BY_KEY.get(cpu_sk)
+    tp = _med(summary, cpu_sk, tn, "throughput")
+    if sc is None or not sc.pace_mb or tp is None or tp >= 0.95 * sc.pace_mb:
+        return ""
+    return f" (at its limit, {_num(tp)} MB/s)"
 
 
 def scaling(summary: dict) -> list[dict]:
@@ -425,15 +459,16 @@ def frames_cost(summary: dict) -> list[dict]:
             add(f"{sk}: CPU per message <= 1.1x frames off (round by round)", ratio, 1.1, ratio <= 1.1,
                 f"medians: {_num(v)} µs with frames, {_num(ref)} µs without")
     for sk in ("bulk-up", "bulk-down"):
-        v, ref = _med(summary, sk, "fastws", "cpu_per_unit"), _med(summary, sk, "fastws-blind", "cpu_per_unit")
+        cpu_sk = bulk_cpu_scenario(summary, sk)
+        v, ref = _med(summary, cpu_sk, "fastws", "cpu_per_unit"), _med(summary, cpu_sk, "fastws-blind", "cpu_per_unit")
         tp, ref_tp = _med(summary, sk, "fastws", "throughput"), _med(summary, sk, "fastws-blind", "throughput")
-        ratio = _med(summary, sk, "fastws", "vs_blind_cpu_per_unit")
+        ratio = _med(summary, cpu_sk, "fastws", "vs_blind_cpu_per_unit")
         tp_ratio = _med(summary, sk, "fastws", "vs_blind_throughput")
         if None not in (v, ref, tp, ref_tp, ratio, tp_ratio):
-            add(f"{sk}: CPU per MB <= 1.05x frames off, MB/s the same (>= 0.95x) (round by round)",
-                ratio, 1.05, ratio <= 1.05 and tp_ratio >= 0.95,
+            add(f"{sk}: CPU per MB{_paced_label(cpu_sk)} <= 1.05x frames off, MB/s the same (>= 0.95x) "
+                f"(round by round)", ratio, 1.05, ratio <= 1.05 and tp_ratio >= 0.95,
                 f"MB/s {tp_ratio:.3f}x; medians: {_num(v)} and {_num(ref)} ms/MB, "
-                f"{_num(tp)} and {_num(ref_tp)} MB/s")
+                f"{_num(tp)} and {_num(ref_tp)} MB/s{_cpu_from(sk, cpu_sk)}")
     v, ref = _med(summary, "idle-5k", "fastws", "pss_per_tunnel_b"), _med(summary, "idle-5k", "fastws-blind", "pss_per_tunnel_b")
     if v is not None and ref is not None:
         add("idle-5k: PSS per tunnel <= frames off + 64 B", v, ref + 64, v <= ref + 64,

@@ -150,6 +150,10 @@ class Runner:
             cmd += ["--hold", "120", "--inflight", "256"]
         if sc.mode == "chat":
             cmd += ["--inflight", "256"]
+        if sc.pace_mb and sc.mode == "send":
+            cmd += ["--rate", f"{sc.pace_mb:g}"]
+        elif sc.pace_mb:               # the backend paces each firehose (bench/wsbackend.c)
+            cmd += ["--path", f"/firehose?rate={sc.pace_mb / conns:g}"]
         rec["conns"] = conns
         rec["command"] = " ".join(["wsload", *cmd[1:]])
         wall_limit = duration + self.warmup + timeout + 150

@@ -21,6 +21,13 @@ class Scenario:
     what: str = ""
     burst: bool = False  # a fixed count of connections (count), conns at a time; memory before/end/settled
     count: int = 0
+    pace_mb: float = 0.0  # bulk: MB/s in all, paced by the sender (0: as fast as it goes)
+
+
+# The paced bulk scenarios' rate: below what fastws, HAProxy and HAProxy + splice relay here
+# (nginx, at about 600 MB/s, runs at its limit), high enough that a proxy's CPU per MB is
+# measured over a second of its work each run.  Why bulk is paced at all: bench/README.md.
+BULK_PACE_MB = 1000.0
 
 
 # the burst's settle time: memory is read this long after the last connection closed
@@ -43,6 +50,14 @@ SCENARIOS = [
     Scenario("bulk-down", "Bulk one way, firehose to client, 64 KB frames", "recv", 8, 65536, "MB",
              "MB/s", 1e3, "proxy CPU ms/MB",
              what="8 connections reading 64 KiB frames from /firehose, every byte checked"),
+    Scenario("bulk-up-paced", f"Bulk one way at {BULK_PACE_MB:,.0f} MB/s, client to sink", "send", 8, 65536,
+             "MB", "MB/s", 1e3, "proxy CPU ms/MB", pace_mb=BULK_PACE_MB,
+             what=f"bulk-up paced by the load generator at {BULK_PACE_MB:,.0f} MB/s in all: the proxy's CPU "
+                  f"per MB below its limit"),
+    Scenario("bulk-down-paced", f"Bulk one way at {BULK_PACE_MB:,.0f} MB/s, firehose to client", "recv", 8,
+             65536, "MB", "MB/s", 1e3, "proxy CPU ms/MB", pace_mb=BULK_PACE_MB,
+             what=f"bulk-down paced by the backend at {BULK_PACE_MB:,.0f} MB/s in all "
+                  f"({BULK_PACE_MB / 8:g} MB/s a connection): the proxy's CPU per MB below its limit"),
     Scenario("chat-5k", "Chat-shaped: 5,000 connections, one 64 B message each a second", "chat", 5000, 64,
              "message", "messages/s", 1e6, "proxy CPU µs/message", latency=True, uses_src=True,
              what="5,000 WebSocket connections, mostly idle, each sending a 64 B message about once a "

@@ -8,8 +8,8 @@ from bench import report
 from bench.scenarios import BY_KEY
 
 
-def _run(target, rnd, ok=True, tp=100.0, cpu=10.0, p99=1000.0, error=None):
-    r = {"target": target, "scenario": "echo-64", "round": rnd, "ok": ok, "error": error, "conns": 64}
+def _run(target, rnd, ok=True, tp=100.0, cpu=10.0, p99=1000.0, error=None, scenario="echo-64"):
+    r = {"target": target, "scenario": scenario, "round": rnd, "ok": ok, "error": error, "conns": 64}
     if ok:
         r.update(throughput=tp, cpu_per_unit=cpu,
                  lat_us={"p50": p99 / 2, "p99": p99, "p999": p99 * 2},
@@ -141,6 +141,35 @@ def test_targets_check_rows_and_bounds():
     assert "**4 of 7 targets met**" in md
     assert "### For information: a later issue's targets (not part of this check)" in md
     assert md.index("echo CPU per message (64 B)") > md.index("### For information")
+
+
+def test_bulk_cpu_is_read_from_the_paced_run_and_mb_s_from_the_saturated_one():
+    # saturated bulk lands in one of two modes at random (bench/README.md): CPU per MB comes
+    # from the paced scenario when it ran, MB/s from the saturated one
+    runs = []
+    for i, (on, off) in enumerate([(0.45, 0.26), (0.26, 0.44), (0.45, 0.25)], 1):    # saturated
+        runs += [_run("fastws", i, cpu=on, scenario="bulk-up", tp=2300.0),
+                 _run("fastws-blind", i, cpu=off, scenario="bulk-up", tp=2400.0)]
+    for i, (on, off) in enumerate([(0.31, 0.30), (0.30, 0.30), (0.33, 0.32)], 1):    # paced
+        runs += [_run("fastws", i, cpu=on, scenario="bulk-up-paced", tp=1000.0),
+                 _run("fastws-blind", i, cpu=off, scenario="bulk-up-paced", tp=1000.0)]
+    runs += [_run("nginx", i, cpu=1.8, scenario=sk, tp=560.0) for i in (1, 2, 3)
+             for sk in ("bulk-up", "bulk-up-paced")]
+    runs += [_run("haproxy-splice", i, cpu=0.5, scenario="bulk-up", tp=1900.0) for i in (1, 2, 3)]
+    avail = ["fastws", "fastws-blind", "nginx", "haproxy-splice"]
+    summary = report.summarize(runs, ["bulk-up", "bulk-up-paced"], avail)
+    (frames,) = [r for r in report.frames_cost(summary) if r["target"].startswith("bulk-up")]
+    assert frames["target"].startswith("bulk-up: CPU per MB at 1,000 MB/s <= 1.05x frames off")
+    assert abs(frames["fastws"] - 0.33 / 0.32) < 1e-9 and frames["pass"] is True  # the paced rounds
+    assert "MB/s 0.958x" in frames["detail"] and "MB/s from bulk-up" in frames["detail"]
+    (bulk,) = [r for r in report.evaluate_targets(summary, avail)
+               if r["target"].startswith("no regression, bulk-up")]
+    assert bulk["fastws"] == 0.31 and bulk["bound"] == 0.2 * 1.8 and bulk["pass"] is True
+    assert "(at its limit, 560 MB/s)" in bulk["detail"]                 # nginx could not keep the pace
+    # without the paced run, the saturated one gives both, as before
+    summary = report.summarize([r for r in runs if r["scenario"] == "bulk-up"], ["bulk-up"], avail)
+    (frames,) = report.frames_cost(summary)
+    assert frames["target"].startswith("bulk-up: CPU per MB <= 1.05x") and frames["pass"] is False
 
 
 def test_the_cost_of_frames_is_judged_round_by_round():
