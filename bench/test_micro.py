@@ -2,7 +2,8 @@
 
     python -m pytest bench/test_micro.py --benchmark-only
 
-Not part of the default test run (the repository's pytest config collects tests/ only).
+Not part of the default test run (the repository's pytest config collects tests/ and the
+bench's own checks, not this file).
 Every pair is checked to give the same result.  The plain-Python sides skip, with a reason,
 when httptools is missing; the fastws sides never skip: a fastws whose compiled engine cannot
 be imported fails.  Each benchmark has a fixed number of rounds.
