@@ -15,7 +15,7 @@ from pathlib import Path
 from . import build, deps, report
 from .runner import Runner, idle_tunnels, nofile_hard
 from .scenarios import BY_KEY, SCENARIOS
-from .targets import ALL, LABELS, make_targets
+from .targets import ALL, make_targets
 
 HERE = Path(__file__).resolve().parent
 
@@ -320,7 +320,7 @@ def render_markdown(meta: dict, tables: str, pngs: list[Path], base: Path, faile
         f"- date (UTC): {meta['started_utc']} to {meta['finished_utc']}",
         f"- machine: {m['cpu_model']}, {m['cores']} cores, Linux {m['kernel']}, Python {m['python']}, "
         f"open files hard limit {m['nofile_hard_limit']:,}",
-        f"- peers: " + "; ".join(f"{v}" for v in m["versions"].values()),
+        "- peers: " + "; ".join(f"{v}" for v in m["versions"].values()),
         f"- fastws: {meta.get('fastws') or 'not run'}"
         + (f"; repository at commit {meta['git_commit']}" if meta.get("git_commit") else "")
         + (f" at the start and {meta['git_commit_at_end']} at the end (the checkout changed during the run)"

@@ -32,7 +32,7 @@ import threading
 import time
 from pathlib import Path
 
-from . import build, deps, procs
+from . import build, deps
 from .runner import SRC_ADDRS, Runner, _affinity
 from .scenarios import BY_KEY
 from .targets import LABELS, make_targets
