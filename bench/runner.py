@@ -238,6 +238,10 @@ class Runner:
         if sc.mode in ("send", "recv"):
             rec["throughput"] = res["mb_per_s"]
             units = res["bytes"] / 1e6
+            if sc.pace_mb and res["mb_per_s"] > 1.05 * sc.pace_mb:
+                rec["error"] = (f"{res['mb_per_s']:,.0f} MB/s in a run paced at {sc.pace_mb:,.0f}: "
+                                f"the pacing did not hold")
+                return
         elif sc.idle:
             rec["throughput"] = res["opened"]
             units = res["opened"]

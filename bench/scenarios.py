@@ -24,9 +24,10 @@ class Scenario:
     pace_mb: float = 0.0  # bulk: MB/s in all, paced by the sender (0: as fast as it goes)
 
 
-# The paced bulk scenarios' rate: below what fastws, HAProxy and HAProxy + splice relay here
-# (nginx, at about 600 MB/s, runs at its limit), high enough that a proxy's CPU per MB is
-# measured over a second of its work each run.  Why bulk is paced at all: bench/README.md.
+# The paced bulk scenarios' rate: well below what fastws (with frames or without) relays here,
+# where the cost of following frames is judged; high enough that its CPU per MB is measured
+# over more than a second of its work each run.  nginx, at about 600 MB/s, runs at its limit.
+# Why bulk is paced at all: bench/README.md.
 BULK_PACE_MB = 1000.0
 
 

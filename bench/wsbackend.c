@@ -2,7 +2,8 @@
  *   WebSocket  /echo      echo every data frame back (unmasked, same opcode)
  *   WebSocket  /sink      read and discard frames
  *   WebSocket  /firehose  send 64 KiB binary frames as fast as the peer reads
- *              (/firehose?rate=R: at most R MB/s on that connection, paced from the 101)
+ *              (/firehose?rate=R: R MB/s on that connection, a token bucket from the 101
+ *              holding at most 2 ms of credit)
  *   plain HTTP (any path, no Upgrade)  200 with a small body, keep-alive
  * Close frames are answered with a close frame and the server closes first,
  * so TIME_WAIT stays on the server side of each hop.
@@ -36,7 +37,7 @@ typedef struct {
     uint8_t *wb; size_t wlen, woff, wcap;
     size_t fire_off;   /* offset into firehose frame */
     double pace;       /* firehose ?rate=: MB/s, 0 = as fast as the peer reads */
-    uint64_t pace0, paced;   /* when pacing began, bytes sent since */
+    double tokens; uint64_t tlast;   /* the pace's bucket, bytes, and when it was filled */
     int paused;        /* the pace is ahead: waiting for the main loop */
     int want_out;
 } conn_t;
@@ -54,9 +55,17 @@ static unsigned long long st_conns, st_upgrades, st_http, st_frames, st_bytes_in
 
 static const char HTTP_BODY[] = "hello from fastws bench\n";
 static int npaused;
+static int hifd;   /* the highest fd a connection has had: what the paced loop looks through */
+
+#define PACE_CREDIT_S 0.002   /* a paced firehose catches up at most this much after a stall */
 
 static int pace_allows(conn_t *c) {
-    return !c->pace || (double)c->paced < c->pace * 1e6 * (double)(now_ns() - c->pace0) / 1e9;
+    if (!c->pace) return 1;
+    uint64_t t = now_ns();
+    c->tokens += c->pace * 1e6 * (double)(t - c->tlast) / 1e9;
+    c->tlast = t;
+    if (c->tokens > c->pace * 1e6 * PACE_CREDIT_S) c->tokens = c->pace * 1e6 * PACE_CREDIT_S;
+    return c->tokens > 0;
 }
 
 static void set_ev(conn_t *c, int out) {
@@ -111,7 +120,7 @@ static int flush_out(conn_t *c) {
                 conn_close(c); return -1;
             }
             st_bytes_out += n;
-            c->paced += n;
+            c->tokens -= (double)n;
             c->fire_off += n;
             if (c->fire_off == fire_len) { c->fire_off = 0; st_frames++; }
         }
@@ -165,7 +174,7 @@ static int handle_http(conn_t *c) {
             if (strncmp(sp + 1, "/sink", 5) == 0) mode = M_SINK;
             else if (strncmp(sp + 1, "/firehose", 9) == 0) {
                 mode = M_FIRE;
-                if (strncmp(sp + 10, "?rate=", 6) == 0) { c->pace = atof(sp + 16); c->pace0 = now_ns(); }
+                if (strncmp(sp + 10, "?rate=", 6) == 0) { c->pace = atof(sp + 16); c->tlast = now_ns(); }
             }
         }
         char resp[256];
@@ -346,6 +355,7 @@ int main(int argc, char **argv) {
                     conn_t *c = calloc(1, sizeof *c);
                     c->fd = cfd;
                     conns[cfd] = c;
+                    if (cfd > hifd) hifd = cfd;
                     struct epoll_event e2 = { .events = EPOLLIN, .data.fd = cfd };
                     epoll_ctl(ep, EPOLL_CTL_ADD, cfd, &e2);
                     st_conns++;
@@ -365,7 +375,7 @@ int main(int argc, char **argv) {
             if (c && c->mode == M_FIRE && !c->want_out && !c->closing && !c->paused) flush_out(c);
         }
         /* paced firehoses whose pace allows more */
-        for (int fd = 0; npaused && fd < maxfd; fd++) {
+        for (int fd = 0; npaused && fd <= hifd; fd++) {
             conn_t *c = conns[fd];
             if (c && c->paused && pace_allows(c)) { c->paused = 0; npaused--; flush_out(c); }
         }

@@ -5,8 +5,9 @@
  *              one --size byte masked binary message at a time and waiting for its echo,
  *              which is checked byte for byte. Reports messages/s and round-trip latency.
  *   send       --conns N connections to /sink streaming --size byte frames. Reports MB/s.
- *              With --rate R, at most R MB/s in all (paced from the end of the set-up):
- *              a proxy below its limit, whose CPU per MB is then its own work only.
+ *              With --rate R, R MB/s in all, R/N on each connection (a token bucket
+ *              each, from the end of the set-up, holding at most 2 ms of credit): a proxy
+ *              below its limit, whose CPU per MB is then its own work only.
  *   recv       --conns N connections to /firehose reading --size byte frames, checking
  *              every frame header and payload byte. Reports MB/s.
  *   handshake  --conns N concurrent loops of: TCP connect + upgrade (Sec-WebSocket-Accept
@@ -79,6 +80,7 @@ typedef struct {
     uint8_t hdr[14]; size_t hdrlen; uint64_t remain, flen;
     size_t send_off;
     int paused;                    /* send --rate: waiting for the pace to allow more */
+    double tokens; uint64_t tlast; /* send --rate: the connection's bucket, bytes, and when filled */
     int send_cut;                  /* burst: the peer stopped reading before the head was sent */
     size_t got;                    /* burst: answer bytes read */
     uint64_t due;                  /* chat: when the next message goes */
@@ -96,8 +98,7 @@ static struct in_addr srcs[64]; static int nsrc;
 static unsigned long long max_count;   /* --count: 0 = bounded by time only */
 static double interval_s = 1.0;        /* chat: seconds between a connection's messages */
 static int wait_go;                    /* --wait-go: "MARK open", then a line on stdin */
-static double rate_mb;                 /* send: --rate MB/s, 0 = as fast as the peer takes */
-static uint64_t pace0, paced_bytes;    /* send --rate: when pacing began, bytes sent since */
+static double rate_mb;                 /* send: --rate MB/s in all, 0 = as fast as the peer takes */
 static int npaused;
 static int go_pending;
 
@@ -520,14 +521,22 @@ static void next_cycle(conn_t *c) {
     }
 }
 
-static int pace_allows(uint64_t t) {
-    /* send --rate: the bytes sent so far stay under rate x elapsed time */
-    return !rate_mb || (double)paced_bytes < rate_mb * 1e6 * (double)(t - pace0) / 1e9;
+#define PACE_CREDIT_S 0.002   /* a paced connection catches up at most this much after a stall */
+
+static int pace_allows(conn_t *c, uint64_t t) {
+    /* send --rate: the connection's bucket fills at its share of the rate; it may send while
+     * the bucket is not empty (one send may take it below zero: the next waits longer) */
+    if (!rate_mb) return 1;
+    double per_s = rate_mb * 1e6 / nconns;
+    c->tokens += per_s * (double)(t - c->tlast) / 1e9;
+    c->tlast = t;
+    if (c->tokens > per_s * PACE_CREDIT_S) c->tokens = per_s * PACE_CREDIT_S;
+    return c->tokens > 0;
 }
 
 static void do_send(conn_t *c) {
     while (phase < 3) {
-        if (rate_mb && !pace_allows(now_ns())) {
+        if (rate_mb && !pace_allows(c, now_ns())) {
             /* the pace is ahead: this connection waits, the main loop lets it go on */
             if (!c->paused) { c->paused = 1; npaused++; }
             set_ev(c, 0);
@@ -538,7 +547,7 @@ static void do_send(conn_t *c) {
             if (errno == EAGAIN) { set_ev(c, 1); return; }
             err(c, "send: %s", strerror(errno)); conn_drop(c, ST_DEAD); active--; return;
         }
-        paced_bytes += (uint64_t)n;
+        c->tokens -= (double)n;
         c->send_off += n;
         if (c->send_off == send_frame_len) { c->send_off = 0; count_unit(0, msize); }
     }
@@ -810,9 +819,8 @@ int main(int argc, char **argv) {
                         else if (mode == MODE_CHAT)   /* the first message somewhere in the first interval */
                             chat_schedule(c, t + (uint64_t)((double)(xrand() % 1000000) / 1e6 * interval_s * 1e9));
                         else if (mode == MODE_HTTP) send_http(c);
-                        else if (mode == MODE_SEND) set_ev(c, 1);
+                        else if (mode == MODE_SEND) { c->tokens = 0; c->tlast = t; set_ev(c, 1); }
                     }
-                    pace0 = t;
                 }
             } else if (t > setup_deadline) { err(NULL, "setup timed out: %llu of %d open", opened, nconns); phase = 3; drain_deadline = t; }
             if (go_pending == 1 && t > setup_deadline) { err(NULL, "no go-ahead on stdin"); phase = 3; drain_deadline = t; }
@@ -869,11 +877,11 @@ int main(int argc, char **argv) {
             }
         }
         if (mode == MODE_CHAT && phase >= 1 && phase < 3) chat_run(t);
-        if (npaused && phase >= 1 && phase < 3 && pace_allows(t)) {
-            /* the pace allows more: the waiting connections go on, in turn */
-            for (int i = 0; i < nconns && pace_allows(now_ns()); i++) {
+        if (npaused && phase >= 1 && phase < 3) {
+            /* the waiting connections whose bucket has filled go on */
+            for (int i = 0; i < nconns && npaused; i++) {
                 conn_t *c = &C[i];
-                if (!c->paused) continue;
+                if (!c->paused || !pace_allows(c, t)) continue;
                 c->paused = 0; npaused--;
                 if (c->fd >= 0 && c->state == ST_OPEN) do_send(c);
             }

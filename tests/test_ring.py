@@ -188,7 +188,16 @@ UPGRADE = (b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Up
 
 @pytest.fixture
 def echo_process() -> Iterator[tuple[subprocess.Popen[str], str]]:
-    """The server above, started: the process and its address."""
+    """The server above, started: the process and its address.  The open-files limit is
+    raised first (for this process, and so for the server and the proxy started after): 1,000
+    tunnels take 1,000 sockets in each of them, over the usual soft limit of 1,024."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 4096:
+        pytest.skip(f"1,000 tunnels need more open files than the hard limit here ({hard})")
+    raised = soft != resource.RLIM_INFINITY and soft < 4096
+    if raised:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (4096, hard))
     backend = subprocess.Popen([sys.executable, "-c", HOLDING_BACKEND], stdout=subprocess.PIPE,
                                text=True)
     try:
@@ -197,6 +206,8 @@ def echo_process() -> Iterator[tuple[subprocess.Popen[str], str]]:
         backend.kill()
         backend.wait()
         backend.stdout.close()                                      # type: ignore[union-attr]
+        if raised:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def many_tunnels(port: int, n: int) -> list[socket.socket]:
