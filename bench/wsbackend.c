@@ -37,7 +37,7 @@ typedef struct {
     uint8_t *wb; size_t wlen, woff, wcap;
     size_t fire_off;   /* offset into firehose frame */
     double pace;       /* firehose ?rate=: MB/s, 0 = as fast as the peer reads */
-    double tokens; uint64_t tlast;   /* the pace's bucket, bytes, and when it was filled */
+    pace_t bucket;     /* the pace's bucket (wscommon.h) */
     int paused;        /* the pace is ahead: waiting for the main loop */
     int want_out;
 } conn_t;
@@ -57,15 +57,8 @@ static const char HTTP_BODY[] = "hello from fastws bench\n";
 static int npaused;
 static int hifd;   /* the highest fd a connection has had: what the paced loop looks through */
 
-#define PACE_CREDIT_S 0.002   /* a paced firehose catches up at most this much after a stall */
-
-static int pace_allows(conn_t *c) {
-    if (!c->pace) return 1;
-    uint64_t t = now_ns();
-    c->tokens += c->pace * 1e6 * (double)(t - c->tlast) / 1e9;
-    c->tlast = t;
-    if (c->tokens > c->pace * 1e6 * PACE_CREDIT_S) c->tokens = c->pace * 1e6 * PACE_CREDIT_S;
-    return c->tokens > 0;
+static int fire_paced(conn_t *c) {
+    return !c->pace || pace_allows(&c->bucket, c->pace * 1e6, now_ns());
 }
 
 static void set_ev(conn_t *c, int out) {
@@ -110,7 +103,7 @@ static int flush_out(conn_t *c) {
     if (c->closing) { conn_close(c); return -1; }
     if (c->mode == M_FIRE) {
         for (;;) {
-            if (!pace_allows(c)) {
+            if (!fire_paced(c)) {
                 if (!c->paused) { c->paused = 1; npaused++; }
                 break;
             }
@@ -120,7 +113,7 @@ static int flush_out(conn_t *c) {
                 conn_close(c); return -1;
             }
             st_bytes_out += n;
-            c->tokens -= (double)n;
+            c->bucket.tokens -= (double)n;
             c->fire_off += n;
             if (c->fire_off == fire_len) { c->fire_off = 0; st_frames++; }
         }
@@ -174,7 +167,7 @@ static int handle_http(conn_t *c) {
             if (strncmp(sp + 1, "/sink", 5) == 0) mode = M_SINK;
             else if (strncmp(sp + 1, "/firehose", 9) == 0) {
                 mode = M_FIRE;
-                if (strncmp(sp + 10, "?rate=", 6) == 0) { c->pace = atof(sp + 16); c->tlast = now_ns(); }
+                if (strncmp(sp + 10, "?rate=", 6) == 0) { c->pace = atof(sp + 16); pace_start(&c->bucket, now_ns()); }
             }
         }
         char resp[256];
@@ -377,7 +370,7 @@ int main(int argc, char **argv) {
         /* paced firehoses whose pace allows more */
         for (int fd = 0; npaused && fd <= hifd; fd++) {
             conn_t *c = conns[fd];
-            if (c && c->paused && pace_allows(c)) { c->paused = 0; npaused--; flush_out(c); }
+            if (c && c->paused && fire_paced(c)) { c->paused = 0; npaused--; flush_out(c); }
         }
     }
     printf("{\"connections\": %llu, \"upgrades\": %llu, \"http_requests\": %llu, \"frames\": %llu, "

@@ -1,5 +1,5 @@
 /* wscommon.h - small shared helpers for the fastws bench C programs:
- * SHA-1 and base64 (for Sec-WebSocket-Accept), monotonic clock, fd limits.
+ * SHA-1 and base64 (for Sec-WebSocket-Accept), monotonic clock, fd limits, pacing.
  * No external libraries. */
 #ifndef WSCOMMON_H
 #define WSCOMMON_H
@@ -16,6 +16,24 @@ static inline uint64_t now_ns(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* Pacing (wsload --rate, wsbackend /firehose?rate=): a token bucket per connection, filled
+ * at bytes_per_s and holding at most PACE_CREDIT_S of it, so that a sender held up does not
+ * catch up in a burst that would put the proxy behind.  The connection may send while the
+ * bucket is not empty (one send may take it below zero: the next waits longer); each send
+ * takes its bytes out of *tokens. */
+#define PACE_CREDIT_S 0.002
+
+typedef struct { double tokens; uint64_t tlast; } pace_t;
+
+static inline void pace_start(pace_t *p, uint64_t t) { p->tokens = 0; p->tlast = t; }
+
+static inline int pace_allows(pace_t *p, double bytes_per_s, uint64_t t) {
+    p->tokens += bytes_per_s * (double)(t - p->tlast) / 1e9;
+    p->tlast = t;
+    if (p->tokens > bytes_per_s * PACE_CREDIT_S) p->tokens = bytes_per_s * PACE_CREDIT_S;
+    return p->tokens > 0;
 }
 
 static void raise_nofile(void) {

@@ -80,7 +80,7 @@ typedef struct {
     uint8_t hdr[14]; size_t hdrlen; uint64_t remain, flen;
     size_t send_off;
     int paused;                    /* send --rate: waiting for the pace to allow more */
-    double tokens; uint64_t tlast; /* send --rate: the connection's bucket, bytes, and when filled */
+    pace_t pace;                   /* send --rate: the connection's bucket (wscommon.h) */
     int send_cut;                  /* burst: the peer stopped reading before the head was sent */
     size_t got;                    /* burst: answer bytes read */
     uint64_t due;                  /* chat: when the next message goes */
@@ -521,22 +521,14 @@ static void next_cycle(conn_t *c) {
     }
 }
 
-#define PACE_CREDIT_S 0.002   /* a paced connection catches up at most this much after a stall */
-
-static int pace_allows(conn_t *c, uint64_t t) {
-    /* send --rate: the connection's bucket fills at its share of the rate; it may send while
-     * the bucket is not empty (one send may take it below zero: the next waits longer) */
-    if (!rate_mb) return 1;
-    double per_s = rate_mb * 1e6 / nconns;
-    c->tokens += per_s * (double)(t - c->tlast) / 1e9;
-    c->tlast = t;
-    if (c->tokens > per_s * PACE_CREDIT_S) c->tokens = per_s * PACE_CREDIT_S;
-    return c->tokens > 0;
+static int send_paced(conn_t *c, uint64_t t) {
+    /* send --rate: the connection's bucket fills at its share of the rate */
+    return !rate_mb || pace_allows(&c->pace, rate_mb * 1e6 / nconns, t);
 }
 
 static void do_send(conn_t *c) {
     while (phase < 3) {
-        if (rate_mb && !pace_allows(c, now_ns())) {
+        if (!send_paced(c, now_ns())) {
             /* the pace is ahead: this connection waits, the main loop lets it go on */
             if (!c->paused) { c->paused = 1; npaused++; }
             set_ev(c, 0);
@@ -547,7 +539,7 @@ static void do_send(conn_t *c) {
             if (errno == EAGAIN) { set_ev(c, 1); return; }
             err(c, "send: %s", strerror(errno)); conn_drop(c, ST_DEAD); active--; return;
         }
-        c->tokens -= (double)n;
+        c->pace.tokens -= (double)n;
         c->send_off += n;
         if (c->send_off == send_frame_len) { c->send_off = 0; count_unit(0, msize); }
     }
@@ -819,7 +811,7 @@ int main(int argc, char **argv) {
                         else if (mode == MODE_CHAT)   /* the first message somewhere in the first interval */
                             chat_schedule(c, t + (uint64_t)((double)(xrand() % 1000000) / 1e6 * interval_s * 1e9));
                         else if (mode == MODE_HTTP) send_http(c);
-                        else if (mode == MODE_SEND) { c->tokens = 0; c->tlast = t; set_ev(c, 1); }
+                        else if (mode == MODE_SEND) { pace_start(&c->pace, t); set_ev(c, 1); }
                     }
                 }
             } else if (t > setup_deadline) { err(NULL, "setup timed out: %llu of %d open", opened, nconns); phase = 3; drain_deadline = t; }
@@ -881,7 +873,7 @@ int main(int argc, char **argv) {
             /* the waiting connections whose bucket has filled go on */
             for (int i = 0; i < nconns && npaused; i++) {
                 conn_t *c = &C[i];
-                if (!c->paused || !pace_allows(c, t)) continue;
+                if (!c->paused || !send_paced(c, t)) continue;
                 c->paused = 0; npaused--;
                 if (c->fd >= 0 && c->state == ST_OPEN) do_send(c);
             }
