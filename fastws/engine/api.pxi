@@ -567,7 +567,7 @@ cdef class Engine:
         cdef unsigned long long counter = 1
         self.e.stopping = 1
         self.e.now = fastws_monotonic()
-        self.e.in_turn = 1                # (a ring's removals go to the kernel at once, below)
+        ring_batch(self.e)
         c = self.e.all
         while c != NULL:
             nxt = c.all_next
@@ -583,8 +583,7 @@ cdef class Engine:
                     # (RFC 9112 9.3.1), not a reset (a plain close with unread input)
                     conn_linger(self.e, c)
             c = nxt
-        self.e.in_turn = 0
-        ring_flush_outside(self.e)
+        ring_batch_end(self.e)
         if self.e.ready != NULL:
             write(self.e.wakefd, &counter, sizeof(counter))   # run them in the next turn
         with nogil:
@@ -627,7 +626,7 @@ cdef class Engine:
         self.e.now = fastws_monotonic()
         self.e.wall = fastws_realtime()
         self.stop_accepting()
-        self.e.in_turn = 1                # (a ring's removals go to the kernel at once, below)
+        ring_batch(self.e)
         while self.e.all != NULL:
             c = self.e.all
             if c.state == CS_TUNNEL:
@@ -639,8 +638,7 @@ cdef class Engine:
                 u = self.e.pools[i].head
                 pool_unlink(&self.e.pools[i], u)
                 up_close(self.e, u)
-        self.e.in_turn = 0
-        ring_flush_outside(self.e)
+        ring_batch_end(self.e)
         self._drain_ready()
         engine_reap(self.e)
         self.flush_logs()
@@ -887,7 +885,7 @@ cdef class Engine:
         e.now = fastws_monotonic()
         e.wall = fastws_realtime()
         c = e.all
-        e.in_turn = 1                     # (a ring's removals go to the kernel at once, below)
+        ring_batch(e)
         try:
             while c != NULL:
                 nxt = c.all_next
@@ -895,8 +893,7 @@ cdef class Engine:
                     out.append(self._exported(c))
                 c = nxt
         finally:
-            e.in_turn = 0
-            ring_flush_outside(e)         # (before the caller sends the fds on)
+            ring_batch_end(e)             # (before the caller sends the fds on)
         engine_reap(e)
         return out
 

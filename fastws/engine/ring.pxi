@@ -68,6 +68,17 @@ cdef inline void ring_flush_outside(Eng *e) noexcept nogil:
         uring_enter(&e.ring, 0, 0)
 
 
+cdef inline void ring_batch(Eng *e) noexcept nogil:
+    # Changes made from Python between turns (stop, close_idle, export) are queued from here
+    # and submitted together by ring_batch_end, rather than one io_uring_enter each.
+    e.in_turn = 1
+
+
+cdef inline void ring_batch_end(Eng *e) noexcept nogil:
+    e.in_turn = 0
+    ring_flush_outside(e)
+
+
 cdef inline unsigned long long slot_data(Eng *e, int s) noexcept nogil:
     return (<unsigned long long>e.slot_gen[s] << 32) | <unsigned int>s
 
