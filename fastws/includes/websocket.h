@@ -11,24 +11,33 @@ typedef struct { uint32_t h[5]; uint64_t len; uint8_t buf[64]; size_t n; } fastw
 
 #define FASTWS_ROL32(x, c) (((x) << (c)) | ((x) >> (32 - (c))))
 
+/* One 64-byte block.  The four groups of 20 rounds each have their own loop (no test of the
+ * round number inside), and the schedule is a 16-word ring, as in most SHA-1 code written for
+ * speed: a handshake hashes two blocks, and this is most of its user-space cost. */
+#define FASTWS_SHA1_ROUND(f, k) do { \
+        if (i >= 16) \
+            w[i & 15] = FASTWS_ROL32(w[(i + 13) & 15] ^ w[(i + 8) & 15] ^ w[(i + 2) & 15] ^ \
+                                     w[i & 15], 1); \
+        t = FASTWS_ROL32(a, 5) + (f) + e + (k) + w[i & 15]; \
+        e = d; d = cc; cc = FASTWS_ROL32(b, 30); b = a; a = t; \
+    } while (0)
+
 static void fastws_sha1_block(fastws_sha1 *c, const uint8_t *p)
 {
-    uint32_t w[80], a, b, d, e, f, k, t, cc;
+    uint32_t w[16], a, b, d, e, t, cc;
     int i;
     for (i = 0; i < 16; i++)
         w[i] = (uint32_t)p[4 * i] << 24 | (uint32_t)p[4 * i + 1] << 16 |
                (uint32_t)p[4 * i + 2] << 8 | p[4 * i + 3];
-    for (i = 16; i < 80; i++)
-        w[i] = FASTWS_ROL32(w[i - 3] ^ w[i - 8] ^ w[i - 14] ^ w[i - 16], 1);
     a = c->h[0]; b = c->h[1]; cc = c->h[2]; d = c->h[3]; e = c->h[4];
-    for (i = 0; i < 80; i++) {
-        if (i < 20)      { f = (b & cc) | (~b & d);           k = 0x5A827999; }
-        else if (i < 40) { f = b ^ cc ^ d;                    k = 0x6ED9EBA1; }
-        else if (i < 60) { f = (b & cc) | (b & d) | (cc & d); k = 0x8F1BBCDC; }
-        else             { f = b ^ cc ^ d;                    k = 0xCA62C1D6; }
-        t = FASTWS_ROL32(a, 5) + f + e + k + w[i];
-        e = d; d = cc; cc = FASTWS_ROL32(b, 30); b = a; a = t;
-    }
+    for (i = 0; i < 20; i++)
+        FASTWS_SHA1_ROUND(d ^ (b & (cc ^ d)), 0x5A827999);
+    for (; i < 40; i++)
+        FASTWS_SHA1_ROUND(b ^ cc ^ d, 0x6ED9EBA1);
+    for (; i < 60; i++)
+        FASTWS_SHA1_ROUND((b & cc) | (d & (b | cc)), 0x8F1BBCDC);
+    for (; i < 80; i++)
+        FASTWS_SHA1_ROUND(b ^ cc ^ d, 0xCA62C1D6);
     c->h[0] += a; c->h[1] += b; c->h[2] += cc; c->h[3] += d; c->h[4] += e;
 }
 
@@ -53,14 +62,18 @@ static void fastws_sha1_update(fastws_sha1 *c, const void *data, size_t len)
 static void fastws_sha1_final(fastws_sha1 *c, uint8_t out[20])
 {
     uint64_t bits = c->len * 8;
-    uint8_t pad = 0x80, z = 0, lb[8];
     int i;
-    fastws_sha1_update(c, &pad, 1);
-    while (c->n != 56)
-        fastws_sha1_update(c, &z, 1);
+    /* the padding (FIPS 180-4 5.1.1) written in place: 0x80, zeros, the length in bits */
+    c->buf[c->n++] = 0x80;
+    if (c->n > 56) {
+        memset(c->buf + c->n, 0, 64 - c->n);
+        fastws_sha1_block(c, c->buf);
+        c->n = 0;
+    }
+    memset(c->buf + c->n, 0, 56 - c->n);
     for (i = 0; i < 8; i++)
-        lb[i] = (uint8_t)(bits >> (56 - 8 * i));
-    fastws_sha1_update(c, lb, 8);
+        c->buf[56 + i] = (uint8_t)(bits >> (56 - 8 * i));
+    fastws_sha1_block(c, c->buf);
     for (i = 0; i < 5; i++) {
         out[4 * i] = (uint8_t)(c->h[i] >> 24); out[4 * i + 1] = (uint8_t)(c->h[i] >> 16);
         out[4 * i + 2] = (uint8_t)(c->h[i] >> 8); out[4 * i + 3] = (uint8_t)c->h[i];
