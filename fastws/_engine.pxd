@@ -789,6 +789,8 @@ cdef struct Counters:
     unsigned long long ws_pings          # pings the proxy sent
     unsigned long long ws_pongs          # ... and the pongs it took back
     unsigned long long ws_goodbyes       # closing handshakes the proxy began
+    unsigned long long ring_overflows    # io_uring waits that found the completion queue had
+                                         # been full (the rest waited in the kernel)
 
 cdef enum Backend:
     # How the engine learns what is ready (engine/ring.pxi): epoll, or io_uring's polls
@@ -854,6 +856,9 @@ cdef struct Eng:
     int number_step          # $connection = serial * number_step + number_base
     int number_base
     int control_ready        # the control plane's loop has something to do
+    Io *control              # its fd's Io (Engine.watch_control)
+    int control_due          # io_uring: its oneshot poll came, to be armed again once the
+                             # loop has had its pass (the next engine_wait)
     unsigned short goodbye_code  # a stop's closing handshakes began (Engine.goodbye): the code,
     signed char goodbye_why      # the reason and until when they are spread, for the tunnels
     double goodbye_until         # that begin after it

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import pytest
 from websockets.sync.client import connect
 
+from engine_support import EngineRunner, tunnel_config
 from fastws import _engine
 from support import EchoBackend, free_port, proc_net, read_all, wait_until
 
@@ -232,6 +234,16 @@ def many_tunnels(port: int, n: int) -> list[socket.socket]:
     return clients
 
 
+def echoed(s: socket.socket, n: int, ended: str) -> bytes:
+    """The next `n` bytes the tunnel `s` brings back (`ended`: the failure if it ends first)."""
+    got = b""
+    while len(got) < n:
+        chunk = s.recv(4096)
+        assert chunk, ended
+        got += chunk
+    return got
+
+
 def ring_config(port: int, upstream: str) -> dict[str, Any]:
     # worker_connections 2,048: the completion queue is its smallest, 4,096 entries
     return {"worker_connections": 2048,
@@ -294,13 +306,51 @@ def test_a_reload_hands_over_a_thousand_tunnels_at_once(make_proxy, echo_process
         for i, s in enumerate(clients):
             message = b"tunnel %d" % i
             s.sendall(message)
-            got = b""
-            while len(got) < len(message):
-                chunk = s.recv(4096)
-                assert chunk, f"tunnel {i} ended in the reload"
-                got += chunk
-            assert got == message
+            assert echoed(s, len(message), f"tunnel {i} ended in the reload") == message
     finally:
         for s in clients:
             s.close()
     wait_until(lambda: proxy.connections() == 0)
+
+
+@pytest.mark.skipif(not kernel_allows_io_uring(),
+                    reason="io_uring is refused here (epoll has no completion queue to fill)")
+def test_a_full_completion_queue_loses_no_edge(echo_process):
+    # A ring of 8 submission and 16 completion entries under 300 tunnels (the kernel posts at
+    # most about 20 deferred completions per io_uring_enter, so only a queue smaller than that
+    # fills).  Each round, all 300 clients send while the engine is held between two turns, so
+    # 300 polls fire at once.  The kernel keeps what does not fit (IORING_FEAT_NODROP) and
+    # ends each multishot poll it could not post for: every message must still be relayed,
+    # every ended poll armed again (the next rounds need them), and every socket closed after.
+    # The full submission queue is submitted early, over and over: the control plane's poll
+    # must not be armed again before its loop has had its pass (that would report its fd ready
+    # once more, and this test's control plane would block reading an empty pipe).
+    _, upstream = echo_process
+    config = tunnel_config(upstream)
+    config["server"][0]["listen"] = [f"127.0.0.1:{free_port()}"]
+    runner = EngineRunner(config, engine="io_uring", ring_sq=8, ring_cq=16)
+    try:
+        clients = many_tunnels(runner.port, 300)
+        try:
+            for turn in range(4):
+                held, release = threading.Event(), threading.Event()
+                def hold() -> None:
+                    held.set()
+                    release.wait(30)
+                holder = threading.Thread(target=runner.call, args=(hold,))
+                holder.start()
+                assert held.wait(10)
+                messages = [b"round %d, tunnel %d" % (turn, i) for i in range(len(clients))]
+                for s, message in zip(clients, messages):
+                    s.sendall(message)
+                release.set()
+                holder.join(10)
+                for i, (s, message) in enumerate(zip(clients, messages)):
+                    assert echoed(s, len(message), f"tunnel {i} ended in round {turn}") == message
+            assert runner.stats()["ring_overflows"] > 0      # (the queue did fill)
+        finally:
+            for s in clients:
+                s.close()
+        wait_until(lambda: runner.stats()["conns"] == 0)
+    finally:
+        runner.close()

@@ -37,7 +37,7 @@ cdef class Engine:
     def __cinit__(self, object control=None, *, int pipe_size=262144, int max_pipes=1024,
                   int bufsize=65536, int worker_connections=4096, int log_level=20,
                   int number_step=1, int number_base=0, Py_ssize_t counters=0,
-                  str engine="auto"):
+                  str engine="auto", int ring_sq=1024, int ring_cq=0):
         cdef Eng *e
         cdef unsigned int cq
         if bufsize < 4096:
@@ -76,10 +76,13 @@ cdef class Engine:
         self._closed = []
         # room for two completions per connection between two turns (each direction's edge);
         # past that they wait in the kernel's overflow list (IORING_FEAT_NODROP)
+        # (ring_sq, ring_cq: other sizes, for the tests of a full queue)
         cq = 4096
         while cq < 2 * worker_connections and cq < 65536:
             cq *= 2
-        self.backend_why = _open_ring(&e.ring, engine, 1024, cq)
+        if ring_cq > 0:
+            cq = ring_cq
+        self.backend_why = _open_ring(&e.ring, engine, ring_sq, cq)
         if e.ring.fd >= 0:
             e.backend = BACKEND_URING
         if e.backend == BACKEND_EPOLL:
@@ -99,7 +102,7 @@ cdef class Engine:
     def __init__(self, object control=None, *, int pipe_size=262144, int max_pipes=1024,
                  int bufsize=65536, int worker_connections=4096, int log_level=20,
                  int number_step=1, int number_base=0, Py_ssize_t counters=0,
-                 str engine="auto"):
+                 str engine="auto", int ring_sq=1024, int ring_cq=0):
         # (__cinit__ did the work: this gives the class its signature)
         pass
 
@@ -490,6 +493,7 @@ cdef class Engine:
         with nogil:
             if self.e.ring_efd >= 0:
                 read(self.e.ring_efd, &counter, sizeof(counter))
+            ring_control_rearm(self.e)
             engine_turn(self.e, 0)
         if self.e.msgs.len:
             self._deliver_messages()
@@ -503,6 +507,7 @@ cdef class Engine:
         io.kind = IO_CONTROL
         io.fd = fd
         _errneg(watch_add(self.e, io, EPOLLIN))
+        self.e.control = io
 
     def wait(self, double timeout):
         """Turns, each waiting in epoll_wait for what comes, until the control plane's loop has

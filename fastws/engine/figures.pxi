@@ -68,6 +68,7 @@ cdef dict counters_dict(Counters *n):
         "ws_pings": n.ws_pings,
         "ws_pongs": n.ws_pongs,
         "ws_goodbyes": n.ws_goodbyes,
+        "ring_overflows": n.ring_overflows,
     }
 
 

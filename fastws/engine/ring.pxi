@@ -100,6 +100,14 @@ cdef int ring_arm(Eng *e, Io *io) noexcept nogil:
                           io.kind == IO_TIMER or io.kind == IO_WAKE)
 
 
+cdef inline void ring_control_rearm(Eng *e) noexcept nogil:
+    # The control plane's poll, armed again now that its loop has had the pass it asked for
+    # (level-triggered, as in an epoll set: if the loop has work still, it comes at once).
+    if e.control_due and e.control != NULL and e.control.registered:
+        e.control_due = 0
+        ring_arm(e, e.control)
+
+
 cdef int slot_take(Eng *e, Io *io) noexcept nogil:
     cdef int s, n, i
     cdef Io **slots
@@ -165,6 +173,11 @@ cdef int ring_wait(Eng *e, int timeout) noexcept nogil:
         return -1
     if r < 0:
         return ring_failed(e, "io_uring_enter() failed", r, timeout)
+    if uring_overflowed(&e.ring):
+        # more completions than the queue holds: the kernel keeps the rest and hands them over
+        # at the next waits; a multishot poll it could not post for ends, and ring_next arms
+        # it again
+        e.n.ring_overflows += 1
     return 0
 
 
@@ -205,9 +218,14 @@ cdef Io *ring_next(Eng *e, unsigned int *ev) noexcept nogil:
             if flags & CQE_F_MORE:
                 ring_remove(e, data)
             continue
-        if not (flags & CQE_F_MORE) and io.kind != IO_LISTENER and (res >= 0 or res == -ECANCELED):
-            # (a listener is armed again after its accept: engine_turn does it)
-            ring_arm(e, io)
+        if not (flags & CQE_F_MORE) and (res >= 0 or res == -ECANCELED):
+            # (a listener is armed again after its accept: engine_turn does it; the control
+            # plane's loop once it has had its pass, or the poll, submitted before that by a
+            # full queue, would find its fd still readable and come again: engine_wait)
+            if io.kind == IO_CONTROL and res >= 0:
+                e.control_due = 1
+            elif io.kind != IO_LISTENER:
+                ring_arm(e, io)
         if res < 0:
             if res == -ECANCELED:
                 if io.kind == IO_LISTENER and io.registered:

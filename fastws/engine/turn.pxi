@@ -7,6 +7,7 @@ cdef int engine_wait(Eng *e, double end) noexcept nogil:
     # Turns until something needs Python: the control plane's loop has work, messages wait
     # for the error log, a signal came (epoll_wait said EINTR), or `end` passed.
     cdef int ms
+    ring_control_rearm(e)
     while True:
         ms = <int>((end - fastws_monotonic()) * 1000.0) + 1
         if ms < 0:

@@ -27,6 +27,7 @@ typedef struct {
     unsigned features;
     /* submission queue */
     unsigned *sq_head, *sq_tail, *sq_array;
+    unsigned *sq_flags;              /* IORING_SQ_CQ_OVERFLOW: completions wait in the kernel */
     unsigned sq_mask, sq_entries;
     unsigned sq_queued;              /* entries written since the last submission */
     unsigned sq_local;               /* the tail as written here, published at submission */
@@ -121,6 +122,7 @@ static inline int fastws_uring_init(fastws_uring *r, unsigned entries, unsigned 
     r->sq_mask = *(unsigned *)((char *)r->ring + p.sq_off.ring_mask);
     r->sq_entries = p.sq_entries;
     r->sq_array = (unsigned *)((char *)r->ring + p.sq_off.array);
+    r->sq_flags = (unsigned *)((char *)r->ring + p.sq_off.flags);
     r->sqes = (struct io_uring_sqe *)r->sqe_map;
     r->cq_head = (unsigned *)((char *)r->ring + p.cq_off.head);
     r->cq_tail = (unsigned *)((char *)r->ring + p.cq_off.tail);
@@ -139,6 +141,14 @@ static inline int fastws_uring_start(fastws_uring *r)
     if (syscall(__NR_io_uring_register, r->fd, IORING_REGISTER_ENABLE_RINGS, NULL, 0) < 0)
         return -errno;
     return 0;
+}
+
+/* Whether completions wait in the kernel's overflow list: the completion queue was full when
+ * they came (kept, not dropped: IORING_FEAT_NODROP; the next io_uring_enter that asks for
+ * completions moves them in as room is made). */
+static inline int fastws_uring_overflowed(fastws_uring *r)
+{
+    return (__atomic_load_n(r->sq_flags, __ATOMIC_RELAXED) & IORING_SQ_CQ_OVERFLOW) != 0;
 }
 
 /* Have the kernel signal `efd` (an eventfd) when a completion is on its way, for a program

@@ -19,6 +19,7 @@ cdef extern from "uring.h" nogil:
                                        unsigned *flags)
     void uring_seen "fastws_uring_seen"(fastws_uring *r)
     int uring_ready "fastws_uring_ready"(fastws_uring *r)
+    int uring_overflowed "fastws_uring_overflowed"(fastws_uring *r)
     unsigned CQE_F_MORE "FASTWS_CQE_F_MORE"
     unsigned long long REMOVAL "FASTWS_URING_REMOVAL"
     enum:
