@@ -13,7 +13,6 @@ import logging
 import os
 import re
 import sys
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping
 

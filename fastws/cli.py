@@ -73,18 +73,15 @@ def main(argv: list[str] | None = None) -> int:
         print("fastws: a configuration file is required: fastws -c FILE (or try: fastws demo)",
               file=sys.stderr)
         return 1
-    from . import balancer, config, dns, tls
+    from . import balancer, config, dns
     try:
         if args.signal:
             with dns.offline():     # only the pid file and drain_on_term are needed
                 cfg = config.load(args.config, args.format, args.prefix)
         else:
             cfg = config.load(args.config, args.format, args.prefix)
-        tls.check_engine(cfg)
-        if not args.signal:
-            from .worker import engine_backend
-            backend, why = engine_backend(cfg)
-        upstreams = balancer.build_upstreams(cfg)
+        from .worker import check_runtime
+        checked = check_runtime(cfg, probe_engine=not args.signal)
     except ConfigError as exc:
         print(f"fastws: {exc}", file=sys.stderr)
         return 1
@@ -100,10 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         short = descriptor_limit(cfg, raise_soft=False)
         if short:
             print(f"fastws: warning: {short}")
-        text = balancer.describe(upstreams)
+        text = balancer.describe(checked.groups)
         if text and not args.dump:
             print(text)
-        print(f"fastws: engine: {backend} ({why})")
+        print(f"fastws: engine: {checked.backend} ({checked.why})")
         print(f"fastws: the configuration file {args.config} syntax is ok")
         print(f"fastws: configuration file {args.config} test is successful")
         if args.dump:

@@ -33,15 +33,12 @@ __all__ = ["ConfigError", "Proxy", "load", "serve"]
 
 def load(config: ConfigSource) -> "Config":
     """A checked configuration from a path or a dict (ConfigError on a mistake)."""
-    from . import balancer, tls
     if isinstance(config, Mapping):
         cfg = config_mod.from_dict(config, "<dict>")
     else:
         cfg = config_mod.load(os.fspath(config))
-    tls.check_engine(cfg)
-    from .worker import engine_backend
-    engine_backend(cfg)
-    balancer.build_upstreams(cfg)
+    from .worker import check_runtime
+    check_runtime(cfg)
     return cfg
 
 

@@ -27,7 +27,7 @@ from typing import Any, Mapping
 
 import orjson
 
-from . import accesslog, balancer, config as config_mod, limits, metrics, tls
+from . import accesslog, balancer, config as config_mod, limits, metrics
 from .config import Address, Config
 from .errors import ConfigError
 
@@ -386,10 +386,8 @@ class Master:
             else:
                 with known(answers):
                     cfg = config_mod.load(self.path, self.config.format, self.config.prefix)
-            tls.check_engine(cfg)
-            from .worker import engine_backend
-            engine_backend(cfg)
-            balancer.build_upstreams(cfg)
+            from .worker import check_runtime
+            check_runtime(cfg)
         except ConfigError as exc:
             log.error("reload failed, the old configuration stays: %s", exc)
             return

@@ -12,7 +12,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from . import accesslog, balancer, hooks, limits, tls
+from . import accesslog, hooks, limits, tls
 from .config import PING_TO, Config, FramesConfig, LocationConfig, ServerBlock
 from .hooks import Targets
 from .variables import Template

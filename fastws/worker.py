@@ -17,7 +17,7 @@ import resource
 import signal
 import socket
 import time
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import orjson
 import uvloop
@@ -135,6 +135,22 @@ def engine_backend(cfg: Config) -> tuple[str, str]:
         return _engine.probe_backend(cfg.engine)
     except OSError as exc:
         raise ConfigError(cfg.source, "engine", f"io_uring is refused here: {exc.strerror}") from None
+
+
+class RuntimeCheck(NamedTuple):
+    groups: dict[str, balancer.UpstreamGroup]   # the upstream groups, built, by name
+    backend: str                           # the engine's back end ("" when not probed)
+    why: str                               # ... and why it is the one
+
+
+def check_runtime(cfg: Config, *, probe_engine: bool = True) -> RuntimeCheck:
+    """What config.load cannot check without the runtime (ConfigError on a mistake): the TLS
+    settings against the engine's OpenSSL, the back end that `engine` asks for (unless
+    probe_engine is false), the upstream groups and their balancers (custom ones are imported).
+    `fastws -t`, the master at start and on a reload, and fastws.load all check this way."""
+    tls.check_engine(cfg)
+    backend, why = engine_backend(cfg) if probe_engine else ("", "")
+    return RuntimeCheck(balancer.build_upstreams(cfg), backend, why)
 
 
 class Worker:
