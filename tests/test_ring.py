@@ -145,6 +145,20 @@ def test_the_engine_refuses_an_unknown_back_end():
         _engine.probe_backend("select")
 
 
+def test_the_engine_watches_one_control_plane(engine: str):
+    # (one Io is armed again after the control plane's pass: a second would be forgotten)
+    e = _engine.Engine(engine=engine)
+    r, w = os.pipe()
+    try:
+        e.watch_control(r)
+        with pytest.raises(RuntimeError, match="already watches a control plane"):
+            e.watch_control(w)
+    finally:
+        e.stop()
+        os.close(r)
+        os.close(w)
+
+
 def test_a_reload_to_a_refused_io_uring_keeps_the_old_configuration(make_proxy, tmp_path: Path):
     port = free_port()
     path = config_file(tmp_path, port, None)
@@ -337,7 +351,13 @@ def test_a_full_completion_queue_loses_no_edge(echo_process):
                 def hold() -> None:
                     held.set()
                     release.wait(30)
-                holder = threading.Thread(target=runner.call, args=(hold,))
+                failed: list[BaseException] = []
+                def call_hold() -> None:
+                    try:
+                        runner.call(hold)
+                    except BaseException as exc:                # (told by the main thread)
+                        failed.append(exc)
+                holder = threading.Thread(target=call_hold)
                 holder.start()
                 assert held.wait(10)
                 messages = [b"round %d, tunnel %d" % (turn, i) for i in range(len(clients))]
@@ -345,6 +365,7 @@ def test_a_full_completion_queue_loses_no_edge(echo_process):
                     s.sendall(message)
                 release.set()
                 holder.join(10)
+                assert not holder.is_alive() and not failed, failed
                 for i, (s, message) in enumerate(zip(clients, messages)):
                     assert echoed(s, len(message), f"tunnel {i} ended in round {turn}") == message
             assert runner.stats()["ring_overflows"] > 0      # (the queue did fill)

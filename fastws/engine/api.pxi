@@ -503,7 +503,10 @@ cdef class Engine:
     def watch_control(self, int fd):
         """Put the control plane's event loop (its epoll fd) in the engine's set, so that one
         process can wait in the engine alone: wait() returns when that loop has work."""
-        cdef Io *io = <Io *>arena_alloc(&self.arena, sizeof(Io))
+        cdef Io *io
+        if self.e.control != NULL:
+            raise RuntimeError("the engine already watches a control plane's loop")
+        io = <Io *>arena_alloc(&self.arena, sizeof(Io))
         io.kind = IO_CONTROL
         io.fd = fd
         _errneg(watch_add(self.e, io, EPOLLIN))

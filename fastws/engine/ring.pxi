@@ -104,8 +104,8 @@ cdef inline void ring_control_rearm(Eng *e) noexcept nogil:
     # The control plane's poll, armed again now that its loop has had the pass it asked for
     # (level-triggered, as in an epoll set: if the loop has work still, it comes at once).
     if e.control_due and e.control != NULL and e.control.registered:
-        e.control_due = 0
-        ring_arm(e, e.control)
+        if ring_arm(e, e.control) == 0:
+            e.control_due = 0         # (else tried again at the next wait)
 
 
 cdef int slot_take(Eng *e, Io *io) noexcept nogil:
