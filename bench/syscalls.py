@@ -413,6 +413,43 @@ def table(kind: str, recs: list[dict], top: int) -> str:
     return "\n".join(lines)
 
 
+def pick(args) -> tuple[list[str], list[str]] | None:
+    """args.targets and args.kinds as lists (None, said on stderr, if a name is unknown)."""
+    tnames = [t for t in (x.strip() for x in args.targets.split(",")) if t]
+    kinds = [k for k in (x.strip() for x in args.kinds.split(",")) if k]
+    bad = [t for t in tnames if t not in TARGETS] + [k for k in kinds if k not in KINDS]
+    if bad or not tnames or not kinds:
+        print(f"unknown or no targets/kinds: {bad}; targets: {','.join(TARGETS)}; "
+              f"kinds: {','.join(KINDS)}", file=sys.stderr)
+        return None
+    return tnames, kinds
+
+
+def prepare(tnames: list[str], kinds: list[str], args, options: dict[str, str]):
+    """As python -m bench sets up: this process on the load generator's CPUs, the peers
+    installed, the C tools built, the targets made (those that cannot run said and left out),
+    and a Runner for the backend.  (exes, targets, live targets, runner, pinning note)."""
+    from .cli import pinning
+    load_cpus, proxy_cpus, pin_note = pinning()
+    if load_cpus:
+        os.sched_setaffinity(0, load_cpus)
+    if any(t in tnames for t in ("nginx", "haproxy", "haproxy-splice")):
+        for n in deps.ensure_debian_packages(log):
+            log(n)
+    exes = build.build_all(log)
+    targets = make_targets(tnames, 0, None, "always", options)
+    live = []
+    for t in targets:
+        if t.available:
+            live.append(t)
+        else:
+            log(f"SKIP {t.label}: {t.note}")
+    runner = Runner(exes, live, [BY_KEY[KINDS[k][2]] for k in kinds], rounds=1, duration=args.limit,
+                    warmup=0, load_cpus=load_cpus, proxy_cpus=proxy_cpus, log=log,
+                    keep_tmp=args.keep_tmp)
+    return exes, targets, live, runner, pin_note
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.syscalls", description=__doc__.split("\n\n")[0])
     ap.add_argument("--targets", default="fastws,nginx,haproxy",
@@ -438,13 +475,10 @@ def main(argv=None) -> int:
     ap.add_argument("--keep-tmp", action="store_true", help="keep the configs, logs and strace outputs")
     args = ap.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
-    tnames = [t for t in (x.strip() for x in args.targets.split(",")) if t]
-    kinds = [k for k in (x.strip() for x in args.kinds.split(",")) if k]
-    bad = [t for t in tnames if t not in TARGETS] + [k for k in kinds if k not in KINDS]
-    if bad or not tnames or not kinds:
-        print(f"unknown or no targets/kinds: {bad}; targets: {','.join(TARGETS)}; kinds: handshake,http",
-              file=sys.stderr)
+    picked = pick(args)
+    if picked is None:
         return 2
+    tnames, kinds = picked
     if not (0 < args.handshakes <= 1_000_000 and 0 < args.requests <= 10_000_000 and 0 < args.limit <= 3600
             and args.warmup_count >= 0):
         print("--handshakes, --requests and --limit must be positive and bounded", file=sys.stderr)
@@ -454,24 +488,8 @@ def main(argv=None) -> int:
         print("strace is not installed (apt-get install -y strace)", file=sys.stderr)
         return 2
     columns = strace_columns(strace_exe)
-    from .cli import pinning
-    load_cpus, proxy_cpus, pin_note = pinning()
-    if load_cpus:
-        os.sched_setaffinity(0, load_cpus)
-    if any(t in tnames for t in ("nginx", "haproxy", "haproxy-splice")):
-        for n in deps.ensure_debian_packages(log):
-            log(n)
-    exes = build.build_all(log)
-    targets = make_targets(tnames, 0, None, "always",
-                           dict(o.split("=", 1) for o in args.fastws_option if "=" in o))
-    live = []
-    for t in targets:
-        if t.available:
-            live.append(t)
-        else:
-            log(f"SKIP {t.label}: {t.note}")
-    runner = Runner(exes, live, [BY_KEY[KINDS[k][2]] for k in kinds], rounds=1, duration=args.limit, warmup=0,
-                    load_cpus=load_cpus, proxy_cpus=proxy_cpus, log=log, keep_tmp=args.keep_tmp)
+    exes, targets, live, runner, pin_note = prepare(
+        tnames, kinds, args, dict(o.split("=", 1) for o in args.fastws_option if "=" in o))
     results: dict[str, list[dict]] = {k: [] for k in kinds}
     interrupted = False
 
