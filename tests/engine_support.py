@@ -9,6 +9,7 @@ import threading
 from typing import Any, Callable
 
 from fastws import _engine, balancer, config, tables, tls, worker
+from support import free_port
 
 
 class EngineRunner:
@@ -81,11 +82,11 @@ class EngineRunner:
 
 def tunnel_config(upstream: str, **location: Any) -> dict[str, Any]:
     # these tunnels carry arbitrary bytes, not WebSocket frames: relayed blind (test_frames.py
-    # runs tunnels that follow their frames)
+    # runs tunnels that follow their frames); the listener on a free port (EngineRunner.port)
     loc = {"path": "/", "proxy_pass": "backend", "frames": False}
     loc.update(location)
     return {"upstream": [{"name": "backend", "servers": [upstream]}],
-            "server": [{"listen": ["127.0.0.1:0"], "location": [loc]}]}
+            "server": [{"listen": [f"127.0.0.1:{free_port()}"], "location": [loc]}]}
 
 
 class HeaderBalancer:

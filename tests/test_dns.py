@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import socket
 import ssl
 from pathlib import Path
 from typing import Any, Iterator

@@ -13,7 +13,7 @@ import pytest
 from fastws import balancer, config
 
 from engine_support import EngineRunner, tunnel_config
-from support import (RawBackend, free_port, raw_echo_handler, read_all, read_head,
+from support import (RawBackend, raw_echo_handler, read_all, read_head,
                      upgrade_request, wait_until, ws_accept, ws_upgrade_handler)
 
 RFC_KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
@@ -32,7 +32,6 @@ def runner_for(engine: str):
 
     def make(upstream: str, *, server: dict | None = None, **location) -> EngineRunner:
         cfg = tunnel_config(upstream, **location)
-        cfg["server"][0]["listen"] = [f"127.0.0.1:{free_port()}"]
         cfg["server"][0].update(server or {})
         r = EngineRunner(cfg, pipe_size=65536, max_pipes=64, engine=engine)
         made.append(r)
@@ -267,7 +266,6 @@ def test_a_stopped_engine_keeps_no_descriptor(echo, engine):
     # the garbage collector (the engine and its control plane refer to each other).
     import gc
     cfg = tunnel_config(echo.address, relay="splice")
-    cfg["server"][0]["listen"] = [f"127.0.0.1:{free_port()}"]
     before = _anon_fds()
     gc.disable()
     try:
@@ -335,7 +333,6 @@ def test_a_refused_handshake_frees_its_attempt_once(engine):
     cfg = tunnel_config(backend.address)
     cfg["upstream"][0]["servers"] = [{"address": backend.address, "max_fails": 0}]
     cfg["upstream"][0]["balance"] = "least_conn"
-    cfg["server"][0]["listen"] = [f"127.0.0.1:{free_port()}"]
     r = EngineRunner(cfg, engine=engine)
     (peer,) = r.groups["backend"].peers
     tunnels = [open_tunnel_to(r.port, "/ok") for _ in range(2)]
@@ -378,7 +375,6 @@ def test_a_custom_balancer_reads_the_request_through_the_engine(echo, engine):
     cfg = tunnel_config(echo.address)
     cfg["upstream"][0].update(servers=[echo.address, other.address],
                               balancer="engine_support:HeaderBalancer")
-    cfg["server"][0]["listen"] = [f"127.0.0.1:{free_port()}"]
     r = EngineRunner(cfg, engine=engine)
     for index, backend in ((1, other), (0, echo), (1, other)):
         with connect(r.port) as s:
@@ -440,7 +436,6 @@ def test_a_group_replaced_in_place_keeps_its_connections(engine):
     a, b, c = (RawBackend(handler) for _ in range(3))
     cfg = tunnel_config(a.address)
     cfg["upstream"][0].update(servers=[a.address, b.address], keepalive=4)
-    cfg["server"][0]["listen"] = [f"127.0.0.1:{free_port()}"]
     cfg["server"][0]["location"].insert(0, {"path": "/plain", "proxy_pass": "backend"})
     r = EngineRunner(cfg, engine=engine)
     old = r.groups["backend"]
@@ -484,7 +479,6 @@ def test_a_replaced_custom_balancer_hears_only_of_its_own_attempts(echo, engine)
     # connection the old one chose (it never heard of it), and is told of its own.
     cfg = tunnel_config(echo.address)
     cfg["upstream"][0].update(balancer="engine_support:HeaderBalancer")
-    cfg["server"][0]["listen"] = [f"127.0.0.1:{free_port()}"]
     r = EngineRunner(cfg, engine=engine)
     old = r.groups["backend"]
     before = open_tunnel_to(r.port, "/ok")
@@ -515,7 +509,6 @@ def test_a_handshake_under_way_to_a_server_that_left_is_drained(engine):
     slow, other = RawBackend(handler), RawBackend(raw_echo_handler)
     cfg = tunnel_config(slow.address)
     cfg["upstream"][0]["drain_timeout"] = "0.2s"
-    cfg["server"][0]["listen"] = [f"127.0.0.1:{free_port()}"]
     r = EngineRunner(cfg, engine=engine)
     s = connect(r.port)
     s.sendall(upgrade_request())

@@ -14,13 +14,12 @@ import pytest
 from engine_support import EngineRunner, tunnel_config
 from fastws import handover
 from fastws._engine import ExportedTunnel
-from support import (RawBackend, free_port, raw_echo_handler, read_head, upgrade_request,
+from support import (RawBackend, raw_echo_handler, read_head, upgrade_request,
                      wait_until)
 
 
 def runner(upstream: str, engine: str = "auto", **location) -> EngineRunner:
     cfg = tunnel_config(upstream, **location)
-    cfg["server"][0]["listen"] = [f"127.0.0.1:{free_port()}"]
     return EngineRunner(cfg, engine=engine)
 
 

@@ -19,7 +19,6 @@ import socket
 import ssl
 import subprocess
 import sys
-import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,7 +27,7 @@ import trustme
 
 from nginx_support import Nginx, Site, render
 from support import NamedBackend as Backend
-from support import Proxy, free_port, read_all, read_head, wait_until, ws_accept, ws_frame
+from support import Proxy, free_port, read_all, read_head, wait_until, ws_frame
 
 Head = tuple[str, tuple[tuple[str, str], ...]]   # request line, sorted (name, value) pairs
 

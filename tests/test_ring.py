@@ -341,7 +341,6 @@ def test_a_full_completion_queue_loses_no_edge(echo_process):
     # once more, and this test's control plane would block reading an empty pipe).
     _, upstream = echo_process
     config = tunnel_config(upstream)
-    config["server"][0]["listen"] = [f"127.0.0.1:{free_port()}"]
     runner = EngineRunner(config, engine="io_uring", ring_sq=8, ring_cq=16)
     try:
         clients = many_tunnels(runner.port, 300)
