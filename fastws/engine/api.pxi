@@ -75,14 +75,12 @@ cdef class Engine:
         self._pending = {}
         self._closed = []
         # room for two completions per connection between two turns (each direction's edge);
-        # past that they wait in the kernel's overflow list (IORING_FEAT_NODROP)
-        # (ring_sq, ring_cq: other sizes, for the tests of a full queue)
+        # past that they wait in the kernel's overflow list (IORING_FEAT_NODROP).  ring_sq and
+        # ring_cq give other sizes, for the tests of a full queue.
         cq = 4096
-        while cq < 2 * worker_connections and cq < 65536:
+        while ring_cq <= 0 and cq < 2 * worker_connections and cq < 65536:
             cq *= 2
-        if ring_cq > 0:
-            cq = ring_cq
-        self.backend_why = _open_ring(&e.ring, engine, ring_sq, cq)
+        self.backend_why = _open_ring(&e.ring, engine, ring_sq, ring_cq if ring_cq > 0 else cq)
         if e.ring.fd >= 0:
             e.backend = BACKEND_URING
         if e.backend == BACKEND_EPOLL:

@@ -219,9 +219,10 @@ cdef Io *ring_next(Eng *e, unsigned int *ev) noexcept nogil:
                 ring_remove(e, data)
             continue
         if not (flags & CQE_F_MORE) and (res >= 0 or res == -ECANCELED):
-            # (a listener is armed again after its accept: engine_turn does it; the control
-            # plane's loop once it has had its pass, or the poll, submitted before that by a
-            # full queue, would find its fd still readable and come again: engine_wait)
+            # A oneshot stands for a level-triggered watch: armed again once its reader has
+            # read.  A listener's after its accept (turn_event); the control plane's once its
+            # loop has had its pass (the next engine_wait): armed now, a full queue could send
+            # it to the kernel while the fd is still readable, and it would come again.
             if io.kind == IO_CONTROL and res >= 0:
                 e.control_due = 1
             elif io.kind != IO_LISTENER:
